@@ -1,0 +1,1 @@
+//! Local imitation of the Vers edge.

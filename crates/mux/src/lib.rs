@@ -1,0 +1,1 @@
+//! Sans-IO stream multiplexer (placeholder until the session lands).
