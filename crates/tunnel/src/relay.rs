@@ -1,1 +1,765 @@
-//! Relay (placeholder).
+//! The relay: moves bytes both ways between two connected endpoints until both directions end.
+//!
+//! ```text
+//!             ┌──────── Half a→b ────────┐
+//!   A.read ──►│ buf (16 KiB → 256 KiB)   │──► B.write ─► B.flush ─► (A EOF) B.shutdown
+//!             └──────────────────────────┘
+//!             ┌──────── Half b→a ────────┐
+//!   A.write ◄─│ buf (16 KiB → 256 KiB)   │◄── B.read
+//!             └──────────────────────────┘
+//!        any error on either side ─► A.abort() + B.abort() (RST) ─► Err(RelayError)
+//! ```
+//!
+//! Both halves are polled from one future on the caller's task, as in linkerd2-proxy's `duplex`.
+//! EOF is a half-close: it shuts down only the other side's write half (FIN, or close_notify for
+//! TLS), and the other direction keeps flowing. Anything else — a read or write error, a reset, a
+//! TLS stream that ends without close_notify — is an abortive close of both sides, so the peers see
+//! a reset and never mistake a truncated stream for a complete one.
+//!
+//! Left to callers: socket options (TCP_NODELAY, keepalive), timeouts, logging with context.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// First buffer size: small, so idle and interactive connections stay cheap.
+const INITIAL_BUF: usize = 16 * 1024;
+/// Largest buffer: a TLS read yields at most ~16 KiB per record, a bulk transfer wants big writes.
+const MAX_BUF: usize = 256 * 1024;
+/// Read into this stack buffer until the first byte arrives, so a connection that never sends
+/// costs no heap buffer.
+const PROBE_BUF: usize = 2 * 1024;
+
+/// A byte stream the relay can drive, plus a way to make its close abortive.
+///
+/// `abort` is called on both sides when the relay fails; it must arrange that dropping the
+/// endpoint resets the connection instead of closing it cleanly (for TCP: `SO_LINGER 0`).
+pub trait Endpoint: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Make the coming close abortive. The default does nothing (pipes, stdio, in-memory streams).
+    fn abort(&self) {}
+}
+
+impl Endpoint for tokio::net::TcpStream {
+    fn abort(&self) {
+        if let Err(e) = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO)) {
+            tracing::debug!(error = %e, "could not set SO_LINGER 0 for an abortive close");
+        }
+    }
+}
+
+#[cfg(unix)]
+impl Endpoint for tokio::net::UnixStream {}
+
+impl Endpoint for tokio::io::DuplexStream {}
+
+impl<T: Endpoint> Endpoint for tokio_rustls::client::TlsStream<T> {
+    fn abort(&self) {
+        self.get_ref().0.abort();
+    }
+}
+
+impl<T: Endpoint> Endpoint for tokio_rustls::server::TlsStream<T> {
+    fn abort(&self) {
+        self.get_ref().0.abort();
+    }
+}
+
+impl<T: Endpoint> Endpoint for tokio_rustls::TlsStream<T> {
+    fn abort(&self) {
+        self.get_ref().0.abort();
+    }
+}
+
+impl<T: Endpoint + ?Sized> Endpoint for Box<T> {
+    fn abort(&self) {
+        (**self).abort();
+    }
+}
+
+impl<T: Endpoint + ?Sized> Endpoint for &mut T {
+    fn abort(&self) {
+        (**self).abort();
+    }
+}
+
+/// Any byte stream with no way to reset it (a pipe, a test double): its abort does nothing.
+#[derive(Debug)]
+pub struct Plain<T>(pub T);
+
+impl<T: AsyncRead + Unpin> AsyncRead for Plain<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Plain<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Endpoint for Plain<T> {}
+
+/// A reader and a writer used as one endpoint, e.g. stdin + stdout for `forward stdio`.
+///
+/// Shutting it down shuts down the writer (closing stdout tells the reading side "EOF").
+#[derive(Debug)]
+pub struct Joined<R, W> {
+    /// Where the relay reads from.
+    pub reader: R,
+    /// Where the relay writes to.
+    pub writer: W,
+}
+
+impl<R, W> Joined<R, W> {
+    /// Pair `reader` and `writer` into one endpoint.
+    pub fn new(reader: R, writer: W) -> Self {
+        Self { reader, writer }
+    }
+}
+
+impl<R: AsyncRead + Unpin, W: Unpin> AsyncRead for Joined<R, W> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().reader).poll_read(cx, buf)
+    }
+}
+
+impl<R: Unpin, W: AsyncWrite + Unpin> AsyncWrite for Joined<R, W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().writer).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().writer).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().writer).poll_shutdown(cx)
+    }
+}
+
+impl<R, W> Endpoint for Joined<R, W>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+}
+
+/// Bytes moved by a relay, per direction (counted when written to the other side).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Bytes read from A and written to B.
+    pub a_to_b: u64,
+    /// Bytes read from B and written to A.
+    pub b_to_a: u64,
+}
+
+/// Which way bytes were flowing when something failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the first argument of [`relay`] to the second.
+    AToB,
+    /// From the second argument of [`relay`] to the first.
+    BToA,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::AToB => "a->b",
+            Direction::BToA => "b->a",
+        })
+    }
+}
+
+/// What the relay was doing when an I/O error ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Reading from the source of the direction.
+    Read,
+    /// Writing or flushing to the sink of the direction.
+    Write,
+    /// Shutting down the sink's write half after the source ended.
+    Shutdown,
+}
+
+/// A relay that ended with an error. Both sides were closed abortively (reset).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// Reading from the source failed: the peer reset, or a TLS stream ended without
+    /// close_notify (truncation).
+    #[error("{direction}: read from {} failed: {error}", source_side(*direction))]
+    Read {
+        /// The direction whose source failed.
+        direction: Direction,
+        /// The underlying error (`UnexpectedEof` for a TLS truncation).
+        error: io::Error,
+        /// Bytes moved before the failure.
+        stats: RelayStats,
+    },
+    /// Writing, flushing or shutting down the sink failed: the peer reset or went away.
+    #[error("{direction}: {} {} failed: {error}", op_verb(*op), sink_side(*direction))]
+    Write {
+        /// The direction whose sink failed.
+        direction: Direction,
+        /// Write (including flush) or shutdown.
+        op: Op,
+        /// The underlying error.
+        error: io::Error,
+        /// Bytes moved before the failure.
+        stats: RelayStats,
+    },
+}
+
+fn source_side(d: Direction) -> &'static str {
+    match d {
+        Direction::AToB => "a",
+        Direction::BToA => "b",
+    }
+}
+
+fn sink_side(d: Direction) -> &'static str {
+    match d {
+        Direction::AToB => "b",
+        Direction::BToA => "a",
+    }
+}
+
+fn op_verb(op: Op) -> &'static str {
+    match op {
+        Op::Read => "reading",
+        Op::Write => "writing to",
+        Op::Shutdown => "shutting down",
+    }
+}
+
+impl RelayError {
+    /// The direction that failed.
+    pub fn direction(&self) -> Direction {
+        match self {
+            RelayError::Read { direction, .. } | RelayError::Write { direction, .. } => *direction,
+        }
+    }
+
+    /// The I/O error behind the failure.
+    pub fn io_error(&self) -> &io::Error {
+        match self {
+            RelayError::Read { error, .. } | RelayError::Write { error, .. } => error,
+        }
+    }
+
+    /// Bytes moved before the failure.
+    pub fn stats(&self) -> RelayStats {
+        match self {
+            RelayError::Read { stats, .. } | RelayError::Write { stats, .. } => *stats,
+        }
+    }
+
+    /// True when the source ended without a clean end of stream (a TLS close without
+    /// close_notify), rather than with an explicit reset or error.
+    pub fn is_truncation(&self) -> bool {
+        matches!(self, RelayError::Read { error, .. } if error.kind() == io::ErrorKind::UnexpectedEof)
+    }
+}
+
+/// Relay bytes between `a` and `b` in both directions until both directions have ended.
+///
+/// EOF from one side shuts down the other side's write half and the other direction goes on.
+/// On any error both sides are aborted (the peers see a reset) and the error says which
+/// direction failed. Both endpoints are dropped before this returns.
+pub async fn relay<A: Endpoint, B: Endpoint>(mut a: A, mut b: B) -> Result<RelayStats, RelayError> {
+    let mut a_to_b = Half::default();
+    let mut b_to_a = Half::default();
+    // Alternate which half goes first: under tokio's cooperative budget the half polled first
+    // could otherwise use up every poll while both directions are saturated.
+    let mut a_first = false;
+    let result = poll_fn(|cx| {
+        a_first = !a_first;
+        for turn in 0..2 {
+            let outcome = if (turn == 0) == a_first {
+                a_to_b
+                    .poll(cx, &mut a, &mut b)
+                    .map_err(|(op, e)| (Direction::AToB, op, e))
+            } else {
+                b_to_a
+                    .poll(cx, &mut b, &mut a)
+                    .map_err(|(op, e)| (Direction::BToA, op, e))
+            };
+            if let Poll::Ready(Err(e)) = outcome {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if a_to_b.done && b_to_a.done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    let stats = RelayStats {
+        a_to_b: a_to_b.bytes,
+        b_to_a: b_to_a.bytes,
+    };
+    match result {
+        Ok(()) => {
+            tracing::trace!(a_to_b = stats.a_to_b, b_to_a = stats.b_to_a, "relay done");
+            Ok(stats)
+        }
+        Err((direction, op, error)) => {
+            a.abort();
+            b.abort();
+            Err(match op {
+                Op::Read => RelayError::Read {
+                    direction,
+                    error,
+                    stats,
+                },
+                Op::Write | Op::Shutdown => RelayError::Write {
+                    direction,
+                    op,
+                    error,
+                    stats,
+                },
+            })
+        }
+    }
+}
+
+/// One direction: read from a source into a buffer, write it all to a sink, flush; at EOF shut
+/// the sink down.
+#[derive(Default)]
+struct Half {
+    /// Allocated when the first byte arrives; grows while reads fill it.
+    buf: Vec<u8>,
+    /// `buf[pos..end]` is read but not yet written.
+    pos: usize,
+    end: usize,
+    read_eof: bool,
+    need_flush: bool,
+    /// The last fill used the whole buffer: grow it before the next one.
+    full: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Half {
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+        dst: &mut W,
+    ) -> Poll<Result<(), (Op, io::Error)>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.pos == self.end && !self.read_eof {
+                match self.fill(cx, src) {
+                    Ok(()) => {}
+                    Err(e) => return Poll::Ready(Err((Op::Read, e))),
+                }
+                if self.pos == self.end && !self.read_eof {
+                    // Nothing to write: push out what the sink buffered, then wait for the source.
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(|e| (Op::Write, e))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+            while self.pos < self.end {
+                let n = ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[self.pos..self.end]))
+                    .map_err(|e| (Op::Write, e))?;
+                if n == 0 {
+                    return Poll::Ready(Err((
+                        Op::Write,
+                        io::Error::new(io::ErrorKind::WriteZero, "sink accepted no bytes"),
+                    )));
+                }
+                self.pos += n;
+                self.bytes += n as u64;
+                self.need_flush = true;
+            }
+            if self.need_flush {
+                ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(|e| (Op::Write, e))?;
+                self.need_flush = false;
+            }
+            if self.read_eof {
+                ready!(Pin::new(&mut *dst).poll_shutdown(cx)).map_err(|e| (Op::Shutdown, e))?;
+                tracing::trace!(bytes = self.bytes, "half done");
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    /// Read whatever the source has ready, up to the buffer's size. Leaves `pos == end` and
+    /// `read_eof == false` when the source had nothing (its waker is then registered).
+    fn fill<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+    ) -> io::Result<()> {
+        self.pos = 0;
+        self.end = 0;
+        if self.buf.is_empty() {
+            let mut probe = [0u8; PROBE_BUF];
+            let mut rb = ReadBuf::new(&mut probe);
+            match Pin::new(&mut *src).poll_read(cx, &mut rb) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    self.read_eof = true;
+                    return Ok(());
+                }
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    self.buf = vec![0; INITIAL_BUF];
+                    self.buf[..n].copy_from_slice(rb.filled());
+                    self.end = n;
+                }
+            }
+        } else if self.buf.len() < MAX_BUF && self.full {
+            // The previous batch filled the buffer: the source is fast, give it room.
+            self.buf = vec![0; (self.buf.len() * 4).min(MAX_BUF)];
+        }
+        // Keep reading while the source has data ready so the sink gets large writes.
+        while self.end < self.buf.len() {
+            let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
+            match Pin::new(&mut *src).poll_read(cx, &mut rb) {
+                Poll::Pending => break,
+                // Bytes already read are dropped with the error: both sides are reset anyway, and
+                // a TCP socket reports ECONNRESET only once, so the error must not be deferred.
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        self.read_eof = true;
+                        break;
+                    }
+                    self.end += n;
+                }
+            }
+        }
+        self.full = self.end == self.buf.len();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::task::JoinHandle;
+
+    const LIMIT: Duration = Duration::from_secs(60);
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    /// peer_a <-> [a  relay  b] <-> peer_b, all over loopback TCP.
+    async fn relayed() -> (
+        TcpStream,
+        TcpStream,
+        JoinHandle<Result<RelayStats, RelayError>>,
+    ) {
+        let (peer_a, a) = tcp_pair().await;
+        let (b, peer_b) = tcp_pair().await;
+        (peer_a, peer_b, tokio::spawn(relay(a, b)))
+    }
+
+    /// Deterministic pseudo-random bytes (xorshift), so a failure can be replayed.
+    fn pattern(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn sha256(data: &[u8]) -> Vec<u8> {
+        ring::digest::digest(&ring::digest::SHA256, data)
+            .as_ref()
+            .to_vec()
+    }
+
+    /// Read until EOF or error; returns what was read and how it ended.
+    async fn read_all<R: AsyncRead + Unpin>(r: &mut R) -> (Vec<u8>, io::Result<()>) {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => return (out, Ok(())),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) => return (out, Err(e)),
+            }
+        }
+    }
+
+    async fn timed<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(LIMIT, f)
+            .await
+            .expect("test step did not finish in time")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_cross_both_ways_intact() {
+        let (peer_a, peer_b, relay) = relayed().await;
+        let up = pattern(5 * 1024 * 1024 + 17, 1);
+        let down = pattern(3 * 1024 * 1024 + 5, 2);
+        let (mut ar, mut aw) = peer_a.into_split();
+        let (mut br, mut bw) = peer_b.into_split();
+        let (up2, down2) = (up.clone(), down.clone());
+        let wa = tokio::spawn(async move {
+            aw.write_all(&up2).await.unwrap();
+            aw.shutdown().await.unwrap();
+            aw
+        });
+        let wb = tokio::spawn(async move {
+            bw.write_all(&down2).await.unwrap();
+            bw.shutdown().await.unwrap();
+            bw
+        });
+        let ((got_up, end_b), (got_down, end_a)) =
+            timed(async { tokio::join!(read_all(&mut br), read_all(&mut ar)) }).await;
+        end_a.unwrap();
+        end_b.unwrap();
+        assert_eq!(sha256(&got_up), sha256(&up));
+        assert_eq!(sha256(&got_down), sha256(&down));
+        let stats = timed(relay).await.unwrap().unwrap();
+        assert_eq!(
+            stats,
+            RelayStats {
+                a_to_b: up.len() as u64,
+                b_to_a: down.len() as u64
+            }
+        );
+        drop((wa.await, wb.await));
+    }
+
+    #[tokio::test]
+    async fn a_half_closes_and_b_answers_afterwards() {
+        let (mut peer_a, mut peer_b, relay) = relayed().await;
+        peer_a.write_all(b"request").await.unwrap();
+        peer_a.shutdown().await.unwrap();
+        let (got, end) = timed(read_all(&mut peer_b)).await;
+        end.unwrap();
+        assert_eq!(got, b"request");
+        // b's direction is still open after a's EOF.
+        let answer = pattern(1024 * 1024, 3);
+        peer_b.write_all(&answer).await.unwrap();
+        peer_b.shutdown().await.unwrap();
+        let (got, end) = timed(read_all(&mut peer_a)).await;
+        end.unwrap();
+        assert_eq!(sha256(&got), sha256(&answer));
+        let stats = timed(relay).await.unwrap().unwrap();
+        assert_eq!(stats.a_to_b, 7);
+    }
+
+    #[tokio::test]
+    async fn b_half_closes_while_a_still_uploads() {
+        let (mut peer_a, mut peer_b, relay) = relayed().await;
+        peer_b.write_all(b"banner").await.unwrap();
+        peer_b.shutdown().await.unwrap();
+        let (got, end) = timed(read_all(&mut peer_a)).await;
+        end.unwrap();
+        assert_eq!(got, b"banner");
+        let upload = pattern(2 * 1024 * 1024, 4);
+        let (mut br, _bw) = peer_b.into_split();
+        let reader = tokio::spawn(async move { read_all(&mut br).await });
+        peer_a.write_all(&upload).await.unwrap();
+        peer_a.shutdown().await.unwrap();
+        let (got, end) = timed(reader).await.unwrap();
+        end.unwrap();
+        assert_eq!(sha256(&got), sha256(&upload));
+        let stats = timed(relay).await.unwrap().unwrap();
+        assert_eq!(stats.b_to_a, 6);
+        assert_eq!(stats.a_to_b, upload.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn reset_on_one_side_resets_the_other() {
+        let (mut peer_a, mut peer_b, relay) = relayed().await;
+        peer_a.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        timed(peer_b.read_exact(&mut one)).await.unwrap();
+        peer_b.abort();
+        drop(peer_b);
+        let (_, end) = timed(read_all(&mut peer_a)).await;
+        assert_eq!(
+            end.expect_err("peer a must see a reset, not EOF").kind(),
+            io::ErrorKind::ConnectionReset
+        );
+        let err = timed(relay).await.unwrap().unwrap_err();
+        assert_eq!(err.direction(), Direction::BToA);
+        assert_eq!(err.io_error().kind(), io::ErrorKind::ConnectionReset);
+        assert!(
+            err.to_string().starts_with("b->a: read from b failed"),
+            "{err}"
+        );
+    }
+
+    fn tls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["relay.test".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// client_tls <-> [server_tls(a)  relay  b] <-> peer_b
+    async fn tls_relayed() -> (
+        tokio_rustls::client::TlsStream<TcpStream>,
+        TcpStream,
+        JoinHandle<Result<RelayStats, RelayError>>,
+    ) {
+        let (server_cfg, client_cfg) = tls_configs();
+        let (peer_a, a) = tcp_pair().await;
+        let (b, peer_b) = tcp_pair().await;
+        let name = rustls_pki_types::ServerName::try_from("relay.test").unwrap();
+        let (client, server) = timed(async {
+            tokio::join!(
+                tokio_rustls::TlsConnector::from(client_cfg).connect(name, peer_a),
+                tokio_rustls::TlsAcceptor::from(server_cfg).accept(a)
+            )
+        })
+        .await;
+        let (client, server) = (client.unwrap(), server.unwrap());
+        (client, peer_b, tokio::spawn(relay(server, b)))
+    }
+
+    #[tokio::test]
+    async fn tls_close_notify_is_a_half_close() {
+        let (mut client, mut peer_b, relay) = tls_relayed().await;
+        let up = pattern(1024 * 1024 + 3, 5);
+        client.write_all(&up).await.unwrap();
+        client.shutdown().await.unwrap();
+        let (got, end) = timed(read_all(&mut peer_b)).await;
+        end.unwrap();
+        assert_eq!(sha256(&got), sha256(&up));
+        let down = pattern(700 * 1024, 6);
+        peer_b.write_all(&down).await.unwrap();
+        peer_b.shutdown().await.unwrap();
+        let (got, end) = timed(read_all(&mut client)).await;
+        end.unwrap();
+        assert_eq!(sha256(&got), sha256(&down));
+        let stats = timed(relay).await.unwrap().unwrap();
+        assert_eq!(stats.a_to_b, up.len() as u64);
+        assert_eq!(stats.b_to_a, down.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn tls_eof_without_close_notify_resets_the_other_side() {
+        let (mut client, mut peer_b, relay) = tls_relayed().await;
+        client.write_all(b"partial").await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0u8; 7];
+        timed(peer_b.read_exact(&mut got)).await.unwrap();
+        // FIN on the TCP stream under TLS, with no close_notify: truncation.
+        let (mut tcp, _) = client.into_inner();
+        tcp.shutdown().await.unwrap();
+        let (_, end) = timed(read_all(&mut peer_b)).await;
+        assert_eq!(
+            end.expect_err("peer b must see a reset, not EOF").kind(),
+            io::ErrorKind::ConnectionReset
+        );
+        let err = timed(relay).await.unwrap().unwrap_err();
+        assert!(err.is_truncation(), "{err}");
+        assert_eq!(err.direction(), Direction::AToB);
+    }
+
+    #[tokio::test]
+    async fn joined_reader_and_writer_relay_like_a_socket() {
+        let (peer_a, a) = tcp_pair().await;
+        let (in_w, in_r) = tokio::io::duplex(1024);
+        let (out_w, mut out_r) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(relay(a, Joined::new(in_r, out_w)));
+        let (mut ar, mut aw) = peer_a.into_split();
+        aw.write_all(b"to stdout").await.unwrap();
+        aw.shutdown().await.unwrap();
+        let (got, end) = timed(read_all(&mut out_r)).await;
+        end.unwrap();
+        assert_eq!(got, b"to stdout");
+        let mut in_w = in_w;
+        in_w.write_all(b"from stdin").await.unwrap();
+        drop(in_w);
+        let (got, end) = timed(read_all(&mut ar)).await;
+        end.unwrap();
+        assert_eq!(got, b"from stdin");
+        timed(relay).await.unwrap().unwrap();
+    }
+}
