@@ -1,1 +1,52 @@
-//! Sans-IO stream multiplexer (placeholder until the session lands).
+//! Sans-IO stream multiplexer for `forward`'s agent carrier (`forward-mux/1`).
+//!
+//! One authenticated carrier (TLS or TCP byte stream) carries many TCP connections as *streams*. This
+//! crate is the protocol alone: the frame codec, the per-carrier [`Session`] state machine, per-stream
+//! and per-connection flow control with auto-tuning, keepalive, limits and graceful shutdown. It owns
+//! no socket, spawns nothing and never reads the clock: time is an argument.
+//!
+//! ```text
+//!   carrier bytes ──handle_input(now, &[u8])──▶ ┌──────────┐ ──poll_event()──▶ Event (Opened, Readable,…)
+//!                                               │ Session  │
+//!   local socket ──write(id, &[u8]) / finish──▶ │ streams, │ ──read(id, buf)──▶ local socket
+//!                                               │ windows  │     (returns credit to the peer)
+//!   carrier ◀──poll_transmit(now, &mut Vec, max)┤ timers   │ ◀──handle_timeout(now) at poll_timeout()
+//!                                               └──────────┘
+//! ```
+//!
+//! A driver loop (the tokio side lives in `forward-tunnel`):
+//! 1. carrier readable → [`Session::handle_input`]; then drain [`Session::poll_event`];
+//! 2. local socket readable → [`Session::write`] (on `Ok(0)` wait for `Event::Writable`);
+//! 3. `Event::Readable(id)` and the local socket writable → [`Session::read`] → write it out;
+//! 4. after any of these → [`Session::poll_transmit`] into a 64–256 KiB buffer → carrier;
+//! 5. sleep until [`Session::poll_timeout`] → [`Session::handle_timeout`].
+//!
+//! Left to others: the HTTP upgrade and the HMAC of `AUTH` (the payload is opaque here; the server
+//! driver answers `Event::AuthRequest` with [`Session::auth_accept`] or [`Session::auth_reject`]), TLS,
+//! dialing targets, the `--allow` policy, reconnecting, and mapping a `Reset`/`Closed` to an abortive
+//! close of the local socket. The wire format is documented in `docs/protocol.md`.
+
+#![warn(missing_docs)]
+
+pub mod codes;
+mod config;
+pub mod decoder;
+mod error;
+mod event;
+pub mod frame;
+mod session;
+mod stream;
+
+#[doc(hidden)]
+pub mod fuzzing;
+
+pub use codes::{ErrorCode, ResetCode};
+pub use config::Config;
+pub use decoder::Decoder;
+pub use error::{SessionError, StreamError};
+pub use event::{CloseReason, Event, ReadChunk, ReadOutcome};
+pub use frame::{Frame, FrameError, FrameType, Header, StreamId, Target};
+pub use session::{Role, Session};
+
+#[cfg(test)]
+mod codec_tests;

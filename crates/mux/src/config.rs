@@ -1,0 +1,75 @@
+//! Every number the session enforces, in one place so tests can shrink them.
+
+use std::time::Duration;
+
+/// Session parameters. [`Config::default`] is the production protocol (docs/protocol.md).
+///
+/// `stream_window` and `connection_window` are the *initial* credits each side assumes the other
+/// grants; they are part of the protocol, so both ends of a carrier must use the same values.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Initial per-stream receive window, in bytes (256 KiB).
+    pub stream_window: u32,
+    /// Ceiling for per-stream window auto-tuning (16 MiB).
+    pub max_stream_window: u32,
+    /// Whether the per-stream receive window grows when the reader keeps up with a fast sender.
+    pub auto_tune: bool,
+    /// Connection-wide receive window, in bytes (64 MiB).
+    pub connection_window: u32,
+    /// Bytes a stream may hold in the session waiting for the carrier (send side), on top of which
+    /// `write` accepts nothing (128 KiB).
+    pub stream_send_buffer: usize,
+    /// Largest `DATA` payload this side sends; also the per-stream round-robin quantum (16 KiB).
+    pub send_quantum: usize,
+    /// Live streams per carrier (1024).
+    pub max_concurrent_streams: usize,
+    /// Streams opened by the client but not yet accepted or refused by the server driver (256).
+    pub max_pending_opens: usize,
+    /// Resets (received, plus refusals we had to send) allowed per `budget_interval` (200).
+    pub reset_budget: u32,
+    /// Pings received allowed per `budget_interval` (100).
+    pub ping_budget: u32,
+    /// Window over which the budgets are counted (10 s).
+    pub budget_interval: Duration,
+    /// Send a PING after this long without receiving anything (15 s).
+    pub keepalive_interval: Duration,
+    /// Declare the carrier dead after this long without receiving anything (45 s).
+    pub idle_timeout: Duration,
+    /// Server: close a carrier that has not been authenticated after this long (10 s).
+    pub auth_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            stream_window: 256 * 1024,
+            max_stream_window: 16 * 1024 * 1024,
+            auto_tune: true,
+            connection_window: 64 * 1024 * 1024,
+            stream_send_buffer: 128 * 1024,
+            send_quantum: 16 * 1024,
+            max_concurrent_streams: 1024,
+            max_pending_opens: 256,
+            reset_budget: 200,
+            ping_budget: 100,
+            budget_interval: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(45),
+            auth_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// Clamp values that would break the protocol (zero windows, quantum above the frame limit).
+    pub(crate) fn sanitized(mut self) -> Config {
+        self.stream_window = self.stream_window.max(1);
+        self.max_stream_window = self.max_stream_window.max(self.stream_window);
+        self.connection_window = self.connection_window.max(1);
+        self.send_quantum = self
+            .send_quantum
+            .clamp(1, crate::frame::MAX_PAYLOAD as usize);
+        self.stream_send_buffer = self.stream_send_buffer.max(1);
+        self
+    }
+}

@@ -1,0 +1,542 @@
+//! The session: one carrier's state machine, for either role.
+//!
+//! ```text
+//!  client:  Start ──send_auth──▶ AuthSent ──AUTH_OK──▶ Ready ──go_away / GOAWAY──▶ Draining ──▶ Closed
+//!             │  (open/write allowed from Start: queued behind AUTH, zero round trips)
+//!             └──────AUTH_FAIL / error / idle timeout──────────────────────────────────────▶ Closed
+//!  server:  AwaitingAuth ──AUTH──▶ AuthPending ──auth_accept──▶ Ready ──▶ Draining ──▶ Closed
+//!             │  any other first frame, auth timeout, auth_reject, error, idle timeout ─────▶ Closed
+//! ```
+//! Input is processed as it arrives, including frames that follow `AUTH` while the driver decides
+//! (the client pipelines its OPENs); nothing leaves the server before `auth_accept`, and
+//! `auth_reject` discards every event queued behind the `AuthRequest`.
+
+mod input;
+mod output;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::codes::{ErrorCode, ResetCode};
+use crate::config::Config;
+use crate::decoder::Decoder;
+use crate::error::{SessionError, StreamError};
+use crate::event::{CloseReason, Event, ReadChunk, ReadOutcome};
+use crate::frame::{self, Frame, StreamId, Target};
+use crate::stream::{RecvState, SendState, Stream};
+
+/// Which end of the carrier this session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Opens streams (the `forward` client).
+    Client,
+    /// Accepts streams (the agent).
+    Server,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// Client: `send_auth` not called yet. Server: no `AUTH` received yet.
+    Start,
+    /// Client: `AUTH` queued. Server: `AUTH` received, driver deciding.
+    Pending,
+    /// Authenticated.
+    Done,
+}
+
+/// Counts events in fixed windows of `budget_interval`.
+#[derive(Debug)]
+struct Budget {
+    start: Instant,
+    count: u32,
+}
+
+impl Budget {
+    /// Count one event; true when the limit is exceeded.
+    fn hit(&mut self, now: Instant, interval: Duration, limit: u32) -> bool {
+        if now.saturating_duration_since(self.start) >= interval {
+            self.start = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count > limit
+    }
+}
+
+/// One multiplexed carrier. See the crate docs for the driver loop.
+#[derive(Debug)]
+pub struct Session {
+    role: Role,
+    config: Config,
+    auth: Auth,
+    decoder: Decoder,
+    streams: HashMap<StreamId, Stream>,
+    /// Client: next id to open. Server: unused.
+    next_id: u64,
+    /// Server: highest stream id the client has opened.
+    max_peer_id: StreamId,
+    pending_opens: usize,
+    /// Encoded control frames, sent before any `DATA`.
+    ctrl: Vec<u8>,
+    ctrl_pos: usize,
+    /// Where the outstanding ping ends in `ctrl`, to timestamp it when it leaves.
+    ping_mark: Option<usize>,
+    /// Round-robin queue of streams with something to send.
+    ready: VecDeque<StreamId>,
+    events: VecDeque<Event>,
+    transmit_enabled: bool,
+    conn_send_limit: u64,
+    conn_sent: u64,
+    conn_recv_limit: u64,
+    conn_received: u64,
+    conn_consumed: u64,
+    now: Instant,
+    created: Instant,
+    last_recv: Instant,
+    last_ping: Instant,
+    /// Outstanding ping: opaque value and when it left (None until transmitted).
+    ping_out: Option<(u64, Option<Instant>)>,
+    ping_counter: u64,
+    rtt: Option<Duration>,
+    reset_budget: Budget,
+    ping_budget: Budget,
+    local_goaway: bool,
+    peer_goaway: Option<StreamId>,
+    closed: Option<CloseReason>,
+}
+
+impl Session {
+    /// A session for `role`, created at `now` (the server's auth deadline counts from here).
+    pub fn new(role: Role, config: Config, now: Instant) -> Session {
+        let config = config.sanitized();
+        let window = u64::from(config.connection_window);
+        Session {
+            role,
+            auth: Auth::Start,
+            decoder: Decoder::new(),
+            streams: HashMap::new(),
+            next_id: 1,
+            max_peer_id: 0,
+            pending_opens: 0,
+            ctrl: Vec::new(),
+            ctrl_pos: 0,
+            ping_mark: None,
+            ready: VecDeque::new(),
+            events: VecDeque::new(),
+            transmit_enabled: false,
+            conn_send_limit: window,
+            conn_sent: 0,
+            conn_recv_limit: window,
+            conn_received: 0,
+            conn_consumed: 0,
+            now,
+            created: now,
+            last_recv: now,
+            last_ping: now,
+            ping_out: None,
+            ping_counter: 0,
+            rtt: None,
+            reset_budget: Budget {
+                start: now,
+                count: 0,
+            },
+            ping_budget: Budget {
+                start: now,
+                count: 0,
+            },
+            local_goaway: false,
+            peer_goaway: None,
+            closed: None,
+            config,
+        }
+    }
+
+    /// A client session.
+    pub fn client(config: Config, now: Instant) -> Session {
+        Session::new(Role::Client, config, now)
+    }
+
+    /// A server session.
+    pub fn server(config: Config, now: Instant) -> Session {
+        Session::new(Role::Server, config, now)
+    }
+
+    /// This session's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Smoothed round-trip time from PING/ACK, once one sample exists.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+
+    /// Number of live streams.
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Current receive window of a stream (grows with auto-tuning).
+    pub fn stream_window(&self, id: StreamId) -> Option<u32> {
+        self.streams.get(&id).map(|s| s.window)
+    }
+
+    /// Bytes received on `id` and not yet read.
+    pub fn stream_buffered(&self, id: StreamId) -> Option<usize> {
+        self.streams.get(&id).map(|s| s.recv_buffered)
+    }
+
+    /// Whether the session is authenticated (client: `AUTH_OK` received; server: `auth_accept` called).
+    pub fn is_authenticated(&self) -> bool {
+        self.auth == Auth::Done
+    }
+
+    /// Why the session closed, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.closed.as_ref()
+    }
+
+    /// The session is over. Keep calling `poll_transmit` until it returns 0 to flush a final `GOAWAY`.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
+
+    /// A `GOAWAY` was sent or received and no stream is left, or the session is closed: the driver can
+    /// flush `poll_transmit` and drop the carrier.
+    pub fn is_drained(&self) -> bool {
+        self.closed.is_some()
+            || ((self.local_goaway || self.peer_goaway.is_some()) && self.streams.is_empty())
+    }
+
+    /// Next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ----- authentication -------------------------------------------------------------------------
+
+    /// Client: queue the `AUTH` frame. It goes out first, before any `OPEN` queued earlier, followed by
+    /// a `PING` that gives the first RTT sample.
+    pub fn send_auth(&mut self, payload: &[u8]) -> Result<(), SessionError> {
+        if self.role != Role::Client {
+            return Err(SessionError::Usage("send_auth is for client sessions"));
+        }
+        if self.auth != Auth::Start {
+            return Err(SessionError::Usage("send_auth called twice"));
+        }
+        if payload.is_empty() || payload.len() > frame::MAX_AUTH_PAYLOAD as usize {
+            return Err(SessionError::Usage("AUTH payload must be 1 to 1024 bytes"));
+        }
+        if self.closed.is_some() {
+            return Err(SessionError::Closed);
+        }
+        self.auth = Auth::Pending;
+        let mut ctrl = Vec::with_capacity(frame::HEADER_LEN + payload.len() + self.ctrl.len());
+        Frame::Auth(bytes::Bytes::copy_from_slice(payload)).encode(&mut ctrl);
+        ctrl.extend_from_slice(&self.ctrl[self.ctrl_pos..]);
+        self.ctrl = ctrl;
+        self.ctrl_pos = 0;
+        self.transmit_enabled = true;
+        self.queue_ping();
+        Ok(())
+    }
+
+    /// Server: the `AUTH` payload was valid. Sends `AUTH_OK` (and a `PING` for the first RTT sample).
+    pub fn auth_accept(&mut self) -> Result<(), SessionError> {
+        self.check_auth_decision()?;
+        self.auth = Auth::Done;
+        let mut ctrl = Vec::with_capacity(frame::HEADER_LEN + self.ctrl.len());
+        Frame::AuthOk.encode(&mut ctrl);
+        ctrl.extend_from_slice(&self.ctrl);
+        self.ctrl = ctrl;
+        self.ctrl_pos = 0;
+        self.transmit_enabled = true;
+        self.queue_ping();
+        Ok(())
+    }
+
+    /// Server: the `AUTH` payload was wrong. Sends the one uniform `AUTH_FAIL`, drops every event queued
+    /// behind the request and closes.
+    pub fn auth_reject(&mut self) -> Result<(), SessionError> {
+        self.check_auth_decision()?;
+        self.ctrl.clear();
+        self.ctrl_pos = 0;
+        Frame::AuthFail.encode(&mut self.ctrl);
+        self.transmit_enabled = true;
+        self.events.clear();
+        self.close(CloseReason::AuthRejected, None);
+        Ok(())
+    }
+
+    fn check_auth_decision(&self) -> Result<(), SessionError> {
+        if self.role != Role::Server {
+            return Err(SessionError::Usage(
+                "auth_accept/auth_reject are for server sessions",
+            ));
+        }
+        if self.closed.is_some() {
+            return Err(SessionError::Closed);
+        }
+        match self.auth {
+            Auth::Pending => Ok(()),
+            Auth::Start => Err(SessionError::Usage("no AUTH frame has been received yet")),
+            Auth::Done => Err(SessionError::Usage("authentication was already decided")),
+        }
+    }
+
+    // ----- streams --------------------------------------------------------------------------------
+
+    /// Client: open a stream to `target`. The `OPEN` is queued at once (behind `AUTH`), and `write` may
+    /// follow immediately: no round trip is spent before data flows.
+    pub fn open(&mut self, target: Target) -> Result<StreamId, StreamError> {
+        if self.role != Role::Client {
+            return Err(StreamError::Usage("only the client opens streams"));
+        }
+        if self.closed.is_some() {
+            return Err(StreamError::SessionClosed);
+        }
+        if self.local_goaway || self.peer_goaway.is_some() {
+            return Err(StreamError::GoingAway);
+        }
+        if self.streams.len() >= self.config.max_concurrent_streams {
+            return Err(StreamError::StreamLimit(self.config.max_concurrent_streams));
+        }
+        if self.next_id > u64::from(u32::MAX) {
+            return Err(StreamError::IdsExhausted);
+        }
+        let id = self.next_id as StreamId;
+        self.next_id += 2;
+        frame::encode_open(&mut self.ctrl, id, &target);
+        self.streams
+            .insert(id, Stream::new(self.config.stream_window, false));
+        Ok(id)
+    }
+
+    /// Server: the target of stream `id` is connected; sends `OPEN_OK`.
+    pub fn accept(&mut self, id: StreamId) -> Result<(), StreamError> {
+        if self.role != Role::Server {
+            return Err(StreamError::Usage("only the server accepts streams"));
+        }
+        if self.auth != Auth::Done {
+            return Err(StreamError::Usage("accept called before auth_accept"));
+        }
+        let s = self.stream_mut(id)?;
+        if s.accepted {
+            return Err(StreamError::AlreadyAccepted(id));
+        }
+        s.accepted = true;
+        self.pending_opens -= 1;
+        frame::encode_open_ok(&mut self.ctrl, id);
+        Ok(())
+    }
+
+    /// Queue bytes on stream `id`. Accepts at most the peer's remaining credit and the free room of the
+    /// stream's send buffer; returns how many bytes were taken. `Ok(0)` means "blocked": an
+    /// `Event::Writable(id)` follows when room returns.
+    pub fn write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
+        let send_buffer = self.config.stream_send_buffer;
+        let role = self.role;
+        let s = self.stream_mut(id)?;
+        if s.send != SendState::Open {
+            return Err(StreamError::Finished(id));
+        }
+        if role == Role::Server && !s.accepted {
+            return Err(StreamError::NotAccepted(id));
+        }
+        let n = s.send_capacity(send_buffer).min(data.len());
+        if n < data.len() {
+            s.want_writable = true;
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        s.send_buf.extend_from_slice(&data[..n]);
+        s.send_accepted += n as u64;
+        self.schedule(id);
+        Ok(n)
+    }
+
+    /// Half-close stream `id`: a `FIN` follows the last queued byte. Reading continues.
+    pub fn finish(&mut self, id: StreamId) -> Result<(), StreamError> {
+        let role = self.role;
+        let s = self.stream_mut(id)?;
+        if s.send != SendState::Open {
+            return Err(StreamError::Finished(id));
+        }
+        if role == Role::Server && !s.accepted {
+            return Err(StreamError::NotAccepted(id));
+        }
+        s.send = SendState::FinQueued;
+        self.schedule(id);
+        Ok(())
+    }
+
+    /// Copy received bytes of stream `id` into `buf`.
+    ///
+    /// Call this only when the bytes can be handed on (the local socket is writable): the credit for
+    /// them is returned to the peer here, so a stream whose local reader stalls stops only itself.
+    pub fn read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<ReadOutcome, StreamError> {
+        let s = self.stream_mut(id)?;
+        if s.recv_buffered == 0 || buf.is_empty() {
+            return Ok(self.read_empty(id, buf.is_empty()));
+        }
+        let n = s.take_into(buf);
+        self.release_credit(id, n);
+        Ok(ReadOutcome::Data(n))
+    }
+
+    /// Like [`Session::read`] but hands out the next received chunk (at most `max` bytes) without
+    /// copying it.
+    pub fn read_chunk(&mut self, id: StreamId, max: usize) -> Result<ReadChunk, StreamError> {
+        let s = self.stream_mut(id)?;
+        if s.recv_buffered == 0 || max == 0 {
+            return Ok(match self.read_empty(id, max == 0) {
+                ReadOutcome::Fin => ReadChunk::Fin,
+                _ => ReadChunk::Blocked,
+            });
+        }
+        let chunk = s.take_chunk(max).expect("buffered bytes present");
+        self.release_credit(id, chunk.len());
+        Ok(ReadChunk::Data(chunk))
+    }
+
+    fn read_empty(&mut self, id: StreamId, zero_buf: bool) -> ReadOutcome {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return ReadOutcome::Blocked;
+        };
+        if s.recv_buffered > 0 && zero_buf {
+            return ReadOutcome::Blocked;
+        }
+        match s.recv {
+            RecvState::Open => {
+                s.readable_signalled = false;
+                ReadOutcome::Blocked
+            }
+            RecvState::FinReceived | RecvState::FinRead => {
+                s.recv = RecvState::FinRead;
+                self.remove_if_done(id);
+                ReadOutcome::Fin
+            }
+        }
+    }
+
+    /// Abort stream `id` with `code`: buffered bytes are dropped both ways and `RST` is sent. A server
+    /// refuses a pending stream this way (e.g. [`ResetCode::Refused`]).
+    pub fn reset(&mut self, id: StreamId, code: ResetCode) -> Result<(), StreamError> {
+        self.stream_mut(id)?;
+        self.remove_stream(id);
+        frame::encode_rst(&mut self.ctrl, id, code);
+        Ok(())
+    }
+
+    /// Start a graceful shutdown: send `GOAWAY(code, reason)` with the last stream processed, refuse new
+    /// streams with the retryable [`ResetCode::GoingAway`], let open streams finish; see
+    /// [`Session::is_drained`].
+    pub fn go_away(&mut self, code: ErrorCode, reason: &str) {
+        if self.closed.is_some() || self.local_goaway {
+            return;
+        }
+        self.local_goaway = true;
+        let last = self.last_processed();
+        frame::encode_goaway(&mut self.ctrl, last, code, reason);
+    }
+
+    /// Close now: send `GOAWAY(code, reason)`, drop every stream. Use after a drain deadline or when the
+    /// driver shuts down hard.
+    pub fn close_now(&mut self, code: ErrorCode, reason: &str) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.close(CloseReason::Local { code }, Some((code, reason.to_owned())));
+    }
+
+    fn last_processed(&self) -> StreamId {
+        match self.role {
+            Role::Server => self.max_peer_id,
+            Role::Client => 0,
+        }
+    }
+
+    fn stream_mut(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
+        if self.closed.is_some() {
+            return Err(StreamError::SessionClosed);
+        }
+        self.streams
+            .get_mut(&id)
+            .ok_or(StreamError::UnknownStream(id))
+    }
+
+    fn schedule(&mut self, id: StreamId) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            if !s.queued && s.has_transmit() {
+                s.queued = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn remove_stream(&mut self, id: StreamId) -> Option<Stream> {
+        let s = self.streams.remove(&id)?;
+        if self.role == Role::Server && !s.accepted {
+            self.pending_opens -= 1;
+        }
+        // Bytes the peer sent that nobody will read still count against the connection window:
+        // return their credit so the carrier does not shrink.
+        if s.recv_buffered > 0 {
+            self.release_connection_credit(s.recv_buffered);
+        }
+        Some(s)
+    }
+
+    fn remove_if_done(&mut self, id: StreamId) {
+        if self.streams.get(&id).is_some_and(Stream::is_done) {
+            self.remove_stream(id);
+        }
+    }
+
+    /// End the session: optional `GOAWAY` for the peer, every stream dropped, `Closed` emitted once.
+    fn close(&mut self, reason: CloseReason, goaway: Option<(ErrorCode, String)>) {
+        if self.closed.is_some() {
+            return;
+        }
+        if let Some((code, detail)) = goaway {
+            if !self.transmit_enabled {
+                // Nothing has left yet (server before auth, client before send_auth): say only this.
+                self.ctrl.clear();
+                self.ctrl_pos = 0;
+                self.transmit_enabled = true;
+            }
+            let last = self.last_processed();
+            frame::encode_goaway(&mut self.ctrl, last, code, &detail);
+        }
+        self.streams.clear();
+        self.ready.clear();
+        self.pending_opens = 0;
+        self.events.push_back(Event::Closed {
+            reason: reason.clone(),
+        });
+        self.closed = Some(reason);
+    }
+
+    fn fail(&mut self, err: SessionError) -> SessionError {
+        let code = err.code();
+        let detail = match &err {
+            SessionError::Protocol { detail, .. } => detail.clone(),
+            other => other.to_string(),
+        };
+        tracing::debug!(%code, %detail, "closing carrier after protocol violation");
+        self.close(
+            CloseReason::ProtocolError {
+                code,
+                detail: detail.clone(),
+            },
+            Some((code, detail)),
+        );
+        err
+    }
+}

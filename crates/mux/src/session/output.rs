@@ -1,0 +1,209 @@
+//! Carrier bytes out (control frames first, then fair round-robin `DATA`), credit returns and timers.
+
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+
+use super::{Auth, Role, Session};
+use crate::codes::ErrorCode;
+use crate::event::{CloseReason, Event};
+use crate::frame::{self, StreamId, HEADER_LEN};
+use crate::stream::{RecvState, SendState};
+
+impl Session {
+    /// Append bytes for the carrier to `out`, at most `max` of them; returns how many were appended.
+    ///
+    /// Control frames go first. Then streams with queued data take turns, one `DATA` frame of at most
+    /// `send_quantum` bytes per turn, so a bulk stream cannot starve an interactive one. Call until it
+    /// returns 0 after every input, API call or timeout; `max` of 64 KiB or more keeps syscalls large.
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>, max: usize) -> usize {
+        self.now = now;
+        if !self.transmit_enabled {
+            return 0;
+        }
+        let start = out.len();
+        let limit = start.saturating_add(max);
+        if self.ctrl_pos < self.ctrl.len() {
+            let n = (self.ctrl.len() - self.ctrl_pos).min(max);
+            out.extend_from_slice(&self.ctrl[self.ctrl_pos..self.ctrl_pos + n]);
+            self.ctrl_pos += n;
+            if let Some(end) = self.ping_mark {
+                if self.ctrl_pos >= end {
+                    self.ping_mark = None;
+                    if let Some((value, None)) = self.ping_out {
+                        self.ping_out = Some((value, Some(now)));
+                    }
+                }
+            }
+            if self.ctrl_pos < self.ctrl.len() {
+                return n;
+            }
+            self.ctrl.clear();
+            self.ctrl_pos = 0;
+            if self.ctrl.capacity() > 64 * 1024 {
+                self.ctrl = Vec::new();
+            }
+        }
+        if self.closed.is_none() {
+            self.transmit_data(out, limit);
+        }
+        out.len() - start
+    }
+
+    fn transmit_data(&mut self, out: &mut Vec<u8>, limit: usize) {
+        let quantum = self.config.send_quantum;
+        let send_buffer = self.config.stream_send_buffer;
+        while let Some(id) = self.ready.pop_front() {
+            let space = limit.saturating_sub(out.len());
+            let conn_credit = self.conn_send_limit - self.conn_sent;
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            let pending = s.send_buf.len();
+            if space <= HEADER_LEN || (pending > 0 && conn_credit == 0) {
+                // No room, or the whole connection waits for credit: keep the turn order for later.
+                self.ready.push_front(id);
+                break;
+            }
+            let len = pending
+                .min(quantum)
+                .min(space - HEADER_LEN)
+                .min(conn_credit as usize);
+            let fin = s.send == SendState::FinQueued && len == pending;
+            s.queued = false;
+            if len == 0 && !fin {
+                continue;
+            }
+            frame::encode_data_header(out, id, fin, len as u32);
+            out.extend_from_slice(&s.send_buf[..len]);
+            s.send_buf.advance(len);
+            if s.send_buf.is_empty() {
+                // Idle streams must cost almost nothing: give the buffer back.
+                s.send_buf = BytesMut::new();
+            }
+            self.conn_sent += len as u64;
+            if fin {
+                s.send = SendState::FinSent;
+            }
+            if s.want_writable
+                && s.send_buf.len() <= send_buffer / 2
+                && s.send_capacity(send_buffer) > 0
+            {
+                s.want_writable = false;
+                self.events.push_back(Event::Writable(id));
+            }
+            if s.has_transmit() {
+                s.queued = true;
+                self.ready.push_back(id);
+            }
+            if fin {
+                self.remove_if_done(id);
+            }
+        }
+    }
+
+    /// Whether anything waits to be transmitted (control frames or stream data, credit permitting).
+    pub fn wants_transmit(&self) -> bool {
+        self.transmit_enabled
+            && (self.ctrl_pos < self.ctrl.len()
+                || (self.closed.is_none()
+                    && !self.ready.is_empty()
+                    && self.conn_send_limit > self.conn_sent))
+    }
+
+    /// Return credit for `n` bytes of stream `id` that left the session, with auto-tuning.
+    pub(super) fn release_credit(&mut self, id: StreamId, n: usize) {
+        let now = self.now;
+        let rtt = self.rtt;
+        let (auto_tune, max_window) = (self.config.auto_tune, self.config.max_stream_window);
+        if let Some(s) = self.streams.get_mut(&id) {
+            if s.recv == RecvState::Open {
+                let unsent = s.recv_consumed + u64::from(s.window) - s.recv_limit;
+                if unsent >= u64::from(s.window / 2) {
+                    // Half a window consumed within one RTT means the window, not the reader, limits
+                    // throughput (window < 2 x BDP): double it, up to the ceiling.
+                    if let (true, Some(rtt), Some(epoch)) = (auto_tune, rtt, s.window_epoch) {
+                        if s.window < max_window && now.saturating_duration_since(epoch) < rtt {
+                            s.window = s.window.saturating_mul(2).min(max_window);
+                        }
+                    }
+                    s.window_epoch = Some(now);
+                    let inc = s.recv_consumed + u64::from(s.window) - s.recv_limit;
+                    s.recv_limit += inc;
+                    frame::encode_window_update(&mut self.ctrl, id, inc as u32);
+                }
+            }
+        }
+        self.release_connection_credit(n);
+    }
+
+    pub(super) fn release_connection_credit(&mut self, n: usize) {
+        self.conn_consumed += n as u64;
+        let window = u64::from(self.config.connection_window);
+        let unsent = self.conn_consumed + window - self.conn_recv_limit;
+        if unsent >= window / 2 && self.closed.is_none() {
+            self.conn_recv_limit += unsent;
+            frame::encode_window_update(&mut self.ctrl, 0, unsent as u32);
+        }
+    }
+
+    pub(super) fn queue_ping(&mut self) {
+        self.ping_counter += 1;
+        frame::encode_ping(&mut self.ctrl, false, self.ping_counter.to_be_bytes());
+        self.ping_out = Some((self.ping_counter, None));
+        self.ping_mark = Some(self.ctrl.len());
+        self.last_ping = self.now;
+    }
+
+    fn keepalive_enabled(&self) -> bool {
+        match self.role {
+            Role::Client => self.auth != Auth::Start,
+            Role::Server => self.auth == Auth::Done,
+        }
+    }
+
+    /// When [`Session::handle_timeout`] must be called next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed.is_some() {
+            return None;
+        }
+        let mut t = self.last_recv + self.config.idle_timeout;
+        if self.role == Role::Server && self.auth != Auth::Done {
+            t = t.min(self.created + self.config.auth_timeout);
+        }
+        if self.keepalive_enabled() && self.ping_out.is_none() {
+            t = t.min(self.last_recv.max(self.last_ping) + self.config.keepalive_interval);
+        }
+        Some(t)
+    }
+
+    /// Advance timers to `now`: keepalive pings, the idle timeout (carrier dead) and the server's
+    /// authentication deadline.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        if self.closed.is_some() {
+            return;
+        }
+        if now >= self.last_recv + self.config.idle_timeout {
+            self.close(CloseReason::Timeout, None);
+            return;
+        }
+        if self.role == Role::Server
+            && self.auth != Auth::Done
+            && now >= self.created + self.config.auth_timeout
+        {
+            let detail = format!("no authentication within {:?}", self.config.auth_timeout);
+            self.close(
+                CloseReason::AuthTimeout,
+                Some((ErrorCode::AuthTimeout, detail)),
+            );
+            return;
+        }
+        if self.keepalive_enabled()
+            && self.ping_out.is_none()
+            && now >= self.last_recv.max(self.last_ping) + self.config.keepalive_interval
+        {
+            self.queue_ping();
+        }
+    }
+}
