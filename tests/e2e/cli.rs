@@ -1,0 +1,127 @@
+//! Bad input: every mistake gets one clear line naming the bad part, and a non-zero exit code
+//! (1 for our errors, 2 for clap's usage errors). No edge is needed: these fail before dialing,
+//! except the last two which fail while dialing.
+
+use std::net::TcpListener;
+use std::process::Command;
+
+use crate::harness::{forward_bin, run, TempDir};
+use crate::stack::{VM, VM_FQDN};
+
+struct Outcome {
+    code: i32,
+    stderr: String,
+}
+
+fn forward(args: &[&str]) -> Outcome {
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(args);
+    let (status, _out, stderr) = run("forward", cmd);
+    Outcome {
+        code: status.code().unwrap_or(-1),
+        stderr,
+    }
+}
+
+fn assert_rejected(args: &[&str], codes: &[i32], needles: &[&str]) {
+    let o = forward(args);
+    assert!(
+        codes.contains(&o.code),
+        "forward {args:?}: exit code {} (want one of {codes:?}); stderr:\n{}",
+        o.code,
+        o.stderr
+    );
+    assert!(
+        !o.stderr.contains("panicked"),
+        "forward {args:?} panicked:\n{}",
+        o.stderr
+    );
+    for needle in needles {
+        assert!(
+            o.stderr.to_lowercase().contains(&needle.to_lowercase()),
+            "forward {args:?}: stderr should mention {needle:?}:\n{}",
+            o.stderr
+        );
+    }
+    if o.code == 1 {
+        assert!(
+            o.stderr.lines().any(|l| l.starts_with("error: ")),
+            "forward {args:?}: want a line starting with `error: `:\n{}",
+            o.stderr
+        );
+    }
+}
+
+const FORM: &str = "[bind:]lport:host:rport";
+
+#[test]
+fn malformed_specs_name_the_bad_part() {
+    let table: &[(&str, &[&str])] = &[
+        ("abc", &[FORM]),
+        ("5432:vm1", &[FORM]),
+        ("1:2:3:4:5", &["bind address", "'1:2'"]),
+        ("99999:vm1:80", &["local port", "'99999'"]),
+        ("x5432:vm1:80", &["local port", "'x5432'"]),
+        ("5432:vm1:99999", &["remote port", "'99999'"]),
+        ("5432:vm1:http", &["remote port", "'http'"]),
+        ("5432:vm1:0", &["remote port", "1-65535"]),
+        ("5432::80", &["host"]),
+        ("5432:a b:80", &["host", "'a b'"]),
+        ("nope:5432:vm1:80", &["bind address", "'nope'"]),
+        ("[::1:5432:vm1:80", &["bind address"]),
+    ];
+    for (spec, needles) in table {
+        assert_rejected(&[spec], &[1, 2], needles);
+    }
+}
+
+#[test]
+fn missing_spec_is_a_usage_error() {
+    assert_rejected(&[], &[1, 2], &["SPEC"]);
+}
+
+#[test]
+fn bad_flag_values_are_usage_errors() {
+    assert_rejected(&["--grace", "soon", "0:vm1:80"], &[2], &["--grace"]);
+    assert_rejected(&["--no-such-flag", "0:vm1:80"], &[2], &["--no-such-flag"]);
+}
+
+#[test]
+fn unreadable_or_non_pem_ca_file() {
+    let dir = TempDir::new("cli");
+    let missing = dir.join("missing.pem");
+    let missing = missing.to_str().unwrap();
+    assert_rejected(&["--ca-file", missing, "0:vm1:80"], &[1], &[missing]);
+
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "this is not a certificate\n").unwrap();
+    let garbage = garbage.to_str().unwrap();
+    assert_rejected(&["--ca-file", garbage, "0:vm1:80"], &[1], &[garbage, "PEM"]);
+}
+
+#[test]
+fn local_port_in_use() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let spec = format!("127.0.0.1:{port}:{VM}:80");
+    assert_rejected(
+        &["--edge", "127.0.0.1", &spec],
+        &[1],
+        &[&port.to_string(), "in use"],
+    );
+}
+
+#[test]
+fn check_reports_refused_edge() {
+    // A port nothing listens on: bound a moment ago, now closed.
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let spec = format!("127.0.0.1:0:{VM}:{port}");
+    assert_rejected(
+        &["--check", "--edge", "127.0.0.1", &spec],
+        &[1],
+        &[VM_FQDN, "refused"],
+    );
+}

@@ -1,0 +1,81 @@
+//! Bytes arrive intact, in order, and complete: one large transfer each way, and many connections
+//! at once with distinct payloads.
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use crate::net::{echo_exchange, hex, Backend, Payload};
+use crate::stack::{Stack, Transport};
+
+per_transport!(bulk_64mib_each_way);
+per_transport!(hundred_concurrent_connections);
+
+const MIB: usize = 1024 * 1024;
+
+fn bulk_64mib_each_way(t: Transport) {
+    let backend = Backend::echo();
+    let stack = Stack::start(t, &[backend.port]);
+    let fwd = stack.forward_to(backend.port);
+
+    let seed = rand::random();
+    let len = 64 * MIB;
+    // The echo makes the 64 MiB cross the tunnel up and back down at the same time.
+    let sent = echo_exchange(fwd.local().connect(), seed, len);
+
+    let report = backend.next_report();
+    assert_eq!(report.note, "eof", "service saw {report:?}");
+    assert_eq!(report.received, len);
+    assert_eq!(
+        hex(&report.hash),
+        hex(&sent),
+        "service received other bytes"
+    );
+}
+
+fn hundred_concurrent_connections(t: Transport) {
+    const N: usize = 100;
+    let backend = Backend::echo();
+    let stack = Stack::start(t, &[backend.port]);
+    let fwd = stack.forward_to(backend.port);
+
+    let base: u64 = rand::random();
+    // All N are connected before any sends, so they really are open at the same time.
+    let barrier = Arc::new(Barrier::new(N));
+    let clients: Vec<_> = (0..N)
+        .map(|i| {
+            let local = fwd.local().clone();
+            let barrier = Arc::clone(&barrier);
+            let seed = base.wrapping_add(i as u64);
+            // Sizes differ so a mixed-up pairing cannot go unnoticed.
+            let len = 1
+                + (Payload::bytes(seed, 4)
+                    .iter()
+                    .map(|&b| b as usize)
+                    .sum::<usize>()
+                    * 512);
+            thread::spawn(move || {
+                let conn = local.connect();
+                barrier.wait();
+                (echo_exchange(conn, seed, len), len)
+            })
+        })
+        .collect();
+    let mut sent: Vec<_> = clients
+        .into_iter()
+        .map(|c| c.join().expect("a client failed"))
+        .collect();
+
+    let mut seen: Vec<_> = (0..N)
+        .map(|_| {
+            let r = backend.next_report();
+            assert_eq!(r.note, "eof", "service saw {r:?}");
+            (r.hash, r.received)
+        })
+        .collect();
+    sent.sort();
+    seen.sort();
+    assert_eq!(
+        sent, seen,
+        "the service did not receive exactly the N payloads"
+    );
+}

@@ -1,0 +1,100 @@
+//! A connection that breaks in the middle must look broken to the local client: a reset, never a
+//! clean EOF that would pass a truncated download off as complete.
+
+use std::io::{ErrorKind, Read, Write};
+use std::thread;
+use std::time::Duration;
+
+use crate::harness::TIMEOUT;
+use crate::net::{Backend, Conn, CHUNK};
+use crate::stack::{Stack, Transport};
+
+per_transport!(carrier_killed_mid_transfer);
+per_transport!(edge_aborts_mid_transfer: direct, agent_tls);
+per_transport!(service_resets_mid_transfer);
+
+/// Reads until the connection ends and asserts it ended with ECONNRESET. The client only reads
+/// (no concurrent writes): a failed write would consume the socket's pending error and let the
+/// next read return 0.
+fn expect_reset(mut conn: Conn, after: usize) -> usize {
+    let mut buf = vec![0; CHUNK];
+    let mut total = after;
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => panic!(
+                "client saw a clean EOF after {total} bytes of a broken connection; want a reset"
+            ),
+            Ok(n) => total += n,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return total,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("client: want ConnectionReset, got {e} ({:?})", e.kind()),
+        }
+    }
+}
+
+/// A service that streams data until the connection breaks.
+fn endless_source() -> Backend {
+    Backend::start(|mut sock, _tx| {
+        let buf = vec![0x5a; CHUNK];
+        while sock.write_all(&buf).is_ok() {}
+    })
+}
+
+fn read_at_least(conn: &mut Conn, want: usize) -> usize {
+    let mut buf = vec![0; CHUNK];
+    let mut got = 0;
+    while got < want {
+        match conn.read(&mut buf) {
+            Ok(0) => panic!("EOF after {got} bytes while the service was still sending"),
+            Ok(n) => got += n,
+            Err(e) => panic!("read failed after {got} bytes: {e}"),
+        }
+    }
+    got
+}
+
+/// The edge (or, without an edge, the agent) is killed with SIGKILL mid-download.
+fn carrier_killed_mid_transfer(t: Transport) {
+    let backend = endless_source();
+    let mut stack = Stack::start(t, &[backend.port]);
+    let fwd = stack.forward_to(backend.port);
+
+    let mut conn = fwd.local().connect();
+    let got = read_at_least(&mut conn, 4 * 1024 * 1024);
+    stack.kill_carrier();
+    expect_reset(conn, got);
+    drop(fwd);
+}
+
+/// The edge's fault injection resets the edge-side connection after 4 MiB.
+fn edge_aborts_mid_transfer(t: Transport) {
+    let backend = endless_source();
+    let stack =
+        Stack::start_with_edge_args(t, &[backend.port], &["--abort-after-bytes", "4194304"]);
+    let fwd = stack.forward_to(backend.port);
+    expect_reset(fwd.local().connect(), 0);
+}
+
+/// The service aborts its connection (close with unread input, which makes the kernel send RST);
+/// the reset must travel to the local client.
+fn service_resets_mid_transfer(t: Transport) {
+    let backend = Backend::start(|mut sock, _tx| {
+        let _ = sock.write_all(&vec![0xa5; 1024 * 1024]);
+        // Wait until the client's bytes sit unread in our receive queue, then close: RST.
+        let mut probe = [0u8; 1];
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            match sock.peek(&mut probe) {
+                Ok(n) if n > 0 => break,
+                _ => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        drop(sock);
+    });
+    let stack = Stack::start(t, &[backend.port]);
+    let fwd = stack.forward_to(backend.port);
+
+    let mut conn = fwd.local().connect();
+    conn.write_all(b"unread request bytes").unwrap();
+    expect_reset(conn, 0);
+}

@@ -1,0 +1,92 @@
+//! SIGTERM: forward stops accepting, lets open connections finish within `--grace`, exits 0.
+
+use std::io::{ErrorKind, Read, Write};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::harness::TIMEOUT;
+use crate::net::{echo_exchange, Backend, Local};
+use crate::stack::{Stack, Transport, VM};
+
+per_transport!(sigterm_drains_open_connection);
+per_transport!(sigterm_exits_after_grace);
+
+/// Polls until a new connection to `local` is refused: the listener is gone. Connections that
+/// still get through meanwhile (signal not handled yet) are closed at once.
+fn wait_until_refused(local: &Local) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match local.try_connect() {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return,
+            Err(e) => panic!("connect after SIGTERM: want refused, got {e}"),
+            Ok(c) => drop(c),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "forward still accepts connections {TIMEOUT:?} after SIGTERM"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sigterm_drains_open_connection(t: Transport) {
+    let backend = Backend::echo();
+    let stack = Stack::start(t, &[backend.port]);
+    let mut fwd = stack.forward(
+        &["--grace", "30"],
+        &[format!("127.0.0.1:0:{VM}:{}", backend.port)],
+        1,
+    );
+    let local = fwd.local().clone();
+
+    let mut conn = local.connect();
+    conn.write_all(b"before the signal").unwrap();
+    let mut buf = [0u8; 17];
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"before the signal");
+
+    fwd.proc.signal("TERM");
+    wait_until_refused(&local);
+    // The reports of the probe connections above do not matter; only ours does.
+    assert!(
+        fwd.proc.try_status().is_none(),
+        "forward exited although a connection was open and the grace period is 30 s"
+    );
+
+    // The open connection still works both ways, and ends normally.
+    echo_exchange(conn, rand::random(), 1 << 20);
+    let status = fwd.proc.wait_exit();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let mut ours = false;
+    for _ in 0..64 {
+        let r = backend.next_report();
+        // Our connection sent "before the signal" then the payload; the probes sent nothing.
+        if r.received == 17 + (1 << 20) {
+            ours = true;
+            break;
+        }
+    }
+    assert!(ours, "the service never saw our connection complete");
+}
+
+fn sigterm_exits_after_grace(t: Transport) {
+    let backend = Backend::echo();
+    let stack = Stack::start(t, &[backend.port]);
+    let mut fwd = stack.forward(
+        &["--grace", "1"],
+        &[format!("127.0.0.1:0:{VM}:{}", backend.port)],
+        1,
+    );
+    let mut idle = fwd.local().connect();
+    idle.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    idle.read_exact(&mut one).unwrap();
+
+    fwd.proc.signal("TERM");
+    // The idle connection never ends by itself: forward must give up on it after the grace period.
+    let status = fwd.proc.wait_exit();
+    assert!(
+        status.success(),
+        "exit status after SIGTERM and grace: {status}"
+    );
+}

@@ -1,0 +1,47 @@
+//! `forward stdio HOST:PORT` (ssh ProxyCommand): stdin goes up, stdout comes down, and the
+//! process exits 0 once both directions have ended.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::thread;
+
+use crate::harness::{forward_bin, Proc};
+use crate::net::{drain, hex, Backend, Payload};
+use crate::stack::{Stack, Transport, VM};
+
+per_transport!(stdio_pipes_bytes_both_ways);
+
+fn stdio_pipes_bytes_both_ways(t: Transport) {
+    let backend = Backend::echo();
+    let stack = Stack::start(t, &[backend.port]);
+
+    let mut cmd = Command::new(forward_bin());
+    cmd.arg("stdio")
+        .args(stack.client_args())
+        .arg(format!("{VM}:{}", backend.port))
+        .stdin(Stdio::piped());
+    let (mut proc, mut stdout) = Proc::spawn_raw_stdout("forward stdio", cmd);
+    let mut stdin = proc.take_stdin();
+
+    let seed = rand::random();
+    let len = 8 * 1024 * 1024 + 3;
+    let up = thread::spawn(move || {
+        let h = Payload::new(seed, len)
+            .send(&mut stdin)
+            .expect("write to forward's stdin");
+        stdin.flush().unwrap();
+        drop(stdin); // EOF on stdin = half-close towards the service
+        h
+    });
+    let down = drain(&mut stdout);
+    let sent = up.join().unwrap();
+    let (n, h) = down.unwrap_or_else(|(e, n)| panic!("reading stdout failed after {n} bytes: {e}"));
+    assert_eq!(n, len, "stdout length");
+    assert_eq!(hex(&h), hex(&sent), "stdout bytes differ from stdin");
+
+    let status = proc.wait_exit();
+    assert!(status.success(), "forward stdio exited with {status}");
+    let r = backend.next_report();
+    assert_eq!(r.note, "eof");
+    assert_eq!(hex(&r.hash), hex(&sent));
+}
