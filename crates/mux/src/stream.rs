@@ -60,6 +60,9 @@ pub(crate) struct Stream {
     pub readable_signalled: bool,
     /// Server: the driver accepted it. Client: `OPEN_OK` arrived.
     pub accepted: bool,
+    /// Client: the `OPEN` is on its way (it waits while `max_pending_opens` are unanswered); no `DATA`
+    /// may leave before it. Always true on the server.
+    pub open_sent: bool,
 }
 
 impl Stream {
@@ -81,6 +84,7 @@ impl Stream {
             recv: RecvState::Open,
             readable_signalled: false,
             accepted,
+            open_sent: true,
         }
     }
 
@@ -93,7 +97,7 @@ impl Stream {
 
     /// Whether the transmit scheduler has something to put on the wire for this stream.
     pub fn has_transmit(&self) -> bool {
-        !self.send_buf.is_empty() || self.send == SendState::FinQueued
+        self.open_sent && (!self.send_buf.is_empty() || self.send == SendState::FinQueued)
     }
 
     /// Both halves are finished: the stream can be forgotten.

@@ -14,6 +14,10 @@ use crate::stream::{RecvState, Stream};
 /// Largest credit a peer may hold (as in h2): an increment beyond it is a flow-control error.
 const MAX_WINDOW: u64 = (1 << 31) - 1;
 
+/// Control bytes (ping answers, refusals, credit) we may owe a peer that does not read its carrier;
+/// beyond this the peer is making us buffer without bound.
+const MAX_CTRL_BACKLOG: usize = 1 << 20;
+
 impl Session {
     /// Feed bytes received from the carrier (any split). Events become available from
     /// [`Session::poll_event`], answers from [`Session::poll_transmit`].
@@ -35,6 +39,14 @@ impl Session {
                 Ok(Some(frame)) => {
                     if let Err(e) = self.on_frame(frame) {
                         break Err(e);
+                    }
+                    if self.ctrl.len() - self.ctrl_pos > MAX_CTRL_BACKLOG {
+                        break Err(SessionError::Protocol {
+                            code: ErrorCode::EnhanceYourCalm,
+                            detail:
+                                "peer keeps provoking control frames without reading the carrier"
+                                    .into(),
+                        });
                     }
                     if self.closed.is_some() {
                         break Ok(());
@@ -193,8 +205,6 @@ impl Session {
             None
         };
         if let Some(code) = refusal {
-            // Each refusal costs us an RST the peer made us write: it spends the reset budget too.
-            self.spend_reset_budget()?;
             frame::encode_rst(&mut self.ctrl, id, code);
             return Ok(());
         }
@@ -208,9 +218,14 @@ impl Session {
     fn on_open_ok(&mut self, id: StreamId) -> Result<(), SessionError> {
         let known = self.is_known_id(id);
         match self.streams.get_mut(&id) {
+            Some(s) if !s.open_sent => Err(SessionError::protocol(format!(
+                "OPEN_OK for stream {id}, whose OPEN was not sent yet"
+            ))),
             Some(s) if !s.accepted => {
                 s.accepted = true;
+                self.pending_opens -= 1;
                 self.events.push_back(Event::OpenOk(id));
+                self.release_deferred_opens();
                 Ok(())
             }
             Some(_) => Err(SessionError::protocol(format!(
@@ -288,6 +303,11 @@ impl Session {
 
     fn on_rst(&mut self, id: StreamId, code: ResetCode) -> Result<(), SessionError> {
         self.spend_reset_budget()?;
+        if self.streams.get(&id).is_some_and(|s| !s.open_sent) {
+            return Err(SessionError::protocol(format!(
+                "RST for stream {id}, whose OPEN was not sent yet"
+            )));
+        }
         if self.remove_stream(id).is_some() {
             self.events.push_back(Event::Reset { id, code });
             Ok(())

@@ -75,7 +75,10 @@ pub struct Session {
     next_id: u64,
     /// Server: highest stream id the client has opened.
     max_peer_id: StreamId,
+    /// Server: streams not yet accepted or refused. Client: `OPEN`s sent and not yet answered.
     pending_opens: usize,
+    /// Client: opens waiting for one of the `max_pending_opens` slots, oldest first.
+    deferred_opens: VecDeque<(StreamId, Target)>,
     /// Encoded control frames, sent before any `DATA`.
     ctrl: Vec<u8>,
     ctrl_pos: usize,
@@ -118,6 +121,7 @@ impl Session {
             next_id: 1,
             max_peer_id: 0,
             pending_opens: 0,
+            deferred_opens: VecDeque::new(),
             ctrl: Vec::new(),
             ctrl_pos: 0,
             ping_mark: None,
@@ -293,6 +297,10 @@ impl Session {
 
     /// Client: open a stream to `target`. The `OPEN` is queued at once (behind `AUTH`), and `write` may
     /// follow immediately: no round trip is spent before data flows.
+    ///
+    /// At most `max_pending_opens` `OPEN`s are unanswered at a time (the server's cap); beyond that the
+    /// `OPEN` and its data wait in the session until an earlier stream is answered, so a burst of
+    /// connections is never refused for arriving together.
     pub fn open(&mut self, target: Target) -> Result<StreamId, StreamError> {
         if self.role != Role::Client {
             return Err(StreamError::Usage("only the client opens streams"));
@@ -311,9 +319,15 @@ impl Session {
         }
         let id = self.next_id as StreamId;
         self.next_id += 2;
-        frame::encode_open(&mut self.ctrl, id, &target);
-        self.streams
-            .insert(id, Stream::new(self.config.stream_window, false));
+        let mut stream = Stream::new(self.config.stream_window, false);
+        if self.pending_opens < self.config.max_pending_opens {
+            self.pending_opens += 1;
+            frame::encode_open(&mut self.ctrl, id, &target);
+        } else {
+            stream.open_sent = false;
+            self.deferred_opens.push_back((id, target));
+        }
+        self.streams.insert(id, stream);
         Ok(id)
     }
 
@@ -482,8 +496,11 @@ impl Session {
 
     fn remove_stream(&mut self, id: StreamId) -> Option<Stream> {
         let s = self.streams.remove(&id)?;
-        if self.role == Role::Server && !s.accepted {
+        if !s.open_sent {
+            self.deferred_opens.retain(|(d, _)| *d != id);
+        } else if !s.accepted {
             self.pending_opens -= 1;
+            self.release_deferred_opens();
         }
         // Bytes the peer sent that nobody will read still count against the connection window:
         // return their credit so the carrier does not shrink.
@@ -491,6 +508,26 @@ impl Session {
             self.release_connection_credit(s.recv_buffered);
         }
         Some(s)
+    }
+
+    /// Client: send waiting `OPEN`s while fewer than `max_pending_opens` are unanswered. Ids stay
+    /// strictly increasing on the wire because the queue is FIFO.
+    pub(super) fn release_deferred_opens(&mut self) {
+        while self.role == Role::Client
+            && self.peer_goaway.is_none()
+            && self.pending_opens < self.config.max_pending_opens
+        {
+            let Some((id, target)) = self.deferred_opens.pop_front() else {
+                break;
+            };
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.open_sent = true;
+            self.pending_opens += 1;
+            frame::encode_open(&mut self.ctrl, id, &target);
+            self.schedule(id);
+        }
     }
 
     fn remove_if_done(&mut self, id: StreamId) {
@@ -516,6 +553,7 @@ impl Session {
         }
         self.streams.clear();
         self.ready.clear();
+        self.deferred_opens.clear();
         self.pending_opens = 0;
         self.events.push_back(Event::Closed {
             reason: reason.clone(),

@@ -1,0 +1,428 @@
+//! Client and server sessions driven together on simulated time.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{pattern, Pair, GOOD_TOKEN};
+use forward_mux::{
+    decoder::decode_all, CloseReason, Config, ErrorCode, Event, Frame, FrameType, ResetCode,
+    StreamError, Target,
+};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[test]
+fn open_data_and_fin_both_ways() {
+    let mut p = Pair::new(Config::default());
+    p.auth(GOOD_TOKEN);
+    let id = p.open(5432);
+    let data = pattern(1, 300_000);
+    p.client.send(id, &data, true);
+    assert!(p.run_until(10 * SECOND, |p| p.client.fins.contains(&id)));
+    assert_eq!(
+        p.server.received[&id], data,
+        "server got every byte in order"
+    );
+    assert_eq!(p.client.received[&id], data, "echo came back intact");
+    assert!(p.server.fins.contains(&id));
+    assert!(p.client.events.contains(&Event::AuthOk));
+    assert!(p.client.events.contains(&Event::OpenOk(id)));
+    assert!(p.client.events.contains(&Event::Finished(id)));
+    // Both halves done on both sides: the stream is forgotten.
+    assert!(p.run_until(SECOND, |p| p.client.session.stream_count() == 0
+        && p.server.session.stream_count() == 0));
+    assert!(
+        p.client.session.rtt().is_some(),
+        "first PING gave an RTT sample"
+    );
+}
+
+#[test]
+fn half_close_keeps_the_other_direction_open() {
+    let mut p = Pair::new(Config::default());
+    p.server.echo = false;
+    p.auth(GOOD_TOKEN);
+    let id = p.open(80);
+    p.client.send(id, b"request", true);
+    assert!(p.run_until(SECOND, |p| p.server.fins.contains(&id)));
+    // The client finished writing long ago; the server can still answer.
+    p.server.send(id, b"late answer", true);
+    assert!(p.run_until(SECOND, |p| p.client.fins.contains(&id)));
+    assert_eq!(p.client.received[&id], b"late answer");
+    assert_eq!(
+        p.client.session.write(id, b"x"),
+        Err(StreamError::UnknownStream(id))
+    );
+}
+
+#[test]
+fn open_costs_zero_round_trips() {
+    let mut p = Pair::with(
+        Config::default(),
+        Config::default(),
+        Duration::from_millis(50),
+    );
+    p.record_client_wire = true;
+    // OPEN and data queued before AUTH: all of it leaves in the first flight, AUTH first.
+    let id = p.open(5432);
+    p.client.session.write(id, b"SELECT 1").unwrap();
+    p.auth(GOOD_TOKEN);
+    assert!(p.run_until(Duration::from_millis(60), |p| p
+        .server
+        .received
+        .contains_key(&id)));
+    assert_eq!(
+        p.elapsed(),
+        Duration::from_millis(50),
+        "data arrived after one one-way delay"
+    );
+    let types: Vec<FrameType> = decode_all(&p.client_wire)
+        .unwrap()
+        .iter()
+        .map(|f| match f {
+            Frame::Auth(_) => FrameType::Auth,
+            Frame::Ping { .. } => FrameType::Ping,
+            Frame::Open { .. } => FrameType::Open,
+            Frame::Data { .. } => FrameType::Data,
+            other => panic!("unexpected frame in first flight: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [
+            FrameType::Auth,
+            FrameType::Open,
+            FrameType::Ping,
+            FrameType::Data
+        ]
+    );
+    assert_eq!(p.server.received[&id], b"SELECT 1");
+}
+
+#[test]
+fn a_thousand_streams_on_one_carrier() {
+    let mut p = Pair::new(Config::default());
+    p.auth(GOOD_TOKEN);
+    let ids: Vec<u32> = (0..1000).map(|_| p.open(8080)).collect();
+    for (i, &id) in ids.iter().enumerate() {
+        p.client.send(id, &pattern(i as u64, 1000 + i), true);
+    }
+    assert!(p.run_until(30 * SECOND, |p| ids
+        .iter()
+        .all(|id| p.client.fins.contains(id))));
+    for (i, &id) in ids.iter().enumerate() {
+        assert_eq!(
+            p.client.received[&id],
+            pattern(i as u64, 1000 + i),
+            "stream {id}"
+        );
+    }
+    assert!(p.client.error.is_none() && p.server.error.is_none());
+}
+
+#[test]
+fn a_stalled_reader_does_not_block_the_other_streams() {
+    let config = Config {
+        stream_window: 64 * 1024,
+        ..Config::default()
+    };
+    let mut p = Pair::new(config);
+    p.auth(GOOD_TOKEN);
+    let stalled = p.open(9000);
+    p.server.stalled.insert(stalled);
+    p.client.send(stalled, &pattern(99, 4 << 20), true);
+    let others: Vec<u32> = (0..8).map(|_| p.open(9001)).collect();
+    for &id in &others {
+        p.client.send(id, &pattern(u64::from(id), 1 << 20), true);
+    }
+    assert!(p.run_until(60 * SECOND, |p| others
+        .iter()
+        .all(|id| p.client.fins.contains(id))));
+    for &id in &others {
+        assert_eq!(p.client.received[&id], pattern(u64::from(id), 1 << 20));
+    }
+    // The stalled stream holds at most its window on the server, and its sender is blocked.
+    let held = p.server.session.stream_buffered(stalled).unwrap();
+    assert!(
+        held <= 64 * 1024,
+        "stalled stream buffered {held} bytes, beyond its window"
+    );
+    assert!(
+        !p.client.outbox[&stalled].0.is_empty(),
+        "writer of the stalled stream is blocked"
+    );
+    // Unblock it: everything arrives.
+    p.unstall_server(stalled);
+    p.server.stalled.clear();
+    assert!(p.run_until(120 * SECOND, |p| p.client.fins.contains(&stalled)));
+    assert_eq!(p.server.received[&stalled], pattern(99, 4 << 20));
+}
+
+#[test]
+fn window_auto_tunes_on_a_long_fat_link() {
+    let mut p = Pair::with(
+        Config::default(),
+        Config::default(),
+        Duration::from_millis(50),
+    );
+    p.set_rate(100 << 20);
+    p.server.echo = false;
+    p.auth(GOOD_TOKEN);
+    let id = p.open(5201);
+    p.client.send(id, &pattern(5, 32 << 20), false);
+    assert!(p.run_until(120 * SECOND, |p| p
+        .server
+        .received
+        .get(&id)
+        .is_some_and(|r| r.len() == 32 << 20)));
+    let window = p.server.session.stream_window(id).unwrap();
+    assert!(
+        window >= 2 << 20,
+        "receive window only grew to {window} bytes"
+    );
+    assert!(window <= 16 << 20);
+    // With a fixed 256 KiB window at 100 ms RTT, 32 MiB needs >= 12.8 s of simulated time.
+    let took = p.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "32 MiB over a 100 ms RTT link took {took:?}"
+    );
+}
+
+#[test]
+fn window_stays_fixed_without_auto_tune() {
+    let config = Config {
+        auto_tune: false,
+        ..Config::default()
+    };
+    let mut p = Pair::with(config.clone(), config, Duration::from_millis(50));
+    p.server.echo = false;
+    p.auth(GOOD_TOKEN);
+    let id = p.open(5201);
+    p.client.send(id, &pattern(5, 4 << 20), false);
+    assert!(p.run_until(60 * SECOND, |p| p
+        .server
+        .received
+        .get(&id)
+        .is_some_and(|r| r.len() == 4 << 20)));
+    assert_eq!(p.server.session.stream_window(id), Some(256 * 1024));
+    // 4 MiB through a 256 KiB window at 100 ms RTT takes at least 16 round trips.
+    assert!(
+        p.elapsed() >= Duration::from_millis(1500),
+        "took {:?}",
+        p.elapsed()
+    );
+}
+
+#[test]
+fn refused_target_reaches_the_client_with_a_clear_reason() {
+    let mut p = Pair::new(Config::default());
+    p.auth(GOOD_TOKEN);
+    let id = p.open(1); // the harness refuses port 1
+    p.client.send(id, b"hello?", true);
+    assert!(p.run_until(SECOND, |p| p.client.resets.contains_key(&id)));
+    let code = p.client.resets[&id];
+    assert_eq!(code, ResetCode::Refused);
+    assert_eq!(
+        code.to_string(),
+        "target refused the connection (is the service listening on that port?)"
+    );
+    assert!(
+        p.client.error.is_none() && p.server.error.is_none(),
+        "a refusal is not a carrier error"
+    );
+}
+
+#[test]
+fn wrong_token_is_rejected_and_queued_opens_never_reach_the_driver() {
+    let mut p = Pair::new(Config::default());
+    let id = p.open(22);
+    p.client.send(id, b"secret", true);
+    p.auth(b"wrong");
+    assert!(p.run_until(SECOND, |p| p.client.closed.is_some()));
+    assert!(p.client.events.contains(&Event::AuthFailed));
+    assert_eq!(p.client.closed, Some(CloseReason::AuthRejected));
+    assert_eq!(p.server.closed, Some(CloseReason::AuthRejected));
+    assert!(
+        !p.server
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Opened { .. } | Event::Readable(_))),
+        "events behind a rejected AUTH are dropped: {:?}",
+        p.server.events
+    );
+    assert_eq!(
+        p.client.session.open(Target::new("", 1).unwrap()),
+        Err(StreamError::SessionClosed)
+    );
+}
+
+#[test]
+fn silent_carrier_is_declared_dead_after_45_seconds() {
+    let mut p = Pair::new(Config::default());
+    p.auth(GOOD_TOKEN);
+    let id = p.open(80);
+    assert!(p.run_until(SECOND, |p| p.client.events.contains(&Event::OpenOk(id))));
+    p.cut = true;
+    let cut_at = p.now;
+    assert!(p.run_until(120 * SECOND, |p| p.client.closed.is_some()));
+    assert_eq!(p.client.closed, Some(CloseReason::Timeout));
+    let waited = p.now - cut_at;
+    assert!(
+        waited >= Duration::from_secs(44) && waited <= Duration::from_secs(45),
+        "dead after {waited:?}"
+    );
+    assert_eq!(
+        p.client.session.write(id, b"x"),
+        Err(StreamError::SessionClosed)
+    );
+}
+
+#[test]
+fn keepalive_pings_keep_an_idle_carrier_alive() {
+    let mut p = Pair::new(Config::default());
+    p.auth(GOOD_TOKEN);
+    let id = p.open(80);
+    assert!(!p.run_until(300 * SECOND, |p| p.client.closed.is_some()
+        || p.server.closed.is_some()));
+    p.client.send(id, b"still here", true);
+    assert!(p.run_until(SECOND, |p| p.client.fins.contains(&id)));
+    assert_eq!(p.client.received[&id], b"still here");
+}
+
+#[test]
+fn unauthenticated_server_times_out_after_10_seconds() {
+    let mut p = Pair::new(Config::default());
+    assert!(p.run_until(60 * SECOND, |p| p.server.closed.is_some()));
+    assert_eq!(p.server.closed, Some(CloseReason::AuthTimeout));
+    assert_eq!(p.elapsed(), Duration::from_secs(10));
+}
+
+#[test]
+fn goaway_refuses_new_streams_and_drains_open_ones() {
+    let mut p = Pair::new(Config::default());
+    p.auth(GOOD_TOKEN);
+    let old = p.open(80);
+    p.client.send(old, b"first half ", false);
+    assert!(p.run_until(SECOND, |p| p.server.received.contains_key(&old)));
+    p.server
+        .session
+        .go_away(ErrorCode::NoError, "agent shutting down");
+    // This OPEN crosses the GOAWAY on the wire.
+    let late = p.open(80);
+    assert!(p.run_until(SECOND, |p| p.client.resets.contains_key(&late)));
+    assert_eq!(p.client.resets[&late], ResetCode::GoingAway);
+    assert!(p.client.resets[&late].is_retryable());
+    assert!(p.client.events.iter().any(
+        |e| matches!(e, Event::GoAway { last_id, code: ErrorCode::NoError, .. } if *last_id == old)
+    ));
+    assert_eq!(
+        p.client.session.open(Target::new("", 80).unwrap()),
+        Err(StreamError::GoingAway)
+    );
+    assert!(
+        !p.server.session.is_drained(),
+        "the old stream is still open"
+    );
+    p.client.send(old, b"second half", true);
+    assert!(p.run_until(SECOND, |p| p.server.session.is_drained()
+        && p.client.session.is_drained()));
+    assert_eq!(p.client.received[&old], b"first half second half");
+}
+
+#[test]
+fn server_refuses_opens_beyond_its_pending_cap_with_a_retryable_code() {
+    // A client configured with a larger cap than the server: the server protects itself.
+    let client = Config { max_pending_opens: 8, ..Config::default() };
+    let server = Config { max_pending_opens: 4, ..Config::default() };
+    let mut p = Pair::with(client, server, Duration::from_millis(1));
+    p.hold_opens = true;
+    p.auth(GOOD_TOKEN);
+    let ids: Vec<u32> = (0..6).map(|_| p.open(80)).collect();
+    assert!(p.run_until(SECOND, |p| p.client.resets.len() == 2));
+    assert_eq!(p.client.resets[&ids[4]], ResetCode::StreamLimit);
+    assert_eq!(p.client.resets[&ids[5]], ResetCode::StreamLimit);
+    assert!(p.client.resets[&ids[5]].is_retryable());
+    assert_eq!(p.server.session.stream_count(), 4);
+    assert!(p.server.error.is_none());
+}
+
+#[test]
+fn client_holds_opens_beyond_the_pending_cap_until_earlier_ones_are_answered() {
+    let config = Config { max_pending_opens: 4, ..Config::default() };
+    let mut p = Pair::new(config);
+    p.hold_opens = true;
+    p.auth(GOOD_TOKEN);
+    let ids: Vec<u32> = (0..10).map(|_| p.open(80)).collect();
+    for &id in &ids {
+        p.client.send(id, &pattern(u64::from(id), 5000), true);
+    }
+    p.run_until(SECOND, |_| false);
+    assert_eq!(p.server.session.stream_count(), 4, "only 4 OPENs left the client");
+    assert!(p.client.resets.is_empty());
+    // The server driver now accepts whatever it was holding, and everything completes.
+    p.hold_opens = false;
+    let held: Vec<u32> = p
+        .server
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Opened { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    for id in held {
+        p.server.session.accept(id).unwrap();
+    }
+    assert!(p.run_until(10 * SECOND, |p| ids.iter().all(|id| p.client.fins.contains(id))));
+    for &id in &ids {
+        assert_eq!(p.client.received[&id], pattern(u64::from(id), 5000), "stream {id}");
+    }
+}
+
+#[test]
+fn client_enforces_the_concurrent_stream_cap_locally() {
+    let config = Config {
+        max_concurrent_streams: 3,
+        ..Config::default()
+    };
+    let mut p = Pair::new(config);
+    for _ in 0..3 {
+        p.open(80);
+    }
+    let err = p
+        .client
+        .session
+        .open(Target::new("", 80).unwrap())
+        .unwrap_err();
+    assert_eq!(err, StreamError::StreamLimit(3));
+    assert_eq!(
+        err.to_string(),
+        "the carrier already has 3 streams, its limit; wait for one to close or use another carrier"
+    );
+}
+
+#[test]
+fn local_reset_reaches_the_peer_and_late_frames_are_ignored() {
+    let mut p = Pair::with(
+        Config::default(),
+        Config::default(),
+        Duration::from_millis(20),
+    );
+    p.auth(GOOD_TOKEN);
+    let id = p.open(80);
+    p.client.send(id, &pattern(3, 200_000), false);
+    assert!(p.run_until(Duration::from_millis(45), |p| p
+        .server
+        .received
+        .contains_key(&id)));
+    // The server is echoing while the client resets: echoed DATA crosses the RST and is ignored.
+    p.client.session.reset(id, ResetCode::Cancel).unwrap();
+    p.client.outbox.clear();
+    assert!(p.run_until(SECOND, |p| p.server.resets.contains_key(&id)));
+    p.run_until(SECOND, |_| false);
+    assert_eq!(p.server.resets[&id], ResetCode::Cancel);
+    assert!(p.client.error.is_none() && p.server.error.is_none());
+    assert_eq!(p.server.session.stream_count(), 0);
+}
