@@ -1,0 +1,114 @@
+//! Command-line face of the edge: `forward-edge` and the hidden `forward edge` share these args.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use crate::{CaSource, Edge, EdgeConfig, EdgeError, PortMap, DEFAULT_DOMAIN};
+
+/// Run a local imitation of the Vers edge: TLS for *.DOMAIN on loopback, plain TCP to the VM.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EdgeArgs {
+    /// Domain whose subdomains name VMs ({vm}.DOMAIN).
+    #[arg(long, default_value = DEFAULT_DOMAIN)]
+    pub domain: String,
+
+    /// Port to listen on, leading to the same port on the VM; LISTEN:VMPORT to map (0 = any free
+    /// port). Repeatable.
+    #[arg(
+        long = "port",
+        short = 'p',
+        value_name = "PORT|LISTEN:VMPORT",
+        required = true
+    )]
+    pub ports: Vec<PortMap>,
+
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+
+    /// Address of the VM (every VM name routes here).
+    #[arg(long, default_value = "::1")]
+    pub vm_addr: IpAddr,
+
+    /// Keep the CA in this directory (ca.pem + ca.key, created if absent) so clients can trust
+    /// it across runs. Without it a fresh CA is made and only its certificate is written to a
+    /// temporary file.
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+
+    /// End both directions at the first EOF, like an edge without half-close support.
+    #[arg(long)]
+    pub no_half_close: bool,
+
+    /// Test fault: reset each connection after this many bytes.
+    #[arg(long, hide = true, value_name = "BYTES")]
+    pub abort_after_bytes: Option<u64>,
+}
+
+impl EdgeArgs {
+    /// The configuration these arguments ask for.
+    pub fn config(&self) -> EdgeConfig {
+        EdgeConfig {
+            domain: self.domain.clone(),
+            ports: self.ports.clone(),
+            bind: self.bind,
+            vm_addr: self.vm_addr,
+            ca: match &self.ca_dir {
+                Some(dir) => CaSource::Dir(dir.clone()),
+                None => CaSource::Ephemeral,
+            },
+            half_close: !self.no_half_close,
+            abort_after_bytes: self.abort_after_bytes,
+        }
+    }
+}
+
+/// Start the edge, print one line per listener and where the CA is, serve until Ctrl-C or
+/// SIGTERM.
+pub async fn run(args: EdgeArgs) -> Result<(), EdgeError> {
+    let edge = Edge::start(args.config()).await?;
+    let (ca_path, temporary) = match edge.ca_path() {
+        Some(p) => (p.to_path_buf(), false),
+        None => {
+            let path =
+                std::env::temp_dir().join(format!("forward-edge-{}-ca.pem", std::process::id()));
+            edge.ca().write_ca_pem(&path)?;
+            (path, true)
+        }
+    };
+    for l in edge.listeners() {
+        println!(
+            "edge listening on {} -> {} (*.{})",
+            l.addr,
+            l.vm,
+            edge.domain()
+        );
+    }
+    println!(
+        "edge CA: {} (trust it with: forward --ca-file {})",
+        ca_path.display(),
+        ca_path.display()
+    );
+    let stopped = wait_for_stop().await;
+    edge.shutdown().await;
+    if temporary {
+        let _ = std::fs::remove_file(&ca_path);
+    }
+    stopped
+}
+
+async fn wait_for_stop() -> Result<(), EdgeError> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(EdgeError::Signal)?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.map_err(EdgeError::Signal),
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.map_err(EdgeError::Signal)
+    }
+}
