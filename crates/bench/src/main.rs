@@ -1,1 +1,355 @@
-fn main() {}
+//! `forward-bench`: measures every way of reaching a VM port the same way, in the same run,
+//! next to a raw-TCP baseline and peer tools, and writes tables, JSON and plots.
+//!
+//! ```text
+//!  workloads ──► path under test (raw | forward direct/agent | stunnel | socat | ssh)
+//!      │              │  optional WAN relay on its middle hop (delay, bandwidth cap)
+//!      │              ▼
+//!      │          backend on [::1] (sink | source | echo, chosen by the first byte)
+//!      ▼
+//!  report: Markdown + JSON + SVG plots in --out; live progress on the terminal
+//! ```
+//!
+//! What it leaves to others: the tunnel itself (the `forward` binary, spawned as a child
+//! process exactly as a user would run it), and the peers (installed tools, skipped if absent).
+
+mod backend;
+mod live;
+mod paths;
+mod peers;
+mod plot;
+mod process;
+mod procstat;
+mod report;
+mod rlimit;
+mod runner;
+mod wan;
+mod workload;
+
+use std::net::{Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use rand::Rng;
+
+use crate::paths::{Env, PathKind};
+use crate::report::Report;
+use crate::runner::Settings;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "forward-bench",
+    version,
+    about = "Benchmark forward against a raw-TCP baseline and peer tunnels"
+)]
+struct Args {
+    /// Short run (under a minute): one round, short transfers, small scale test, one WAN profile.
+    #[arg(long)]
+    quick: bool,
+    /// Comma-separated paths: raw, direct, agent-tls, agent-tcp, quic, stunnel, socat, ssh.
+    #[arg(
+        long,
+        default_value = "raw,direct,agent-tls,agent-tcp,quic,stunnel,socat,ssh"
+    )]
+    paths: String,
+    /// Output directory for the report, JSON and plots.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+    /// Rounds over all paths (default 3, 1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds per bulk transfer (default 2.5, 0.5 with --quick).
+    #[arg(long)]
+    bulk_secs: Option<f64>,
+    /// Parallel streams for the ×N bulk workloads.
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
+    /// Idle connections for the scale test (default 10000, 300 with --quick; 0 skips it).
+    #[arg(long)]
+    scale: Option<usize>,
+    /// WAN profiles, comma-separated (wan20, wan50, wan100, wan100-1g) or "none".
+    #[arg(long)]
+    wan: Option<String>,
+    /// Paths to run under the WAN profiles.
+    #[arg(
+        long,
+        default_value = "raw,direct,agent-tls,agent-tcp,quic,stunnel,ssh"
+    )]
+    wan_paths: String,
+    /// The forward binary (default: next to this one, else on PATH).
+    #[arg(long)]
+    forward_bin: Option<PathBuf>,
+    /// File name stem for the outputs (default: today's date, UTC).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let kinds = match paths::parse_list(&args.paths) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let settings = match settings(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, kinds, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn settings(args: &Args) -> anyhow::Result<Settings> {
+    let q = args.quick;
+    let wan_names = args.wan.clone().unwrap_or_else(|| {
+        if q {
+            "wan100".into()
+        } else {
+            "wan20,wan50,wan100,wan100-1g".into()
+        }
+    });
+    let mut wan_profiles = Vec::new();
+    for name in wan_names
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && *s != "none")
+    {
+        match wan::profile(name) {
+            Some(p) => wan_profiles.push(p),
+            None => {
+                let known: Vec<&str> = wan::PROFILES.iter().map(|p| p.name).collect();
+                bail!(
+                    "unknown WAN profile '{name}'; known: {}, or none",
+                    known.join(", ")
+                );
+            }
+        }
+    }
+    let mut wan_paths = paths::parse_list(&args.wan_paths).map_err(anyhow::Error::msg)?;
+    if q && args.wan.is_none() {
+        wan_paths.retain(|k| {
+            matches!(
+                k,
+                PathKind::Raw | PathKind::Direct | PathKind::AgentTls | PathKind::Stunnel
+            )
+        });
+    }
+    let bulk = args.bulk_secs.unwrap_or(if q { 0.5 } else { 2.5 });
+    if !(bulk > 0.0 && bulk < 600.0) {
+        bail!("--bulk-secs must be between 0 and 600");
+    }
+    if args.streams == 0 || args.streams > 256 {
+        bail!("--streams must be between 1 and 256");
+    }
+    Ok(Settings {
+        rounds: args.rounds.unwrap_or(if q { 1 } else { 3 }).max(1),
+        bulk: Duration::from_secs_f64(bulk),
+        streams: args.streams,
+        rtt: Duration::from_millis(if q { 400 } else { 1500 }),
+        connects: if q { 50 } else { 300 },
+        connect_rate: Duration::from_millis(if q { 300 } else { 1000 }),
+        connect_workers: 8,
+        fairness: Duration::from_millis(if q { 400 } else { 1500 }),
+        scale: args.scale.unwrap_or(if q { 300 } else { 10_000 }),
+        scale_time: Duration::from_secs(if q { 5 } else { 40 }),
+        wan_profiles,
+        wan_paths,
+        wan_bulk: Duration::from_secs_f64(if q { 1.5 } else { 4.0 }),
+        wan_rtt: Duration::from_millis(if q { 500 } else { 2000 }),
+    })
+}
+
+async fn run(args: Args, kinds: Vec<PathKind>, settings: Settings) -> anyhow::Result<()> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create the output directory {}", args.out.display()))?;
+    let mut notes = Vec::new();
+    // Client sockets, backend sockets and the tunnel's own two per connection.
+    let want = settings.scale as u64 * 4 + 4096;
+    let soft = rlimit::raise_nofile(want);
+    if settings.scale > 0 && soft < want {
+        notes.push(format!(
+            "open-file limit is {soft} (wanted {want}); the scale test stops where descriptors run out"
+        ));
+    }
+    let tmp = std::env::temp_dir().join(format!("forward-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let token_file = tmp.join("token");
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::thread_rng().gen::<u8>()))
+        .collect();
+    write_private(&token_file, &token)?;
+    let forward = match &args.forward_bin {
+        Some(p) if p.is_file() => Some(p.clone()),
+        Some(p) => bail!("--forward-bin {}: no such file", p.display()),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("forward")))
+            .filter(|p| p.is_file())
+            .or_else(|| process::which("forward")),
+    };
+    let edge = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("forward-edge")))
+        .filter(|p| p.is_file())
+        .or_else(|| process::which("forward-edge"))
+        .map(|p| (p, Vec::new()))
+        .or_else(|| forward.clone().map(|f| (f, vec!["edge".to_string()])));
+    let backend = start_backend().await?;
+    let env = Env {
+        forward,
+        edge,
+        tmp: tmp.clone(),
+        backend: backend.addr,
+        token_file,
+    };
+    let mut report = Report {
+        date: utc_date(),
+        mode: if args.quick { "quick" } else { "full" }.into(),
+        rounds: settings.rounds,
+        host: host_info(),
+        settings: settings.describe(),
+        notes,
+        ..Default::default()
+    };
+    if let Some(f) = &env.forward {
+        report
+            .notes
+            .push(format!("forward binary: {}", f.display()));
+    }
+    if let Some((e, a)) = &env.edge {
+        report
+            .notes
+            .push(format!("edge: {} {}", e.display(), a.join(" ")));
+    }
+    tokio::select! {
+        _ = runner::run(&kinds, &env, &settings, &mut report) => {}
+        _ = tokio::signal::ctrl_c() => {
+            // Returning drops every child (kill_on_drop), so no tunnel process outlives the run.
+            bail!("interrupted; partial results were not written");
+        }
+    }
+    report.elapsed_secs = started.elapsed().as_secs_f64();
+    let stem = args.name.clone().unwrap_or_else(|| report.date.clone());
+    write_outputs(&report, &args.out, &stem)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!(
+        "report: {} ({:.0} s)",
+        args.out.join(format!("{stem}.md")).display(),
+        report.elapsed_secs
+    );
+    Ok(())
+}
+
+/// The backend must own [::1]:P with 127.0.0.1:P free too, where the edge will listen.
+async fn start_backend() -> anyhow::Result<backend::Backend> {
+    let mut last = None;
+    for _ in 0..20 {
+        let port = process::free_port()?;
+        match backend::Backend::start(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await {
+            Ok(b) => return Ok(b),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no port")))
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+fn write_outputs(report: &Report, out: &std::path::Path, stem: &str) -> anyhow::Result<()> {
+    let mut md = report.to_markdown();
+    let plots = [
+        (format!("{stem}-throughput.svg"), "Throughput per path"),
+        (format!("{stem}-rtt-cdf.svg"), "1-byte round trip CDF"),
+        (
+            format!("{stem}-connect-cdf.svg"),
+            "connect + first byte CDF",
+        ),
+    ];
+    plot::throughput(report, &out.join(&plots[0].0))?;
+    plot::latency_cdf(
+        report,
+        "1-byte round trip, CDF per path",
+        |p| &p.rtt_cdf,
+        &out.join(&plots[1].0),
+    )?;
+    plot::latency_cdf(
+        report,
+        "connect + first byte, CDF per path",
+        |p| &p.connect_cdf,
+        &out.join(&plots[2].0),
+    )?;
+    md.push_str("\n## Plots\n\n");
+    for (file, alt) in &plots {
+        md.push_str(&format!("![{alt}]({file})\n\n"));
+    }
+    let md_path = out.join(format!("{stem}.md"));
+    std::fs::write(&md_path, md).with_context(|| format!("cannot write {}", md_path.display()))?;
+    let json = serde_json::to_string_pretty(report)?;
+    std::fs::write(out.join(format!("{stem}.json")), json)?;
+    Ok(())
+}
+
+fn utc_date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "undated".into())
+}
+
+fn host_info() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    // Other work on the machine skews every number; the load average at the start says how much.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    format!(
+        "Linux {}, {n} × {cpu}, load average {load} at start",
+        kernel.trim()
+    )
+}

@@ -1,0 +1,581 @@
+//! What a run measured (serialised as JSON) and its Markdown rendering: medians over rounds,
+//! ratios to the raw baseline and to the best peer, and the targets the issues set.
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub samples: u64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Percentiles {
+            p50_us: us(h.value_at_quantile(0.5)),
+            p90_us: us(h.value_at_quantile(0.9)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+            samples: h.len(),
+        }
+    }
+}
+
+/// One path, one round.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Round {
+    pub down1_gbps: Option<f64>,
+    pub up1_gbps: Option<f64>,
+    pub down_n_gbps: Option<f64>,
+    pub up_n_gbps: Option<f64>,
+    /// CPU of all the path's processes during the bulk workloads, % of one core per Gbit/s.
+    pub cpu_pct_per_gbps: Option<f64>,
+    /// The same for the client-side processes only (what runs on the user's machine).
+    pub client_cpu_pct_per_gbps: Option<f64>,
+    pub rtt: Option<Percentiles>,
+    pub connect: Option<Percentiles>,
+    pub conns_per_sec: Option<f64>,
+    /// Round trips while one bulk download runs on the same path.
+    pub loaded_rtt: Option<Percentiles>,
+    pub loaded_bulk_gbps: Option<f64>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Scale {
+    pub requested: usize,
+    pub opened: usize,
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+    pub per_conn_kib: f64,
+    pub client_per_conn_kib: f64,
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PathReport {
+    pub name: String,
+    pub description: String,
+    pub peer: bool,
+    pub rounds: Vec<Round>,
+    /// Medians over rounds, field by field (percentiles included).
+    pub median: Round,
+    /// Round-trip CDF over all rounds: (latency µs, percentile).
+    pub rtt_cdf: Vec<(f64, f64)>,
+    pub connect_cdf: Vec<(f64, f64)>,
+    pub scale: Option<Scale>,
+    /// Highest summed VmHWM of the path's processes seen at teardown.
+    pub peak_rss_kib: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WanRow {
+    pub profile: String,
+    pub rtt_ms: u64,
+    pub mbit: Option<u64>,
+    pub path: String,
+    pub down1_gbps: Option<f64>,
+    pub up1_gbps: Option<f64>,
+    /// Achieved download / emulated bandwidth.
+    pub fill: Option<f64>,
+    pub rtt: Option<Percentiles>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub date: String,
+    pub mode: String,
+    pub rounds: usize,
+    pub host: String,
+    pub settings: String,
+    pub paths: Vec<PathReport>,
+    pub wan: Vec<WanRow>,
+    pub skipped: Vec<(String, String)>,
+    pub notes: Vec<String>,
+    pub elapsed_secs: f64,
+}
+
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
+
+fn median_of(rounds: &[Round], f: impl Fn(&Round) -> Option<f64>) -> Option<f64> {
+    median(rounds.iter().filter_map(f).collect())
+}
+
+fn median_pct(rounds: &[Round], f: impl Fn(&Round) -> Option<&Percentiles>) -> Option<Percentiles> {
+    let ps: Vec<&Percentiles> = rounds.iter().filter_map(f).collect();
+    if ps.is_empty() {
+        return None;
+    }
+    let m = |g: fn(&Percentiles) -> f64| median(ps.iter().map(|p| g(p)).collect()).unwrap_or(0.0);
+    Some(Percentiles {
+        p50_us: m(|p| p.p50_us),
+        p90_us: m(|p| p.p90_us),
+        p99_us: m(|p| p.p99_us),
+        p999_us: m(|p| p.p999_us),
+        max_us: m(|p| p.max_us),
+        samples: ps.iter().map(|p| p.samples).sum(),
+    })
+}
+
+/// Field-by-field medians over rounds.
+pub fn summarize(rounds: &[Round]) -> Round {
+    Round {
+        down1_gbps: median_of(rounds, |r| r.down1_gbps),
+        up1_gbps: median_of(rounds, |r| r.up1_gbps),
+        down_n_gbps: median_of(rounds, |r| r.down_n_gbps),
+        up_n_gbps: median_of(rounds, |r| r.up_n_gbps),
+        cpu_pct_per_gbps: median_of(rounds, |r| r.cpu_pct_per_gbps),
+        client_cpu_pct_per_gbps: median_of(rounds, |r| r.client_cpu_pct_per_gbps),
+        rtt: median_pct(rounds, |r| r.rtt.as_ref()),
+        connect: median_pct(rounds, |r| r.connect.as_ref()),
+        conns_per_sec: median_of(rounds, |r| r.conns_per_sec),
+        loaded_rtt: median_pct(rounds, |r| r.loaded_rtt.as_ref()),
+        loaded_bulk_gbps: median_of(rounds, |r| r.loaded_bulk_gbps),
+        errors: Vec::new(),
+    }
+}
+
+/// (latency µs, percentile) points of a histogram, dense in the tail.
+pub fn cdf(h: &Histogram<u64>) -> Vec<(f64, f64)> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let mut qs: Vec<f64> = (0..=98).map(|i| i as f64 / 100.0).collect();
+    qs.extend([0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0]);
+    qs.iter()
+        .map(|&q| (h.value_at_quantile(q) as f64 / 1000.0, q * 100.0))
+        .collect()
+}
+
+fn f(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(x) => format!("{x:.digits$}"),
+        None => "–".into(),
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn ratio_txt(a: Option<f64>, b: Option<f64>) -> String {
+    match ratio(a, b) {
+        Some(r) => format!("{r:.2}×"),
+        None => "–".into(),
+    }
+}
+
+impl Report {
+    pub fn path(&self, name: &str) -> Option<&PathReport> {
+        self.paths.iter().find(|p| p.name == name)
+    }
+
+    /// The best peer by a metric: the highest value, or the lowest if `lower_is_better`.
+    fn best_peer(
+        &self,
+        metric: impl Fn(&Round) -> Option<f64>,
+        lower_is_better: bool,
+    ) -> Option<(String, f64)> {
+        self.paths
+            .iter()
+            .filter(|p| p.peer)
+            .filter_map(|p| metric(&p.median).map(|v| (p.name.clone(), v)))
+            .reduce(|a, b| {
+                let b_better = if lower_is_better {
+                    b.1 < a.1
+                } else {
+                    b.1 > a.1
+                };
+                if b_better {
+                    b
+                } else {
+                    a
+                }
+            })
+    }
+
+    pub fn to_markdown(&self) -> String {
+        let mut md = String::new();
+        let w = &mut md;
+        let _ = writeln!(w, "# forward-bench results, {}\n", self.date);
+        let _ = writeln!(
+            w,
+            "Mode **{}**, {} round(s) with paths interleaved; every number is the median over rounds. \
+             Host: {}. Settings: {}. Run time {:.0} s.\n",
+            self.mode, self.rounds, self.host, self.settings, self.elapsed_secs
+        );
+        let _ = writeln!(w, "All traffic is on loopback, and the harness (client and backend) shares the CPUs \
+            with the tunnel processes, so absolute numbers are a property of this machine; the ratios \
+            are the point.\n");
+        let _ = writeln!(w, "| path | what it is |\n|---|---|");
+        for p in &self.paths {
+            let _ = writeln!(w, "| {} | {} |", p.name, p.description);
+        }
+        self.targets(w);
+        self.throughput(w);
+        self.latency(w);
+        self.scale(w);
+        self.wan(w);
+        if !self.skipped.is_empty() || !self.notes.is_empty() {
+            let _ = writeln!(w, "\n## Skipped and notes\n");
+            for (path, why) in &self.skipped {
+                let _ = writeln!(w, "- skipped `{path}`: {why}");
+            }
+            for n in &self.notes {
+                let _ = writeln!(w, "- {n}");
+            }
+        }
+        let errors: Vec<(String, String)> = self
+            .paths
+            .iter()
+            .flat_map(|p| {
+                p.rounds
+                    .iter()
+                    .flat_map(move |r| r.errors.iter().map(move |e| (p.name.clone(), e.clone())))
+            })
+            .collect();
+        if !errors.is_empty() {
+            let _ = writeln!(w, "\n## Workload errors\n");
+            for (p, e) in errors {
+                let _ = writeln!(w, "- `{p}`: {e}");
+            }
+        }
+        md
+    }
+
+    fn targets(&self, w: &mut String) {
+        let _ = writeln!(w, "\n## Targets from the issues\n");
+        let _ = writeln!(w, "| target | measured | met |\n|---|---|---|");
+        let m = |name: &str| self.path(name).map(|p| &p.median);
+        let row = |w: &mut String,
+                   what: &str,
+                   measured: Option<f64>,
+                   goal: f64,
+                   higher: bool,
+                   unit: &str| {
+            let (txt, ok) = match measured {
+                Some(v) => (
+                    format!("{v:.2}{unit}"),
+                    if (higher && v >= goal) || (!higher && v <= goal) {
+                        "yes"
+                    } else {
+                        "**no**"
+                    },
+                ),
+                None => ("not measured".to_string(), "–"),
+            };
+            let _ = writeln!(w, "| {what} | {txt} | {ok} |");
+        };
+        let direct = m("direct");
+        let stunnel = m("stunnel");
+        let get = |r: Option<&Round>, f: fn(&Round) -> Option<f64>| r.and_then(f);
+        row(
+            w,
+            "direct bytes/s ≥ 1.5× stunnel (download, 1 stream)",
+            ratio(
+                get(direct, |r| r.down1_gbps),
+                get(stunnel, |r| r.down1_gbps),
+            ),
+            1.5,
+            true,
+            "×",
+        );
+        row(
+            w,
+            "direct bytes/s ≥ 1.5× stunnel (upload, 1 stream)",
+            ratio(get(direct, |r| r.up1_gbps), get(stunnel, |r| r.up1_gbps)),
+            1.5,
+            true,
+            "×",
+        );
+        let p50 = |r: &Round| r.rtt.as_ref().map(|p| p.p50_us);
+        let c50 = |r: &Round| r.connect.as_ref().map(|p| p.p50_us);
+        row(
+            w,
+            "direct RTT p50 ≤ 0.85× stunnel",
+            ratio(direct.and_then(p50), stunnel.and_then(p50)),
+            0.85,
+            false,
+            "×",
+        );
+        row(
+            w,
+            "direct connect p50 ≤ 0.5× stunnel",
+            ratio(direct.and_then(c50), stunnel.and_then(c50)),
+            0.5,
+            false,
+            "×",
+        );
+        for agent in ["agent-tls", "agent-tcp", "quic"] {
+            if let Some(r) = m(agent) {
+                row(
+                    w,
+                    &format!("{agent} connect + first byte p50 ≤ 0.5 ms"),
+                    c50(r).map(|us| us / 1000.0),
+                    0.5,
+                    false,
+                    " ms",
+                );
+            }
+        }
+    }
+
+    fn throughput(&self, w: &mut String) {
+        let raw = self.path("raw").map(|p| &p.median);
+        let best = self.best_peer(|r| r.down1_gbps, false);
+        let _ = writeln!(w, "\n## Throughput (Gbit/s)\n");
+        let _ = writeln!(
+            w,
+            "×N = parallel streams. CPU is utime+stime of the path's processes (forward, edge, agent, \
+             peers and their children) during the bulk workloads, in % of one core per Gbit/s: all / client side only. \
+             Best peer by download ×1: {}.\n",
+            best.as_ref().map(|b| b.0.as_str()).unwrap_or("none measured")
+        );
+        let _ = writeln!(
+            w,
+            "| path | down ×1 | up ×1 | down ×N | up ×N | down ×1 vs raw | vs best peer | CPU %/Gbit/s | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for p in &self.paths {
+            let r = &p.median;
+            let cpu = match (r.cpu_pct_per_gbps, r.client_cpu_pct_per_gbps) {
+                (Some(a), Some(c)) => format!("{a:.0} / {c:.0}"),
+                _ => "–".into(),
+            };
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.name,
+                f(r.down1_gbps, 2),
+                f(r.up1_gbps, 2),
+                f(r.down_n_gbps, 2),
+                f(r.up_n_gbps, 2),
+                ratio_txt(r.down1_gbps, raw.and_then(|r| r.down1_gbps)),
+                ratio_txt(r.down1_gbps, best.as_ref().map(|b| b.1)),
+                cpu,
+                f(p.peak_rss_kib.map(|k| k as f64 / 1024.0), 1),
+            );
+        }
+    }
+
+    fn latency(&self, w: &mut String) {
+        let best = self.best_peer(|r| r.rtt.as_ref().map(|p| p.p50_us), true);
+        let best_c = self.best_peer(|r| r.connect.as_ref().map(|p| p.p50_us), true);
+        let raw = self.path("raw").map(|p| &p.median);
+        let _ = writeln!(w, "\n## Latency (µs)\n");
+        let _ = writeln!(
+            w,
+            "1-byte ping-pong on one connection (RTT), the same while a bulk download runs on the path \
+             (loaded), and connect + first byte on a fresh connection. Best peer by RTT p50: {}; by connect p50: {}.\n",
+            best.as_ref().map(|b| b.0.as_str()).unwrap_or("none"),
+            best_c.as_ref().map(|b| b.0.as_str()).unwrap_or("none")
+        );
+        let _ = writeln!(
+            w,
+            "| path | RTT p50 | p90 | p99 | p99.9 | max | p50 vs raw | p50 vs best peer | loaded p50 | loaded p99 | connect p50 | connect p99 | connect vs best peer | conns/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for p in &self.paths {
+            let r = &p.median;
+            let rtt = |g: fn(&Percentiles) -> f64| f(r.rtt.as_ref().map(g), 1);
+            let p50 = r.rtt.as_ref().map(|p| p.p50_us);
+            let c50 = r.connect.as_ref().map(|p| p.p50_us);
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.name,
+                rtt(|p| p.p50_us),
+                rtt(|p| p.p90_us),
+                rtt(|p| p.p99_us),
+                rtt(|p| p.p999_us),
+                rtt(|p| p.max_us),
+                ratio_txt(p50, raw.and_then(|r| r.rtt.as_ref().map(|p| p.p50_us))),
+                ratio_txt(p50, best.as_ref().map(|b| b.1)),
+                f(r.loaded_rtt.as_ref().map(|p| p.p50_us), 1),
+                f(r.loaded_rtt.as_ref().map(|p| p.p99_us), 1),
+                f(c50, 1),
+                f(r.connect.as_ref().map(|p| p.p99_us), 1),
+                ratio_txt(c50, best_c.as_ref().map(|b| b.1)),
+                f(r.conns_per_sec, 0),
+            );
+        }
+    }
+
+    fn scale(&self, w: &mut String) {
+        if self.paths.iter().all(|p| p.scale.is_none()) {
+            return;
+        }
+        let _ = writeln!(w, "\n## Scale: idle connections held open\n");
+        let _ = writeln!(
+            w,
+            "Resident memory (VmRSS) of the path's processes before and after opening the connections; \
+             per connection = the difference / connections opened.\n"
+        );
+        let _ = writeln!(w, "| path | opened | RSS before MiB | RSS after MiB | KiB per conn (all) | KiB per conn (client) | note |\n|---|---:|---:|---:|---:|---:|---|");
+        for p in &self.paths {
+            if let Some(s) = &p.scale {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} / {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+                    p.name,
+                    s.opened,
+                    s.requested,
+                    s.rss_before_kib as f64 / 1024.0,
+                    s.rss_after_kib as f64 / 1024.0,
+                    s.per_conn_kib,
+                    s.client_per_conn_kib,
+                    s.note.as_deref().unwrap_or("")
+                );
+            }
+        }
+    }
+
+    fn wan(&self, w: &mut String) {
+        if self.wan.is_empty() {
+            return;
+        }
+        let _ = writeln!(w, "\n## Emulated WAN\n");
+        let _ = writeln!(
+            w,
+            "A user-space relay on the middle hop (client side → edge/agent/sshd) adds half the RTT each way \
+             and caps the bandwidth per direction with a token bucket; its queue holds two bandwidth-delay \
+             products. The relay terminates TCP, so kernel window auto-tuning sees loopback; what fills or \
+             fails to fill the pipe here is the tunnel's own flow control and buffering. \
+             Fill = achieved download ×1 / emulated bandwidth.\n"
+        );
+        let _ = writeln!(w, "| profile | RTT ms | cap Mbit/s | path | down ×1 Mbit/s | up ×1 Mbit/s | fill | RTT p50 ms | RTT p99 ms | note |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---|");
+        for r in &self.wan {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.profile,
+                r.rtt_ms,
+                r.mbit.map(|m| m.to_string()).unwrap_or_else(|| "∞".into()),
+                r.path,
+                f(r.down1_gbps.map(|g| g * 1000.0), 0),
+                f(r.up1_gbps.map(|g| g * 1000.0), 0),
+                r.fill
+                    .map(|x| format!("{:.0} %", x * 100.0))
+                    .unwrap_or_else(|| "–".into()),
+                f(r.rtt.as_ref().map(|p| p.p50_us / 1000.0), 1),
+                f(r.rtt.as_ref().map(|p| p.p99_us / 1000.0), 1),
+                r.error.as_deref().unwrap_or("")
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::new_histogram;
+
+    fn path(name: &str, peer: bool, down: f64, rtt_us: f64) -> PathReport {
+        let round = Round {
+            down1_gbps: Some(down),
+            up1_gbps: Some(down / 2.0),
+            rtt: Some(Percentiles {
+                p50_us: rtt_us,
+                ..Default::default()
+            }),
+            connect: Some(Percentiles {
+                p50_us: rtt_us * 4.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        PathReport {
+            name: name.into(),
+            description: "d".into(),
+            peer,
+            median: summarize(std::slice::from_ref(&round)),
+            rounds: vec![round],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![f64::NAN, 1.0]), Some(1.0));
+    }
+
+    #[test]
+    fn markdown_has_ratios_and_targets() {
+        let report = Report {
+            date: "2026-11-28".into(),
+            mode: "quick".into(),
+            rounds: 1,
+            paths: vec![
+                path("raw", false, 20.0, 20.0),
+                path("direct", false, 6.0, 40.0),
+                path("stunnel", true, 3.0, 80.0),
+            ],
+            wan: vec![WanRow {
+                profile: "wan100".into(),
+                rtt_ms: 100,
+                mbit: Some(100),
+                path: "direct".into(),
+                down1_gbps: Some(0.095),
+                fill: Some(0.95),
+                ..Default::default()
+            }],
+            skipped: vec![("ssh".into(), "sshd not installed".into())],
+            ..Default::default()
+        };
+        let md = report.to_markdown();
+        assert!(md.contains("| direct | 6.00 | 3.00 |"), "{md}");
+        // 6 / 3 = 2× stunnel: the target is met; RTT 40 vs 80 = 0.5×.
+        assert!(
+            md.contains("| direct bytes/s ≥ 1.5× stunnel (download, 1 stream) | 2.00× | yes |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| direct RTT p50 ≤ 0.85× stunnel | 0.50× | yes |"),
+            "{md}"
+        );
+        assert!(md.contains("0.30×"), "direct vs raw download: {md}");
+        assert!(md.contains("| wan100 | 100 | 100 | direct | 95 |"), "{md}");
+        assert!(md.contains("95 %"));
+        assert!(md.contains("skipped `ssh`: sshd not installed"));
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(json.contains("\"down1_gbps\":6.0"));
+    }
+
+    #[test]
+    fn cdf_is_monotonic_and_ends_at_100() {
+        let mut h = new_histogram();
+        for v in 1..=1000u64 {
+            h.record(v * 1000).unwrap();
+        }
+        let c = cdf(&h);
+        assert!(c.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+        assert_eq!(c.last().unwrap().1, 100.0);
+        assert!((c.last().unwrap().0 - 1000.0).abs() < 2.0);
+    }
+}

@@ -1,0 +1,422 @@
+//! The run: rounds over the selected paths (interleaved, each round starting at a different
+//! path), the scale test, the WAN profiles; results go into a [`Report`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::live::Live;
+use crate::paths::{self, Env, PathKind, RunningPath};
+use crate::procstat;
+use crate::report::{self, PathReport, Percentiles, Report, Round, Scale, WanRow};
+use crate::wan::Profile;
+use crate::workload::{self, Direction, Transfer};
+
+pub struct Settings {
+    pub rounds: usize,
+    pub bulk: Duration,
+    pub streams: usize,
+    pub rtt: Duration,
+    pub connects: u64,
+    pub connect_rate: Duration,
+    pub connect_workers: usize,
+    pub fairness: Duration,
+    pub scale: usize,
+    pub scale_time: Duration,
+    pub wan_profiles: Vec<&'static Profile>,
+    pub wan_paths: Vec<PathKind>,
+    pub wan_bulk: Duration,
+    pub wan_rtt: Duration,
+}
+
+impl Settings {
+    pub fn describe(&self) -> String {
+        format!(
+            "bulk {:.1} s per transfer, N = {} streams, RTT {:.1} s, {} sequential connects + {:.1} s of connects with {} workers, \
+             loaded RTT {:.1} s, scale {} connections",
+            self.bulk.as_secs_f64(),
+            self.streams,
+            self.rtt.as_secs_f64(),
+            self.connects,
+            self.connect_rate.as_secs_f64(),
+            self.connect_workers,
+            self.fairness.as_secs_f64(),
+            self.scale
+        )
+    }
+}
+
+/// Per path: the rounds so far and the merged histograms for the CDF plots.
+struct Acc {
+    rounds: Vec<Round>,
+    rtt: Histogram<u64>,
+    connect: Histogram<u64>,
+    scale: Option<Scale>,
+    peak_rss_kib: Option<u64>,
+}
+
+/// Runs `fut` with a generous time limit so one stuck path cannot hang the run.
+async fn limited<T>(
+    what: &str,
+    limit: Duration,
+    fut: impl Future<Output = anyhow::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit + Duration::from_secs(20), fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e:#}")),
+        Err(_) => Err(format!("{what}: timed out")),
+    }
+}
+
+pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Report) {
+    let wan_kinds: Vec<PathKind> = s
+        .wan_paths
+        .iter()
+        .copied()
+        .filter(|k| kinds.contains(k))
+        .collect();
+    let steps = (s.rounds * kinds.len()
+        + if s.scale > 0 { kinds.len() } else { 0 }
+        + s.wan_profiles.len() * wan_kinds.len()) as u64;
+    let live = Live::new(steps);
+    let tck = procstat::clk_tck() as f64;
+    let mut skipped: Vec<PathKind> = Vec::new();
+    for &k in kinds {
+        if let Some(why) = paths::unavailable(k, env) {
+            live.line(format!("skip {}: {why}", k.name()));
+            report.skipped.push((k.name().into(), why));
+            skipped.push(k);
+        }
+    }
+    let mut acc: HashMap<PathKind, Acc> = HashMap::new();
+    for round in 0..s.rounds {
+        for i in 0..kinds.len() {
+            let kind = kinds[(i + round) % kinds.len()];
+            if skipped.contains(&kind) {
+                live.step_done();
+                continue;
+            }
+            live.status(format!(
+                "round {}/{} · {}: starting",
+                round + 1,
+                s.rounds,
+                kind.name()
+            ));
+            let mut path =
+                match paths::start(kind, env, None, &format!("r{round}-{}", kind.name())).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let why = format!("failed to start: {e:#}");
+                        live.line(format!("skip {}: {why}", kind.name()));
+                        report.skipped.push((kind.name().into(), why));
+                        skipped.push(kind);
+                        live.step_done();
+                        continue;
+                    }
+                };
+            let a = acc.entry(kind).or_insert_with(|| Acc {
+                rounds: Vec::new(),
+                rtt: workload::new_histogram(),
+                connect: workload::new_histogram(),
+                scale: None,
+                peak_rss_kib: None,
+            });
+            let tag = format!("round {}/{} · {}", round + 1, s.rounds, kind.name());
+            let r = measure(&mut path, s, &live, &tag, tck, a).await;
+            live.line(summary_line(kind, round, &r));
+            a.rounds.push(r);
+            if round + 1 == s.rounds && s.scale > 0 {
+                live.status(format!("{}: scale", kind.name()));
+                a.scale = Some(scale(&mut path, s, &live).await);
+                if let Some(sc) = &a.scale {
+                    live.line(format!(
+                        "  {} scale: {} conns, {:.1} KiB/conn{}",
+                        kind.name(),
+                        sc.opened,
+                        sc.per_conn_kib,
+                        sc.note
+                            .as_ref()
+                            .map(|n| format!(" ({n})"))
+                            .unwrap_or_default()
+                    ));
+                }
+                live.step_done();
+            }
+            let hwm = path.sample().hwm_kib;
+            if hwm > 0 {
+                a.peak_rss_kib = Some(a.peak_rss_kib.unwrap_or(0).max(hwm));
+            }
+            path.shutdown().await;
+            live.step_done();
+        }
+    }
+    for profile in &s.wan_profiles {
+        for &kind in &wan_kinds {
+            live.status(format!("{} · {}", profile.name, kind.name()));
+            if !skipped.contains(&kind) {
+                let row = wan_row(kind, profile, env, s).await;
+                live.line(format!(
+                    "{} {}: down {} Mbit/s (fill {}), RTT p50 {} ms{}",
+                    profile.name,
+                    kind.name(),
+                    row.down1_gbps
+                        .map(|g| format!("{:.0}", g * 1000.0))
+                        .unwrap_or("–".into()),
+                    row.fill
+                        .map(|f| format!("{:.0} %", f * 100.0))
+                        .unwrap_or("–".into()),
+                    row.rtt
+                        .as_ref()
+                        .map(|p| format!("{:.1}", p.p50_us / 1000.0))
+                        .unwrap_or("–".into()),
+                    row.error
+                        .as_ref()
+                        .map(|e| format!(" [{e}]"))
+                        .unwrap_or_default()
+                ));
+                report.wan.push(row);
+            }
+            live.step_done();
+        }
+    }
+    live.finish();
+    for &kind in kinds {
+        let Some(a) = acc.remove(&kind) else { continue };
+        report.paths.push(PathReport {
+            name: kind.name().into(),
+            description: kind.describe().into(),
+            peer: kind.is_peer(),
+            median: report::summarize(&a.rounds),
+            rounds: a.rounds,
+            rtt_cdf: report::cdf(&a.rtt),
+            connect_cdf: report::cdf(&a.connect),
+            scale: a.scale,
+            peak_rss_kib: a.peak_rss_kib,
+        });
+    }
+}
+
+fn summary_line(kind: PathKind, round: usize, r: &Round) -> String {
+    let g = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or("–".into());
+    let us = |p: &Option<Percentiles>| {
+        p.as_ref()
+            .map(|p| format!("{:.0}", p.p50_us))
+            .unwrap_or("–".into())
+    };
+    let mut line = format!(
+        "round {} {:<9} down {} up {} Gbit/s · RTT p50 {} µs · connect p50 {} µs",
+        round + 1,
+        kind.name(),
+        g(r.down1_gbps),
+        g(r.up1_gbps),
+        us(&r.rtt),
+        us(&r.connect)
+    );
+    for e in &r.errors {
+        line.push_str(&format!("\n  error: {e}"));
+    }
+    line
+}
+
+/// One round of every workload on a running path.
+async fn measure(
+    path: &mut RunningPath,
+    s: &Settings,
+    live: &Live,
+    tag: &str,
+    tck: f64,
+    acc: &mut Acc,
+) -> Round {
+    let addr = path.addr;
+    let mut r = Round::default();
+    let (all0, client0) = (path.sample(), procstat::sample(&path.client_pids()));
+    let mut bits = 0.0;
+    let bulks: [(Direction, usize, &str); 4] = [
+        (Direction::Down, 1, "down ×1"),
+        (Direction::Up, 1, "up ×1"),
+        (Direction::Down, s.streams, "down ×N"),
+        (Direction::Up, s.streams, "up ×N"),
+    ];
+    for (i, (dir, n, name)) in bulks.into_iter().enumerate() {
+        live.status(format!("{tag}: bulk {name}"));
+        match limited(name, s.bulk, workload::bulk(addr, dir, n, s.bulk)).await {
+            Ok(t) => {
+                bits += t.bytes as f64 * 8.0;
+                let slot = match i {
+                    0 => &mut r.down1_gbps,
+                    1 => &mut r.up1_gbps,
+                    2 => &mut r.down_n_gbps,
+                    _ => &mut r.up_n_gbps,
+                };
+                *slot = Some(t.gbps());
+            }
+            Err(e) => r.errors.push(e),
+        }
+    }
+    let (all1, client1) = (path.sample(), procstat::sample(&path.client_pids()));
+    if bits > 0.0 && !path.procs.is_empty() {
+        let per_gbit = |t0: u64, t1: u64| t1.saturating_sub(t0) as f64 / tck * 100.0 / (bits / 1e9);
+        r.cpu_pct_per_gbps = Some(per_gbit(all0.ticks, all1.ticks));
+        r.client_cpu_pct_per_gbps = Some(per_gbit(client0.ticks, client1.ticks));
+    }
+    if let Err(e) = path.check_alive() {
+        r.errors.push(format!("{e:#}"));
+        return r;
+    }
+    live.status(format!("{tag}: 1-byte round trips"));
+    match limited("ping-pong", s.rtt, workload::ping_pong(addr, s.rtt, 100)).await {
+        Ok(h) => {
+            r.rtt = Some(Percentiles::of(&h));
+            let _ = acc.rtt.add(&h);
+        }
+        Err(e) => r.errors.push(e),
+    }
+    live.status(format!("{tag}: connect + first byte"));
+    match limited(
+        "connect",
+        Duration::from_secs(30),
+        workload::connect_latency(addr, s.connects),
+    )
+    .await
+    {
+        Ok(h) => {
+            r.connect = Some(Percentiles::of(&h));
+            let _ = acc.connect.add(&h);
+        }
+        Err(e) => r.errors.push(e),
+    }
+    match limited(
+        "connect rate",
+        s.connect_rate,
+        workload::connect_rate(addr, s.connect_workers, s.connect_rate),
+    )
+    .await
+    {
+        Ok(rate) => r.conns_per_sec = Some(rate),
+        Err(e) => r.errors.push(e),
+    }
+    live.status(format!("{tag}: round trips under bulk load"));
+    match limited(
+        "loaded ping-pong",
+        s.fairness,
+        workload::fairness(addr, s.fairness),
+    )
+    .await
+    {
+        Ok((h, t)) => {
+            r.loaded_rtt = Some(Percentiles::of(&h));
+            r.loaded_bulk_gbps = Some(t.gbps());
+        }
+        Err(e) => r.errors.push(e),
+    }
+    r
+}
+
+async fn scale(path: &mut RunningPath, s: &Settings, live: &Live) -> Scale {
+    let mut n = s.scale;
+    let mut note = None;
+    if path.kind == PathKind::Socat && n > 1000 {
+        n = 1000;
+        note = Some("socat forks a process per connection; capped at 1000".to_string());
+    }
+    // Let memory freed by the earlier workloads settle before the baseline.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (all0, client0) = (path.sample(), procstat::sample(&path.client_pids()));
+    let bar = live.counter(n as u64, format!("{}: idle connections", path.kind.name()));
+    let deadline = Instant::now() + s.scale_time;
+    let (held, err) =
+        workload::hold_idle(path.addr, n, deadline, &|k| bar.set_position(k as u64)).await;
+    bar.finish_and_clear();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (all1, client1) = (path.sample(), procstat::sample(&path.client_pids()));
+    let opened = held.len();
+    drop(held);
+    if let Some(e) = err {
+        note = Some(match note {
+            Some(n) => format!("{n}; {e}"),
+            None => e,
+        });
+    }
+    let per = |a: u64, b: u64| {
+        if opened == 0 {
+            0.0
+        } else {
+            (b as f64 - a as f64) / opened as f64
+        }
+    };
+    Scale {
+        requested: n,
+        opened,
+        rss_before_kib: all0.rss_kib,
+        rss_after_kib: all1.rss_kib,
+        per_conn_kib: per(all0.rss_kib, all1.rss_kib),
+        client_per_conn_kib: per(client0.rss_kib, client1.rss_kib),
+        note,
+    }
+}
+
+async fn wan_row(kind: PathKind, profile: &Profile, env: &Env, s: &Settings) -> WanRow {
+    let mut row = WanRow {
+        profile: profile.name.into(),
+        rtt_ms: profile.rtt_ms,
+        mbit: profile.mbit,
+        path: kind.name().into(),
+        ..Default::default()
+    };
+    let path = match paths::start(
+        kind,
+        env,
+        Some(profile),
+        &format!("{}-{}", profile.name, kind.name()),
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            row.error = Some(format!("failed to start: {e:#}"));
+            return row;
+        }
+    };
+    let addr = path.addr;
+    let mut errors = Vec::new();
+    let t: Result<Transfer, String> = limited(
+        "down ×1",
+        s.wan_bulk,
+        workload::bulk(addr, Direction::Down, 1, s.wan_bulk),
+    )
+    .await;
+    match t {
+        Ok(t) => {
+            row.down1_gbps = Some(t.gbps());
+            row.fill = profile.mbit.map(|m| t.gbps() * 1000.0 / m as f64);
+        }
+        Err(e) => errors.push(e),
+    }
+    match limited(
+        "up ×1",
+        s.wan_bulk,
+        workload::bulk(addr, Direction::Up, 1, s.wan_bulk),
+    )
+    .await
+    {
+        Ok(t) => row.up1_gbps = Some(t.gbps()),
+        Err(e) => errors.push(e),
+    }
+    match limited(
+        "ping-pong",
+        s.wan_rtt,
+        workload::ping_pong(addr, s.wan_rtt, 5),
+    )
+    .await
+    {
+        Ok(h) => row.rtt = Some(Percentiles::of(&h)),
+        Err(e) => errors.push(e),
+    }
+    if !errors.is_empty() {
+        row.error = Some(errors.join("; "));
+    }
+    path.shutdown().await;
+    row
+}

@@ -1,0 +1,285 @@
+//! The workloads, each driven against the one TCP address a path exposes. They only measure;
+//! the runner decides how long, how often and what to keep.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::backend::{CHUNK, ECHO, LAST, MORE, SINK, SOURCE};
+
+/// Latencies are recorded in nanoseconds, from 1 ns up to 60 s with 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("static histogram bounds are valid")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Direction {
+    /// Client → backend (the sink).
+    Up,
+    /// Backend (the source) → client.
+    Down,
+}
+
+/// Bytes moved and the wall time they took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Transfer {
+    pub bytes: u64,
+    pub secs: f64,
+}
+
+impl Transfer {
+    pub fn gbps(&self) -> f64 {
+        if self.secs <= 0.0 {
+            return 0.0;
+        }
+        self.bytes as f64 * 8.0 / self.secs / 1e9
+    }
+}
+
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect to {addr}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// `streams` parallel bulk transfers for `dur`; returns the summed bytes over the longest
+/// stream's active time (connection setup excluded).
+pub async fn bulk(
+    addr: SocketAddr,
+    dir: Direction,
+    streams: usize,
+    dur: Duration,
+) -> anyhow::Result<Transfer> {
+    let mut tasks = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        tasks.push(tokio::spawn(async move {
+            match dir {
+                Direction::Up => upload(addr, dur).await,
+                Direction::Down => download(addr, dur).await,
+            }
+        }));
+    }
+    let mut sum = Transfer::default();
+    for task in tasks {
+        let t = task.await.context("bulk stream task")??;
+        sum.bytes += t.bytes;
+        sum.secs = sum.secs.max(t.secs);
+    }
+    Ok(sum)
+}
+
+/// Sends chunks for `dur`, then waits for the sink's count so only delivered bytes are counted.
+async fn upload(addr: SocketAddr, dur: Duration) -> anyhow::Result<Transfer> {
+    let mut stream = connect(addr).await?;
+    stream.write_all(&[SINK]).await?;
+    let mut chunk = vec![0xa5u8; CHUNK];
+    chunk[0] = MORE;
+    let start = Instant::now();
+    let end = start + dur;
+    while Instant::now() < end {
+        stream.write_all(&chunk).await?;
+    }
+    chunk[0] = LAST;
+    stream.write_all(&chunk).await?;
+    let mut count = [0u8; 8];
+    stream
+        .read_exact(&mut count)
+        .await
+        .context("upload: no byte count from the sink")?;
+    Ok(Transfer {
+        bytes: u64::from_be_bytes(count),
+        secs: start.elapsed().as_secs_f64(),
+    })
+}
+
+async fn download(addr: SocketAddr, dur: Duration) -> anyhow::Result<Transfer> {
+    let mut stream = connect(addr).await?;
+    stream.write_all(&[SOURCE]).await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    // The clock starts at the first byte, so the request's trip over an emulated WAN does not
+    // count against the path's throughput.
+    let first = stream.read(&mut buf).await.context("download")?;
+    if first == 0 {
+        bail!("download: the path closed the stream before any data");
+    }
+    let mut total = first as u64;
+    let start = Instant::now();
+    let end = start + dur;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => bail!("download: the path closed the stream early"),
+            Ok(Ok(n)) => total += n as u64,
+            Ok(Err(e)) => return Err(e).context("download"),
+            Err(_) => break,
+        }
+    }
+    Ok(Transfer {
+        bytes: total,
+        secs: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// 1-byte ping-pong on one connection for `dur` (at least `min_samples` round trips).
+pub async fn ping_pong(
+    addr: SocketAddr,
+    dur: Duration,
+    min_samples: u64,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut stream = connect(addr).await?;
+    stream.write_all(&[ECHO]).await?;
+    let mut hist = new_histogram();
+    let mut byte = [0u8; 1];
+    // One unrecorded round trip first: tunnels that set up lazily (stunnel's TLS handshake
+    // happens on the first byte) would otherwise put their setup into the RTT tail.
+    stream.write_all(b"w").await?;
+    stream
+        .read_exact(&mut byte)
+        .await
+        .context("ping-pong: no echo")?;
+    let end = Instant::now() + dur;
+    while Instant::now() < end || hist.len() < min_samples {
+        let t = Instant::now();
+        stream.write_all(b"p").await?;
+        stream
+            .read_exact(&mut byte)
+            .await
+            .context("ping-pong: the echo never came back")?;
+        hist.saturating_record(t.elapsed().as_nanos() as u64);
+    }
+    Ok(hist)
+}
+
+/// One connection: connect, send the mode byte and one payload byte, wait for the echo.
+async fn connect_first_byte(addr: SocketAddr) -> anyhow::Result<(TcpStream, Duration)> {
+    let t = Instant::now();
+    let mut stream = connect(addr).await?;
+    stream.write_all(&[ECHO, b'x']).await?;
+    let mut byte = [0u8; 1];
+    stream
+        .read_exact(&mut byte)
+        .await
+        .context("no first byte back")?;
+    Ok((stream, t.elapsed()))
+}
+
+/// Sequential connect + first byte latencies.
+pub async fn connect_latency(addr: SocketAddr, count: u64) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = new_histogram();
+    for _ in 0..count {
+        let (_stream, took) = connect_first_byte(addr).await?;
+        hist.saturating_record(took.as_nanos() as u64);
+    }
+    Ok(hist)
+}
+
+/// Connections per second with `workers` concurrent connect + first byte loops for `dur`.
+pub async fn connect_rate(addr: SocketAddr, workers: usize, dur: Duration) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let end = start + dur;
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < end {
+                connect_first_byte(addr).await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.context("connect worker")??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Interactive round trips while one bulk download runs on the same path.
+pub async fn fairness(
+    addr: SocketAddr,
+    dur: Duration,
+) -> anyhow::Result<(Histogram<u64>, Transfer)> {
+    let bulk = tokio::spawn(bulk(
+        addr,
+        Direction::Down,
+        1,
+        dur + Duration::from_millis(200),
+    ));
+    // Let the bulk stream reach steady state first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let hist = ping_pong(addr, dur, 10).await?;
+    let transfer = bulk.await.context("fairness bulk task")??;
+    Ok((hist, transfer))
+}
+
+/// Opens `n` echo connections (each proven end to end with one byte) and keeps them open.
+/// Returns the streams opened so far when one fails, with the error as text.
+pub async fn hold_idle(
+    addr: SocketAddr,
+    n: usize,
+    deadline: Instant,
+    progress: &dyn Fn(usize),
+) -> (Vec<TcpStream>, Option<String>) {
+    let mut held = Vec::with_capacity(n);
+    // A handful at a time: fast, but without a SYN flood that would measure the backlog instead.
+    const PARALLEL: usize = 32;
+    while held.len() < n {
+        if Instant::now() >= deadline {
+            let msg = format!("stopped at the time limit after {} connections", held.len());
+            return (held, Some(msg));
+        }
+        let batch = PARALLEL.min(n - held.len());
+        let mut tasks = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            tasks.push(tokio::spawn(tokio::time::timeout(
+                Duration::from_secs(10),
+                connect_first_byte(addr),
+            )));
+        }
+        for task in tasks {
+            match task.await {
+                Ok(Ok(Ok((stream, _)))) => held.push(stream),
+                Ok(Ok(Err(e))) => return (held, Some(format!("{e:#}"))),
+                Ok(Err(_)) => return (held, Some("connection timed out after 10 s".into())),
+                Err(e) => return (held, Some(e.to_string())),
+            }
+        }
+        progress(held.len());
+    }
+    (held, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+
+    #[tokio::test]
+    async fn workloads_run_against_the_backend() {
+        let backend = Backend::start("[::1]:0".parse().unwrap()).await.unwrap();
+        let addr = backend.addr;
+        let d = Duration::from_millis(100);
+        let up = bulk(addr, Direction::Up, 2, d).await.unwrap();
+        assert!(up.bytes >= 2 * CHUNK as u64);
+        let down = bulk(addr, Direction::Down, 1, d).await.unwrap();
+        assert!(down.bytes > 0);
+        let rtt = ping_pong(addr, d, 5).await.unwrap();
+        assert!(rtt.len() >= 5);
+        let conn = connect_latency(addr, 3).await.unwrap();
+        assert_eq!(conn.len(), 3);
+        let (held, err) =
+            hold_idle(addr, 40, Instant::now() + Duration::from_secs(60), &|_| {}).await;
+        assert_eq!(err, None);
+        assert_eq!(held.len(), 40);
+    }
+}
