@@ -125,6 +125,7 @@ impl Proc {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.env("NO_COLOR", "1");
         Proc::spawn(name, cmd)
     }
 

@@ -112,20 +112,17 @@ impl Local {
     }
 
     pub fn connect(&self) -> Conn {
-        let conn = match self {
-            Local::Tcp(a) => TcpStream::connect_timeout(a, TIMEOUT).map(Conn::Tcp),
-            Local::Unix(p) => UnixStream::connect(p).map(Conn::Unix),
-        }
-        .unwrap_or_else(|e| panic!("connect to forward's listener {self:?}: {e}"));
-        conn.set_timeouts();
-        conn
+        self.try_connect()
+            .unwrap_or_else(|e| panic!("connect to forward's listener {self}: {e}"))
     }
 
     pub fn try_connect(&self) -> io::Result<Conn> {
-        match self {
+        let conn = match self {
             Local::Tcp(a) => TcpStream::connect_timeout(a, TIMEOUT).map(Conn::Tcp),
             Local::Unix(p) => UnixStream::connect(p).map(Conn::Unix),
-        }
+        }?;
+        conn.set_timeouts();
+        Ok(conn)
     }
 }
 

@@ -18,6 +18,8 @@ fn wait_until_refused(local: &Local) {
     loop {
         match local.try_connect() {
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => return,
+            // Accepted into the backlog just before the listener closed: the kernel resets it.
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
             Err(e) => panic!("connect after SIGTERM: want refused, got {e}"),
             Ok(c) => drop(c),
         }
@@ -48,10 +50,9 @@ fn sigterm_drains_open_connection(t: Transport) {
     fwd.proc.signal("TERM");
     wait_until_refused(&local);
     // The reports of the probe connections above do not matter; only ours does.
-    assert!(
-        fwd.proc.try_status().is_none(),
-        "forward exited although a connection was open and the grace period is 30 s"
-    );
+    if let Some(st) = fwd.proc.try_status() {
+        panic!("forward exited ({st}) although a connection was open and the grace period is 30 s");
+    }
 
     // The open connection still works both ways, and ends normally.
     echo_exchange(conn, rand::random(), 1 << 20);

@@ -72,7 +72,7 @@ fn ssh_with_forward_stdio_proxycommand(t: Transport) {
     let sshd = start_sshd(&dir);
     let stack = Stack::start(t, &[sshd.port]);
 
-    let mut proxy = format!("exec {} stdio", quote(forward_bin()));
+    let mut proxy = format!("{} stdio", quote(forward_bin()));
     for a in stack.client_args() {
         proxy.push(' ');
         proxy.push_str(&quote(a.to_str().unwrap()));
