@@ -334,8 +334,14 @@ fn goaway_refuses_new_streams_and_drains_open_ones() {
 #[test]
 fn server_refuses_opens_beyond_its_pending_cap_with_a_retryable_code() {
     // A client configured with a larger cap than the server: the server protects itself.
-    let client = Config { max_pending_opens: 8, ..Config::default() };
-    let server = Config { max_pending_opens: 4, ..Config::default() };
+    let client = Config {
+        max_pending_opens: 8,
+        ..Config::default()
+    };
+    let server = Config {
+        max_pending_opens: 4,
+        ..Config::default()
+    };
     let mut p = Pair::with(client, server, Duration::from_millis(1));
     p.hold_opens = true;
     p.auth(GOOD_TOKEN);
@@ -350,7 +356,10 @@ fn server_refuses_opens_beyond_its_pending_cap_with_a_retryable_code() {
 
 #[test]
 fn client_holds_opens_beyond_the_pending_cap_until_earlier_ones_are_answered() {
-    let config = Config { max_pending_opens: 4, ..Config::default() };
+    let config = Config {
+        max_pending_opens: 4,
+        ..Config::default()
+    };
     let mut p = Pair::new(config);
     p.hold_opens = true;
     p.auth(GOOD_TOKEN);
@@ -359,7 +368,11 @@ fn client_holds_opens_beyond_the_pending_cap_until_earlier_ones_are_answered() {
         p.client.send(id, &pattern(u64::from(id), 5000), true);
     }
     p.run_until(SECOND, |_| false);
-    assert_eq!(p.server.session.stream_count(), 4, "only 4 OPENs left the client");
+    assert_eq!(
+        p.server.session.stream_count(),
+        4,
+        "only 4 OPENs left the client"
+    );
     assert!(p.client.resets.is_empty());
     // The server driver now accepts whatever it was holding, and everything completes.
     p.hold_opens = false;
@@ -375,9 +388,15 @@ fn client_holds_opens_beyond_the_pending_cap_until_earlier_ones_are_answered() {
     for id in held {
         p.server.session.accept(id).unwrap();
     }
-    assert!(p.run_until(10 * SECOND, |p| ids.iter().all(|id| p.client.fins.contains(id))));
+    assert!(p.run_until(10 * SECOND, |p| ids
+        .iter()
+        .all(|id| p.client.fins.contains(id))));
     for &id in &ids {
-        assert_eq!(p.client.received[&id], pattern(u64::from(id), 5000), "stream {id}");
+        assert_eq!(
+            p.client.received[&id],
+            pattern(u64::from(id), 5000),
+            "stream {id}"
+        );
     }
 }
 

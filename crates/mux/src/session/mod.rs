@@ -195,6 +195,26 @@ impl Session {
         self.streams.get(&id).map(|s| s.recv_buffered)
     }
 
+    /// Heap bytes held by the session's streams and queues (an estimate: struct sizes, map slots,
+    /// buffer capacities). For memory budgets and tests; O(streams).
+    pub fn memory_estimate(&self) -> usize {
+        let per_slot = std::mem::size_of::<(StreamId, Stream)>() + 1;
+        let streams: usize = self
+            .streams
+            .values()
+            .map(|s| {
+                s.send_buf.capacity()
+                    + s.recv_chunks.capacity() * std::mem::size_of::<bytes::Bytes>()
+                    + s.recv_buffered
+            })
+            .sum();
+        self.streams.capacity() * per_slot
+            + streams
+            + self.ctrl.capacity()
+            + self.ready.capacity() * std::mem::size_of::<StreamId>()
+            + self.events.capacity() * std::mem::size_of::<Event>()
+    }
+
     /// Whether the session is authenticated (client: `AUTH_OK` received; server: `auth_accept` called).
     pub fn is_authenticated(&self) -> bool {
         self.auth == Auth::Done
