@@ -135,6 +135,17 @@ impl Proc {
         self
     }
 
+    /// Resident memory of the process in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_else(|e| panic!("{}: read /proc status: {e}", self.name));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{}: no VmRSS in /proc status", self.name))
+    }
+
     pub fn take_stdin(&mut self) -> ChildStdin {
         self.child.stdin.take().expect("stdin was not piped")
     }

@@ -62,6 +62,7 @@ macro_rules! transport_test {
     };
 }
 
+mod agent;
 mod cli;
 mod half_close;
 mod integrity;

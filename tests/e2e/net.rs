@@ -236,7 +236,16 @@ type Handler = dyn Fn(TcpStream, &Sender<Report>) + Send + Sync;
 
 impl Backend {
     pub fn start(handler: impl Fn(TcpStream, &Sender<Report>) + Send + Sync + 'static) -> Backend {
-        let listener = TcpListener::bind("[::1]:0").expect("bind backend on [::1]:0");
+        Backend::start_on("[::1]:0", handler)
+    }
+
+    /// Like `start` on another loopback address (e.g. "127.0.0.1:0" for an IPv4-only service).
+    pub fn start_on(
+        addr: &str,
+        handler: impl Fn(TcpStream, &Sender<Report>) + Send + Sync + 'static,
+    ) -> Backend {
+        let listener =
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind backend on {addr}: {e}"));
         let port = listener.local_addr().unwrap().port();
         let (tx, rx) = mpsc::channel();
         let tx = Arc::new(Mutex::new(tx));
@@ -258,7 +267,11 @@ impl Backend {
 
     /// Echoes every byte back; at the client's EOF it half-closes and reports what it received.
     pub fn echo() -> Backend {
-        Backend::start(|mut sock, tx| {
+        Backend::echo_on("[::1]:0")
+    }
+
+    pub fn echo_on(addr: &str) -> Backend {
+        Backend::start_on(addr, |mut sock, tx| {
             let mut h = Sha256::new();
             let mut buf = vec![0; CHUNK];
             let mut total = 0;

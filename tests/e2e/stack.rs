@@ -82,14 +82,14 @@ impl Stack {
         match transport {
             Transport::Direct => stack.start_edge(service_ports, edge_args),
             Transport::AgentTls => {
-                let a = stack.start_agent(false);
+                let a = stack.start_agent(false, 0);
                 stack.start_edge(&[a], edge_args);
             }
             Transport::AgentTcp => {
-                stack.start_agent(false);
+                stack.start_agent(false, 0);
             }
             Transport::Quic => {
-                stack.start_agent(true);
+                stack.start_agent(true, 0);
             }
         }
         stack
@@ -127,17 +127,20 @@ impl Stack {
         self.edge = Some(edge);
     }
 
-    /// Starts `forward agent` on [::1], port chosen by the agent; returns that port.
-    fn start_agent(&mut self, quic: bool) -> u16 {
+    /// Starts `forward agent` on [::1]:`port` (0 = the agent picks and prints it); returns the port.
+    /// The token file is made once per stack, so a restarted agent accepts the same clients.
+    fn start_agent(&mut self, quic: bool, port: u16) -> u16 {
         let token_file = self.dir.join("token");
-        let token: String = (0..32)
-            .map(|_| format!("{:02x}", rand::random::<u8>()))
-            .collect();
-        std::fs::write(&token_file, token).unwrap();
+        if !token_file.exists() {
+            let token: String = (0..32)
+                .map(|_| format!("{:02x}", rand::random::<u8>()))
+                .collect();
+            std::fs::write(&token_file, token).unwrap();
+        }
         let mut args: Vec<OsString> = vec![
             "agent".into(),
             "--listen".into(),
-            "[::1]:0".into(),
+            format!("[::1]:{port}").into(),
             "--token-file".into(),
             token_file.clone().into(),
         ];
@@ -168,6 +171,33 @@ impl Stack {
         self.agent_port = Some(port);
         self.token_file = Some(token_file);
         port
+    }
+
+    /// The agent's port (agent transports only).
+    pub fn agent_port(&self) -> u16 {
+        self.agent_port.expect("this transport has no agent")
+    }
+
+    /// The agent process (agent transports only).
+    pub fn agent_proc(&self) -> &Proc {
+        self.agent.as_ref().expect("this transport has no agent")
+    }
+
+    /// SIGKILLs the agent (the edge, if any, stays up).
+    pub fn kill_agent(&mut self) {
+        self.agent
+            .as_mut()
+            .expect("this transport has no agent")
+            .kill();
+    }
+
+    /// Starts the agent again on the same port with the same token.
+    pub fn restart_agent(&mut self) {
+        let port = self.agent_port();
+        if let Some(mut old) = self.agent.take() {
+            old.kill();
+        }
+        self.start_agent(self.transport == Transport::Quic, port);
     }
 
     /// Flags that point a `forward` (or `forward stdio`) client at this stack.
