@@ -5,13 +5,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::thread;
 use std::time::Duration;
 
-use crate::harness::TIMEOUT;
-use crate::net::{Backend, Conn, CHUNK};
-use crate::stack::{Stack, Transport};
+use crate::harness::{free_v6_port, Src, TIMEOUT};
+use crate::net::{echo_exchange, Backend, Conn, CHUNK};
+use crate::stack::{Stack, Transport, VM, VM_FQDN};
 
 per_transport!(carrier_killed_mid_transfer);
 per_transport!(edge_aborts_mid_transfer: direct, agent_tls);
 per_transport!(service_resets_mid_transfer);
+per_transport!(failing_forward_does_not_disturb_others);
 
 /// Reads until the connection ends and asserts it ended with ECONNRESET. The client only reads
 /// (no concurrent writes): a failed write would consume the socket's pending error and let the
@@ -97,4 +98,40 @@ fn service_resets_mid_transfer(t: Transport) {
     let mut conn = fwd.local().connect();
     conn.write_all(b"unread request bytes").unwrap();
     expect_reset(conn, 0);
+}
+
+/// One forward of a process points at a VM port where nothing listens: its connections are reset
+/// and logged with that forward's name, while a busy connection of another forward carries on.
+fn failing_forward_does_not_disturb_others(t: Transport) {
+    let backend = Backend::echo();
+    let dead = free_v6_port();
+    let stack = Stack::start(t, &[backend.port, dead]);
+    let mut fwd = stack.forward(
+        &[],
+        &[
+            format!("127.0.0.1:0:{VM}:{}", backend.port),
+            format!("127.0.0.1:0:{VM}:{dead}"),
+        ],
+        2,
+    );
+    let (good, bad) = (fwd.locals[0].clone(), fwd.locals[1].clone());
+
+    let busy = thread::spawn(move || echo_exchange(good.connect(), rand::random(), 16 << 20));
+    for _ in 0..5 {
+        match bad.try_connect() {
+            Ok(conn) => {
+                expect_reset(conn, 0);
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("connect to the failing forward: {e}"),
+        }
+    }
+    busy.join()
+        .expect("the healthy forward's connection failed");
+
+    let target = format!("{VM_FQDN}:{dead}");
+    fwd.proc
+        .wait_line(Src::Stderr, "a log line naming the failing forward", |l| {
+            l.contains(&target)
+        });
 }
