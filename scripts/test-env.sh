@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the programs the end-to-end tests drive are installed: stunnel (bench peer), socat,
-# OpenSSH client+server, PostgreSQL server+client, procps (kill(1), used to signal test processes). Idempotent: apt runs only when something is missing.
+# OpenSSH client+server, PostgreSQL server+client, procps (kill(1), used to signal test
+# processes). Idempotent: apt runs only when something is missing.
 # It starts no services: every test starts its own instance in a temp dir and stops it again.
 set -euo pipefail
 
