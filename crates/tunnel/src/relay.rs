@@ -649,6 +649,42 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn reset_of_the_receiver_stops_the_uploader_with_a_reset() {
+        let (peer_a, peer_b, relay) = relayed().await;
+        let (mut ar, mut aw) = peer_a.into_split();
+        let uploader = tokio::spawn(async move {
+            let chunk = pattern(64 * 1024, 8);
+            // Writes until the reset arrives; never ends cleanly because nobody reads.
+            loop {
+                if let Err(e) = aw.write_all(&chunk).await {
+                    return e;
+                }
+            }
+        });
+        let mut peer_b = peer_b;
+        let mut first = [0u8; 1024];
+        timed(peer_b.read_exact(&mut first)).await.unwrap();
+        peer_b.abort();
+        drop(peer_b);
+        // Either half may notice first: the write to b or the read from b fails.
+        let err = timed(relay).await.unwrap().unwrap_err();
+        assert!(err.stats().a_to_b >= 1024, "{err}");
+        let (_, end) = timed(read_all(&mut ar)).await;
+        assert_eq!(
+            end.expect_err("a reset, not EOF").kind(),
+            io::ErrorKind::ConnectionReset
+        );
+        let write_err = timed(uploader).await.unwrap();
+        assert!(
+            matches!(
+                write_err.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            "{write_err}"
+        );
+    }
+
     fn tls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         let provider = Arc::new(rustls::crypto::ring::default_provider());
