@@ -291,6 +291,29 @@ impl RelayError {
         }
     }
 
+    /// The error with the two sides named, for a log line a user can act on, e.g.
+    /// `describe("local", "edge")` → `edge -> local: reading from edge failed: Connection reset
+    /// by peer (os error 104); both sides reset`.
+    pub fn describe(&self, a: &str, b: &str) -> String {
+        let (src, dst) = match self.direction() {
+            Direction::AToB => (a, b),
+            Direction::BToA => (b, a),
+        };
+        match self {
+            RelayError::Read { .. } if self.is_truncation() => format!(
+                "{src} -> {dst}: {src} ended the stream without a clean close (TLS close_notify \
+                 missing): truncated; both sides reset"
+            ),
+            RelayError::Read { error, .. } => {
+                format!("{src} -> {dst}: reading from {src} failed: {error}; both sides reset")
+            }
+            RelayError::Write { op, error, .. } => format!(
+                "{src} -> {dst}: {} {dst} failed: {error}; both sides reset",
+                op_verb(*op)
+            ),
+        }
+    }
+
     /// True when the source ended without a clean end of stream (a TLS close without
     /// close_notify), rather than with an explicit reset or error.
     pub fn is_truncation(&self) -> bool {
@@ -647,6 +670,11 @@ mod tests {
             err.to_string().starts_with("b->a: read from b failed"),
             "{err}"
         );
+        let text = err.describe("local", "edge");
+        assert!(
+            text.starts_with("edge -> local: reading from edge failed: "),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -776,6 +804,11 @@ mod tests {
         let err = timed(relay).await.unwrap().unwrap_err();
         assert!(err.is_truncation(), "{err}");
         assert_eq!(err.direction(), Direction::AToB);
+        let text = err.describe("client", "vm");
+        assert!(
+            text.starts_with("client -> vm: client ended the stream without a clean close"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
