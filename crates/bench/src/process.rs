@@ -63,16 +63,17 @@ impl Proc {
         ))
     }
 
-    /// The last non-empty line the process wrote to stderr, for one-line failure notes.
+    /// The line of stderr that best explains a failure (the last one mentioning an error,
+    /// else the last non-empty one), for one-line notes.
     pub fn last_log_line(&self) -> String {
-        std::fs::read_to_string(&self.log)
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .map(str::to_string)
-            })
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines
+            .iter()
+            .rev()
+            .find(|l| l.to_ascii_lowercase().contains("error"))
+            .or(lines.last())
+            .map(|l| l.trim().to_string())
             .unwrap_or_default()
     }
 
