@@ -304,7 +304,8 @@ impl Edge {
     }
 }
 
-/// A started edge. Dropping it stops the listeners and resets open connections.
+/// A started edge. Dropping it stops the listeners and drops open connections abruptly (no
+/// close_notify: clients see a truncated TLS stream, as when an edge process dies).
 #[derive(Debug)]
 pub struct RunningEdge {
     listeners: Vec<Listener>,
@@ -365,7 +366,7 @@ impl RunningEdge {
             .collect()
     }
 
-    /// Stop accepting, reset open connections, and wait until every task has ended.
+    /// Stop accepting, drop open connections abruptly, and wait until every listener has ended.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         for task in std::mem::take(&mut self.tasks) {

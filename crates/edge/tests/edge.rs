@@ -351,3 +351,60 @@ async fn the_binary_prints_its_listeners_and_serves() {
     child.kill().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_shared_client_config_resumes_sessions() {
+    let edge = edge_to(echo_backend().await, |_| {}).await;
+    let config = edge.ca().client_config();
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let mut c = timed(connect_with(edge.addr(), "vm1.vm.vers.sh", config.clone()))
+            .await
+            .unwrap();
+        // A round trip makes the client take in the session tickets sent after the handshake.
+        c.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        timed(c.read_exact(&mut one)).await.unwrap();
+        kinds.push(c.get_ref().1.handshake_kind());
+        c.shutdown().await.unwrap();
+        let _ = timed(read_all(&mut c)).await;
+    }
+    assert_eq!(
+        kinds,
+        [
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn listens_on_ipv6_loopback_too_and_maps_port_zero_to_itself() {
+    let vm_port = echo_backend().await;
+    let mut config = EdgeConfig::with_ports([PortMap::to(0, vm_port), PortMap::same(0)]);
+    config.bind = Ipv6Addr::LOCALHOST.into();
+    let edge = Edge::start(config).await.unwrap();
+    let [mapped, same] = edge.listeners() else {
+        panic!("two listeners expected")
+    };
+    assert!(
+        mapped.addr.is_ipv6() && mapped.addr.ip().is_loopback(),
+        "{mapped:?}"
+    );
+    assert_eq!(mapped.vm, SocketAddr::from((Ipv6Addr::LOCALHOST, vm_port)));
+    // Port 0 without a mapping: the VM port is the port actually listened on.
+    assert_eq!(same.vm.port(), same.addr.port());
+
+    let mut c = timed(connect_with(
+        mapped.addr,
+        &edge.host_for("vm6"),
+        edge.ca().client_config(),
+    ))
+    .await
+    .unwrap();
+    c.write_all(b"v6").await.unwrap();
+    c.shutdown().await.unwrap();
+    let (got, end) = timed(read_all(&mut c)).await;
+    end.unwrap();
+    assert_eq!(got, b"v6");
+}
