@@ -1,1 +1,106 @@
-fn main() {}
+//! `forward`: reach ports of Vers VMs as if they were local.
+//!
+//! The binary is thin: it parses arguments (`cli`, `spec`), wires the library crates together
+//! (`run`, `demo`) and turns errors into one line on stderr with a non-zero exit.
+
+mod cli;
+mod demo;
+mod run;
+mod spec;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use cli::{Cli, Command, LogFormat, LogOpts};
+use spec::Spec;
+
+fn init_logging(opts: &LogOpts) {
+    let level = match (opts.verbose, opts.quiet) {
+        (0, 0) => "info",
+        (1, _) => "debug",
+        (v, _) if v >= 2 => "trace",
+        (_, 1) => "warn",
+        _ => "error",
+    };
+    // Our crates at the chosen level, dependencies one notch quieter unless RUST_LOG says.
+    let default = format!(
+        "warn,forward={level},forward_tunnel={level},forward_edge={level},forward_mux={level}"
+    );
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match opts.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    // stdin is read on a blocking thread that cannot be interrupted; do not wait for it.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Some(Command::Stdio(args)) => stdio(args).await,
+        Some(Command::Edge(_)) => anyhow::bail!("edge not built yet"),
+        Some(Command::Demo(args)) => demo::run(args).await,
+        None => forward(cli).await,
+    }
+}
+
+async fn forward(cli: Cli) -> Result<i32> {
+    // Parse every spec before binding anything, so one typo does not leave half the forwards up.
+    let specs = cli
+        .specs
+        .iter()
+        .map(|s| Spec::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tls = run::tls_config(&cli.client)?;
+    let mut forwards = Vec::new();
+    for spec in &specs {
+        let connector = run::spec_connector(spec, &cli.client, tls.clone())?;
+        forwards.push(run::Bound {
+            listeners: run::bind(spec)?,
+            connector: Arc::new(connector),
+        });
+    }
+    run::serve_all(forwards, cli.check, Duration::from_secs(cli.grace)).await
+}
+
+async fn stdio(args: cli::StdioArgs) -> Result<i32> {
+    let (host, port) = run::parse_host_port(&args.target)?;
+    let tls = run::tls_config(&args.client)?;
+    let connector = run::direct_connector(&host, port, &args.client, tls)?;
+    let remote = forward_tunnel::Connector::connect(&connector).await?;
+    let stats = forward_tunnel::relay(forward_tunnel::stdio::Stdio::new(), remote)
+        .await
+        .with_context(|| format!("relay to {}", connector.remote()))?;
+    tracing::debug!(up = stats.a_to_b, down = stats.b_to_a, "stdio relay done");
+    Ok(0)
+}

@@ -1,2 +1,24 @@
-//! tokio side of forward (filled in by the tunnel work).
+//! The tokio side of forward: TLS configuration, local listeners, dialers, the relay and the
+//! accept loop that ties them together.
+//!
+//! ```text
+//!  local client ──► Listener ──► serve() ──► Connector::connect() ──► remote stream
+//!                                   │                                   (TLS to the edge,
+//!                                   └──────── relay(local, remote) ◄──── or an agent stream)
+//! ```
+//!
+//! What it leaves to others: the wire protocol of the agent carrier lives in `forward-mux`
+//! (sans-IO), command-line parsing and user-facing output in the `forward` binary, the local
+//! edge imitation in `forward-edge`.
+
+pub mod dial;
+pub mod listen;
 pub mod relay;
+pub mod serve;
+pub mod stdio;
+pub mod tls;
+
+pub use dial::{Connector, DialError, DirectConnector, Remote};
+pub use listen::{ListenError, Listener, LocalAddr, LocalStream};
+pub use relay::{relay, Endpoint, RelayError, RelayStats};
+pub use serve::{serve, Lifecycle};

@@ -1,0 +1,232 @@
+//! Dialers: how one local connection reaches its remote end.
+//!
+//! A [`Connector`] is bound to one forward (one target) and opens one remote stream per call.
+//! [`DirectConnector`] is direct mode: TCP to the edge (or `--edge`), then TLS with SNI = the
+//! host name, verified. The agent carriers implement the same trait elsewhere.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::relay::Endpoint;
+use crate::tls::describe_handshake_error;
+
+/// A remote end named the way the user named it: a DNS name (the TLS name too) and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Remote {
+    /// Host name, e.g. `abc.vm.vers.sh`.
+    pub host: String,
+    /// TCP port at that host.
+    pub port: u16,
+}
+
+impl std::fmt::Display for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Why a remote stream could not be opened. Each message names the host and hints at the fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialError {
+    /// DNS said no.
+    #[error("cannot resolve {host}: {cause}; check the VM id and --domain, or pass --edge ADDR")]
+    Resolve {
+        /// The name that failed.
+        host: String,
+        /// Resolver error.
+        cause: io::Error,
+    },
+    /// DNS answered with nothing usable.
+    #[error("{host} resolved to no address")]
+    NoAddress {
+        /// The name that failed.
+        host: String,
+    },
+    /// The TCP connection was refused or failed.
+    #[error("cannot connect to {host} at {addr}: {cause}")]
+    Connect {
+        /// The name being reached.
+        host: String,
+        /// The address tried last.
+        addr: SocketAddr,
+        /// What the OS said.
+        cause: io::Error,
+    },
+    /// No TCP connection within the deadline.
+    #[error("connecting to {host} at {addr} timed out after {after:?}")]
+    Timeout {
+        /// The name being reached.
+        host: String,
+        /// The address tried last.
+        addr: SocketAddr,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The TLS handshake failed; the message is already worded for a user.
+    #[error("{0}")]
+    Tls(String),
+    /// The host is not a valid TLS server name.
+    #[error("'{0}' is not a valid TLS server name")]
+    BadName(String),
+    /// Failure reported by an agent carrier (auth, refusal, carrier loss).
+    #[error("{0}")]
+    Agent(String),
+}
+
+/// Opens remote streams for one forward.
+pub trait Connector: Send + Sync + 'static {
+    /// The stream relayed to the local connection.
+    type Stream: Endpoint + 'static;
+    /// Opens one remote stream.
+    fn connect(&self) -> impl Future<Output = Result<Self::Stream, DialError>> + Send;
+    /// Proves the remote end works (TLS handshake, agent auth) without leaving a stream open.
+    fn check(&self) -> impl Future<Output = Result<(), DialError>> + Send;
+    /// What this connector reaches, for the `forwarding A -> B (mode)` line.
+    fn describe(&self) -> String;
+}
+
+/// Socket options every TCP connection of ours gets.
+pub fn tune_tcp(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    SockRef::from(stream).set_tcp_keepalive(&keepalive)?;
+    Ok(())
+}
+
+/// Resolves `host` (or the `--edge` override) and connects to the first address that answers.
+pub async fn connect_tcp(
+    host: &str,
+    edge: Option<&str>,
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream, DialError> {
+    let dial_host = edge.unwrap_or(host);
+    let lookup = dial_host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((lookup, port))
+        .await
+        .map_err(|cause| DialError::Resolve {
+            host: dial_host.to_owned(),
+            cause,
+        })?
+        .collect();
+    let mut last = None;
+    for addr in &addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                if let Err(e) = tune_tcp(&stream) {
+                    tracing::debug!(error = %e, "could not tune TCP socket");
+                }
+                return Ok(stream);
+            }
+            Ok(Err(cause)) => {
+                last = Some(DialError::Connect {
+                    host: host.to_owned(),
+                    addr: *addr,
+                    cause,
+                })
+            }
+            Err(_) => {
+                last = Some(DialError::Timeout {
+                    host: host.to_owned(),
+                    addr: *addr,
+                    after: timeout,
+                })
+            }
+        }
+    }
+    Err(last.unwrap_or(DialError::NoAddress {
+        host: dial_host.to_owned(),
+    }))
+}
+
+/// Direct mode: one TCP + TLS connection to the edge per local connection.
+#[derive(Clone)]
+pub struct DirectConnector {
+    remote: Remote,
+    name: ServerName<'static>,
+    edge: Option<String>,
+    tls: TlsConnector,
+    timeout: Duration,
+}
+
+impl DirectConnector {
+    /// `config` should be shared by every connector of the process so sessions resume.
+    pub fn new(
+        remote: Remote,
+        edge: Option<String>,
+        config: Arc<rustls::ClientConfig>,
+        timeout: Duration,
+    ) -> Result<Self, DialError> {
+        let name = ServerName::try_from(remote.host.clone())
+            .map_err(|_| DialError::BadName(remote.host.clone()))?;
+        Ok(Self {
+            remote,
+            name,
+            edge,
+            tls: TlsConnector::from(config),
+            timeout,
+        })
+    }
+
+    /// The remote end this connector reaches.
+    pub fn remote(&self) -> &Remote {
+        &self.remote
+    }
+
+    async fn open(&self) -> Result<TlsStream<TcpStream>, DialError> {
+        let tcp = connect_tcp(
+            &self.remote.host,
+            self.edge.as_deref(),
+            self.remote.port,
+            self.timeout,
+        )
+        .await?;
+        let handshake = self.tls.connect(self.name.clone(), tcp);
+        match tokio::time::timeout(self.timeout, handshake).await {
+            Ok(Ok(tls)) => Ok(tls),
+            Ok(Err(e)) => Err(DialError::Tls(describe_handshake_error(
+                &self.remote.host,
+                &e,
+            ))),
+            Err(_) => Err(DialError::Tls(format!(
+                "TLS handshake with {} timed out after {:?}",
+                self.remote.host, self.timeout
+            ))),
+        }
+    }
+}
+
+impl Connector for DirectConnector {
+    type Stream = TlsStream<TcpStream>;
+
+    fn connect(&self) -> impl Future<Output = Result<Self::Stream, DialError>> + Send {
+        self.open()
+    }
+
+    async fn check(&self) -> Result<(), DialError> {
+        let mut tls = self.open().await?;
+        // Close politely so the edge sees close_notify, not a truncation.
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (direct)", self.remote)
+    }
+}

@@ -1,0 +1,258 @@
+//! Local listeners: TCP on explicit addresses (IPv6 sockets are v6-only so `127.0.0.1:P` and
+//! `[::1]:P` are two independent listeners, exactly what the user asked for) and Unix sockets.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use crate::relay::Endpoint;
+
+/// Where a forward listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LocalAddr {
+    /// A TCP address; port 0 asks the OS for a free one.
+    Tcp(SocketAddr),
+    /// A Unix stream socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for LocalAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LocalAddr::Tcp(a) => write!(f, "{a}"),
+            LocalAddr::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// Why a listener could not be opened, worded for the user.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListenError {
+    /// Something else already listens there.
+    #[error("local address {addr} is already in use; pick another local port or stop what is listening there")]
+    InUse {
+        /// The address asked for.
+        addr: LocalAddr,
+    },
+    /// Privileged port or a path we may not write.
+    #[error("not permitted to listen on {addr}{hint}")]
+    NotPermitted {
+        /// The address asked for.
+        addr: LocalAddr,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// The address is not one of this machine's.
+    #[error(
+        "cannot listen on {addr}: no such local address (is that IP configured on this machine?)"
+    )]
+    NotLocal {
+        /// The address asked for.
+        addr: LocalAddr,
+    },
+    /// Anything else the OS said.
+    #[error("cannot listen on {addr}: {cause}")]
+    Other {
+        /// The address asked for.
+        addr: LocalAddr,
+        /// What the OS said.
+        cause: io::Error,
+    },
+}
+
+fn classify(addr: &LocalAddr, e: io::Error) -> ListenError {
+    let addr = addr.clone();
+    match e.kind() {
+        io::ErrorKind::AddrInUse => ListenError::InUse { addr },
+        io::ErrorKind::PermissionDenied => ListenError::NotPermitted {
+            hint: match addr {
+                LocalAddr::Tcp(a) if a.port() < 1024 => {
+                    " (ports below 1024 need root or CAP_NET_BIND_SERVICE; pick a port above 1023)"
+                }
+                _ => "",
+            },
+            addr,
+        },
+        io::ErrorKind::AddrNotAvailable => ListenError::NotLocal { addr },
+        _ => ListenError::Other { addr, cause: e },
+    }
+}
+
+/// A bound listener.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix; the path is removed again on drop.
+    Unix(UnixListener, UnlinkOnDrop),
+}
+
+/// Removes a Unix socket file we created.
+#[derive(Debug)]
+pub struct UnlinkOnDrop(PathBuf);
+
+impl Drop for UnlinkOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Listener {
+    /// Binds `addr`. Must run inside a tokio runtime.
+    pub fn bind(addr: &LocalAddr) -> Result<Self, ListenError> {
+        match addr {
+            LocalAddr::Tcp(sa) => bind_tcp(*sa)
+                .map(Listener::Tcp)
+                .map_err(|e| classify(addr, e)),
+            LocalAddr::Unix(path) => bind_unix(path).map_err(|e| classify(addr, e)),
+        }
+    }
+
+    /// The address actually bound (the real port when 0 was asked).
+    pub fn local_addr(&self) -> io::Result<LocalAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(LocalAddr::Tcp),
+            Listener::Unix(_, path) => Ok(LocalAddr::Unix(path.0.clone())),
+        }
+    }
+
+    /// Accepts one connection, tuned for relaying; returns it with a printable peer.
+    pub async fn accept(&self) -> io::Result<(LocalStream, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                Ok((LocalStream::Tcp(s), peer.to_string()))
+            }
+            Listener::Unix(l, path) => {
+                let (s, _) = l.accept().await?;
+                Ok((LocalStream::Unix(s), path.0.display().to_string()))
+            }
+        }
+    }
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // `[::]` alone would also take IPv4; we bind each family explicitly.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+fn bind_unix(path: &Path) -> io::Result<Listener> {
+    match UnixListener::bind(path) {
+        Ok(l) => Ok(Listener::Unix(l, UnlinkOnDrop(path.to_owned()))),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            // A socket file nobody accepts on is left over from a crash: take it over, like
+            // ssh's StreamLocalBindUnlink, but never steal a live one.
+            match std::os::unix::net::UnixStream::connect(path) {
+                Err(c) if c.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)?;
+                    let l = UnixListener::bind(path)?;
+                    Ok(Listener::Unix(l, UnlinkOnDrop(path.to_owned())))
+                }
+                _ => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// An accepted local connection.
+#[derive(Debug)]
+pub enum LocalStream {
+    /// From a TCP listener.
+    Tcp(TcpStream),
+    /// From a Unix listener.
+    Unix(UnixStream),
+}
+
+impl LocalStream {
+    /// A handle that can reset this connection after the stream itself moved into a relay:
+    /// it holds a duplicate of the socket, and setting `SO_LINGER 0` on it applies to both.
+    pub fn abort_handle(&self) -> Option<AbortHandle> {
+        match self {
+            LocalStream::Tcp(s) => SockRef::from(s)
+                .try_clone()
+                .ok()
+                .map(|sock| AbortHandle(OwnedFd::from(sock))),
+            LocalStream::Unix(_) => None,
+        }
+    }
+}
+
+/// Resets a TCP connection on demand (see [`LocalStream::abort_handle`]).
+#[derive(Debug)]
+pub struct AbortHandle(OwnedFd);
+
+impl AbortHandle {
+    /// Makes the close abortive; the peer sees a reset once every descriptor is closed.
+    pub fn abort(&self) {
+        if let Err(e) = SockRef::from(&self.0.as_fd()).set_linger(Some(Duration::ZERO)) {
+            tracing::debug!(error = %e, "could not set SO_LINGER 0 for an abortive close");
+        }
+    }
+}
+
+impl Endpoint for LocalStream {
+    fn abort(&self) {
+        if let LocalStream::Tcp(s) = self {
+            s.abort();
+        }
+    }
+}
+
+impl AsyncRead for LocalStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            LocalStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            LocalStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for LocalStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            LocalStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            LocalStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            LocalStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            LocalStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            LocalStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            LocalStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

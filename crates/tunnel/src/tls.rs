@@ -1,0 +1,160 @@
+//! TLS configuration for the client side: one shared rustls `ClientConfig` per process so that
+//! TLS sessions resume across the many connections of a forward, trusting the OS store plus
+//! any `--ca-file`, with no way to switch verification off.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::{ClientConfig, RootCertStore};
+
+/// Why a TLS client configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    /// The `--ca-file` could not be read at all.
+    #[error("cannot read CA file {path}: {cause}; pass a readable PEM file to --ca-file")]
+    CaFileUnreadable {
+        /// The file named by the user.
+        path: PathBuf,
+        /// What the OS said.
+        cause: io::Error,
+    },
+    /// The file was read but holds no usable PEM certificate.
+    #[error(
+        "CA file {path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----){detail}"
+    )]
+    CaFileNotPem {
+        /// The file named by the user.
+        path: PathBuf,
+        /// Parser detail, if any.
+        detail: String,
+    },
+    /// A certificate parsed as PEM but is not a usable trust anchor.
+    #[error("CA file {path}: certificate {index} is not a usable trust anchor: {cause}")]
+    CaFileBadCert {
+        /// The file named by the user.
+        path: PathBuf,
+        /// Position of the certificate in the file, from 1.
+        index: usize,
+        /// What rustls said.
+        cause: rustls::Error,
+    },
+    /// Neither the OS store nor `--ca-file` gave a single root, so nothing could ever verify.
+    #[error("no trusted root certificates: the OS store is empty and no --ca-file was given")]
+    NoRoots,
+    /// rustls refused the protocol configuration (should not happen with the ring provider).
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The crypto provider every config in forward uses. ring only: quinn and rcgen would otherwise
+/// bring a second provider and rustls would refuse to pick one implicitly.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate from a PEM file, with errors a user can act on.
+pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    let bytes = std::fs::read(path).map_err(|cause| TlsConfigError::CaFileUnreadable {
+        path: path.to_owned(),
+        cause,
+    })?;
+    let mut certs = Vec::new();
+    for item in CertificateDer::pem_slice_iter(&bytes) {
+        match item {
+            Ok(cert) => certs.push(cert),
+            Err(e) => {
+                return Err(TlsConfigError::CaFileNotPem {
+                    path: path.to_owned(),
+                    detail: format!(": {e}"),
+                })
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(TlsConfigError::CaFileNotPem {
+            path: path.to_owned(),
+            detail: String::new(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Builds the root store: the OS trust store (errors in it are logged, not fatal, as long as
+/// something is trusted) plus the extra CA file.
+pub fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, TlsConfigError> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for err in &native.errors {
+        tracing::debug!(error = %err, "skipping part of the OS trust store");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(native.certs);
+    tracing::debug!(added, ignored, "loaded OS trust store");
+    if let Some(path) = ca_file {
+        for (i, cert) in load_ca_file(path)?.into_iter().enumerate() {
+            roots
+                .add(cert)
+                .map_err(|cause| TlsConfigError::CaFileBadCert {
+                    path: path.to_owned(),
+                    index: i + 1,
+                    cause,
+                })?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(TlsConfigError::NoRoots);
+    }
+    Ok(roots)
+}
+
+/// The shared client config: verified, TLS 1.2 and 1.3, in-memory session resumption (rustls'
+/// default cache), no early data (replayable).
+pub fn client_config(
+    ca_file: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let roots = root_store(ca_file)?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.enable_early_data = false;
+    Ok(Arc::new(config))
+}
+
+/// Turns a handshake failure into a sentence naming the host and what to do. rustls reports
+/// certificate problems as `io::Error`s wrapping `rustls::Error`.
+pub fn describe_handshake_error(host: &str, err: &io::Error) -> String {
+    use rustls::{CertificateError, Error as E};
+    let inner = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>());
+    match inner {
+        Some(E::InvalidCertificate(CertificateError::UnknownIssuer)) => format!(
+            "certificate of {host} is not trusted (unknown issuer); if this is a private edge pass its CA with --ca-file"
+        ),
+        Some(E::InvalidCertificate(CertificateError::NotValidForName))
+        | Some(E::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => format!(
+            "certificate presented for {host} is not valid for that name (is --domain or the host right?)"
+        ),
+        Some(E::InvalidCertificate(CertificateError::Expired))
+        | Some(E::InvalidCertificate(CertificateError::ExpiredContext { .. })) => {
+            format!("certificate of {host} has expired")
+        }
+        Some(E::InvalidCertificate(other)) => {
+            format!("certificate of {host} rejected: {other:?}")
+        }
+        Some(E::AlertReceived(alert)) => format!(
+            "TLS handshake with {host} refused by the peer ({alert:?}); is {host} a name the edge serves?"
+        ),
+        Some(other) => format!("TLS handshake with {host} failed: {other}"),
+        None if err.kind() == io::ErrorKind::UnexpectedEof => {
+            format!("TLS handshake with {host} failed: the connection was closed during the handshake")
+        }
+        None => format!("TLS handshake with {host} failed: {err}"),
+    }
+}

@@ -1,0 +1,191 @@
+//! Turns parsed arguments into running forwards: connectors, listeners, the start-up lines,
+//! signal handling and the graceful stop.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use forward_tunnel::{serve, Connector, DirectConnector, Lifecycle, Listener, LocalAddr, Remote};
+
+use crate::cli::ClientOpts;
+use crate::spec::{LocalSide, Spec};
+
+/// One forward ready to serve: its listeners and its connector.
+pub struct Bound<C> {
+    /// Listeners with their real addresses.
+    pub listeners: Vec<(Listener, LocalAddr)>,
+    /// Opens the remote side.
+    pub connector: Arc<C>,
+}
+
+/// Builds the direct-mode connector of a spec.
+pub fn spec_connector(
+    spec: &Spec,
+    opts: &ClientOpts,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<DirectConnector> {
+    if spec.via_target.is_some() {
+        bail!(
+            "forward spec '{}': 'vm/target' reaches another host from the VM and needs the agent (--agent PORT)",
+            spec.text
+        );
+    }
+    direct_connector(&spec.host, spec.rport, opts, tls)
+}
+
+/// Builds a direct-mode connector to `host` (VM id or name) and `port`.
+pub fn direct_connector(
+    host: &str,
+    port: u16,
+    opts: &ClientOpts,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<DirectConnector> {
+    let remote = Remote {
+        host: crate::spec::host_name(host, &opts.domain),
+        port,
+    };
+    Ok(DirectConnector::new(
+        remote,
+        opts.edge.clone(),
+        tls,
+        Duration::from_secs(opts.connect_timeout),
+    )?)
+}
+
+/// The shared TLS client config, with the CA file named in errors.
+pub fn tls_config(opts: &ClientOpts) -> Result<Arc<rustls::ClientConfig>> {
+    Ok(forward_tunnel::tls::client_config(
+        opts.ca_file.as_deref(),
+        &[],
+    )?)
+}
+
+/// Binds every listener of a spec. With port 0 on several addresses, all get the same port,
+/// which the OS picks on the first one.
+pub fn bind(spec: &Spec) -> Result<Vec<(Listener, LocalAddr)>> {
+    let ctx = || format!("forward spec '{}'", spec.text);
+    match &spec.local {
+        LocalSide::Unix(path) => {
+            let l = Listener::bind(&LocalAddr::Unix(path.clone())).with_context(ctx)?;
+            let a = l.local_addr()?;
+            Ok(vec![(l, a)])
+        }
+        LocalSide::Tcp { addrs, port } => {
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                match bind_all(addrs, *port) {
+                    Ok(v) => return Ok(v),
+                    // The picked port was free on one family only: pick again.
+                    Err(forward_tunnel::ListenError::InUse { .. })
+                        if *port == 0 && attempts < 10 =>
+                    {
+                        continue
+                    }
+                    Err(e) => return Err(e).with_context(ctx),
+                }
+            }
+        }
+    }
+}
+
+fn bind_all(
+    addrs: &[std::net::IpAddr],
+    port: u16,
+) -> Result<Vec<(Listener, LocalAddr)>, forward_tunnel::ListenError> {
+    let mut out: Vec<(Listener, LocalAddr)> = Vec::new();
+    let mut port = port;
+    for ip in addrs {
+        let want = LocalAddr::Tcp(SocketAddr::new(*ip, port));
+        let l = Listener::bind(&want)?;
+        let got = l
+            .local_addr()
+            .map_err(|source| forward_tunnel::ListenError::Other {
+                addr: want.clone(),
+                cause: source,
+            })?;
+        if let LocalAddr::Tcp(sa) = &got {
+            port = sa.port();
+        }
+        out.push((l, got));
+    }
+    Ok(out)
+}
+
+/// Checks (if asked), prints the start-up lines, serves until SIGINT/SIGTERM, then stops
+/// gracefully. Returns the process exit code.
+pub async fn serve_all<C: Connector>(
+    forwards: Vec<Bound<C>>,
+    check: bool,
+    grace: Duration,
+) -> Result<i32> {
+    if check {
+        for f in &forwards {
+            f.connector
+                .check()
+                .await
+                .with_context(|| format!("check of {} failed", f.connector.describe()))?;
+            eprintln!("check ok: {}", f.connector.describe());
+        }
+    }
+    let life = Lifecycle::default();
+    let mut out = std::io::stdout().lock();
+    let mut tasks = Vec::new();
+    for f in forwards {
+        let label: Arc<str> = f.connector.describe().into();
+        for (listener, addr) in f.listeners {
+            writeln!(out, "forwarding {addr} -> {label}")?;
+            tasks.push(tokio::spawn(serve(
+                listener,
+                f.connector.clone(),
+                label.clone(),
+                life.clone(),
+            )));
+        }
+    }
+    out.flush()?;
+    drop(out);
+    wait_for_signal().await?;
+    tracing::info!("stopping: no new connections");
+    let reset = life.shutdown(grace).await;
+    for t in tasks {
+        t.await?;
+    }
+    if reset > 0 {
+        tracing::warn!(reset, "connections were reset after the grace period");
+    }
+    Ok(0)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("installing the SIGINT handler")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Parses `HOST:PORT` for `forward stdio`.
+pub fn parse_host_port(s: &str) -> Result<(String, u16)> {
+    let bad = || {
+        anyhow::anyhow!(
+            "invalid target '{s}': expected HOST:PORT, e.g. abc123:443 or abc123.vm.vers.sh:443"
+        )
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| anyhow::anyhow!("invalid target '{s}': port '{port}' is not 1-65535"))?;
+    Ok((host.to_owned(), port))
+}

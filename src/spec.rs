@@ -1,0 +1,300 @@
+//! Forward specs in the form of `ssh -L`: `[bind:]lport:host:rport`.
+//!
+//! Parsed right to left, because the left part may hold colons (`[::1]:5432:...`) or a Unix
+//! socket path, while the right part never does except inside brackets.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+
+/// Where the local side listens, before ports are resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalSide {
+    /// TCP on each of these addresses (default: both loopbacks) and this port (0 = pick one).
+    Tcp {
+        /// Addresses to bind, each with the same port.
+        addrs: Vec<IpAddr>,
+        /// Local port, 0 asks for a free one.
+        port: u16,
+    },
+    /// A Unix stream socket.
+    Unix(PathBuf),
+}
+
+/// One parsed forward spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    /// The text as given, for messages.
+    pub text: String,
+    /// Where to listen.
+    pub local: LocalSide,
+    /// The VM id or host name as written.
+    pub host: String,
+    /// In agent mode: a host to dial from the VM instead of its loopback (`vm/target`).
+    pub via_target: Option<String>,
+    /// Remote port.
+    pub rport: u16,
+}
+
+/// What is wrong with a spec; the Display names the part and the expected form.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid forward spec '{spec}': {problem}")]
+pub struct SpecError {
+    spec: String,
+    problem: String,
+}
+
+const FORM: &str = "expected [bind:]lport:host:rport, e.g. 5432:myvm:5432 or [::1]:8080:myvm:80";
+
+fn err(spec: &str, problem: impl Into<String>) -> SpecError {
+    SpecError {
+        spec: spec.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+/// Parses a port field; `allow_zero` for the local side only.
+fn port(spec: &str, what: &str, s: &str, allow_zero: bool) -> Result<u16, SpecError> {
+    let range = if allow_zero { "0-65535" } else { "1-65535" };
+    let p: u16 = s.parse().map_err(|_| {
+        err(
+            spec,
+            format!("{what} '{s}' is not a port number ({range}); {FORM}"),
+        )
+    })?;
+    if p == 0 && !allow_zero {
+        return Err(err(spec, format!("{what} must be 1-65535, not 0")));
+    }
+    Ok(p)
+}
+
+/// Splits `s` at its last top-level colon (colons inside `[...]` do not count).
+fn rsplit_colon(s: &str) -> Option<(&str, &str)> {
+    let mut depth = 0i32;
+    for (i, c) in s.char_indices().rev() {
+        match c {
+            ']' => depth += 1,
+            '[' => depth -= 1,
+            ':' if depth == 0 => return Some((&s[..i], &s[i + 1..])),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn valid_host(h: &str) -> bool {
+    if let Some(inner) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return inner.parse::<Ipv6Addr>().is_ok();
+    }
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
+fn parse_bind(spec: &str, b: &str) -> Result<Vec<IpAddr>, SpecError> {
+    match b {
+        "" | "localhost" => Ok(loopbacks()),
+        "*" => Ok(vec![
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ]),
+        _ => {
+            let inner = b
+                .strip_prefix('[')
+                .and_then(|r| r.strip_suffix(']'))
+                .unwrap_or(b);
+            inner.parse::<IpAddr>().map(|a| vec![a]).map_err(|_| {
+                err(
+                    spec,
+                    format!(
+                        "bind address '{b}' is not an IP address, 'localhost' or '*' (IPv6 goes in brackets: [::1])"
+                    ),
+                )
+            })
+        }
+    }
+}
+
+/// The DNS (and TLS) name of a host as typed: a VM id gets the domain appended, a name with a
+/// dot (or an IP literal) is used as given.
+pub fn host_name(host: &str, domain: &str) -> String {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    if h.contains('.') || h.contains(':') {
+        h.to_owned()
+    } else {
+        format!("{h}.{domain}")
+    }
+}
+
+/// Both loopback addresses: the safe default, as with `ssh -L`.
+pub fn loopbacks() -> Vec<IpAddr> {
+    vec![
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ]
+}
+
+impl Spec {
+    /// Parses one spec.
+    pub fn parse(text: &str) -> Result<Self, SpecError> {
+        let t = text.trim();
+        if t.is_empty() {
+            return Err(err(text, format!("empty; {FORM}")));
+        }
+        let (rest, rport) = rsplit_colon(t).ok_or_else(|| err(text, FORM))?;
+        let (local_text, host_field) = rsplit_colon(rest).ok_or_else(|| err(text, FORM))?;
+        if local_text.is_empty() {
+            return Err(err(text, format!("local port is missing; {FORM}")));
+        }
+        let rport = port(text, "remote port", rport, false)?;
+        let (host, via_target) = match host_field.split_once('/') {
+            Some((vm, target)) => (vm, Some(target)),
+            None => (host_field, None),
+        };
+        if host.is_empty() {
+            return Err(err(text, format!("host is empty; {FORM}")));
+        }
+        if !valid_host(host) {
+            return Err(err(
+                text,
+                format!("host '{host}' is not a valid VM id or host name"),
+            ));
+        }
+        if let Some(target) = via_target {
+            if !valid_host(target) {
+                return Err(err(
+                    text,
+                    format!("target '{target}' after '/' is not a valid host name or IP address"),
+                ));
+            }
+        }
+        let local = if local_text.contains('/') {
+            LocalSide::Unix(PathBuf::from(local_text))
+        } else {
+            match rsplit_colon(local_text) {
+                Some((bind, lport)) => LocalSide::Tcp {
+                    addrs: parse_bind(text, bind)?,
+                    port: port(text, "local port", lport, true)?,
+                },
+                None => LocalSide::Tcp {
+                    addrs: loopbacks(),
+                    port: port(text, "local port", local_text, true)?,
+                },
+            }
+        };
+        Ok(Spec {
+            text: text.to_owned(),
+            local,
+            host: host.to_owned(),
+            via_target: via_target.map(str::to_owned),
+            rport,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(addrs: Vec<IpAddr>, port: u16) -> LocalSide {
+        LocalSide::Tcp { addrs, port }
+    }
+
+    #[test]
+    fn good_specs() {
+        let cases: &[(&str, LocalSide, &str, Option<&str>, u16)] = &[
+            ("5432:abc:5432", tcp(loopbacks(), 5432), "abc", None, 5432),
+            ("0:abc:80", tcp(loopbacks(), 0), "abc", None, 80),
+            (
+                "127.0.0.1:8080:abc:80",
+                tcp(vec!["127.0.0.1".parse().unwrap()], 8080),
+                "abc",
+                None,
+                80,
+            ),
+            (
+                "[::1]:8080:abc:80",
+                tcp(vec!["::1".parse().unwrap()], 8080),
+                "abc",
+                None,
+                80,
+            ),
+            ("localhost:1:abc:2", tcp(loopbacks(), 1), "abc", None, 2),
+            (
+                "*:9000:db.example.com:5432",
+                tcp(
+                    vec!["0.0.0.0".parse().unwrap(), "::".parse().unwrap()],
+                    9000,
+                ),
+                "db.example.com",
+                None,
+                5432,
+            ),
+            (
+                "/tmp/pg.sock:abc:5432",
+                LocalSide::Unix("/tmp/pg.sock".into()),
+                "abc",
+                None,
+                5432,
+            ),
+            (
+                "5432:abc/10.0.0.5:5432",
+                tcp(loopbacks(), 5432),
+                "abc",
+                Some("10.0.0.5"),
+                5432,
+            ),
+            (
+                "5432:abc/[fd00::5]:5432",
+                tcp(loopbacks(), 5432),
+                "abc",
+                Some("[fd00::5]"),
+                5432,
+            ),
+        ];
+        for (text, local, host, via, rport) in cases {
+            let s = Spec::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(&s.local, local, "{text}");
+            assert_eq!(s.host, *host, "{text}");
+            assert_eq!(s.via_target.as_deref(), *via, "{text}");
+            assert_eq!(s.rport, *rport, "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_specs_name_the_part() {
+        let cases: &[(&str, &str)] = &[
+            ("", "empty"),
+            ("abc", "expected [bind:]lport:host:rport"),
+            ("5432:abc", "expected [bind:]lport:host:rport"),
+            ("99999:abc:80", "local port '99999' is not a port number"),
+            ("x:abc:80", "local port 'x'"),
+            ("80:abc:0", "remote port must be 1-65535"),
+            ("80:abc:65536", "remote port '65536'"),
+            ("80:abc:", "remote port ''"),
+            ("80::22", "host is empty"),
+            ("80:a b:22", "host 'a b' is not a valid"),
+            ("foo:80:abc:22", "bind address 'foo'"),
+            ("[::1:80:abc:22", "bind address"),
+            (":abc:22", "local port is missing"),
+            ("1:abc/:22", "target '' after '/'"),
+        ];
+        for (text, want) in cases {
+            let e = Spec::parse(text).expect_err(text).to_string();
+            assert!(e.contains(want), "{text:?}: {e:?} should contain {want:?}");
+            assert!(e.starts_with("invalid forward spec"), "{e}");
+        }
+    }
+
+    #[test]
+    fn host_names() {
+        assert_eq!(host_name("abc", "vm.vers.sh"), "abc.vm.vers.sh");
+        assert_eq!(host_name("db.example.com", "vm.vers.sh"), "db.example.com");
+        assert_eq!(host_name("[::1]", "vm.vers.sh"), "::1");
+    }
+}
