@@ -408,3 +408,24 @@ async fn listens_on_ipv6_loopback_too_and_maps_port_zero_to_itself() {
     end.unwrap();
     assert_eq!(got, b"v6");
 }
+
+#[tokio::test]
+async fn shutdown_cuts_open_connections_and_stops_listening() {
+    let edge = edge_to(echo_backend().await, |_| {}).await;
+    let addr = edge.addr();
+    let mut c = connect(&edge, "vm1").await;
+    c.write_all(b"hi").await.unwrap();
+    let mut two = [0u8; 2];
+    timed(c.read_exact(&mut two)).await.unwrap();
+    timed(edge.shutdown()).await;
+    let (_, end) = timed(read_all(&mut c)).await;
+    // No close_notify: a client must be able to tell this from a clean end.
+    assert_eq!(
+        end.expect_err("truncated, not a clean EOF").kind(),
+        io::ErrorKind::UnexpectedEof
+    );
+    assert_eq!(
+        TcpStream::connect(addr).await.unwrap_err().kind(),
+        io::ErrorKind::ConnectionRefused
+    );
+}
