@@ -21,6 +21,44 @@
 //! 4. after any of these → [`Session::poll_transmit`] into a 64–256 KiB buffer → carrier;
 //! 5. sleep until [`Session::poll_timeout`] → [`Session::handle_timeout`].
 //!
+//! ```
+//! use std::time::Instant;
+//! use forward_mux::{Config, Event, ReadOutcome, Session, Target};
+//!
+//! let now = Instant::now();
+//! let mut client = Session::client(Config::default(), now);
+//! let mut server = Session::server(Config::default(), now);
+//!
+//! // Zero round trips: open and write before authentication has even been answered.
+//! let id = client.open(Target::new("", 5432).unwrap()).unwrap();
+//! client.write(id, b"hello").unwrap();
+//! client.finish(id).unwrap();
+//! client.send_auth(b"hmac-from-the-driver").unwrap();
+//!
+//! let mut carrier = Vec::new();
+//! while client.poll_transmit(now, &mut carrier, 64 * 1024) > 0 {}
+//! server.handle_input(now, &carrier).unwrap();
+//! let mut buf = [0u8; 16];
+//! while let Some(event) = server.poll_event() {
+//!     match event {
+//!         Event::AuthRequest(proof) => {
+//!             assert_eq!(proof, b"hmac-from-the-driver");
+//!             server.auth_accept().unwrap();
+//!         }
+//!         Event::Opened { id, target } => {
+//!             assert_eq!(target.port, 5432);
+//!             server.accept(id).unwrap(); // after dialing the target
+//!         }
+//!         Event::Readable(id) => {
+//!             assert_eq!(server.read(id, &mut buf).unwrap(), ReadOutcome::Data(5));
+//!             assert_eq!(server.read(id, &mut buf).unwrap(), ReadOutcome::Fin);
+//!         }
+//!         _ => {}
+//!     }
+//! }
+//! assert_eq!(&buf[..5], b"hello");
+//! ```
+//!
 //! Left to others: the HTTP upgrade and the HMAC of `AUTH` (the payload is opaque here; the server
 //! driver answers `Event::AuthRequest` with [`Session::auth_accept`] or [`Session::auth_reject`]), TLS,
 //! dialing targets, the `--allow` policy, reconnecting, and mapping a `Reset`/`Closed` to an abortive

@@ -137,3 +137,19 @@ fn drained_streams_give_their_buffers_back() {
     let per_stream = c.memory_estimate() / ids.len();
     assert!(per_stream < 1024, "{per_stream} bytes per idle stream");
 }
+
+#[test]
+fn ten_thousand_idle_streams_stay_small() {
+    let config = Config {
+        max_concurrent_streams: 10_000,
+        ..Config::default()
+    };
+    let (mut c, now) = authed_client(config);
+    for _ in 0..10_000 {
+        c.open(target()).unwrap();
+    }
+    drain(&mut c, now);
+    let per_stream = c.memory_estimate() / 10_000;
+    eprintln!("session memory per idle stream: {per_stream} bytes");
+    assert!(per_stream < 1024, "{per_stream} bytes per idle stream");
+}

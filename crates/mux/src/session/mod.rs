@@ -431,7 +431,8 @@ impl Session {
         if s.recv_buffered == 0 || max == 0 {
             return Ok(match self.read_empty(id, max == 0) {
                 ReadOutcome::Fin => ReadChunk::Fin,
-                _ => ReadChunk::Blocked,
+                ReadOutcome::Data(_) => ReadChunk::Data(bytes::Bytes::new()),
+                ReadOutcome::Blocked => ReadChunk::Blocked,
             });
         }
         let chunk = s.take_chunk(max).expect("buffered bytes present");
@@ -444,7 +445,8 @@ impl Session {
             return ReadOutcome::Blocked;
         };
         if s.recv_buffered > 0 && zero_buf {
-            return ReadOutcome::Blocked;
+            // Nothing asked for, nothing taken; the Readable signal stays outstanding.
+            return ReadOutcome::Data(0);
         }
         match s.recv {
             RecvState::Open => {
