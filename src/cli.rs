@@ -109,7 +109,7 @@ pub enum Command {
     Stdio(StdioArgs),
     /// Run a local imitation of the Vers edge (tests, demo, benchmarks).
     #[command(hide = true)]
-    Edge(EdgeStub),
+    Edge(forward_edge::EdgeArgs),
     /// Start a local edge and services and forward to them end to end: no Vers account needed.
     Demo(DemoArgs),
 }
@@ -133,7 +133,3 @@ pub struct DemoArgs {
     #[arg(long)]
     pub once: bool,
 }
-
-/// Temporary until the edge crate lands.
-#[derive(Debug, Args)]
-pub struct EdgeStub {}

@@ -68,7 +68,10 @@ fn main() {
 async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Some(Command::Stdio(args)) => stdio(args).await,
-        Some(Command::Edge(_)) => anyhow::bail!("edge not built yet"),
+        Some(Command::Edge(args)) => {
+            forward_edge::run(args).await?;
+            Ok(0)
+        }
         Some(Command::Demo(args)) => demo::run(args).await,
         None => forward(cli).await,
     }
