@@ -16,7 +16,8 @@ pub enum Event {
     AuthOk,
     /// Client: the server rejected the `AUTH` (a `Closed` event follows).
     AuthFailed,
-    /// Server: the client opened stream `id` to `target`; answer with `accept` or `reset`.
+    /// Server: the client opened stream `id` to `target`; answer with `accept` or `reset`. If a later
+    /// queued event already reset it, those calls return `StreamError::UnknownStream`: drop the dial.
     Opened {
         /// New stream.
         id: StreamId,

@@ -465,8 +465,11 @@ impl Session {
     /// refuses a pending stream this way (e.g. [`ResetCode::Refused`]).
     pub fn reset(&mut self, id: StreamId, code: ResetCode) -> Result<(), StreamError> {
         self.stream_mut(id)?;
-        self.remove_stream(id);
-        frame::encode_rst(&mut self.ctrl, id, code);
+        let stream = self.remove_stream(id).expect("stream exists");
+        if stream.open_sent {
+            // A deferred OPEN never left: the peer has nothing to forget.
+            frame::encode_rst(&mut self.ctrl, id, code);
+        }
         Ok(())
     }
 

@@ -1,0 +1,166 @@
+//! Two correct sessions under random operations, small windows and random latency must never accuse
+//! each other of a protocol violation, and every stream nobody reset must arrive intact.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{pattern, Pair, GOOD_TOKEN};
+use forward_mux::{Config, ErrorCode, ResetCode, StreamError, Target};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn small_config() -> Config {
+    Config {
+        stream_window: 4096,
+        max_stream_window: 32 * 1024,
+        connection_window: 16 * 1024,
+        stream_send_buffer: 2048,
+        send_quantum: 1000,
+        max_concurrent_streams: 20,
+        max_pending_opens: 3,
+        ..Config::default()
+    }
+}
+
+/// Returns (streams completed intact, streams reset).
+fn run(seed: u64) -> (usize, usize) {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let latency = Duration::from_millis(1 + rng.below(80));
+    let mut p = Pair::with(small_config(), small_config(), latency);
+    p.auth(GOOD_TOKEN);
+    let mut sent: HashMap<u32, Vec<u8>> = HashMap::new();
+    let mut reset_by_us: Vec<u32> = Vec::new();
+    let mut goaway = false;
+    for step in 0..60 {
+        match rng.below(10) {
+            0..=3 => {
+                let port = if rng.below(8) == 0 { 1 } else { 80 };
+                match p.client.session.open(Target::new("", port).unwrap()) {
+                    Ok(id) => {
+                        let data = pattern(seed ^ u64::from(id), rng.below(20_000) as usize);
+                        p.client.send(id, &data, true);
+                        sent.insert(id, data);
+                    }
+                    Err(
+                        StreamError::StreamLimit(_)
+                        | StreamError::GoingAway
+                        | StreamError::SessionClosed,
+                    ) => {}
+                    Err(e) => panic!("seed {seed}: open failed: {e}"),
+                }
+            }
+            4 => {
+                if let Some(&id) = sent
+                    .keys()
+                    .nth(rng.below(sent.len().max(1) as u64) as usize)
+                {
+                    if p.client.session.reset(id, ResetCode::Cancel).is_ok() {
+                        p.client.outbox.remove(&id);
+                        reset_by_us.push(id);
+                    }
+                }
+            }
+            5 => {
+                if let Some(&id) = sent
+                    .keys()
+                    .nth(rng.below(sent.len().max(1) as u64) as usize)
+                {
+                    if p.server.session.reset(id, ResetCode::Internal).is_ok() {
+                        p.server.outbox.remove(&id);
+                        reset_by_us.push(id);
+                    }
+                }
+            }
+            6 => {
+                if let Some(&id) = sent
+                    .keys()
+                    .nth(rng.below(sent.len().max(1) as u64) as usize)
+                {
+                    p.server.stalled.insert(id);
+                }
+            }
+            7 if step > 40 && !goaway => {
+                goaway = true;
+                p.server.session.go_away(ErrorCode::NoError, "test");
+            }
+            _ => {}
+        }
+        let wait = Duration::from_millis(rng.below(50));
+        p.run_until(wait, |_| false);
+        if rng.below(3) == 0 {
+            for id in p.server.stalled.drain().collect::<Vec<_>>() {
+                p.unstall_server(id);
+            }
+        }
+    }
+    for id in p.server.stalled.drain().collect::<Vec<_>>() {
+        p.unstall_server(id);
+    }
+    let settled = p.run_until(Duration::from_secs(120), |p| {
+        sent.keys().all(|id| {
+            p.client.fins.contains(id)
+                || p.client.resets.contains_key(id)
+                || reset_by_us.contains(id)
+        })
+    });
+    assert!(
+        p.client.error.is_none(),
+        "seed {seed}: client error {:?}",
+        p.client.error
+    );
+    assert!(
+        p.server.error.is_none(),
+        "seed {seed}: server error {:?}",
+        p.server.error
+    );
+    assert!(
+        p.client.closed.is_none() && p.server.closed.is_none(),
+        "seed {seed}: closed"
+    );
+    assert!(settled, "seed {seed}: streams did not finish");
+    for (id, data) in &sent {
+        if p.client.fins.contains(id) {
+            assert_eq!(
+                p.client.received.get(id).map_or(0, Vec::len),
+                data.len(),
+                "seed {seed} stream {id}"
+            );
+            assert!(
+                p.client.received.get(id).is_none_or(|r| r == data),
+                "seed {seed} stream {id}: corrupted"
+            );
+        }
+    }
+    let completed = sent.keys().filter(|id| p.client.fins.contains(id)).count();
+    (completed, sent.len() - completed)
+}
+
+#[test]
+fn random_operations_never_break_the_protocol() {
+    let (mut completed, mut reset) = (0, 0);
+    for seed in 0..300 {
+        let (c, r) = run(seed);
+        completed += c;
+        reset += r;
+    }
+    eprintln!("{completed} streams completed, {reset} reset");
+    assert!(
+        completed > 2000 && reset > 200,
+        "the random runs exercise both outcomes"
+    );
+}
