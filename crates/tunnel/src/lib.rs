@@ -11,8 +11,10 @@
 //! (sans-IO), command-line parsing and user-facing output in the `forward` binary, the local
 //! edge imitation in `forward-edge`.
 
+pub mod auth;
 pub mod dial;
 pub mod listen;
+pub mod policy;
 pub mod relay;
 pub mod serve;
 pub mod stdio;

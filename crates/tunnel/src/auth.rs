@@ -1,0 +1,196 @@
+//! Agent authentication: the shared token, the challenge and the proof.
+//!
+//! ```text
+//!  agent ── challenge (32 random bytes, fresh per carrier) ──► client
+//!  client ── AUTH = HMAC-SHA256(token, "forward-mux/1" ‖ challenge ‖ host ‖ port) ──► agent
+//! ```
+//!
+//! The token never crosses the wire, a captured proof is useless against another challenge,
+//! and the agent compares in constant time (`ring::hmac::verify`). Host and port are what the
+//! client dialled (sent as the HTTP `Host` header), so a proof is also bound to that name.
+
+use std::fmt;
+use std::path::Path;
+
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+
+/// Protocol label mixed into every proof; changes with the protocol version.
+pub const PROTOCOL: &str = "forward-mux/1";
+/// Length of a challenge.
+pub const CHALLENGE_LEN: usize = 32;
+/// Environment variable holding the token, as for every Vers service.
+pub const TOKEN_ENV: &str = "VERS_AUTH_TOKEN";
+
+/// A shared secret. Its `Debug` never shows the value, so it cannot leak into a log line.
+#[derive(Clone)]
+pub struct Token(hmac::Key, usize);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token(<{} bytes, redacted>)", self.1)
+    }
+}
+
+/// Why no usable token was found.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// Neither source was given.
+    #[error("no token: set {TOKEN_ENV} or pass --token-file FILE (generate one with: openssl rand -hex 32)")]
+    Missing,
+    /// The token file could not be read.
+    #[error("cannot read token file {path}: {cause}")]
+    Unreadable {
+        /// The file.
+        path: String,
+        /// What the OS said.
+        cause: std::io::Error,
+    },
+    /// Too short to resist guessing.
+    #[error("token from {source_name} is too weak ({bits} bits); use at least 128 bits, e.g. openssl rand -hex 32")]
+    TooWeak {
+        /// Where it came from.
+        source_name: String,
+        /// Estimated strength.
+        bits: usize,
+    },
+}
+
+/// A rough strength estimate: hex strings carry 4 bits a character, base64-like 6, anything
+/// else 8 (raw bytes). Enough to refuse `secret` and `1234` without rejecting real tokens.
+fn estimated_bits(s: &str) -> usize {
+    if s.chars().all(|c| c.is_ascii_hexdigit()) {
+        s.len() * 4
+    } else if s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "+/=-_".contains(c))
+    {
+        s.len() * 6
+    } else {
+        s.len() * 8
+    }
+}
+
+impl Token {
+    /// Builds a token from its text, refusing anything under 128 bits.
+    pub fn new(text: &str, source_name: &str) -> Result<Self, TokenError> {
+        let t = text.trim();
+        let bits = estimated_bits(t);
+        if bits < 128 {
+            return Err(TokenError::TooWeak {
+                source_name: source_name.to_owned(),
+                bits,
+            });
+        }
+        Ok(Self(
+            hmac::Key::new(hmac::HMAC_SHA256, t.as_bytes()),
+            t.len(),
+        ))
+    }
+
+    /// The token from `--token-file`, else from `VERS_AUTH_TOKEN`.
+    pub fn load(file: Option<&Path>) -> Result<Self, TokenError> {
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|cause| TokenError::Unreadable {
+                path: path.display().to_string(),
+                cause,
+            })?;
+            return Self::new(&text, &path.display().to_string());
+        }
+        match std::env::var(TOKEN_ENV) {
+            Ok(v) if !v.trim().is_empty() => Self::new(&v, TOKEN_ENV),
+            _ => Err(TokenError::Missing),
+        }
+    }
+
+    fn message(challenge: &[u8], host: &str, port: u16) -> Vec<u8> {
+        let mut m = Vec::with_capacity(PROTOCOL.len() + challenge.len() + host.len() + 2);
+        m.extend_from_slice(PROTOCOL.as_bytes());
+        m.extend_from_slice(challenge);
+        m.extend_from_slice(host.as_bytes());
+        m.extend_from_slice(&port.to_be_bytes());
+        m
+    }
+
+    /// The client's proof for a challenge.
+    pub fn prove(&self, challenge: &[u8], host: &str, port: u16) -> Vec<u8> {
+        hmac::sign(&self.0, &Self::message(challenge, host, port))
+            .as_ref()
+            .to_vec()
+    }
+
+    /// The agent's check, in constant time.
+    pub fn verify(&self, challenge: &[u8], host: &str, port: u16, proof: &[u8]) -> bool {
+        hmac::verify(&self.0, &Self::message(challenge, host, port), proof).is_ok()
+    }
+}
+
+/// A fresh random challenge.
+pub fn challenge() -> [u8; CHALLENGE_LEN] {
+    let mut c = [0u8; CHALLENGE_LEN];
+    SystemRandom::new()
+        .fill(&mut c)
+        .expect("the OS random generator failed");
+    c
+}
+
+/// Lower-case hex, for the challenge header.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses lower- or upper-case hex.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn proof_verifies_only_for_its_challenge_host_and_port() {
+        let t = Token::new(GOOD, "test").unwrap();
+        let c1 = challenge();
+        let c2 = challenge();
+        assert_ne!(c1, c2);
+        let p = t.prove(&c1, "vm1.vm.vers.sh", 9999);
+        assert!(t.verify(&c1, "vm1.vm.vers.sh", 9999, &p));
+        assert!(
+            !t.verify(&c2, "vm1.vm.vers.sh", 9999, &p),
+            "replay under a new challenge"
+        );
+        assert!(!t.verify(&c1, "vm2.vm.vers.sh", 9999, &p));
+        assert!(!t.verify(&c1, "vm1.vm.vers.sh", 9998, &p));
+        let other = Token::new("ffeeddccbbaa99887766554433221100", "test").unwrap();
+        assert!(!other.verify(&c1, "vm1.vm.vers.sh", 9999, &p));
+    }
+
+    #[test]
+    fn weak_tokens_are_refused_and_never_printed() {
+        for weak in ["secret", "1234", "0123456789abcdef", "short-token-here"] {
+            let e = Token::new(weak, "VERS_AUTH_TOKEN").unwrap_err().to_string();
+            assert!(e.contains("at least 128 bits"), "{e}");
+            assert!(!e.contains(weak), "the token leaked into {e}");
+        }
+        let t = Token::new(GOOD, "x").unwrap();
+        assert!(!format!("{t:?}").contains(GOOD));
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        let c = challenge();
+        assert_eq!(from_hex(&to_hex(&c)).unwrap(), c);
+        assert!(from_hex("abc").is_none());
+        assert!(from_hex("zz").is_none());
+    }
+}

@@ -1,0 +1,217 @@
+//! Which targets the agent may dial for a client, and the dialling itself.
+//!
+//! Default: the VM's loopback only (`localhost`, `::1`, `127.0.0.1`, or the empty host), tried
+//! as `::1` then `127.0.0.1` so IPv4-only services are reachable too. `--allow HOST:PORT`
+//! patterns (`*` for any host or port, `*.suffix` for a domain) widen it deliberately.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::dial::tune_tcp;
+
+/// A malformed `--allow` pattern.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --allow pattern '{0}': expected HOST:PORT, e.g. db.internal:5432, 10.0.0.5:*, *.internal:443 or *:*")]
+pub struct PolicyError(String);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostPattern {
+    Any,
+    Suffix(String),
+    Exact(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Allow {
+    host: HostPattern,
+    port: Option<u16>,
+}
+
+/// Why the agent would not or could not reach a target; mapped to a reset code on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum DialRefusal {
+    /// Not on the allow list.
+    #[error(
+        "target {0} is not allowed by the agent (only the VM's loopback unless --allow widens it)"
+    )]
+    NotAllowed(String),
+    /// Nothing listening.
+    #[error("connection refused by {0}")]
+    Refused(String),
+    /// No answer within the dial deadline.
+    #[error("dialling {0} timed out")]
+    Timeout(String),
+    /// Name or route problem.
+    #[error("cannot reach {0}: {1}")]
+    Unreachable(String, io::Error),
+}
+
+/// The agent's target policy.
+#[derive(Debug, Clone, Default)]
+pub struct TargetPolicy {
+    allow: Vec<Allow>,
+}
+
+fn is_loopback_name(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.is_empty()
+        || h.eq_ignore_ascii_case("localhost")
+        || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+impl TargetPolicy {
+    /// Parses `--allow` patterns.
+    pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<Self, PolicyError> {
+        let mut allow = Vec::new();
+        for p in patterns {
+            let p = p.as_ref();
+            let bad = || PolicyError(p.to_owned());
+            let (host, port) = p.rsplit_once(':').ok_or_else(bad)?;
+            let port = match port {
+                "*" => None,
+                n => Some(n.parse::<u16>().ok().filter(|n| *n != 0).ok_or_else(bad)?),
+            };
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let host = match host {
+                "" => return Err(bad()),
+                "*" => HostPattern::Any,
+                h if h.starts_with("*.") => HostPattern::Suffix(h[1..].to_ascii_lowercase()),
+                h if h.contains('*') => return Err(bad()),
+                h => HostPattern::Exact(h.to_ascii_lowercase()),
+            };
+            allow.push(Allow { host, port });
+        }
+        Ok(Self { allow })
+    }
+
+    /// Whether `host:port` may be dialled.
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        if is_loopback_name(host) {
+            return true;
+        }
+        let h = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        self.allow.iter().any(|a| {
+            a.port.is_none_or(|p| p == port)
+                && match &a.host {
+                    HostPattern::Any => true,
+                    HostPattern::Suffix(s) => h.ends_with(s.as_str()),
+                    HostPattern::Exact(e) => *e == h,
+                }
+        })
+    }
+
+    /// Dials a target for a client, within `timeout`.
+    pub async fn dial(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TcpStream, DialRefusal> {
+        let shown = Shown(host, port).to_string();
+        if !self.allows(host, port) {
+            return Err(DialRefusal::NotAllowed(shown));
+        }
+        let h = host.trim_start_matches('[').trim_end_matches(']');
+        let addrs: Vec<SocketAddr> = if h.is_empty() || h.eq_ignore_ascii_case("localhost") {
+            // ::1 first: a VM service reachable through the edge binds ::, and an IPv4-only
+            // one still answers on 127.0.0.1.
+            vec![
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            ]
+        } else {
+            tokio::net::lookup_host((h, port))
+                .await
+                .map_err(|e| DialRefusal::Unreachable(shown.clone(), e))?
+                .collect()
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = DialRefusal::Unreachable(
+            shown.clone(),
+            io::Error::new(io::ErrorKind::NotFound, "no address"),
+        );
+        for addr in addrs {
+            match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    if let Err(e) = tune_tcp(&s) {
+                        tracing::debug!(error = %e, "could not tune target socket");
+                    }
+                    return Ok(s);
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    last = DialRefusal::Refused(shown.clone())
+                }
+                Ok(Err(e)) => last = DialRefusal::Unreachable(shown.clone(), e),
+                Err(_) => return Err(DialRefusal::Timeout(shown)),
+            }
+        }
+        Err(last)
+    }
+}
+
+struct Shown<'a>(&'a str, u16);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            "" => write!(f, "localhost:{}", self.1),
+            h if h.contains(':') && !h.starts_with('[') => write!(f, "[{h}]:{}", self.1),
+            h => write!(f, "{h}:{}", self.1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_only_by_default() {
+        let p = TargetPolicy::default();
+        for h in ["", "localhost", "127.0.0.1", "::1", "[::1]", "127.0.0.2"] {
+            assert!(p.allows(h, 5432), "{h}");
+        }
+        for h in ["10.0.0.5", "db.internal", "example.com", "::ffff:10.0.0.1"] {
+            assert!(!p.allows(h, 5432), "{h}");
+        }
+    }
+
+    #[test]
+    fn patterns_widen() {
+        let p = TargetPolicy::new(&["db.internal:5432", "*.svc:*", "10.0.0.5:*"]).unwrap();
+        assert!(p.allows("db.internal", 5432));
+        assert!(!p.allows("db.internal", 5433));
+        assert!(p.allows("a.b.svc", 1));
+        assert!(!p.allows("svc", 1));
+        assert!(p.allows("10.0.0.5", 22));
+        assert!(!p.allows("10.0.0.6", 22));
+        assert!(TargetPolicy::new(&["*:*"]).unwrap().allows("x", 1));
+    }
+
+    #[test]
+    fn bad_patterns() {
+        for bad in ["db", ":80", "db:0", "db:x", "a*b:1"] {
+            let e = TargetPolicy::new(&[bad]).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("HOST:PORT"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_and_not_allowed_are_told_apart() {
+        let p = TargetPolicy::default();
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let e = p.dial("127.0.0.1", port, Duration::from_secs(5)).await;
+        assert!(matches!(e, Err(DialRefusal::Refused(_))), "{e:?}");
+        let e = p.dial("10.1.2.3", 80, Duration::from_secs(5)).await;
+        assert!(matches!(e, Err(DialRefusal::NotAllowed(_))), "{e:?}");
+    }
+}
