@@ -203,3 +203,12 @@ fn target_display_brackets_ipv6() {
     assert_eq!(Target::new("", 5432).unwrap().to_string(), "localhost:5432");
     assert!(Target::new("x".repeat(256), 1).is_err());
 }
+
+#[test]
+fn session_moves_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<crate::Session>();
+    assert_send_sync::<crate::Event>();
+    assert_send_sync::<crate::SessionError>();
+    assert_send_sync::<crate::StreamError>();
+}

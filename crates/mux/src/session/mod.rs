@@ -190,6 +190,12 @@ impl Session {
         self.streams.get(&id).map(|s| s.window)
     }
 
+    /// Whether stream `id` is live and still waits for its answer (server: `accept`/`reset` not called
+    /// yet; client: no `OPEN_OK` yet).
+    pub fn is_pending(&self, id: StreamId) -> bool {
+        self.streams.get(&id).is_some_and(|s| !s.accepted)
+    }
+
     /// Bytes received on `id` and not yet read.
     pub fn stream_buffered(&self, id: StreamId) -> Option<usize> {
         self.streams.get(&id).map(|s| s.recv_buffered)
@@ -352,6 +358,10 @@ impl Session {
     }
 
     /// Server: the target of stream `id` is connected; sends `OPEN_OK`.
+    ///
+    /// Bytes the client sent with its `OPEN` (zero round trips) may already be buffered: a fresh
+    /// `Event::Readable(id)` is queued for them, so a driver that ignored `Readable` while the stream
+    /// was pending needs no special case.
     pub fn accept(&mut self, id: StreamId) -> Result<(), StreamError> {
         if self.role != Role::Server {
             return Err(StreamError::Usage("only the server accepts streams"));
@@ -364,8 +374,15 @@ impl Session {
             return Err(StreamError::AlreadyAccepted(id));
         }
         s.accepted = true;
+        let readable = s.recv_buffered > 0 || s.recv != RecvState::Open;
+        if readable {
+            s.readable_signalled = true;
+        }
         self.pending_opens -= 1;
         frame::encode_open_ok(&mut self.ctrl, id);
+        if readable {
+            self.events.push_back(Event::Readable(id));
+        }
         Ok(())
     }
 

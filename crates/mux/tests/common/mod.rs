@@ -356,10 +356,10 @@ impl Pair {
                         let _ = s.session.reset(*id, ResetCode::Refused);
                     } else {
                         let _ = s.session.accept(*id);
-                        // Bytes that arrived with the OPEN were not read while pending: read them now.
-                        s.read_stream(*id);
                     }
                 }
+                // A pending stream has no target socket yet: accept re-announces its bytes.
+                Event::Readable(id) if s.session.is_pending(*id) => {}
                 Event::Readable(id) => s.read_stream(*id),
                 Event::Reset { id, code } => {
                     s.resets.insert(*id, *code);
