@@ -11,6 +11,19 @@ use crate::stack::{Stack, Transport, VM};
 per_transport!(sigterm_drains_open_connection);
 per_transport!(sigterm_exits_after_grace);
 
+/// Asserts a clean exit 0. Death by SIGTERM itself means the signal arrived before forward had
+/// installed its handler, although it had already printed its `forwarding` lines (readiness):
+/// handlers must be installed before those lines are printed.
+fn assert_clean_exit(status: std::process::ExitStatus) {
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        status.signal() != Some(15),
+        "forward died from SIGTERM's default action: it printed `forwarding ...` before installing \
+         its SIGTERM handler (install the handlers first, then print)"
+    );
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
 /// Polls until a new connection to `local` is refused: the listener is gone. Connections that
 /// still get through meanwhile (signal not handled yet) are closed at once.
 fn wait_until_refused(local: &Local) {
@@ -51,13 +64,13 @@ fn sigterm_drains_open_connection(t: Transport) {
     wait_until_refused(&local);
     // The reports of the probe connections above do not matter; only ours does.
     if let Some(st) = fwd.proc.try_status() {
+        assert_clean_exit(st);
         panic!("forward exited ({st}) although a connection was open and the grace period is 30 s");
     }
 
     // The open connection still works both ways, and ends normally.
     echo_exchange(conn, rand::random(), 1 << 20);
-    let status = fwd.proc.wait_exit();
-    assert!(status.success(), "exit status after SIGTERM: {status}");
+    assert_clean_exit(fwd.proc.wait_exit());
     let mut ours = false;
     for _ in 0..64 {
         let r = backend.next_report();
@@ -85,9 +98,5 @@ fn sigterm_exits_after_grace(t: Transport) {
 
     fwd.proc.signal("TERM");
     // The idle connection never ends by itself: forward must give up on it after the grace period.
-    let status = fwd.proc.wait_exit();
-    assert!(
-        status.success(),
-        "exit status after SIGTERM and grace: {status}"
-    );
+    assert_clean_exit(fwd.proc.wait_exit());
 }
