@@ -23,7 +23,8 @@ impl Session {
     /// [`Session::poll_event`], answers from [`Session::poll_transmit`].
     ///
     /// On a protocol violation the session closes itself (a `GOAWAY` is queued and `Event::Closed`
-    /// emitted) and the violation is returned; later calls return [`SessionError::Closed`].
+    /// emitted) and the violation is returned; later calls return [`SessionError::Closed`]. Closing
+    /// drops queued stream events: after `Closed`, every stream is simply gone.
     pub fn handle_input(&mut self, now: Instant, data: &[u8]) -> Result<(), SessionError> {
         if self.closed.is_some() {
             return Err(SessionError::Closed);

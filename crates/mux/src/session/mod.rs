@@ -597,6 +597,9 @@ impl Session {
         self.ready.clear();
         self.deferred_opens.clear();
         self.pending_opens = 0;
+        // Stream events would point at streams that no longer exist; keep only what explains the end.
+        self.events
+            .retain(|e| matches!(e, Event::GoAway { .. } | Event::AuthFailed));
         self.events.push_back(Event::Closed {
             reason: reason.clone(),
         });
