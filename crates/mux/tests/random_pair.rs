@@ -42,6 +42,9 @@ fn run(seed: u64) -> (usize, usize) {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let latency = Duration::from_millis(1 + rng.below(80));
     let mut p = Pair::with(small_config(), small_config(), latency);
+    if seed % 2 == 1 {
+        p.split = Some(seed | 1);
+    }
     p.auth(GOOD_TOKEN);
     let mut sent: HashMap<u32, Vec<u8>> = HashMap::new();
     let mut reset_by_us: Vec<u32> = Vec::new();

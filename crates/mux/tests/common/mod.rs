@@ -145,6 +145,8 @@ pub struct Pair {
     /// Everything the client put on the wire, for frame-level assertions.
     pub client_wire: Vec<u8>,
     pub record_client_wire: bool,
+    /// When set, deliveries are cut into pieces of pseudo-random size (xorshift state).
+    pub split: Option<u64>,
 }
 
 impl Pair {
@@ -177,6 +179,7 @@ impl Pair {
             hold_opens: false,
             client_wire: Vec::new(),
             record_client_wire: false,
+            split: None,
         }
     }
 
@@ -294,8 +297,10 @@ impl Pair {
             .is_some_and(|q| q.0 <= self.now)
         {
             let (_, bytes) = self.to_server.queue.pop_front().unwrap();
-            if let Err(e) = self.server.session.handle_input(self.now, &bytes) {
-                self.server.error.get_or_insert(e);
+            for piece in pieces(&mut self.split, &bytes) {
+                if let Err(e) = self.server.session.handle_input(self.now, piece) {
+                    self.server.error.get_or_insert(e);
+                }
             }
             progress = true;
         }
@@ -306,8 +311,10 @@ impl Pair {
             .is_some_and(|q| q.0 <= self.now)
         {
             let (_, bytes) = self.to_client.queue.pop_front().unwrap();
-            if let Err(e) = self.client.session.handle_input(self.now, &bytes) {
-                self.client.error.get_or_insert(e);
+            for piece in pieces(&mut self.split, &bytes) {
+                if let Err(e) = self.client.session.handle_input(self.now, piece) {
+                    self.client.error.get_or_insert(e);
+                }
             }
             progress = true;
         }
@@ -380,6 +387,25 @@ impl Pair {
         self.server.stalled.remove(&id);
         self.server.read_stream(id);
     }
+}
+
+/// Cut `bytes` at pseudo-random points when splitting is on (1 to 3000 bytes per piece).
+fn pieces<'a>(split: &mut Option<u64>, bytes: &'a [u8]) -> Vec<&'a [u8]> {
+    let Some(state) = split.as_mut() else {
+        return vec![bytes];
+    };
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        let n = (1 + (*state % 3000) as usize).min(rest.len());
+        let (a, b) = rest.split_at(n);
+        out.push(a);
+        rest = b;
+    }
+    out
 }
 
 /// Deterministic pseudo-random bytes (xorshift) so transfers are checkable without a dependency.
