@@ -359,6 +359,7 @@ impl Session {
     }
 
     fn on_goaway(&mut self, last_id: StreamId, code: ErrorCode, reason: String) {
+        tracing::debug!(last_id, %code, %reason, "peer sent GOAWAY");
         self.events.push_back(Event::GoAway {
             last_id,
             code,

@@ -583,6 +583,7 @@ impl Session {
         if self.closed.is_some() {
             return;
         }
+        tracing::debug!(role = ?self.role, %reason, streams = self.streams.len(), "mux session closed");
         if let Some((code, detail)) = goaway {
             if !self.transmit_enabled {
                 // Nothing has left yet (server before auth, client before send_auth): say only this.
@@ -612,7 +613,6 @@ impl Session {
             SessionError::Protocol { detail, .. } => detail.clone(),
             other => other.to_string(),
         };
-        tracing::debug!(%code, %detail, "closing carrier after protocol violation");
         self.close(
             CloseReason::ProtocolError {
                 code,
