@@ -49,9 +49,40 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub grace: u64,
 
+    /// Agent mode.
+    #[command(flatten)]
+    pub agent: AgentClientOpts,
+
     /// Logging.
     #[command(flatten)]
     pub log: LogOpts,
+}
+
+/// Multiplexed mode through `forward agent` on the VM.
+#[derive(Debug, Clone, Args)]
+pub struct AgentClientOpts {
+    /// Use the agent listening on this port of the VM (one carrier per VM, zero round trips per
+    /// connection) instead of one TLS connection per local connection.
+    #[arg(long, value_name = "PORT")]
+    pub agent: Option<u16>,
+
+    /// Carrier to the agent: tls (through the edge, or to an agent with its own certificate),
+    /// tcp (plain TCP straight to the agent, trusted networks only).
+    #[arg(long, value_enum, default_value_t = Transport::Tls, requires = "agent")]
+    pub transport: Transport,
+
+    /// File holding the agent token (default: env VERS_AUTH_TOKEN). Never pass it on argv.
+    #[arg(long, value_name = "FILE", requires = "agent")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Carrier kinds.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Transport {
+    /// TLS over TCP.
+    Tls,
+    /// Plain TCP.
+    Tcp,
 }
 
 /// Options shared by every client mode.
@@ -110,6 +141,11 @@ pub enum Command {
     /// Run a local imitation of the Vers edge (tests, demo, benchmarks).
     #[command(hide = true)]
     Edge(forward_edge::EdgeArgs),
+    /// Run the agent on the VM: one authenticated carrier per client, streams dialled VM-side.
+    #[command(
+        after_help = "Examples:\n  VERS_AUTH_TOKEN=$(openssl rand -hex 32) forward agent            # [::]:9999, loopback targets\n  forward agent --token-file /etc/forward.token --allow db.internal:5432\n  then on the laptop: VERS_AUTH_TOKEN=... forward --agent 9999 5432:<vm>:5432"
+    )]
+    Agent(AgentArgs),
     /// Start a local edge and services and forward to them end to end: no Vers account needed.
     Demo(DemoArgs),
 }
@@ -132,4 +168,32 @@ pub struct DemoArgs {
     /// Run the self-check and exit instead of serving until Ctrl-C.
     #[arg(long)]
     pub once: bool,
+}
+
+/// `forward agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Address to listen on; [::] takes IPv4 too.
+    #[arg(long, default_value = "[::]:9999", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+
+    /// File holding the token (default: env VERS_AUTH_TOKEN); at least 128 bits.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Also allow targets beyond the VM's loopback: HOST:PORT, `*` wildcards, `*.suffix`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub allow: Vec<String>,
+
+    /// Serve TLS with this certificate chain (PEM), for use without an edge in front.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// On SIGTERM, give open streams this long to finish after GOAWAY.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub drain: u64,
 }

@@ -3,6 +3,7 @@
 //! The binary is thin: it parses arguments (`cli`, `spec`), wires the library crates together
 //! (`run`, `demo`) and turns errors into one line on stderr with a non-zero exit.
 
+mod agent;
 mod cli;
 mod demo;
 mod run;
@@ -73,6 +74,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Some(Command::Demo(args)) => demo::run(args).await,
+        Some(Command::Agent(args)) => agent::serve(args).await,
         None => forward(cli).await,
     }
 }
@@ -84,6 +86,11 @@ async fn forward(cli: Cli) -> Result<i32> {
         .iter()
         .map(|s| Spec::parse(s))
         .collect::<Result<Vec<_>, _>>()?;
+    let grace = Duration::from_secs(cli.grace);
+    if let Some(port) = cli.agent.agent {
+        let forwards = agent::forwards(&cli, &specs, port)?;
+        return run::serve_all(forwards, cli.check, grace).await;
+    }
     let tls = run::tls_config(&cli.client)?;
     let mut forwards = Vec::new();
     for spec in &specs {
@@ -93,7 +100,7 @@ async fn forward(cli: Cli) -> Result<i32> {
             connector: Arc::new(connector),
         });
     }
-    run::serve_all(forwards, cli.check, Duration::from_secs(cli.grace)).await
+    run::serve_all(forwards, cli.check, grace).await
 }
 
 async fn stdio(args: cli::StdioArgs) -> Result<i32> {

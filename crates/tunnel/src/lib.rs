@@ -11,7 +11,10 @@
 //! (sans-IO), command-line parsing and user-facing output in the `forward` binary, the local
 //! edge imitation in `forward-edge`.
 
+pub mod agent;
+pub mod agent_client;
 pub mod auth;
+pub mod carrier;
 pub mod dial;
 pub mod listen;
 pub mod policy;
@@ -19,6 +22,7 @@ pub mod relay;
 pub mod serve;
 pub mod stdio;
 pub mod tls;
+pub mod upgrade;
 
 pub use dial::{Connector, DialError, DirectConnector, Remote};
 pub use listen::{ListenError, Listener, LocalAddr, LocalStream};

@@ -45,6 +45,16 @@ pub enum TlsConfigError {
     /// Neither the OS store nor `--ca-file` gave a single root, so nothing could ever verify.
     #[error("no trusted root certificates: the OS store is empty and no --ca-file was given")]
     NoRoots,
+    /// The server certificate or key file is missing, unreadable or not PEM.
+    #[error("cannot load {what} from {path}: {detail}; pass a PEM file")]
+    ServerFile {
+        /// "certificate" or "private key".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
     /// rustls refused the protocol configuration (should not happen with the ring provider).
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
@@ -157,4 +167,31 @@ pub fn describe_handshake_error(host: &str, err: &io::Error) -> String {
         }
         None => format!("TLS handshake with {host} failed: {err}"),
     }
+}
+
+/// A server config from PEM files (`forward agent --tls-cert/--tls-key`).
+pub fn server_config_from_files(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    use rustls::pki_types::PrivateKeyDer;
+    let bad = |what, path: &Path, detail: String| TlsConfigError::ServerFile {
+        what,
+        path: path.to_owned(),
+        detail,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad("certificate", cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad("certificate", cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("certificate", cert, "no CERTIFICATE block".into()));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| bad("private key", key, e.to_string()))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(Arc::new(config))
 }

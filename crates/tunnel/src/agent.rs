@@ -1,0 +1,357 @@
+//! `forward agent`: the VM side of the mux carrier.
+//!
+//! ```text
+//!  [::]:9999 (dual-stack) ──accept──► [TLS?] ──HTTP head──┬─ GET /health  → 200 ok (no auth)
+//!                                                         └─ Upgrade      → 101 + challenge
+//!      ──► Carrier (mux session) ── AUTH proof verified ──► Opened{id, target}
+//!      ──► TargetPolicy::dial (loopback by default) ──► accept(id) + relay | reset(id, code)
+//! ```
+//!
+//! Unauthenticated connections are capped and must finish the HTTP head and AUTH within the
+//! auth deadline; a failure on one carrier never touches the others.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use forward_mux::{ResetCode, Session, StreamId, Target};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::auth::{self, Token};
+use crate::carrier::Carrier;
+use crate::dial::tune_tcp;
+use crate::policy::{DialRefusal, TargetPolicy};
+use crate::relay::relay;
+use crate::upgrade::{self, Head};
+
+/// Everything the agent needs.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// Where to listen; `[::]:PORT` takes IPv4 too.
+    pub listen: SocketAddr,
+    /// The shared secret.
+    pub token: Token,
+    /// Which targets clients may reach.
+    pub policy: TargetPolicy,
+    /// Own TLS, for use without an edge in front.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Mux limits and windows.
+    pub mux: forward_mux::Config,
+    /// Deadline for dialling a target.
+    pub dial_timeout: Duration,
+    /// Deadline for the HTTP head plus AUTH.
+    pub auth_timeout: Duration,
+    /// Connections allowed to be unauthenticated at once.
+    pub max_unauthenticated: usize,
+}
+
+impl AgentConfig {
+    /// Defaults from the protocol: 10 s dial, 10 s auth, 64 unauthenticated.
+    pub fn new(listen: SocketAddr, token: Token) -> Self {
+        Self {
+            listen,
+            token,
+            policy: TargetPolicy::default(),
+            tls: None,
+            mux: forward_mux::Config::default(),
+            dial_timeout: Duration::from_secs(10),
+            auth_timeout: Duration::from_secs(10),
+            max_unauthenticated: 64,
+        }
+    }
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The listen address could not be bound.
+    #[error("agent cannot listen on {addr}: {cause}{hint}")]
+    Bind {
+        /// Address asked for.
+        addr: SocketAddr,
+        /// What the OS said.
+        cause: std::io::Error,
+        /// What to do.
+        hint: &'static str,
+    },
+}
+
+/// A bound agent, ready to run.
+pub struct Agent {
+    listener: TcpListener,
+    config: Arc<AgentConfig>,
+    carriers: Arc<Mutex<Vec<Weak<Carrier>>>>,
+}
+
+fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // At Vers the edge arrives over IPv6; IPv4 clients (tests, other setups) work too.
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+impl Agent {
+    /// Binds the listener (inside a tokio runtime).
+    pub fn bind(config: AgentConfig) -> Result<Self, AgentError> {
+        let listener = bind_dual_stack(config.listen).map_err(|cause| AgentError::Bind {
+            addr: config.listen,
+            hint: match cause.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    " (another process listens there: pick another --listen port)"
+                }
+                std::io::ErrorKind::PermissionDenied => " (ports below 1024 need root)",
+                _ => "",
+            },
+            cause,
+        })?;
+        Ok(Self {
+            listener,
+            config: Arc::new(config),
+            carriers: Arc::default(),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `stop`, then sends GOAWAY on every carrier, waits up to `drain` for their
+    /// streams to finish, and closes them.
+    pub async fn run(self, stop: CancellationToken, drain: Duration) {
+        let unauthenticated = Arc::new(Semaphore::new(self.config.max_unauthenticated));
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many unauthenticated connections; refusing");
+                tokio::spawn(refuse_busy(tcp));
+                continue;
+            };
+            let config = self.config.clone();
+            let carriers = self.carriers.clone();
+            tokio::spawn(
+                async move {
+                    if let Err(e) = tune_tcp(&tcp) {
+                        tracing::debug!(error = %e, "tuning socket");
+                    }
+                    match config.tls.clone() {
+                        Some(tls) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                            match tokio::time::timeout(config.auth_timeout, acceptor.accept(tcp))
+                                .await
+                            {
+                                Ok(Ok(s)) => serve_conn(s, peer, config, carriers, permit).await,
+                                Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::info!("TLS handshake timed out"),
+                            }
+                        }
+                        None => serve_conn(tcp, peer, config, carriers, permit).await,
+                    }
+                }
+                .instrument(tracing::info_span!("conn", %peer)),
+            );
+        }
+        let live: Vec<Arc<Carrier>> = self
+            .carriers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        tracing::info!(
+            carriers = live.len(),
+            ?drain,
+            "stopping: GOAWAY sent, draining"
+        );
+        for c in &live {
+            c.go_away("agent shutting down");
+        }
+        let deadline = tokio::time::Instant::now() + drain;
+        while live
+            .iter()
+            .any(|c| c.dead_reason().is_none() && c.stream_count() > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for c in &live {
+            c.close("agent shutting down");
+        }
+        // Give the writers a moment to put GOAWAY and close_notify on the wire.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn refuse_busy(mut tcp: TcpStream) {
+    let _ = tcp
+        .write_all(upgrade::simple("503 Service Unavailable", "busy\n").as_bytes())
+        .await;
+    let _ = tcp.shutdown().await;
+}
+
+async fn respond<S: AsyncWrite + Unpin>(s: &mut S, status: &str, body: &str) {
+    if s.write_all(upgrade::simple(status, body).as_bytes())
+        .await
+        .is_ok()
+    {
+        let _ = s.shutdown().await;
+    }
+}
+
+async fn serve_conn<S>(
+    mut s: S,
+    peer: SocketAddr,
+    config: Arc<AgentConfig>,
+    carriers: Arc<Mutex<Vec<Weak<Carrier>>>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let started = Instant::now();
+    let (head, leftover) =
+        match tokio::time::timeout(config.auth_timeout, upgrade::read_head(&mut s)).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "not a valid HTTP request; closing");
+                respond(&mut s, "400 Bad Request", "bad request\n").await;
+                return;
+            }
+            Err(_) => {
+                tracing::info!("no request within the auth deadline; closing");
+                return;
+            }
+        };
+    let Some(head) = Head::parse(&head) else {
+        tracing::info!("not an HTTP request; closing");
+        respond(&mut s, "400 Bad Request", "bad request\n").await;
+        return;
+    };
+    match (head.first.as_str(), head.second.as_str()) {
+        ("GET", "/health") => {
+            respond(&mut s, "200 OK", "ok\n").await;
+            return;
+        }
+        ("GET", upgrade::TUNNEL_PATH) if head.is_upgrade() => {}
+        _ => {
+            respond(
+                &mut s,
+                "404 Not Found",
+                "forward agent: only /health and the tunnel upgrade live here\n",
+            )
+            .await;
+            return;
+        }
+    }
+    let (host, port) = upgrade::split_host(head.header("host").unwrap_or(""));
+    let challenge = auth::challenge();
+    if let Err(e) = s
+        .write_all(upgrade::switching(&auth::to_hex(&challenge)).as_bytes())
+        .await
+    {
+        tracing::info!(error = %e, "client left during the upgrade");
+        return;
+    }
+    let mut mux = config.mux.clone();
+    // The HTTP part already used some of the deadline.
+    mux.auth_timeout = config.auth_timeout.saturating_sub(started.elapsed());
+    let session = Session::server(mux, Instant::now());
+    let (carrier, opened) = Carrier::start(s, session, leftover, peer.to_string());
+    let Some(mut opened) = opened else { return };
+    let proof = match carrier.wait_auth_request().await {
+        Ok(p) => p,
+        Err(reason) => {
+            tracing::info!(%reason, "carrier closed before authenticating");
+            return;
+        }
+    };
+    let ok = config.token.verify(&challenge, &host, port, &proof);
+    carrier.decide_auth(ok);
+    drop(permit);
+    if !ok {
+        // One uniform reply on the wire; the detail stays in our log.
+        tracing::warn!(%host, port, "authentication failed (wrong token, or a replayed proof)");
+        return;
+    }
+    tracing::info!(%host, port, "carrier authenticated");
+    {
+        let mut list = carriers.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(&carrier));
+    }
+    loop {
+        let (id, target) = tokio::select! {
+            reason = carrier.closed() => {
+                tracing::info!(%reason, "carrier ended");
+                return;
+            }
+            next = opened.recv() => match next {
+                Some(x) => x,
+                None => return,
+            },
+        };
+        let carrier = carrier.clone();
+        let config = config.clone();
+        tokio::spawn(
+            open_stream(carrier, id, target, config).instrument(tracing::debug_span!("stream", id)),
+        );
+    }
+}
+
+async fn open_stream(
+    carrier: Arc<Carrier>,
+    id: StreamId,
+    target: Target,
+    config: Arc<AgentConfig>,
+) {
+    let tcp = match config
+        .policy
+        .dial(&target.host, target.port, config.dial_timeout)
+        .await
+    {
+        Ok(t) => t,
+        Err(refusal) => {
+            let code = match &refusal {
+                DialRefusal::NotAllowed(_) => ResetCode::NotAllowed,
+                DialRefusal::Refused(_) => ResetCode::Refused,
+                DialRefusal::Timeout(_) => ResetCode::DialTimeout,
+                DialRefusal::Unreachable(..) => ResetCode::Unreachable,
+            };
+            tracing::info!("refusing stream: {refusal}");
+            carrier.reset(id, code);
+            return;
+        }
+    };
+    let stream = match carrier.accept(id) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "stream gone before accept");
+            return;
+        }
+    };
+    match relay(stream, tcp).await {
+        Ok(stats) => tracing::debug!(up = stats.a_to_b, down = stats.b_to_a, "stream done"),
+        Err(e) => tracing::debug!("stream failed: {}", e.describe("carrier", "target")),
+    }
+}

@@ -1,0 +1,341 @@
+//! The client side of the mux carrier: one [`AgentLink`] per agent (VM host and port), shared by
+//! every forward to that VM, and an [`AgentConnector`] per forward.
+//!
+//! ```text
+//!  local conn ─► AgentConnector::connect ─► AgentLink::carrier() ─► Carrier::open (0 RTT)
+//!                                              │ none / dead: TCP [+TLS] ─► HTTP upgrade
+//!                                              │              ─► AUTH(HMAC) queued before opens
+//!                                              └ watcher: on loss, reconnect with jittered
+//!                                                exponential backoff (streams of the lost
+//!                                                carrier are reset, never cleanly closed)
+//! ```
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use forward_mux::{Session, StreamError, Target};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::auth::{self, Token};
+use crate::carrier::{Carrier, MuxStream};
+use crate::dial::{connect_tcp, Connector, DialError};
+use crate::tls::describe_handshake_error;
+use crate::upgrade::{self, Head};
+
+/// How the carrier reaches the agent.
+#[derive(Clone)]
+pub enum CarrierTransport {
+    /// TLS (to the edge, or to an agent with its own certificate), verified as always.
+    Tls(Arc<rustls::ClientConfig>),
+    /// Plain TCP straight to the agent (a trusted network, or benchmarks).
+    Tcp,
+}
+
+impl CarrierTransport {
+    fn name(&self) -> &'static str {
+        match self {
+            CarrierTransport::Tls(_) => "tls",
+            CarrierTransport::Tcp => "tcp",
+        }
+    }
+}
+
+/// Settings of one link.
+#[derive(Clone)]
+pub struct LinkConfig {
+    /// The agent's host name (TLS name, HMAC input).
+    pub host: String,
+    /// The agent's port.
+    pub port: u16,
+    /// Connect here instead of resolving `host` (`--edge`).
+    pub edge: Option<String>,
+    /// TLS or TCP.
+    pub transport: CarrierTransport,
+    /// Shared secret.
+    pub token: Token,
+    /// Mux limits and windows.
+    pub mux: forward_mux::Config,
+    /// Deadline for TCP, TLS and the upgrade.
+    pub timeout: Duration,
+}
+
+struct LinkState {
+    current: Option<Arc<Carrier>>,
+    failures: u32,
+    last_attempt: Option<Instant>,
+    last_error: Option<String>,
+}
+
+/// One agent, one carrier at a time, re-established when lost.
+pub struct AgentLink {
+    config: LinkConfig,
+    state: tokio::sync::Mutex<LinkState>,
+}
+
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A user's connection may trigger an attempt this soon after the previous one, backoff or not.
+const USER_RETRY: Duration = Duration::from_secs(1);
+
+fn jittered(failures: u32) -> Duration {
+    let exp = BACKOFF_BASE
+        .saturating_mul(1u32 << failures.min(8))
+        .min(BACKOFF_MAX);
+    let mut r = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
+    // 50% to 150% of the exponential step, so many clients do not reconnect in lockstep.
+    let f = 0.5 + f64::from(u16::from_le_bytes(r)) / f64::from(u16::MAX);
+    exp.mul_f64(f)
+}
+
+impl AgentLink {
+    /// A link; nothing is dialled until first use.
+    pub fn new(config: LinkConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            state: tokio::sync::Mutex::new(LinkState {
+                current: None,
+                failures: 0,
+                last_attempt: None,
+                last_error: None,
+            }),
+        })
+    }
+
+    /// `host:port (agent tls)`, for messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "agent {}:{} ({})",
+            self.config.host,
+            self.config.port,
+            self.config.transport.name()
+        )
+    }
+
+    /// A usable carrier: the current one, or a new one.
+    pub async fn carrier(self: &Arc<Self>) -> Result<Arc<Carrier>, DialError> {
+        let mut st = self.state.lock().await;
+        if let Some(c) = &st.current {
+            if c.is_usable() {
+                return Ok(c.clone());
+            }
+        }
+        if let (Some(at), Some(err)) = (st.last_attempt, &st.last_error) {
+            if at.elapsed() < USER_RETRY {
+                return Err(DialError::Agent(format!(
+                    "{} is unreachable: {err}",
+                    self.describe()
+                )));
+            }
+        }
+        st.last_attempt = Some(Instant::now());
+        match self.establish().await {
+            Ok(c) => {
+                if st.failures > 0 {
+                    tracing::info!(link = %self.describe(), "carrier re-established");
+                }
+                st.failures = 0;
+                st.last_error = None;
+                st.current = Some(c.clone());
+                tokio::spawn(watch(Arc::downgrade(self), c.clone()));
+                Ok(c)
+            }
+            Err(e) => {
+                st.failures = st.failures.saturating_add(1);
+                st.last_error = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    async fn establish(&self) -> Result<Arc<Carrier>, DialError> {
+        let c = &self.config;
+        let tcp = connect_tcp(&c.host, c.edge.as_deref(), c.port, c.timeout).await?;
+        let label = format!("{}:{}", c.host, c.port);
+        match &c.transport {
+            CarrierTransport::Tcp => self.upgrade(tcp, label).await,
+            CarrierTransport::Tls(tls) => {
+                let name = ServerName::try_from(c.host.clone())
+                    .map_err(|_| DialError::BadName(c.host.clone()))?;
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                let stream =
+                    match tokio::time::timeout(c.timeout, connector.connect(name, tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            return Err(DialError::Tls(describe_handshake_error(&c.host, &e)))
+                        }
+                        Err(_) => {
+                            return Err(DialError::Tls(format!(
+                                "TLS handshake with {} timed out",
+                                c.host
+                            )))
+                        }
+                    };
+                self.upgrade(stream, label).await
+            }
+        }
+    }
+
+    async fn upgrade<S>(&self, mut s: S, label: String) -> Result<Arc<Carrier>, DialError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let c = &self.config;
+        let who = self.describe();
+        let exchange = async {
+            s.write_all(upgrade::request(&c.host, c.port).as_bytes())
+                .await?;
+            upgrade::read_head(&mut s).await
+        };
+        let (head, leftover) = match tokio::time::timeout(c.timeout, exchange).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                return Err(DialError::Agent(format!(
+                    "{who}: upgrade failed: {e} (is `forward agent` listening on port {}?)",
+                    c.port
+                )))
+            }
+            Err(_) => {
+                return Err(DialError::Agent(format!(
+                    "{who}: no answer to the upgrade within {:?}",
+                    c.timeout
+                )))
+            }
+        };
+        let parsed = Head::parse(&head);
+        let challenge = parsed
+            .as_ref()
+            .filter(|h| h.second == "101" && h.is_upgrade())
+            .and_then(|h| h.header(upgrade::CHALLENGE_HEADER))
+            .and_then(auth::from_hex)
+            .filter(|ch| ch.len() == auth::CHALLENGE_LEN);
+        let Some(challenge) = challenge else {
+            let first = head.lines().next().unwrap_or("").to_owned();
+            return Err(DialError::Agent(format!(
+                "{who}: answered '{first}' instead of the forward-mux upgrade; is `forward agent` listening on port {}?",
+                c.port
+            )));
+        };
+        let proof = c.token.prove(&challenge, &c.host, c.port);
+        let session = Session::client(c.mux.clone(), std::time::Instant::now());
+        let (carrier, _) = Carrier::start(s, session, leftover, label);
+        carrier
+            .send_auth(&proof)
+            .map_err(|e| DialError::Agent(format!("{who}: {e}")))?;
+        tracing::info!(link = %who, "carrier up");
+        Ok(carrier)
+    }
+}
+
+/// Keeps the link warm: when its carrier dies, reconnect with backoff until it works again or
+/// the link is dropped.
+///
+/// Boxed with an explicit `Send` so the compiler need not see through the recursion
+/// `carrier()` → `watch()` → `carrier()`.
+fn watch(
+    link: Weak<AgentLink>,
+    carrier: Arc<Carrier>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(watch_inner(link, carrier))
+}
+
+async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
+    let reason = carrier.closed().await;
+    drop(carrier);
+    let Some(l) = link.upgrade() else { return };
+    tracing::warn!(link = %l.describe(), %reason, "carrier lost; open connections were reset, reconnecting");
+    let mut failures = 0u32;
+    drop(l);
+    loop {
+        tokio::time::sleep(jittered(failures)).await;
+        let Some(l) = link.upgrade() else { return };
+        {
+            let st = l.state.lock().await;
+            if st.current.as_ref().is_some_and(|c| c.is_usable()) {
+                return;
+            }
+        }
+        match l.carrier().await {
+            Ok(_) => return,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(link = %l.describe(), "reconnect failed: {e}");
+            }
+        }
+    }
+}
+
+/// One forward through an agent link.
+pub struct AgentConnector {
+    link: Arc<AgentLink>,
+    target: Target,
+    shown: String,
+}
+
+impl AgentConnector {
+    /// `target` is what the agent dials on the VM; an empty host means its loopback.
+    pub fn new(link: Arc<AgentLink>, target: Target) -> Self {
+        let t = if target.host.is_empty() {
+            format!("localhost:{}", target.port)
+        } else {
+            format!("{}:{}", target.host, target.port)
+        };
+        let shown = format!(
+            "{} {} (agent {})",
+            link.config.host,
+            t,
+            link.config.transport.name()
+        );
+        Self {
+            link,
+            target,
+            shown,
+        }
+    }
+}
+
+impl Connector for AgentConnector {
+    type Stream = MuxStream;
+
+    async fn connect(&self) -> Result<MuxStream, DialError> {
+        // A carrier may be found dead or draining between the check and the open: retry once
+        // on a fresh one.
+        for attempt in 0..2 {
+            let carrier = self.link.carrier().await?;
+            match carrier.open(self.target.clone()) {
+                Ok(s) => return Ok(s),
+                Err(StreamError::GoingAway | StreamError::SessionClosed) if attempt == 0 => {
+                    continue
+                }
+                Err(e) => {
+                    return Err(DialError::Agent(format!(
+                        "{}: cannot open a stream: {e}",
+                        self.link.describe()
+                    )))
+                }
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    async fn check(&self) -> Result<(), DialError> {
+        let carrier = self.link.carrier().await?;
+        match tokio::time::timeout(self.link.config.timeout, carrier.wait_authed()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(DialError::Agent(format!(
+                "{}: {reason}",
+                self.link.describe()
+            ))),
+            Err(_) => Err(DialError::Agent(format!(
+                "{}: no answer to AUTH",
+                self.link.describe()
+            ))),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.shown.clone()
+    }
+}

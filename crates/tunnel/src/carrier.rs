@@ -1,0 +1,635 @@
+//! The tokio driver of a mux carrier: one [`forward_mux::Session`] behind a mutex, a reader task
+//! that feeds it carrier bytes, a writer task that drains it onto the carrier, and
+//! [`MuxStream`] handles that local connections read and write through.
+//!
+//! ```text
+//!  carrier ──read──► reader task ──handle_input──► ┌─────────┐ ──wake──► MuxStream::poll_read
+//!                                                  │ Session │ ◄─write── MuxStream::poll_write
+//!  carrier ◄─write── writer task ◄─poll_transmit── └─────────┘    (notify the writer)
+//!                    (also PING / timeouts at poll_timeout)
+//! ```
+//!
+//! The reader never waits on a local socket: it only appends to stream buffers that the peer
+//! may fill up to the stream's window, so one slow local reader stalls only its own stream.
+//! The session's `poll_transmit` is round-robin between streams, so the writer is fair.
+//! When the carrier dies every stream gets a reset error, never a clean EOF.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use forward_mux::{
+    CloseReason, ErrorCode, Event, ReadOutcome, ResetCode, Session, StreamError, StreamId, Target,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{mpsc, Notify};
+
+use crate::relay::Endpoint;
+
+/// Largest batch the writer hands to the carrier in one write.
+const TX_BATCH: usize = 256 * 1024;
+/// Read size on the carrier.
+const RX_BUF: usize = 128 * 1024;
+
+#[derive(Default)]
+struct StreamSlot {
+    read: Option<Waker>,
+    write: Option<Waker>,
+    reset: Option<ResetCode>,
+    got_fin: bool,
+    sent_fin: bool,
+}
+
+struct Inner {
+    session: Session,
+    slots: HashMap<StreamId, StreamSlot>,
+    dead: Option<String>,
+    going_away: bool,
+    authed: bool,
+    auth_request: Option<Vec<u8>>,
+    opened: Option<mpsc::UnboundedSender<(StreamId, Target)>>,
+}
+
+/// One carrier: the session and the tasks that move its bytes.
+pub struct Carrier {
+    inner: Mutex<Inner>,
+    /// Wakes the writer task: something to send, or a new timeout.
+    tx: Notify,
+    /// Wakes whoever waits for auth or death.
+    state: Notify,
+    label: String,
+}
+
+impl std::fmt::Debug for Carrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Carrier({})", self.label)
+    }
+}
+
+fn reset_error(code: ResetCode) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!("stream reset by the agent side: {code}"),
+    )
+}
+
+fn dead_error(reason: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!("carrier lost: {reason}"),
+    )
+}
+
+impl Carrier {
+    /// Starts the driver tasks over an established carrier stream. `leftover` holds bytes the
+    /// HTTP upgrade read past its head. A server carrier delivers opened streams on the
+    /// returned receiver.
+    pub fn start<S>(
+        io: S,
+        session: Session,
+        leftover: Vec<u8>,
+        label: String,
+    ) -> (
+        Arc<Carrier>,
+        Option<mpsc::UnboundedReceiver<(StreamId, Target)>>,
+    )
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (opened, rx) = if session.role() == forward_mux::Role::Server {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let carrier = Arc::new(Carrier {
+            inner: Mutex::new(Inner {
+                session,
+                slots: HashMap::new(),
+                dead: None,
+                going_away: false,
+                authed: false,
+                auth_request: None,
+                opened,
+            }),
+            tx: Notify::new(),
+            state: Notify::new(),
+            label,
+        });
+        let (r, w) = tokio::io::split(io);
+        tokio::spawn(read_loop(carrier.clone(), r, leftover));
+        tokio::spawn(write_loop(carrier.clone(), w));
+        (carrier, rx)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock is a bug elsewhere; keep serving what we can.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Label for logs (host and port of the peer).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Why the carrier died, if it did.
+    pub fn dead_reason(&self) -> Option<String> {
+        self.lock().dead.clone()
+    }
+
+    /// Usable for new streams: alive, authenticated (client) or not, and not draining.
+    pub fn is_usable(&self) -> bool {
+        let g = self.lock();
+        g.dead.is_none() && !g.going_away
+    }
+
+    /// Number of open streams (for metrics and drain).
+    pub fn stream_count(&self) -> usize {
+        self.lock().session.stream_count()
+    }
+
+    /// Client: queues the AUTH proof (before any open, so it goes first on the wire).
+    pub fn send_auth(&self, proof: &[u8]) -> Result<(), forward_mux::SessionError> {
+        self.lock().session.send_auth(proof)?;
+        self.tx.notify_one();
+        Ok(())
+    }
+
+    /// Client: waits until the agent accepted or refused the proof, or the carrier died.
+    pub async fn wait_authed(&self) -> Result<(), String> {
+        loop {
+            let notified = self.state.notified();
+            {
+                let g = self.lock();
+                if g.authed {
+                    return Ok(());
+                }
+                if let Some(d) = &g.dead {
+                    return Err(d.clone());
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Server: waits for the client's AUTH payload (the session enforces the deadline).
+    pub async fn wait_auth_request(&self) -> Result<Vec<u8>, String> {
+        loop {
+            let notified = self.state.notified();
+            {
+                let mut g = self.lock();
+                if let Some(p) = g.auth_request.take() {
+                    return Ok(p);
+                }
+                if let Some(d) = &g.dead {
+                    return Err(d.clone());
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves when the carrier is dead.
+    pub async fn closed(&self) -> String {
+        loop {
+            let notified = self.state.notified();
+            if let Some(d) = self.lock().dead.clone() {
+                return d;
+            }
+            notified.await;
+        }
+    }
+
+    /// Server: the verdict on the client's proof.
+    pub fn decide_auth(&self, ok: bool) {
+        let mut g = self.lock();
+        let r = if ok {
+            g.authed = true;
+            g.session.auth_accept()
+        } else {
+            g.session.auth_reject()
+        };
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "auth decision on a closed session");
+        }
+        dispatch(&mut g, &self.state);
+        drop(g);
+        self.tx.notify_one();
+    }
+
+    /// Client: opens a stream with zero round trips; data may be written at once.
+    pub fn open(self: &Arc<Self>, target: Target) -> Result<MuxStream, StreamError> {
+        let mut g = self.lock();
+        if g.dead.is_some() {
+            return Err(StreamError::SessionClosed);
+        }
+        let id = g.session.open(target)?;
+        g.slots.insert(id, StreamSlot::default());
+        drop(g);
+        self.tx.notify_one();
+        Ok(MuxStream {
+            id,
+            carrier: self.clone(),
+        })
+    }
+
+    /// Server: accepts an opened stream after its target was dialled.
+    pub fn accept(self: &Arc<Self>, id: StreamId) -> Result<MuxStream, StreamError> {
+        let mut g = self.lock();
+        g.session.accept(id)?;
+        g.slots.insert(id, StreamSlot::default());
+        dispatch(&mut g, &self.state);
+        drop(g);
+        self.tx.notify_one();
+        Ok(MuxStream {
+            id,
+            carrier: self.clone(),
+        })
+    }
+
+    /// Resets a stream (refused target, local error).
+    pub fn reset(&self, id: StreamId, code: ResetCode) {
+        let mut g = self.lock();
+        if let Err(e) = g.session.reset(id, code) {
+            tracing::trace!(stream = id, error = %e, "reset of a stream already gone");
+        }
+        g.slots.remove(&id);
+        drop(g);
+        self.tx.notify_one();
+    }
+
+    /// Graceful: GOAWAY, refuse new streams, let open ones drain.
+    pub fn go_away(&self, reason: &str) {
+        let mut g = self.lock();
+        g.going_away = true;
+        g.session.go_away(ErrorCode::NoError, reason);
+        drop(g);
+        self.tx.notify_one();
+    }
+
+    /// Closes at once; every open stream is reset.
+    pub fn close(&self, reason: &str) {
+        let mut g = self.lock();
+        g.session.close_now(ErrorCode::NoError, reason);
+        dispatch(&mut g, &self.state);
+        drop(g);
+        self.tx.notify_one();
+    }
+
+    fn kill(&self, reason: String) {
+        let mut g = self.lock();
+        if g.dead.is_none() {
+            tracing::debug!(carrier = %self.label, %reason, "carrier ended");
+            g.session.close_now(ErrorCode::Internal, &reason);
+            dispatch(&mut g, &self.state);
+            if g.dead.is_none() {
+                g.dead = Some(reason);
+            }
+            wake_all(&mut g);
+        }
+        drop(g);
+        self.state.notify_waiters();
+        self.tx.notify_one();
+    }
+}
+
+fn wake_all(g: &mut Inner) {
+    for slot in g.slots.values_mut() {
+        if let Some(w) = slot.read.take() {
+            w.wake();
+        }
+        if let Some(w) = slot.write.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Applies the session's events: wake streams, record auth and death.
+fn dispatch(g: &mut Inner, state: &Notify) {
+    let mut state_changed = false;
+    while let Some(ev) = g.session.poll_event() {
+        match ev {
+            Event::Readable(id) | Event::Finished(id) => {
+                if let Some(w) = g.slots.get_mut(&id).and_then(|s| s.read.take()) {
+                    w.wake();
+                }
+            }
+            Event::Writable(id) => {
+                if let Some(w) = g.slots.get_mut(&id).and_then(|s| s.write.take()) {
+                    w.wake();
+                }
+            }
+            Event::Reset { id, code } => {
+                if let Some(s) = g.slots.get_mut(&id) {
+                    s.reset = Some(code);
+                    if let Some(w) = s.read.take() {
+                        w.wake();
+                    }
+                    if let Some(w) = s.write.take() {
+                        w.wake();
+                    }
+                }
+            }
+            Event::Opened { id, target } => {
+                let refused = match &g.opened {
+                    Some(tx) => tx.send((id, target)).is_err(),
+                    None => true,
+                };
+                if refused {
+                    let _ = g.session.reset(id, ResetCode::Refused);
+                }
+            }
+            Event::AuthRequest(p) => {
+                g.auth_request = Some(p);
+                state_changed = true;
+            }
+            Event::AuthOk => {
+                g.authed = true;
+                state_changed = true;
+            }
+            Event::AuthFailed => {
+                g.dead = Some(CloseReason::AuthRejected.to_string());
+                state_changed = true;
+            }
+            Event::GoAway { reason, code, .. } => {
+                tracing::info!(%code, %reason, "peer is going away: new connections use a new carrier");
+                g.going_away = true;
+                state_changed = true;
+            }
+            Event::Closed { reason } => {
+                if g.dead.is_none() {
+                    g.dead = Some(reason.to_string());
+                }
+                wake_all(g);
+                state_changed = true;
+            }
+            Event::OpenOk(_) => {}
+            _ => {}
+        }
+    }
+    if state_changed {
+        state.notify_waiters();
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(carrier: Arc<Carrier>, mut r: R, leftover: Vec<u8>) {
+    let mut buf = leftover;
+    let mut n = buf.len();
+    buf.resize(RX_BUF.max(n), 0);
+    loop {
+        if n > 0 {
+            let mut g = carrier.lock();
+            let res = g.session.handle_input(Instant::now(), &buf[..n]);
+            dispatch(&mut g, &carrier.state);
+            let dead = g.session.is_closed();
+            drop(g);
+            carrier.tx.notify_one();
+            if let Err(e) = res {
+                tracing::warn!(carrier = %carrier.label, error = %e, "closing carrier: protocol error");
+            }
+            if dead {
+                // Let the writer flush the GOAWAY; the reader has nothing more to do.
+                let reason = carrier
+                    .dead_reason()
+                    .unwrap_or_else(|| "protocol error".into());
+                carrier.kill(reason);
+                return;
+            }
+        }
+        n = match r.read(&mut buf).await {
+            Ok(0) => {
+                carrier.kill("the peer closed the carrier".into());
+                return;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                carrier.kill(format!("carrier read failed: {e}"));
+                return;
+            }
+        };
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(carrier: Arc<Carrier>, mut w: W) {
+    let mut out: Vec<u8> = Vec::with_capacity(TX_BATCH);
+    loop {
+        let (deadline, closed) = {
+            let mut g = carrier.lock();
+            let now = Instant::now();
+            if g.session.poll_timeout().is_some_and(|t| t <= now) {
+                g.session.handle_timeout(now);
+            }
+            out.clear();
+            loop {
+                let room = TX_BATCH - out.len();
+                if room == 0 || g.session.poll_transmit(now, &mut out, room) == 0 {
+                    break;
+                }
+            }
+            dispatch(&mut g, &carrier.state);
+            (g.session.poll_timeout(), g.session.is_closed())
+        };
+        if !out.is_empty() {
+            let res = async {
+                w.write_all(&out).await?;
+                w.flush().await
+            }
+            .await;
+            if let Err(e) = res {
+                carrier.kill(format!("carrier write failed: {e}"));
+                return;
+            }
+            continue;
+        }
+        if closed {
+            let reason = {
+                let g = carrier.lock();
+                g.session
+                    .close_reason()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "closed".into())
+            };
+            // Orderly end of the byte stream (close_notify on TLS) after the final frames.
+            if let Err(e) = w.shutdown().await {
+                tracing::trace!(error = %e, "carrier shutdown");
+            }
+            carrier.kill(reason);
+            return;
+        }
+        let sleep = async {
+            match deadline {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = carrier.tx.notified() => {}
+            _ = sleep => {}
+        }
+    }
+}
+
+/// One multiplexed stream: the local connection's view of its remote end.
+///
+/// Dropping it before both directions ended resets the stream, so the peer never mistakes an
+/// abandoned stream for a finished one.
+pub struct MuxStream {
+    id: StreamId,
+    carrier: Arc<Carrier>,
+}
+
+impl std::fmt::Debug for MuxStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MuxStream({} on {})", self.id, self.carrier.label)
+    }
+}
+
+impl MuxStream {
+    /// The stream id on its carrier.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+}
+
+fn stream_error(g: &Inner, id: StreamId, e: StreamError) -> io::Error {
+    if let Some(code) = g.slots.get(&id).and_then(|s| s.reset) {
+        return reset_error(code);
+    }
+    if let Some(d) = &g.dead {
+        return dead_error(d);
+    }
+    io::Error::new(io::ErrorKind::ConnectionReset, e.to_string())
+}
+
+impl AsyncRead for MuxStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let carrier = &this.carrier;
+        let mut g = carrier.lock();
+        let dst = buf.initialize_unfilled();
+        match g.session.read(this.id, dst) {
+            Ok(ReadOutcome::Data(n)) => {
+                buf.advance(n);
+                let notify = g.session.wants_transmit();
+                drop(g);
+                if notify {
+                    carrier.tx.notify_one();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Ok(ReadOutcome::Fin) => {
+                if let Some(s) = g.slots.get_mut(&this.id) {
+                    s.got_fin = true;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Ok(ReadOutcome::Blocked) => {
+                if let Some(code) = g.slots.get(&this.id).and_then(|s| s.reset) {
+                    return Poll::Ready(Err(reset_error(code)));
+                }
+                if let Some(d) = &g.dead {
+                    return Poll::Ready(Err(dead_error(d)));
+                }
+                if let Some(s) = g.slots.get_mut(&this.id) {
+                    s.read = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Err(e) => {
+                // A stream that ended cleanly both ways is gone from the session: EOF again.
+                if g.slots.get(&this.id).is_some_and(|s| s.got_fin) {
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Err(stream_error(&g, this.id, e)))
+            }
+        }
+    }
+}
+
+impl AsyncWrite for MuxStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let carrier = &this.carrier;
+        let mut g = carrier.lock();
+        match g.session.write(this.id, data) {
+            Ok(0) if !data.is_empty() => {
+                if let Some(code) = g.slots.get(&this.id).and_then(|s| s.reset) {
+                    return Poll::Ready(Err(reset_error(code)));
+                }
+                if let Some(d) = &g.dead {
+                    return Poll::Ready(Err(dead_error(d)));
+                }
+                if let Some(s) = g.slots.get_mut(&this.id) {
+                    s.write = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Ok(n) => {
+                drop(g);
+                carrier.tx.notify_one();
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => Poll::Ready(Err(stream_error(&g, this.id, e))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Bytes handed to the session are the writer task's to send; nothing is held here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let carrier = &this.carrier;
+        let mut g = carrier.lock();
+        if g.slots.get(&this.id).is_some_and(|s| s.sent_fin) {
+            return Poll::Ready(Ok(()));
+        }
+        match g.session.finish(this.id) {
+            Ok(()) => {
+                if let Some(s) = g.slots.get_mut(&this.id) {
+                    s.sent_fin = true;
+                }
+                drop(g);
+                carrier.tx.notify_one();
+                Poll::Ready(Ok(()))
+            }
+            Err(e) => Poll::Ready(Err(stream_error(&g, this.id, e))),
+        }
+    }
+}
+
+impl Endpoint for MuxStream {
+    fn abort(&self) {
+        self.carrier.reset(self.id, ResetCode::Cancel);
+    }
+}
+
+impl Drop for MuxStream {
+    fn drop(&mut self) {
+        let mut g = self.carrier.lock();
+        let clean = g
+            .slots
+            .get(&self.id)
+            .is_none_or(|s| s.got_fin && s.sent_fin && s.reset.is_none());
+        g.slots.remove(&self.id);
+        if !clean && g.dead.is_none() {
+            if let Err(e) = g.session.reset(self.id, ResetCode::Cancel) {
+                tracing::trace!(stream = self.id, error = %e, "reset on drop");
+            }
+            drop(g);
+            self.carrier.tx.notify_one();
+        }
+    }
+}

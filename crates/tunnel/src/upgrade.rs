@@ -1,0 +1,162 @@
+//! The HTTP/1.1 opening of a mux carrier, so the agent port also answers `GET /health` like any
+//! Vers service and passes through HTTP-aware proxies.
+//!
+//! ```text
+//! client: GET /v1/tunnel HTTP/1.1 | Host: vm.vm.vers.sh:9999 | Connection: Upgrade | Upgrade: forward-mux/1
+//! agent:  HTTP/1.1 101 Switching Protocols | Upgrade: forward-mux/1 | Forward-Challenge: <64 hex>
+//! then mux frames both ways, the client's first frame being AUTH.
+//! ```
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::auth::PROTOCOL;
+
+/// Longest request or response head we accept; real ones are ~200 bytes.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Path of the upgrade.
+pub const TUNNEL_PATH: &str = "/v1/tunnel";
+/// Header carrying the challenge.
+pub const CHALLENGE_HEADER: &str = "forward-challenge";
+
+/// Reads up to the blank line ending an HTTP head. Returns the head and whatever followed it.
+pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(String, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            let head = String::from_utf8(buf).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidData, "HTTP head is not UTF-8")
+            })?;
+            return Ok((head, rest));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "HTTP head longer than 8 KiB",
+            ));
+        }
+        let n = r.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before the HTTP head ended",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A parsed head: first line split in three, headers with lower-case names.
+#[derive(Debug)]
+pub struct Head {
+    /// Method (request) or version (response).
+    pub first: String,
+    /// Path (request) or status code (response).
+    pub second: String,
+    /// Headers, names lower-cased.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Head {
+    /// Parses a head read by [`read_head`]; `None` if it is not HTTP.
+    pub fn parse(text: &str) -> Option<Head> {
+        let mut lines = text.split("\r\n");
+        let mut first = lines.next()?.splitn(3, ' ');
+        let a = first.next()?.to_owned();
+        let b = first.next()?.to_owned();
+        let mut headers = Vec::new();
+        for line in lines.filter(|l| !l.is_empty()) {
+            let (k, v) = line.split_once(':')?;
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+        Some(Head {
+            first: a,
+            second: b,
+            headers,
+        })
+    }
+
+    /// First value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether this asks to upgrade to our protocol.
+    pub fn is_upgrade(&self) -> bool {
+        self.header("upgrade")
+            .is_some_and(|v| v.eq_ignore_ascii_case(PROTOCOL))
+    }
+}
+
+/// The client's request.
+pub fn request(host: &str, port: u16) -> String {
+    format!(
+        "GET {TUNNEL_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nUser-Agent: forward/{}\r\n\r\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// The agent's 101 with the challenge.
+pub fn switching(challenge_hex: &str) -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nForward-Challenge: {challenge_hex}\r\n\r\n"
+    )
+}
+
+/// A short complete response.
+pub fn simple(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Splits a `Host` header into host and port (port 0 if absent).
+pub fn split_host(v: &str) -> (String, u16) {
+    if let Some(rest) = v.strip_prefix('[') {
+        if let Some((h, p)) = rest.split_once("]:") {
+            return (h.to_owned(), p.parse().unwrap_or(0));
+        }
+        return (rest.trim_end_matches(']').to_owned(), 0);
+    }
+    match v.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h.to_owned(), p.parse().unwrap_or(0)),
+        _ => (v.to_owned(), 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_request_and_host() {
+        let r = request("vm1.vm.vers.sh", 9999);
+        let h = Head::parse(r.trim_end()).unwrap();
+        assert_eq!((h.first.as_str(), h.second.as_str()), ("GET", TUNNEL_PATH));
+        assert!(h.is_upgrade());
+        assert_eq!(
+            split_host(h.header("host").unwrap()),
+            ("vm1.vm.vers.sh".into(), 9999)
+        );
+        assert_eq!(split_host("[::1]:80"), ("::1".into(), 80));
+        assert_eq!(split_host("::1"), ("::1".into(), 0));
+        assert!(Head::parse("garbage").is_none());
+    }
+
+    #[tokio::test]
+    async fn head_keeps_what_follows() {
+        let data = b"HTTP/1.1 101 X\r\nA: b\r\n\r\n\x01\x02".to_vec();
+        let (head, rest) = read_head(&mut data.as_slice()).await.unwrap();
+        assert_eq!(rest, vec![1, 2]);
+        assert_eq!(Head::parse(&head).unwrap().second, "101");
+        let long = vec![b'a'; MAX_HEAD + 2000];
+        assert!(read_head(&mut long.as_slice()).await.is_err());
+    }
+}
