@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{forward_bin, run, TempDir, TIMEOUT};
 use crate::net::{echo_exchange, Backend, Local, CHUNK};
-use crate::stack::{Stack, Transport, VM};
+use crate::stack::{Stack, Transport};
 
 per_transport!(wrong_token_is_rejected: agent_tls, agent_tcp);
 per_transport!(agent_killed_then_back: agent_tls, agent_tcp);
@@ -92,7 +92,7 @@ fn wrong_token_is_rejected(t: Transport) {
     let mut cmd = Command::new(forward_bin());
     cmd.args(&args)
         .arg("--check")
-        .arg(format!("127.0.0.1:0:{VM}:{}", backend.port));
+        .arg(format!("127.0.0.1:0:{}", stack.target(backend.port)));
     let (st, out, err) = run("forward --check (wrong token)", cmd);
     assert_eq!(st.code(), Some(1), "want exit 1:\n{out}{err}");
     assert!(
@@ -116,8 +116,8 @@ fn agent_killed_then_back(t: Transport) {
     let fwd = stack.forward(
         &[],
         &[
-            format!("127.0.0.1:0:{VM}:{}", source.port),
-            format!("127.0.0.1:0:{VM}:{}", echo.port),
+            format!("127.0.0.1:0:{}", stack.target(source.port)),
+            format!("127.0.0.1:0:{}", stack.target(echo.port)),
         ],
         2,
     );
@@ -184,8 +184,8 @@ fn thousand_streams_one_stalled(t: Transport) {
     let fwd = stack.forward(
         &[],
         &[
-            format!("127.0.0.1:0:{VM}:{}", source.port),
-            format!("127.0.0.1:0:{VM}:{}", echo.port),
+            format!("127.0.0.1:0:{}", stack.target(source.port)),
+            format!("127.0.0.1:0:{}", stack.target(echo.port)),
         ],
         2,
     );

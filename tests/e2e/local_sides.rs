@@ -2,7 +2,7 @@
 //! default bind covers both loopbacks.
 
 use crate::net::{echo_exchange, Backend, Local};
-use crate::stack::{Stack, Transport, VM};
+use crate::stack::{Stack, Transport};
 
 per_transport!(ipv4_ipv6_and_unix_listeners);
 per_transport!(default_bind_is_both_loopbacks);
@@ -11,11 +11,11 @@ fn ipv4_ipv6_and_unix_listeners(t: Transport) {
     let backend = Backend::echo();
     let stack = Stack::start(t, &[backend.port]);
     let sock = stack.dir.join("local.sock");
-    let p = backend.port;
+    let target = stack.target(backend.port);
     let specs = [
-        format!("127.0.0.1:0:{VM}:{p}"),
-        format!("[::1]:0:{VM}:{p}"),
-        format!("{}:{VM}:{p}", sock.display()),
+        format!("127.0.0.1:0:{target}"),
+        format!("[::1]:0:{target}"),
+        format!("{}:{target}", sock.display()),
     ];
     let fwd = stack.forward(&[], &specs, 3);
 
@@ -43,7 +43,7 @@ fn ipv4_ipv6_and_unix_listeners(t: Transport) {
 fn default_bind_is_both_loopbacks(t: Transport) {
     let backend = Backend::echo();
     let stack = Stack::start(t, &[backend.port]);
-    let fwd = stack.forward(&[], &[format!("0:{VM}:{}", backend.port)], 2);
+    let fwd = stack.forward(&[], &[format!("0:{}", stack.target(backend.port))], 2);
 
     let mut ips: Vec<String> = fwd
         .locals

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use crate::harness::{account, free_v6_port, is_root, run, skip_unless_root, Proc, Src, TempDir};
 use crate::net::Local;
-use crate::stack::{Stack, Transport, VM};
+use crate::stack::{Stack, Transport};
 
 per_transport!(psql_and_pgbench);
 
@@ -117,7 +117,7 @@ fn psql_and_pgbench(t: Transport) {
     let Some(pg) = Postgres::start() else { return };
     let stack = Stack::start(t, &[pg.port]);
     // Default bind (127.0.0.1 and ::1), as a user would run it; libpq tries each address of localhost.
-    let fwd = stack.forward(&[], &[format!("0:{VM}:{}", pg.port)], 2);
+    let fwd = stack.forward(&[], &[format!("0:{}", stack.target(pg.port))], 2);
     let lport = match fwd
         .locals
         .iter()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::harness::{free_v6_port, Src, TIMEOUT};
 use crate::net::{echo_exchange, Backend, Conn, CHUNK};
-use crate::stack::{Stack, Transport, VM, VM_FQDN};
+use crate::stack::{Stack, Transport, VM_FQDN};
 
 per_transport!(carrier_killed_mid_transfer);
 per_transport!(edge_aborts_mid_transfer: direct, agent_tls);
@@ -109,8 +109,8 @@ fn failing_forward_does_not_disturb_others(t: Transport) {
     let mut fwd = stack.forward(
         &[],
         &[
-            format!("127.0.0.1:0:{VM}:{}", backend.port),
-            format!("127.0.0.1:0:{VM}:{dead}"),
+            format!("127.0.0.1:0:{}", stack.target(backend.port)),
+            format!("127.0.0.1:0:{}", stack.target(dead)),
         ],
         2,
     );
@@ -129,7 +129,7 @@ fn failing_forward_does_not_disturb_others(t: Transport) {
     busy.join()
         .expect("the healthy forward's connection failed");
 
-    let target = format!("{VM_FQDN}:{dead}");
+    let target = format!("{VM_FQDN}:{}", stack.rport(dead));
     fwd.proc
         .wait_line(Src::Stderr, "a log line naming the failing forward", |l| {
             l.contains(&target)

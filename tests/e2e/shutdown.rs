@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::TIMEOUT;
 use crate::net::{echo_exchange, Backend, Local};
-use crate::stack::{Stack, Transport, VM};
+use crate::stack::{Stack, Transport};
 
 per_transport!(sigterm_drains_open_connection);
 per_transport!(sigterm_exits_after_grace);
@@ -49,7 +49,7 @@ fn sigterm_drains_open_connection(t: Transport) {
     let stack = Stack::start(t, &[backend.port]);
     let mut fwd = stack.forward(
         &["--grace", "30"],
-        &[format!("127.0.0.1:0:{VM}:{}", backend.port)],
+        &[format!("127.0.0.1:0:{}", stack.target(backend.port))],
         1,
     );
     let local = fwd.local().clone();
@@ -88,7 +88,7 @@ fn sigterm_exits_after_grace(t: Transport) {
     let stack = Stack::start(t, &[backend.port]);
     let mut fwd = stack.forward(
         &["--grace", "1"],
-        &[format!("127.0.0.1:0:{VM}:{}", backend.port)],
+        &[format!("127.0.0.1:0:{}", stack.target(backend.port))],
         1,
     );
     let mut idle = fwd.local().connect();

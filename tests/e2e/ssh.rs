@@ -99,7 +99,7 @@ fn ssh_with_forward_stdio_proxycommand(t: Transport) {
             ])
             .arg("-o")
             .arg(format!("ProxyCommand={proxy}"))
-            .args(["-p", &sshd.port.to_string()])
+            .args(["-p", &stack.rport(sshd.port).to_string()])
             .arg(format!("root@{VM_FQDN}"))
             .arg(remote);
         cmd

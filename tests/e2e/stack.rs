@@ -46,6 +46,8 @@ pub struct Stack {
     /// The edge's CA (PEM), for `--ca-file`. Absent for transports without an edge.
     pub ca: Option<PathBuf>,
     edge: Option<Proc>,
+    /// Edge listening port for each VM port it leads to.
+    edge_ports: std::collections::HashMap<u16, u16>,
     agent: Option<Proc>,
     agent_port: Option<u16>,
     agent_pin: Option<String>,
@@ -74,6 +76,7 @@ impl Stack {
             dir,
             ca: None,
             edge: None,
+            edge_ports: Default::default(),
             agent: None,
             agent_port: None,
             agent_pin: None,
@@ -98,17 +101,28 @@ impl Stack {
     fn start_edge(&mut self, ports: &[u16], extra: &[&str]) {
         let ca_dir = self.dir.join("edge-ca");
         let mut args: Vec<OsString> = vec!["edge".into()];
+        // The edge picks its own free ports (0:VMPORT) rather than reusing the VM port number on
+        // 127.0.0.1, which another test's connection might hold at that moment.
         for p in ports {
             args.push("--port".into());
-            args.push(p.to_string().into());
+            args.push(format!("0:{p}").into());
         }
         args.push("--ca-dir".into());
         args.push(ca_dir.into());
         args.extend(extra.iter().map(OsString::from));
         let mut edge = Proc::forward("edge", args);
-        edge.wait_lines(Src::Stdout, ports.len(), "edge listening lines", |l| {
+        // `edge listening on 127.0.0.1:X -> [::1]:P (*.vm.vers.sh)`
+        let lines = edge.wait_lines(Src::Stdout, ports.len(), "edge listening lines", |l| {
             l.starts_with("edge listening on ")
         });
+        for line in lines {
+            let addrs: Vec<std::net::SocketAddr> = line
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            assert_eq!(addrs.len(), 2, "unexpected edge line {line:?}");
+            self.edge_ports.insert(addrs[1].port(), addrs[0].port());
+        }
         let ca_line = edge.wait_line(Src::Stdout, "the `edge CA: PATH` line", |l| {
             l.starts_with("edge CA: ")
         });
@@ -200,6 +214,23 @@ impl Stack {
         self.start_agent(self.transport == Transport::Quic, port);
     }
 
+    /// The remote port a client names to reach the service on [::1]:`service_port`: the edge's
+    /// port for it in direct mode, the service's own port when the agent dials it.
+    pub fn rport(&self, service_port: u16) -> u16 {
+        match self.transport {
+            Transport::Direct => *self
+                .edge_ports
+                .get(&service_port)
+                .unwrap_or_else(|| panic!("the edge was not started for port {service_port}")),
+            _ => service_port,
+        }
+    }
+
+    /// `vm1:RPORT` for a spec or `forward stdio`.
+    pub fn target(&self, service_port: u16) -> String {
+        format!("{VM}:{}", self.rport(service_port))
+    }
+
     /// Flags that point a `forward` (or `forward stdio`) client at this stack.
     pub fn client_args(&self) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
@@ -213,6 +244,8 @@ impl Stack {
             }
         }
         if let Some(port) = self.agent_port {
+            // Through the edge the client names the edge's port for the agent.
+            let port = self.edge_ports.get(&port).copied().unwrap_or(port);
             args.extend(["--agent".into(), port.to_string().into()]);
             let t = match self.transport {
                 Transport::AgentTls => "tls",
@@ -241,7 +274,11 @@ impl Stack {
 
     /// `forward 127.0.0.1:0:vm1:PORT` — the common single-listener case.
     pub fn forward_to(&self, service_port: u16) -> Forward {
-        self.forward(&[], &[format!("127.0.0.1:0:{VM}:{service_port}")], 1)
+        self.forward(
+            &[],
+            &[format!("127.0.0.1:0:{}", self.target(service_port))],
+            1,
+        )
     }
 
     /// Kills (SIGKILL) the process nearest to the VM that carries the client's bytes: the edge if

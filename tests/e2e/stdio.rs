@@ -7,7 +7,7 @@ use std::thread;
 
 use crate::harness::{forward_bin, Proc};
 use crate::net::{drain, hex, Backend, Payload};
-use crate::stack::{Stack, Transport, VM};
+use crate::stack::{Stack, Transport};
 
 per_transport!(stdio_pipes_bytes_both_ways);
 
@@ -18,7 +18,7 @@ fn stdio_pipes_bytes_both_ways(t: Transport) {
     let mut cmd = Command::new(forward_bin());
     cmd.arg("stdio")
         .args(stack.client_args())
-        .arg(format!("{VM}:{}", backend.port))
+        .arg(stack.target(backend.port))
         .stdin(Stdio::piped());
     let (mut proc, mut stdout) = Proc::spawn_raw_stdout("forward stdio", cmd);
     let mut stdin = proc.take_stdin();

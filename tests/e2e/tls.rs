@@ -78,7 +78,7 @@ fn wrong_ca_is_rejected(t: Transport) {
     TestCa::new("some other CA").write_pem(&other_ca);
 
     let args = with_ca(stack.client_args(), &other_ca);
-    let spec = format!("127.0.0.1:0:{VM}:{}", backend.port);
+    let spec = format!("127.0.0.1:0:{}", stack.target(backend.port));
     assert_check_fails(&args, &spec, &[VM_FQDN, "certificate"]);
     assert_data_connection_reset(args, &spec, t);
 }
