@@ -28,3 +28,4 @@ pub use dial::{Connector, DialError, DirectConnector, Remote};
 pub use listen::{ListenError, Listener, LocalAddr, LocalStream};
 pub use relay::{relay, Endpoint, RelayError, RelayStats};
 pub use serve::{serve, Lifecycle};
+pub mod quic;

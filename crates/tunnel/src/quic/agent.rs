@@ -1,0 +1,426 @@
+//! The agent side: a UDP endpoint that authenticates each connection on its first stream, then
+//! dials a target for every further stream and relays.
+
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::cert::SpkiPin;
+use super::{
+    close, code, proof_host, read_target, transport, HeaderError, QuicCert, QuicError, QuicStream,
+    ALPN, AUTH_HELLO, AUTH_TIMEOUT, MAX_UNAUTHENTICATED,
+};
+use crate::auth::{challenge, Token, CHALLENGE_LEN};
+use crate::policy::{DialRefusal, TargetPolicy};
+use crate::relay::relay;
+
+/// How long a new stream may take to deliver its target header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent waits for peers to see its close before returning from `run`.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// What a QUIC agent needs.
+#[derive(Debug, Clone)]
+pub struct QuicAgentConfig {
+    /// UDP address; an IPv6 address is dual-stack (`[::]:PORT` takes IPv4 too).
+    pub listen: SocketAddr,
+    /// The certificate presented to clients.
+    pub cert: QuicCert,
+    /// The shared token clients prove they know.
+    pub token: Token,
+    /// Which targets clients may reach.
+    pub policy: TargetPolicy,
+    /// Deadline for dialling one target.
+    pub dial_timeout: Duration,
+    /// On stop: how long streams in flight may go on before connections are closed.
+    pub grace: Duration,
+}
+
+impl QuicAgentConfig {
+    /// Defaults: `[::]:port`, loopback-only policy, 10 s dial timeout, 10 s grace.
+    pub fn new(port: u16, cert: QuicCert, token: Token) -> Self {
+        Self {
+            listen: SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+            cert,
+            token,
+            policy: TargetPolicy::default(),
+            dial_timeout: Duration::from_secs(10),
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+struct Shared {
+    token: Token,
+    policy: TargetPolicy,
+    dial_timeout: Duration,
+    port: u16,
+    unauthenticated: AtomicUsize,
+    streams: TaskTracker,
+}
+
+/// A bound QUIC agent, not yet serving: learn its address and pin, then [`QuicAgent::run`].
+pub struct QuicAgent {
+    endpoint: quinn::Endpoint,
+    local: SocketAddr,
+    pin: SpkiPin,
+    grace: Duration,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for QuicAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QuicAgent({}, {})", self.local, self.pin)
+    }
+}
+
+/// Binds a UDP socket; an IPv6 one accepts IPv4 too, whatever the system default.
+pub(super) fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, QuicError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let fail = |cause| QuicError::Bind { addr, cause };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(fail)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).map_err(fail)?;
+    }
+    // Room for a burst at WAN bandwidth-delay products; the kernel may cap it, which is fine.
+    let _ = socket.set_recv_buffer_size(8 * 1024 * 1024);
+    let _ = socket.set_send_buffer_size(8 * 1024 * 1024);
+    socket.bind(&addr.into()).map_err(fail)?;
+    Ok(socket.into())
+}
+
+impl QuicAgent {
+    /// Binds the UDP socket and prepares TLS. Must be called inside a tokio runtime.
+    pub fn bind(config: QuicAgentConfig) -> Result<Self, QuicError> {
+        let pin = config.cert.pin()?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| QuicError::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(config.cert.chain().to_vec(), config.cert.key().clone_key())
+            .map_err(|e| {
+                QuicError::Tls(format!(
+                    "certificate and key do not go together or are unsupported: {e}"
+                ))
+            })?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        // No 0-RTT: early data is replayable.
+        tls.max_early_data_size = 0;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| QuicError::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport(true));
+        let socket = udp_socket(config.listen)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let local = endpoint.local_addr()?;
+        Ok(Self {
+            endpoint,
+            local,
+            pin,
+            grace: config.grace,
+            shared: Arc::new(Shared {
+                token: config.token,
+                policy: config.policy,
+                dial_timeout: config.dial_timeout,
+                port: local.port(),
+                unauthenticated: AtomicUsize::new(0),
+                streams: TaskTracker::new(),
+            }),
+        })
+    }
+
+    /// The bound UDP address (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The certificate's pin, for clients' `--agent-pin`.
+    pub fn pin(&self) -> SpkiPin {
+        self.pin
+    }
+
+    /// Serves until `stop` fires, then refuses new connections and streams, lets streams in
+    /// flight go on for the grace period, and closes every connection.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), QuicError> {
+        tracing::info!(addr = %self.local, pin = %self.pin, "QUIC agent listening");
+        let conns = TaskTracker::new();
+        loop {
+            let incoming = tokio::select! {
+                _ = stop.cancelled() => break,
+                i = self.endpoint.accept() => i,
+            };
+            let Some(incoming) = incoming else { break };
+            let remote = incoming.remote_address();
+            if self.shared.unauthenticated.load(Ordering::Relaxed) >= MAX_UNAUTHENTICATED {
+                tracing::warn!(%remote, "refusing QUIC connection: {MAX_UNAUTHENTICATED} are already authenticating");
+                incoming.refuse();
+                continue;
+            }
+            let shared = self.shared.clone();
+            let stop = stop.clone();
+            let span = tracing::info_span!("quic_conn", %remote);
+            conns.spawn(handle_incoming(incoming, shared, stop).instrument(span));
+        }
+        tracing::info!("QUIC agent stopping: no new connections");
+        self.endpoint.set_server_config(None);
+        self.shared.streams.close();
+        if tokio::time::timeout(self.grace, self.shared.streams.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                grace = ?self.grace,
+                "grace period over: cutting the remaining QUIC streams"
+            );
+        }
+        self.endpoint.close(
+            VarInt::from_u32(close::SHUTDOWN),
+            b"agent shutting down",
+        );
+        conns.close();
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            conns.wait().await;
+            self.endpoint.wait_idle().await;
+        })
+        .await;
+        Ok(())
+    }
+}
+
+/// Binds and serves until `stop` fires.
+pub async fn serve(config: QuicAgentConfig, stop: CancellationToken) -> Result<(), QuicError> {
+    QuicAgent::bind(config)?.run(stop).await
+}
+
+/// Counts a connection as unauthenticated until dropped or released.
+struct Pending<'a>(&'a AtomicUsize, bool);
+
+impl<'a> Pending<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n, true)
+    }
+    fn release(&mut self) {
+        if std::mem::take(&mut self.1) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: CancellationToken) {
+    let mut pending = Pending::new(&shared.unauthenticated);
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "QUIC connection attempt dropped");
+            return;
+        }
+    };
+    let conn = match tokio::time::timeout(AUTH_TIMEOUT, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "QUIC handshake failed (wrong ALPN, or the client does not trust this certificate?)");
+            return;
+        }
+        Err(_) => {
+            tracing::info!("QUIC handshake timed out");
+            return;
+        }
+    };
+    let hd = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok());
+    let (alpn, sni) = match hd {
+        Some(hd) => (hd.protocol, hd.server_name),
+        None => (None, None),
+    };
+    if alpn.as_deref() != Some(ALPN) {
+        tracing::warn!("QUIC client without ALPN forward-mux/1: closed");
+        conn.close(VarInt::from_u32(close::PROTOCOL), b"ALPN forward-mux/1 required");
+        return;
+    }
+    let host = proof_host(sni.as_deref().unwrap_or(""));
+    match authenticate(&conn, &shared, &host).await {
+        Ok(()) => {
+            pending.release();
+            tracing::info!(sni = %host, "QUIC client authenticated");
+        }
+        Err((c, reason)) => {
+            tracing::warn!(sni = %host, "QUIC client rejected: {reason}");
+            conn.close(VarInt::from_u32(c), reason.as_bytes());
+            return;
+        }
+    }
+    drop(pending);
+    serve_streams(conn, shared, stop).await;
+}
+
+fn reject(send: &mut SendStream, recv: &mut RecvStream, c: u32) {
+    let _ = send.reset(VarInt::from_u32(c));
+    let _ = recv.stop(VarInt::from_u32(c));
+}
+
+async fn authenticate(
+    conn: &quinn::Connection,
+    shared: &Shared,
+    host: &str,
+) -> Result<(), (u32, String)> {
+    let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+    let timeout = || {
+        (
+            close::AUTH_TIMEOUT,
+            format!("no authentication within {AUTH_TIMEOUT:?}"),
+        )
+    };
+    let lost = |e: &dyn std::fmt::Display| (close::PROTOCOL, format!("auth stream failed: {e}"));
+    // Streams are accepted in id order, so the first one is the client's first stream.
+    let (mut send, mut recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(lost(&e)),
+        Err(_) => return Err(timeout()),
+    };
+    let exchange = async {
+        let mut hello = [0u8; 1];
+        recv.read_exact(&mut hello).await.map_err(|e| lost(&e))?;
+        if hello[0] != AUTH_HELLO {
+            return Err((
+                close::PROTOCOL,
+                format!(
+                    "first stream is not an auth hello (byte {:#04x}); is the client a forward of the same version?",
+                    hello[0]
+                ),
+            ));
+        }
+        let ch = challenge();
+        send.write_all(&ch).await.map_err(|e| lost(&e))?;
+        let mut proof = [0u8; 32];
+        recv.read_exact(&mut proof).await.map_err(|e| lost(&e))?;
+        debug_assert_eq!(ch.len(), CHALLENGE_LEN);
+        let ok = shared.token.verify(&ch, host, shared.port, &proof);
+        send.write_all(&[u8::from(ok)]).await.map_err(|e| lost(&e))?;
+        let _ = send.finish();
+        if ok {
+            Ok(())
+        } else {
+            Err((
+                close::AUTH_FAILED,
+                "authentication failed: check that both sides use the same token".to_owned(),
+            ))
+        }
+    };
+    tokio::pin!(exchange);
+    loop {
+        tokio::select! {
+            r = &mut exchange => return r,
+            _ = tokio::time::sleep_until(deadline) => return Err(timeout()),
+            s = conn.accept_bi() => match s {
+                Ok((mut s, mut r)) => {
+                    tracing::warn!(stream = %s.id(), "stream opened before authentication: reset");
+                    reject(&mut s, &mut r, code::AUTH_REQUIRED);
+                }
+                Err(e) => return Err(lost(&e)),
+            },
+        }
+    }
+}
+
+async fn serve_streams(conn: quinn::Connection, shared: Arc<Shared>, stop: CancellationToken) {
+    let mut stopping = false;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                continue;
+            }
+            s = conn.accept_bi() => s,
+        };
+        match accepted {
+            Ok((mut send, mut recv)) => {
+                if stopping {
+                    reject(&mut send, &mut recv, code::SHUTTING_DOWN);
+                    continue;
+                }
+                let span = tracing::debug_span!("stream", id = %send.id());
+                shared
+                    .streams
+                    .spawn(handle_stream(send, recv, shared.clone()).instrument(span));
+            }
+            Err(e) => {
+                match &e {
+                    quinn::ConnectionError::ApplicationClosed(_)
+                    | quinn::ConnectionError::LocallyClosed => {
+                        tracing::info!(reason = %e, "QUIC client disconnected")
+                    }
+                    _ => tracing::info!(reason = %e, "QUIC connection lost"),
+                }
+                return;
+            }
+        }
+    }
+}
+
+async fn handle_stream(mut send: SendStream, mut recv: RecvStream, shared: Arc<Shared>) {
+    let target = match tokio::time::timeout(HEADER_TIMEOUT, read_target(&mut recv)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::warn!("bad target header ({e}): stream reset");
+            reject(&mut send, &mut recv, code::BAD_HEADER);
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("bad target header ({}): stream reset", HeaderError::Slow(HEADER_TIMEOUT));
+            reject(&mut send, &mut recv, code::BAD_HEADER);
+            return;
+        }
+    };
+    let (host, port) = target;
+    let shown: Arc<str> = if host.contains(':') {
+        format!("[{host}]:{port}").into()
+    } else if host.is_empty() {
+        format!("localhost:{port}").into()
+    } else {
+        format!("{host}:{port}").into()
+    };
+    let tcp = match shared.policy.dial(&host, port, shared.dial_timeout).await {
+        Ok(t) => t,
+        Err(refusal) => {
+            let c = match refusal {
+                DialRefusal::NotAllowed(_) => code::NOT_ALLOWED,
+                DialRefusal::Refused(_) => code::REFUSED,
+                DialRefusal::Timeout(_) => code::TIMEOUT,
+                DialRefusal::Unreachable(..) => code::UNREACHABLE,
+            };
+            tracing::info!("stream refused: {refusal}");
+            reject(&mut send, &mut recv, c);
+            return;
+        }
+    };
+    tracing::debug!(target = %shown, "stream opened");
+    match relay(QuicStream::new(send, recv, "client", shown.clone()), tcp).await {
+        Ok(stats) => tracing::debug!(
+            target = %shown,
+            up = stats.a_to_b,
+            down = stats.b_to_a,
+            "stream done"
+        ),
+        Err(e) => tracing::info!("stream to {shown} ended: {}", e.describe("client", "target")),
+    }
+}

@@ -1,0 +1,298 @@
+//! The QUIC transport: the agent listens on UDP with its own certificate, and every local
+//! connection becomes one bidirectional QUIC stream, so a lost packet stalls only its own stream
+//! (no head-of-line blocking between forwarded connections, unlike one TCP carrier).
+//!
+//! ```text
+//!  client (QuicCarrier: one quinn connection per agent, shared by its QuicConnectors)
+//!    │  UDP, TLS 1.3, ALPN forward-mux/1, cert checked by --ca-file or --agent-pin sha256:…
+//!    ▼
+//!  agent (QuicAgent on [::]:PORT, dual-stack)
+//!    stream 0 (auth): client 0x01 ─► agent challenge[32] ─► client HMAC proof[32] ─► agent 1|0
+//!    stream 4, 8, …:  client `port u16 | hostlen u8 | host` + data at once (zero round trips)
+//!                     agent: TargetPolicy::dial(host, port) ─► relay(stream, tcp)
+//!                     refusal ─► RESET_STREAM/STOP_SENDING with a code (see [`code`])
+//! ```
+//!
+//! Stream semantics match the other transports: local EOF → `finish()` (a FIN), peer FIN → EOF,
+//! an error → `reset()` + `stop()` both ways. A clean shutdown waits until the peer has
+//! acknowledged every byte (`stopped()`), so closing the connection afterwards loses nothing;
+//! a stream that is dropped without an explicit shutdown is reset, never cleanly ended.
+//! Streams of a lost connection see an error, never a clean EOF.
+//!
+//! The Vers edge carries TCP only: QUIC is for agents reachable directly over UDP.
+//!
+//! Left to others: command-line flags and the printed pin (the `forward` binary), the relay
+//! ([`crate::relay`]), target policy ([`crate::policy`]) and the token ([`crate::auth`]).
+
+mod agent;
+mod cert;
+mod client;
+mod stream;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use agent::{serve, QuicAgent, QuicAgentConfig};
+pub use cert::{QuicCert, SpkiPin};
+pub use client::{client_config, AgentVerify, QuicCarrier, QuicCarrierConfig, QuicConnector};
+pub use stream::QuicStream;
+
+use crate::tls::TlsConfigError;
+
+/// The ALPN both sides require; the same label as the mux protocol.
+pub const ALPN: &[u8] = b"forward-mux/1";
+/// First byte the client writes on the auth stream (protocol version of the exchange).
+pub const AUTH_HELLO: u8 = 1;
+/// Longest target host a header may carry (a DNS name is at most 253 characters).
+pub const MAX_TARGET_HOST: usize = 253;
+/// Time a client has to prove it knows the token, from the end of the handshake.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections that may be in the handshake or auth phase at once; more are refused.
+pub const MAX_UNAUTHENTICATED: usize = 64;
+
+/// Application error codes of RESET_STREAM / STOP_SENDING on data streams.
+pub mod code {
+    /// The relay failed on the sending side (its local socket reset, or the stream was dropped).
+    pub const ABORTED: u32 = 1;
+    /// The agent's policy does not allow the target.
+    pub const NOT_ALLOWED: u32 = 2;
+    /// Nothing listens at the target.
+    pub const REFUSED: u32 = 3;
+    /// The target did not answer within the agent's dial timeout.
+    pub const TIMEOUT: u32 = 4;
+    /// The target's name or route failed.
+    pub const UNREACHABLE: u32 = 5;
+    /// The stream did not start with a valid target header.
+    pub const BAD_HEADER: u32 = 6;
+    /// The stream was opened before the connection authenticated.
+    pub const AUTH_REQUIRED: u32 = 7;
+    /// The agent is shutting down and takes no new streams.
+    pub const SHUTTING_DOWN: u32 = 8;
+}
+
+/// Application error codes of CONNECTION_CLOSE.
+pub mod close {
+    /// Normal close.
+    pub const NORMAL: u32 = 0;
+    /// Wrong proof: the two sides do not share the token.
+    pub const AUTH_FAILED: u32 = 1;
+    /// No proof within [`super::AUTH_TIMEOUT`].
+    pub const AUTH_TIMEOUT: u32 = 2;
+    /// The peer broke the protocol (bad hello, wrong ALPN).
+    pub const PROTOCOL: u32 = 3;
+    /// The agent is stopping.
+    pub const SHUTDOWN: u32 = 4;
+}
+
+/// Why a QUIC agent or client could not do its job. Messages name the fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuicError {
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on UDP {addr}: {cause}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the OS said.
+        cause: io::Error,
+    },
+    /// A certificate or key file could not be read or parsed.
+    #[error("{0}")]
+    CertFile(String),
+    /// The agent certificate could not be generated.
+    #[error("cannot generate the agent certificate: {0}")]
+    Generate(String),
+    /// rustls refused the certificate, key or configuration.
+    #[error("QUIC TLS configuration: {0}")]
+    Tls(String),
+    /// The roots for `--ca-file` verification could not be loaded.
+    #[error(transparent)]
+    TlsConfig(#[from] TlsConfigError),
+    /// A malformed `--agent-pin`.
+    #[error("invalid --agent-pin '{0}': expected sha256:<base64 of 32 bytes>, as printed by `forward agent --quic`")]
+    BadPin(String),
+    /// The agent presented a certificate other than the pinned one.
+    #[error("agent certificate does not match --agent-pin (got {got}); if the agent's certificate was replaced on purpose, pin the new value")]
+    PinMismatch {
+        /// The pin of the certificate the agent presented.
+        got: String,
+    },
+    /// `--ca-file` verification failed.
+    #[error("certificate of agent {host} rejected: {reason}; pass the CA that signed it with --ca-file, or pin it with --agent-pin sha256:... (printed by `forward agent --quic`)")]
+    Untrusted {
+        /// The name that was verified.
+        host: String,
+        /// What the verifier said.
+        reason: String,
+    },
+    /// The peer does not speak our ALPN.
+    #[error("{host}:{port} does not speak forward-mux/1 over QUIC (ALPN mismatch); is it a forward agent started with --quic?")]
+    WrongAlpn {
+        /// The agent host.
+        host: String,
+        /// Its UDP port.
+        port: u16,
+    },
+    /// The agent refused the proof.
+    #[error("agent {host}:{port} rejected authentication: check that both sides use the same token")]
+    AuthRejected {
+        /// The agent host.
+        host: String,
+        /// Its UDP port.
+        port: u16,
+    },
+    /// No handshake or auth answer in time.
+    #[error("no QUIC answer from agent {host} at {addr} within {after:?}; is `forward agent --quic` running there and UDP port {} reachable?", addr.port())]
+    Timeout {
+        /// The agent host.
+        host: String,
+        /// The address tried.
+        addr: SocketAddr,
+        /// The deadline.
+        after: Duration,
+    },
+    /// DNS said no.
+    #[error("cannot resolve {host}: {cause}; check the VM id and --domain, or pass --edge ADDR")]
+    Resolve {
+        /// The name that failed.
+        host: String,
+        /// Resolver error.
+        cause: io::Error,
+    },
+    /// DNS answered with nothing usable.
+    #[error("{host} resolved to no address")]
+    NoAddress {
+        /// The name that failed.
+        host: String,
+    },
+    /// The connection failed or was lost for another reason.
+    #[error("QUIC connection to agent {host}:{port}: {reason}")]
+    Connection {
+        /// The agent host.
+        host: String,
+        /// Its UDP port.
+        port: u16,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A target the header cannot carry.
+    #[error("target host '{0}' cannot be sent to the agent: at most 253 characters of letters, digits, '.', '-', '_', ':' (or empty for the VM's loopback)")]
+    BadTarget(String),
+    /// Endpoint setup (runtime, socket) failed.
+    #[error("QUIC endpoint: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Transport settings sized for WAN paths: the windows cover a large bandwidth-delay product,
+/// keepalives keep NAT bindings and detect a dead path, the idle timeout reclaims it.
+fn transport(server: bool) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024))
+        .receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024))
+        .send_window(64 * 1024 * 1024)
+        // Only the client opens streams; the agent opens none.
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(if server { 1024 } else { 0 }))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        .keep_alive_interval(Some(Duration::from_secs(10)))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("30 s fits a VarInt"),
+        ));
+    Arc::new(t)
+}
+
+/// Encodes a target header: `port u16 | hostlen u8 | host`.
+pub fn encode_target(host: &str, port: u16) -> Result<Vec<u8>, QuicError> {
+    if !valid_host(host.as_bytes()) {
+        return Err(QuicError::BadTarget(host.to_owned()));
+    }
+    let mut h = Vec::with_capacity(3 + host.len());
+    h.extend_from_slice(&port.to_be_bytes());
+    h.push(host.len() as u8);
+    h.extend_from_slice(host.as_bytes());
+    Ok(h)
+}
+
+fn valid_host(host: &[u8]) -> bool {
+    host.len() <= MAX_TARGET_HOST
+        && host
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:[]%".contains(b))
+}
+
+/// A bad target header, as the agent logs it.
+#[derive(Debug, thiserror::Error)]
+enum HeaderError {
+    #[error("stream ended inside the target header")]
+    Truncated,
+    #[error("target port 0")]
+    PortZero,
+    #[error("target host of {0} bytes (at most 253)")]
+    TooLong(usize),
+    #[error("target host is not a host name")]
+    NotText,
+    #[error("no target header within {0:?}")]
+    Slow(Duration),
+    #[error("{0}")]
+    Read(quinn::ReadError),
+}
+
+/// Reads and validates a target header from the start of a data stream.
+async fn read_target(recv: &mut quinn::RecvStream) -> Result<(String, u16), HeaderError> {
+    let map = |e: quinn::ReadExactError| match e {
+        quinn::ReadExactError::FinishedEarly(_) => HeaderError::Truncated,
+        quinn::ReadExactError::ReadError(e) => HeaderError::Read(e),
+    };
+    let mut fixed = [0u8; 3];
+    recv.read_exact(&mut fixed).await.map_err(map)?;
+    let port = u16::from_be_bytes([fixed[0], fixed[1]]);
+    let len = usize::from(fixed[2]);
+    if len > MAX_TARGET_HOST {
+        return Err(HeaderError::TooLong(len));
+    }
+    let mut host = vec![0u8; len];
+    recv.read_exact(&mut host).await.map_err(map)?;
+    if port == 0 {
+        return Err(HeaderError::PortZero);
+    }
+    if !valid_host(&host) {
+        return Err(HeaderError::NotText);
+    }
+    Ok((String::from_utf8(host).map_err(|_| HeaderError::NotText)?, port))
+}
+
+/// The name both sides mix into the auth proof: the SNI, lower-cased, without a trailing dot;
+/// empty for an IP address (no SNI is sent for one).
+fn proof_host(name: &str) -> String {
+    let n = name.trim_start_matches('[').trim_end_matches(']');
+    if n.parse::<std::net::IpAddr>().is_ok() {
+        return String::new();
+    }
+    n.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_header_round_trip_shape() {
+        let h = encode_target("localhost", 5432).unwrap();
+        assert_eq!(&h[..3], &[0x15, 0x38, 9]);
+        assert_eq!(&h[3..], b"localhost");
+        assert_eq!(encode_target("", 22).unwrap(), vec![0, 22, 0]);
+        let long = "a".repeat(254);
+        let e = encode_target(&long, 1).unwrap_err().to_string();
+        assert!(e.contains("at most 253"), "{e}");
+        assert!(encode_target("bad host", 1).is_err());
+        assert!(encode_target("::1", 1).is_ok());
+    }
+
+    #[test]
+    fn proof_host_normalises() {
+        assert_eq!(proof_host("VM1.vm.vers.sh."), "vm1.vm.vers.sh");
+        assert_eq!(proof_host("127.0.0.1"), "");
+        assert_eq!(proof_host("[::1]"), "");
+    }
+}
