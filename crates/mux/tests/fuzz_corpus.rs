@@ -144,7 +144,8 @@ fn session_input_survives_corpus_and_generated_inputs() {
     }
 }
 
-/// Regenerate the committed seeds: `cargo test -p forward-mux --test fuzz_corpus -- --ignored`.
+/// Add generated seeds (the committed set was then minimized from libFuzzer runs, see fuzz/README.md):
+/// `cargo test -p forward-mux --test fuzz_corpus -- --ignored`.
 #[test]
 #[ignore]
 fn write_seeds() {
