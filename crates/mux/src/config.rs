@@ -61,11 +61,16 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Clamp values that would break the protocol (zero windows, quantum above the frame limit).
+    /// Clamp values that would break the protocol (zero or oversized windows, quantum above the frame
+    /// limit, caps that would never let a stream open).
     pub(crate) fn sanitized(mut self) -> Config {
-        self.stream_window = self.stream_window.max(1);
-        self.max_stream_window = self.max_stream_window.max(self.stream_window);
-        self.connection_window = self.connection_window.max(1);
+        // A peer treats credit above 2^31 - 1 as a flow-control error.
+        const MAX: u32 = (1 << 31) - 1;
+        self.stream_window = self.stream_window.clamp(1, MAX);
+        self.max_stream_window = self.max_stream_window.clamp(self.stream_window, MAX);
+        self.connection_window = self.connection_window.clamp(1, MAX);
+        self.max_concurrent_streams = self.max_concurrent_streams.max(1);
+        self.max_pending_opens = self.max_pending_opens.max(1);
         self.send_quantum = self
             .send_quantum
             .clamp(1, crate::frame::MAX_PAYLOAD as usize);
