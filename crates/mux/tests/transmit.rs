@@ -153,3 +153,66 @@ fn ten_thousand_idle_streams_stay_small() {
     eprintln!("session memory per idle stream: {per_stream} bytes");
     assert!(per_stream < 1024, "{per_stream} bytes per idle stream");
 }
+
+#[test]
+fn writable_follows_when_the_send_buffer_drains() {
+    let config = Config {
+        stream_send_buffer: 1000,
+        ..Config::default()
+    };
+    let (mut c, now) = authed_client(config);
+    let id = c.open(target()).unwrap();
+    assert_eq!(
+        c.write(id, &[1u8; 3000]).unwrap(),
+        1000,
+        "send buffer, not credit, limits"
+    );
+    assert!(events(&mut c).is_empty());
+    let mut out = Vec::new();
+    c.poll_transmit(now, &mut out, 1 << 20);
+    assert_eq!(events(&mut c), [Event::Writable(id)]);
+    assert_eq!(c.write(id, &[1u8; 3000]).unwrap(), 1000);
+}
+
+#[test]
+fn read_chunk_hands_out_received_frames_without_copying() {
+    let now = Instant::now();
+    let mut s = Session::server(Config::default(), now);
+    s.handle_input(now, &wire(&[Frame::Auth(b"p".to_vec().into())]))
+        .unwrap();
+    s.auth_accept().unwrap();
+    let frames = [
+        Frame::Open {
+            id: 1,
+            target: target(),
+        },
+        Frame::Data {
+            id: 1,
+            fin: false,
+            payload: b"hello ".to_vec().into(),
+        },
+        Frame::Data {
+            id: 1,
+            fin: true,
+            payload: b"world".to_vec().into(),
+        },
+    ];
+    s.handle_input(now, &wire(&frames)).unwrap();
+    s.accept(1).unwrap();
+    use forward_mux::ReadChunk;
+    assert_eq!(
+        s.read_chunk(1, 4).unwrap(),
+        ReadChunk::Data(b"hell".to_vec().into())
+    );
+    assert_eq!(
+        s.read_chunk(1, 100).unwrap(),
+        ReadChunk::Data(b"o ".to_vec().into())
+    );
+    assert_eq!(
+        s.read_chunk(1, 100).unwrap(),
+        ReadChunk::Data(b"world".to_vec().into())
+    );
+    assert_eq!(s.read_chunk(1, 100).unwrap(), ReadChunk::Fin);
+    let evs = events(&mut s);
+    assert!(evs.contains(&Event::Finished(1)));
+}
