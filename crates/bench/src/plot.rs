@@ -62,8 +62,7 @@ pub fn throughput(report: &Report, file: &Path) -> anyhow::Result<()> {
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(paths.len() * 4)
-        .x_label_formatter(&|_| String::new())
+        .x_labels(0)
         .y_desc("Gbit/s")
         .draw()
         .map_err(err)?;
@@ -79,18 +78,32 @@ pub fn throughput(report: &Report, file: &Path) -> anyhow::Result<()> {
             .label(*label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
     }
-    // Path names under each group, drawn as text in data coordinates just above the axis.
-    chart
-        .draw_series(names.iter().enumerate().map(|(i, n)| {
-            let x =
-                (i * slots) as f64 + 0.5 + series.len() as f64 / 2.0 - 0.2 * n.len() as f64 / 2.0;
-            Text::new(
-                n.clone(),
-                (x.max(0.0), max * 0.97),
-                ("sans-serif", 15).into_font(),
-            )
-        }))
-        .map_err(err)?;
+    // The value above each bar: tunnels are often a small fraction of raw loopback.
+    for (s, (_, get)) in series.iter().enumerate() {
+        chart
+            .draw_series(paths.iter().enumerate().filter_map(|(i, p)| {
+                let v = get(&p.median)?;
+                let x = (i * slots + s) as f64 + 0.5;
+                Some(Text::new(
+                    format!("{v:.1}"),
+                    (x, v + max * 0.01),
+                    ("sans-serif", 10).into_font(),
+                ))
+            }))
+            .map_err(err)?;
+    }
+    // Path names under each group: placed in pixels, since the x axis counts slots.
+    for (i, n) in names.iter().enumerate() {
+        let center = (i * slots) as f64 + 0.5 + series.len() as f64 / 2.0;
+        let (px, py) = chart.backend_coord(&(center, 0.0));
+        let style = TextStyle::from(("sans-serif", 15).into_font()).pos(
+            plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Center,
+                plotters::style::text_anchor::VPos::Top,
+            ),
+        );
+        root.draw_text(n, &style, (px, py + 10)).map_err(err)?;
+    }
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)

@@ -319,7 +319,11 @@ async fn scale(path: &mut RunningPath, s: &Settings, live: &Live) -> Scale {
     let mut note = None;
     if path.kind == PathKind::Socat && n > 1000 {
         n = 1000;
-        note = Some("socat forks a process per connection; capped at 1000".to_string());
+        note = Some(
+            "socat forks a process per connection: capped at 1000, and summed RSS counts each \
+             process's shared pages again"
+                .to_string(),
+        );
     }
     // Let memory freed by the earlier workloads settle before the baseline.
     tokio::time::sleep(Duration::from_millis(300)).await;
