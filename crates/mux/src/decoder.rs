@@ -1,7 +1,7 @@
 //! Streaming frame decoder: arbitrary byte chunks in, whole frames out.
 //!
 //! A frame that lies entirely inside the input chunk is parsed in place and only a `DATA`/`AUTH`
-//! payload is copied (once, into its own [`Bytes`]); a frame split across chunks is gathered in a
+//! payload is copied (once, into its own [`Bytes`](bytes::Bytes)); a frame split across chunks is gathered in a
 //! buffer sized from its already-validated header. Nothing is allocated for a frame whose header is
 //! invalid, so a hostile peer cannot make the decoder reserve more than [`MAX_PAYLOAD`] bytes.
 //!
