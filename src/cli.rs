@@ -13,6 +13,8 @@ Examples:
   forward '[::1]:8080:abc123:80'           listen on ::1 only (default: 127.0.0.1 and ::1)
   forward /tmp/pg.sock:abc123:5432         a Unix socket as the local side
   forward --check 5432:abc123:5432         verify TLS to every target first, exit 1 on failure
+  forward --agent 9999 5432:abc123:5432    through `forward agent` on the VM (token in VERS_AUTH_TOKEN)
+  forward --agent 9999 5433:abc123/db.internal:5432   the agent dials db.internal from the VM
   ssh -o ProxyCommand='forward stdio %h:443' root@abc123.vm.vers.sh
   forward demo                             local edge + services, end to end, no Vers account
 
