@@ -110,3 +110,181 @@ pub fn session_input(data: &[u8]) {
         }
     }
 }
+
+/// One side of [`pair_ops`]: its session, bytes it sent that the peer has not received yet, and how
+/// many bytes it wrote to / read from each stream (the content is a function of id and offset).
+struct Side {
+    session: Session,
+    in_flight: Vec<u8>,
+    written: std::collections::HashMap<u32, u64>,
+    read: std::collections::HashMap<u32, u64>,
+    dir: u32,
+}
+
+fn content(id: u32, dir: u32, offset: u64) -> u8 {
+    (offset as u32)
+        .wrapping_mul(31)
+        .wrapping_add(id.wrapping_mul(7))
+        .wrapping_add(dir) as u8
+}
+
+impl Side {
+    fn new(session: Session, dir: u32) -> Side {
+        Side {
+            session,
+            in_flight: Vec::new(),
+            written: Default::default(),
+            read: Default::default(),
+            dir,
+        }
+    }
+
+    fn write(&mut self, id: u32, len: usize) {
+        let at = self.written.get(&id).copied().unwrap_or(0);
+        let data: Vec<u8> = (0..len as u64)
+            .map(|i| content(id, self.dir, at + i))
+            .collect();
+        if let Ok(n) = self.session.write(id, &data) {
+            *self.written.entry(id).or_default() += n as u64;
+        }
+    }
+
+    /// Read what is there and check it is exactly what the peer wrote, in order.
+    fn read(&mut self, id: u32, max: usize, peer_dir: u32) {
+        let mut buf = vec![0u8; max.max(1)];
+        while let Ok(ReadOutcome::Data(n)) = self.session.read(id, &mut buf) {
+            let at = self.read.entry(id).or_default();
+            for (i, b) in buf[..n].iter().enumerate() {
+                assert_eq!(
+                    *b,
+                    content(id, peer_dir, *at + i as u64),
+                    "stream {id} corrupted at {}",
+                    *at + i as u64
+                );
+            }
+            *at += n as u64;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    fn transmit(&mut self, now: Instant) {
+        while self.session.poll_transmit(now, &mut self.in_flight, 8192) > 0 {}
+    }
+}
+
+/// The only ways two correct peers part: simulated time ran past a deadline.
+fn timed_out(reason: &crate::CloseReason) -> bool {
+    use crate::CloseReason as R;
+    matches!(
+        reason,
+        R::Timeout
+            | R::AuthTimeout
+            | R::PeerError {
+                code: crate::ErrorCode::AuthTimeout,
+                ..
+            }
+    )
+}
+
+/// Deliver up to `len` in-flight bytes from `from` to `to`; a correct peer never causes an error.
+fn deliver(from: &mut Side, to: &mut Side, now: Instant, len: usize) {
+    let n = len.min(from.in_flight.len());
+    let bytes: Vec<u8> = from.in_flight.drain(..n).collect();
+    if let Err(e) = to.session.handle_input(now, &bytes) {
+        assert_eq!(
+            e,
+            crate::SessionError::Closed,
+            "a correct peer was accused: {e}"
+        );
+    }
+}
+
+/// Two correct sessions driven by operations read from `data` (open, write, finish, reset, read,
+/// partial deliveries, time, GOAWAY). They must never accuse each other of a protocol violation, and
+/// every byte read must be the byte written at that offset.
+pub fn pair_ops(data: &[u8]) {
+    let config = Config {
+        stream_window: 2048,
+        max_stream_window: 16 * 1024,
+        connection_window: 8192,
+        stream_send_buffer: 1500,
+        send_quantum: 700,
+        max_concurrent_streams: 6,
+        max_pending_opens: 2,
+        ..Config::default()
+    };
+    let start = Instant::now();
+    let mut now = start;
+    let mut client = Side::new(Session::client(config.clone(), now), 0);
+    let mut server = Side::new(Session::server(config, now), 1);
+    client.session.send_auth(b"proof").expect("fresh client");
+    let mut ids: Vec<u32> = Vec::new();
+    let mut pending: Vec<u32> = Vec::new();
+    let mut bytes = data.iter().copied();
+    while let Some(op) = bytes.next() {
+        let arg = bytes.next().unwrap_or(0);
+        let pick = |ids: &[u32]| (!ids.is_empty()).then(|| ids[usize::from(arg) % ids.len()]);
+        match op % 16 {
+            0 => {
+                let port = if arg % 5 == 0 { 1 } else { 80 };
+                if let Ok(id) = client.session.open(crate::Target {
+                    host: String::new(),
+                    port,
+                }) {
+                    ids.push(id);
+                }
+            }
+            1 => {
+                if let Some(id) = pick(&ids) {
+                    client.write(id, usize::from(arg) * 13);
+                }
+            }
+            2 => drop(pick(&ids).map(|id| client.session.finish(id))),
+            3 => drop(pick(&ids).map(|id| client.session.reset(id, ResetCode::Cancel))),
+            4 => {
+                if let Some(id) = pick(&ids) {
+                    server.write(id, usize::from(arg) * 11);
+                }
+            }
+            5 => drop(pick(&ids).map(|id| server.session.finish(id))),
+            6 => drop(pick(&ids).map(|id| server.session.reset(id, ResetCode::Internal))),
+            7 | 8 => deliver(&mut client, &mut server, now, usize::from(arg) * 40 + 1),
+            9 | 10 => deliver(&mut server, &mut client, now, usize::from(arg) * 40 + 1),
+            11 => drop(pick(&ids).map(|id| client.read(id, usize::from(arg) * 8, 1))),
+            12 => drop(pick(&ids).map(|id| server.read(id, usize::from(arg) * 8, 0))),
+            13 => {
+                now += Duration::from_millis(u64::from(arg) * 20);
+                client.session.handle_timeout(now);
+                server.session.handle_timeout(now);
+            }
+            14 if arg == 0xff => server.session.go_away(crate::ErrorCode::NoError, "fuzz"),
+            _ => {
+                if let Some(&id) = pending.get(usize::from(arg) % pending.len().max(1)) {
+                    pending.retain(|p| *p != id);
+                    let _ = server.session.accept(id);
+                }
+            }
+        }
+        while let Some(event) = server.session.poll_event() {
+            match event {
+                Event::AuthRequest(_) => server.session.auth_accept().expect("auth pending"),
+                // A later event may already have reset it: then there is nothing to refuse.
+                Event::Opened { id, target } if target.port == 1 => {
+                    let _ = server.session.reset(id, ResetCode::Refused);
+                }
+                Event::Opened { id, .. } => pending.push(id),
+                Event::Closed { reason } => assert!(timed_out(&reason), "server closed: {reason}"),
+                _ => {}
+            }
+        }
+        while let Some(event) = client.session.poll_event() {
+            if let Event::Closed { reason } = event {
+                assert!(timed_out(&reason), "client closed: {reason}");
+            }
+        }
+        client.transmit(now);
+        server.transmit(now);
+    }
+}

@@ -144,6 +144,17 @@ fn session_input_survives_corpus_and_generated_inputs() {
     }
 }
 
+#[test]
+fn pair_ops_survives_corpus_and_generated_inputs() {
+    for (path, bytes) in corpus("pair_ops") {
+        eprintln!("corpus {}", path.display());
+        fuzzing::pair_ops(&bytes);
+    }
+    for input in random_inputs(3000) {
+        fuzzing::pair_ops(&input);
+    }
+}
+
 /// Add generated seeds (the committed set was then minimized from libFuzzer runs, see fuzz/README.md):
 /// `cargo test -p forward-mux --test fuzz_corpus -- --ignored`.
 #[test]
