@@ -177,7 +177,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         connect_workers: 8,
         fairness: Duration::from_millis(if q { 400 } else { 1500 }),
         scale: args.scale.unwrap_or(if q { 300 } else { 10_000 }),
-        scale_time: Duration::from_secs(if q { 5 } else { 40 }),
+        scale_time: Duration::from_secs(if q { 5 } else { 60 }),
         wan_profiles,
         wan_paths,
         wan_bulk: Duration::from_secs_f64(if q { 1.5 } else { 3.0 }),

@@ -70,6 +70,19 @@ pub fn parse_status(text: &str) -> Mem {
     mem
 }
 
+/// Proportional set size in KiB from /proc/PID/smaps_rollup: shared pages split between the
+/// processes sharing them, so a forking peer is not charged its libraries once per child.
+pub fn parse_pss(text: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+pub fn pss(pid: u32) -> Option<u64> {
+    parse_pss(&std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?)
+}
+
 pub fn stat(pid: u32) -> Option<Stat> {
     parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
@@ -114,6 +127,7 @@ pub struct Sample {
     pub ticks: u64,
     pub rss_kib: u64,
     pub hwm_kib: u64,
+    pub pss_kib: u64,
 }
 
 pub fn sample(roots: &[u32]) -> Sample {
@@ -126,6 +140,7 @@ pub fn sample(roots: &[u32]) -> Sample {
             s.rss_kib += m.rss_kib;
             s.hwm_kib += m.hwm_kib;
         }
+        s.pss_kib += pss(pid).unwrap_or(0);
     }
     s
 }
@@ -179,6 +194,13 @@ mod tests {
                 hwm_kib: 8120
             }
         );
+    }
+
+    #[test]
+    fn pss_from_smaps_rollup() {
+        let text = "555a57caa000-7ffff2d9b000 ---p 00000000 00:00 0 [rollup]\nRss:  1724 kB\nPss:   239 kB\nPss_Dirty: 116 kB\n";
+        assert_eq!(parse_pss(text), Some(239));
+        assert_eq!(parse_pss("Rss: 1 kB"), None);
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct Scale {
     pub rss_after_kib: u64,
     pub per_conn_kib: f64,
     pub client_per_conn_kib: f64,
+    /// The same from the proportional set size (fair to forking peers).
+    pub pss_per_conn_kib: f64,
     pub note: Option<String>,
 }
 
@@ -73,7 +75,7 @@ pub struct PathReport {
     pub rtt_cdf: Vec<(f64, f64)>,
     pub connect_cdf: Vec<(f64, f64)>,
     pub scale: Option<Scale>,
-    /// Highest summed VmHWM of the path's processes seen at teardown.
+    /// Highest summed VmHWM of the path's processes after the workloads (before the scale test).
     pub peak_rss_kib: Option<u64>,
 }
 
@@ -434,12 +436,12 @@ impl Report {
             "Resident memory (VmRSS) of the path's processes before and after opening the connections; \
              per connection = the difference / connections opened.\n"
         );
-        let _ = writeln!(w, "| path | opened | RSS before MiB | RSS after MiB | KiB per conn (all) | KiB per conn (client) | note |\n|---|---:|---:|---:|---:|---:|---|");
+        let _ = writeln!(w, "| path | opened | RSS before MiB | RSS after MiB | KiB per conn (all) | KiB per conn (client) | KiB per conn (PSS, all) | note |\n|---|---:|---:|---:|---:|---:|---:|---|");
         for p in &self.paths {
             if let Some(s) = &p.scale {
                 let _ = writeln!(
                     w,
-                    "| {} | {} / {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+                    "| {} | {} / {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
                     p.name,
                     s.opened,
                     s.requested,
@@ -447,6 +449,7 @@ impl Report {
                     s.rss_after_kib as f64 / 1024.0,
                     s.per_conn_kib,
                     s.client_per_conn_kib,
+                    s.pss_per_conn_kib,
                     s.note.as_deref().unwrap_or("")
                 );
             }

@@ -127,6 +127,10 @@ pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Repor
             let r = measure(&mut path, s, &live, &tag, tck, a).await;
             live.line(summary_line(kind, round, &r));
             a.rounds.push(r);
+            let hwm = path.sample().hwm_kib;
+            if hwm > 0 {
+                a.peak_rss_kib = Some(a.peak_rss_kib.unwrap_or(0).max(hwm));
+            }
             if round + 1 == s.rounds && s.scale > 0 {
                 live.status(format!("{}: scale", kind.name()));
                 a.scale = Some(scale(&mut path, s, &live).await);
@@ -143,10 +147,6 @@ pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Repor
                     ));
                 }
                 live.step_done();
-            }
-            let hwm = path.sample().hwm_kib;
-            if hwm > 0 {
-                a.peak_rss_kib = Some(a.peak_rss_kib.unwrap_or(0).max(hwm));
             }
             path.shutdown().await;
             live.step_done();
@@ -357,6 +357,7 @@ async fn scale(path: &mut RunningPath, s: &Settings, live: &Live) -> Scale {
         rss_after_kib: all1.rss_kib,
         per_conn_kib: per(all0.rss_kib, all1.rss_kib),
         client_per_conn_kib: per(client0.rss_kib, client1.rss_kib),
+        pss_per_conn_kib: per(all0.pss_kib, all1.pss_kib),
         note,
     }
 }
