@@ -173,6 +173,10 @@ impl Agent {
                 .instrument(tracing::info_span!("conn", %peer)),
             );
         }
+        // Close the port now, not after the drain: a client that connects meanwhile gets a
+        // refusal at once and backs off, instead of waiting in the backlog for an upgrade
+        // that never comes.
+        drop(self.listener);
         let live: Vec<Arc<Carrier>> = self
             .carriers
             .lock()
