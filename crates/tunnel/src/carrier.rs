@@ -492,6 +492,17 @@ impl MuxStream {
     pub fn id(&self) -> StreamId {
         self.id
     }
+
+    /// Bytes received for this stream and not read yet, and its receive window; `None` once
+    /// the stream is gone. The first never exceeds the second, however slow the local reader:
+    /// that bound is what keeps a stalled connection from growing the process.
+    pub fn receive_backlog(&self) -> Option<(usize, u32)> {
+        let g = self.carrier.lock();
+        Some((
+            g.session.stream_buffered(self.id)?,
+            g.session.stream_window(self.id)?,
+        ))
+    }
 }
 
 fn stream_error(g: &Inner, id: StreamId, e: StreamError) -> io::Error {
