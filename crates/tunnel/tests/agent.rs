@@ -1,0 +1,792 @@
+//! The agent under attack and under load, over real loopback sockets: one carrier with 1000
+//! streams and a stalled reader, authentication failures and replays, malformed input at every
+//! layer, an agent that dies or drains, a carrier that goes silent, a flood of silent
+//! connections, and targets inside and outside the loopback policy.
+//!
+//! Bytes are compared by SHA-256; nothing asserts a duration (deadlines are generous and only
+//! bound how long a broken build takes to fail).
+
+#[path = "agent/support.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use forward_mux::frame::{FrameType, Header};
+use forward_mux::{ErrorCode, Frame};
+use forward_tunnel::agent::{Agent, AgentConfig};
+use forward_tunnel::agent_client::{AgentLink, CarrierTransport};
+use forward_tunnel::auth::Token;
+use forward_tunnel::{relay, Connector};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// Reads until EOF or error; returns what arrived and how it ended.
+async fn drain<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> (Vec<u8>, std::io::Result<()>) {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) => return (got, Ok(())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return (got, Err(e)),
+        }
+    }
+}
+
+// ----- 1. many streams, one stalled reader --------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_streams_complete_while_one_reader_stalls() {
+    const STREAMS: u64 = 999;
+    const EACH: usize = 64 * 1024;
+    const HOSE: usize = 16 << 20;
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let (hose, hose_written) = firehose_server(HOSE, 4242).await;
+    let link = AgentLink::new(link_config(agent.addr, token()));
+    let echo_c = Arc::new(connector(&link, "", echo.port()));
+    let hose_c = connector(&link, "", hose.port());
+
+    // The stalled stream: opened, never read until the others are done.
+    let mut stalled = hose_c.connect().await.expect("opening the stalled stream");
+    within(
+        "the firehose to push 1 MiB toward the stalled stream",
+        async {
+            while hose_written.load(Ordering::Relaxed) < 1 << 20 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..STREAMS {
+        let c = echo_c.clone();
+        tasks.spawn(async move { (i, echo_round_trip(&c, i, EACH).await) });
+    }
+    let mut failures = Vec::new();
+    while let Some(r) = within("999 echo streams", tasks.join_next()).await {
+        let (i, r) = r.expect("stream task");
+        if let Err(e) = r {
+            failures.push(format!("stream {i}: {e}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+
+    // The receiver holds no more for the stalled stream than its window allows, however much
+    // the target still has queued for it.
+    let (buffered, window) = stalled.receive_backlog().expect("stalled stream is live");
+    assert!(
+        buffered <= window as usize && window <= forward_mux::Config::default().stream_window,
+        "stalled stream buffers {buffered} bytes with a window of {window}"
+    );
+    assert!(
+        hose_written.load(Ordering::Relaxed) >= 1 << 20,
+        "the firehose should still have a backlog"
+    );
+
+    // Nothing was lost while it stalled.
+    let (got, end) = within("the stalled stream to drain", drain(&mut stalled)).await;
+    end.expect("stalled stream ends cleanly");
+    assert_eq!(got.len(), HOSE);
+    assert_eq!(sha256(&got), sha256(&pattern(4242, HOSE)));
+}
+
+// ----- 2. tokens ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_is_rejected_while_a_good_client_keeps_working() {
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let good_link = AgentLink::new(link_config(agent.addr, token()));
+    let good = Arc::new(connector(&good_link, "", echo.port()));
+    good.check().await.expect("good token authenticates");
+
+    let busy = {
+        let good = good.clone();
+        tokio::spawn(async move {
+            for i in 0..20 {
+                echo_round_trip(&good, 100 + i, 256 * 1024).await?;
+            }
+            Ok::<_, String>(())
+        })
+    };
+
+    let bad_token = Token::new(OTHER_TOKEN_HEX, "test").unwrap();
+    let bad_link = AgentLink::new(link_config(agent.addr, bad_token.clone()));
+    let bad = connector(&bad_link, "", echo.port());
+    let e = bad
+        .check()
+        .await
+        .expect_err("a wrong token must fail --check")
+        .to_string();
+    assert!(
+        e.contains("authentication rejected") && e.contains("token"),
+        "check error should say why: {e}"
+    );
+
+    // Without --check, the zero-RTT stream learns the same reason on its first read.
+    let bad_link = AgentLink::new(link_config(agent.addr, bad_token));
+    let bad = connector(&bad_link, "", echo.port());
+    let mut s = bad.connect().await.expect("opens are optimistic");
+    let _ = s.write_all(b"hello").await;
+    let (got, end) = within("the rejected stream to end", drain(&mut s)).await;
+    assert!(
+        got.is_empty(),
+        "no byte may come back through a rejected carrier"
+    );
+    let e = end.expect_err("a rejected carrier must not look like a clean EOF");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    assert!(e.to_string().contains("authentication rejected"), "{e}");
+
+    within("the good client", busy)
+        .await
+        .unwrap()
+        .expect("good client round trips");
+    echo_round_trip(&good, 999, 1024)
+        .await
+        .expect("good client after the bad ones");
+}
+
+#[test]
+fn missing_unreadable_and_weak_tokens_are_refused_without_leaking_them() {
+    let dir = std::env::temp_dir().join(format!("forward-agent-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let weak_file = dir.join("weak-token");
+    std::fs::write(&weak_file, "hunter2\n").unwrap();
+    let e = Token::load(Some(&weak_file)).unwrap_err().to_string();
+    assert!(e.contains("too weak") && e.contains("128 bits"), "{e}");
+    assert!(!e.contains("hunter2"), "the token leaked: {e}");
+
+    let missing = dir.join("no-such-token");
+    let e = Token::load(Some(&missing)).unwrap_err().to_string();
+    assert!(
+        e.contains("cannot read token file") && e.contains("no-such-token"),
+        "{e}"
+    );
+
+    let good_file = dir.join("good-token");
+    std::fs::write(&good_file, format!("{TOKEN_HEX}\n")).unwrap();
+    let t = Token::load(Some(&good_file)).expect("a 256-bit token file loads");
+    assert!(!format!("{t:?}").contains(TOKEN_HEX));
+    if std::env::var_os(forward_tunnel::auth::TOKEN_ENV).is_none() {
+        let e = Token::load(None).unwrap_err().to_string();
+        assert!(e.contains("no token") && e.contains("--token-file"), "{e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ----- 3. replayed AUTH ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_auth_is_rejected() {
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let proxy = Proxy::start(agent.addr).await;
+    let victim = AgentLink::new(link_config(proxy.addr, token()));
+    let vc = connector(&victim, "", echo.port());
+    vc.check()
+        .await
+        .expect("the victim authenticates through the proxy");
+
+    // Captured: the victim's upgrade request and its AUTH frame.
+    let captured = proxy.upstream.lock().unwrap().clone();
+    let head_end = captured.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let hdr: [u8; 12] = captured[head_end..head_end + 12].try_into().unwrap();
+    let h = Header::decode(&hdr);
+    assert_eq!(h.ty, FrameType::Auth as u8, "the first frame is AUTH");
+    let replay = captured[..head_end + 12 + h.length as usize].to_vec();
+
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&replay).await.unwrap();
+    let (answer, _) = within("the agent's answer to a replay", drain(&mut s)).await;
+    let head_len = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&answer[..head_len]);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut frames = &answer[head_len..];
+    let mut dec = forward_mux::Decoder::new();
+    let first = dec.decode(&mut frames).unwrap();
+    assert_eq!(first, Some(Frame::AuthFail), "a replayed proof must fail");
+    while let Ok(Some(f)) = dec.decode(&mut frames) {
+        assert!(
+            !matches!(f, Frame::AuthOk | Frame::OpenOk { .. }),
+            "{f:?} after a rejection"
+        );
+    }
+
+    // The victim's carrier and new clients are unaffected.
+    echo_round_trip(&vc, 1, 100_000)
+        .await
+        .expect("victim after the replay");
+    let other = AgentLink::new(link_config(agent.addr, token()));
+    echo_round_trip(&connector(&other, "", echo.port()), 2, 100_000)
+        .await
+        .expect("a new client after the replay");
+}
+
+// ----- 4. malformed input -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_instead_of_http_gets_400() {
+    let agent = start_agent(|_| {});
+    let mut garbage = pattern(1, 300);
+    garbage[0] = 0xff; // never UTF-8
+    garbage.extend_from_slice(b"\r\n\r\n");
+    let answer = http(agent.addr, &garbage).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    let endless = vec![b'A'; 9 * 1024];
+    let answer = http(agent.addr, &endless).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "an endless head: {answer}"
+    );
+
+    let answer = http(agent.addr, b"hello\r\n\r\n").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "one-word request line: {answer}"
+    );
+
+    assert_still_serving(agent.addr).await;
+}
+
+async fn assert_still_serving(agent: SocketAddr) {
+    let echo = echo_server("127.0.0.1:0").await;
+    let link = AgentLink::new(link_config(agent, token()));
+    echo_round_trip(&connector(&link, "", echo.port()), 77, 200_000)
+        .await
+        .expect("the agent keeps serving good clients");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frames_after_auth_close_the_carrier() {
+    let agent = start_agent(|_| {});
+    let mut raw = Raw::authenticated(agent.addr).await;
+    let mut garbage = pattern(2, 4096);
+    garbage[0] = 0xee; // not a frame type
+    raw.send(&garbage).await.unwrap();
+    match raw.ending().await {
+        Ending::GoAway(ErrorCode::ProtocolError, reason) => {
+            assert!(reason.contains("unknown frame type"), "{reason}")
+        }
+        other => panic!("expected GOAWAY(PROTOCOL_ERROR), got {other:?}"),
+    }
+    assert_still_serving(agent.addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frame_is_refused_from_its_header() {
+    let agent = start_agent(|_| {});
+    let mut raw = Raw::authenticated(agent.addr).await;
+    raw.send(&open_frame(1, "", 9)).await.unwrap();
+    // A header announcing 70,000 bytes; the payload never needs to arrive.
+    let big = Header::new(FrameType::Data, 0, 1, 70_000).encode();
+    raw.send(&big).await.unwrap();
+    // docs/protocol.md: payload over 64 KiB → GOAWAY(FRAME_SIZE_ERROR).
+    match raw.ending().await {
+        Ending::GoAway(ErrorCode::FrameSizeError, reason) => {
+            assert!(reason.contains("70000"), "{reason}")
+        }
+        other => panic!("expected GOAWAY(FRAME_SIZE_ERROR), got {other:?}"),
+    }
+    assert_still_serving(agent.addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_before_auth_close_the_carrier() {
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let first_frames = [
+        open_frame(1, "", echo.port()),
+        data_frame(1, b"sneaky", false),
+        [open_frame(1, "", echo.port()), data_frame(1, b"x", true)].concat(),
+    ];
+    for first in first_frames {
+        let mut raw = Raw::upgrade(agent.addr).await;
+        raw.send(&first).await.unwrap();
+        match raw.ending().await {
+            Ending::Closed | Ending::GoAway(ErrorCode::ProtocolError, _) => {}
+            other => panic!("expected the carrier to close, got {other:?}"),
+        }
+    }
+    // A valid AUTH behind an OPEN is too late.
+    let mut raw = Raw::upgrade(agent.addr).await;
+    let proof = token().prove(
+        &raw.challenge,
+        &agent.addr.ip().to_string(),
+        agent.addr.port(),
+    );
+    raw.send(&[open_frame(1, "", echo.port()), auth_frame(&proof)].concat())
+        .await
+        .unwrap();
+    let mut frames = Vec::new();
+    while let Some(f) = raw.next_frame().await {
+        frames.push(f);
+    }
+    assert!(
+        !frames
+            .iter()
+            .any(|f| matches!(f, Frame::AuthOk | Frame::OpenOk { .. })),
+        "nothing may be accepted after an OPEN before AUTH: {frames:?}"
+    );
+    assert_still_serving(agent.addr).await;
+}
+
+/// A listener whose accept queue is full, so a dial to it hangs: the agent cannot accept the
+/// stream, hence never reads it and never returns credit, and a window violation is certain.
+async fn unanswering_port() -> (u16, Vec<TcpStream>) {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l: TcpListener = sock.listen(0).unwrap();
+    let addr = l.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) if fillers.len() < 16 => fillers.push(s),
+            Ok(Ok(_)) => panic!("the accept queue of a backlog-0 listener never filled"),
+            Ok(Err(e)) => panic!("filling the accept queue: {e}"),
+            Err(_) => break,
+        }
+    }
+    std::mem::forget(l); // keep the queue full for the rest of the test
+    (addr.port(), fillers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_beyond_the_stream_window_is_a_flow_control_error() {
+    let agent = start_agent(|c| c.dial_timeout = Duration::from_secs(120));
+    let (port, _fillers) = unanswering_port().await;
+    let mut raw = Raw::authenticated(agent.addr).await;
+    let window = forward_mux::Config::default().stream_window as usize;
+    let chunk = vec![7u8; 64 * 1024];
+    let mut burst = open_frame(1, "127.0.0.1", port);
+    let mut sent = 0;
+    while sent <= window {
+        burst.extend_from_slice(&data_frame(1, &chunk, false));
+        sent += chunk.len();
+    }
+    raw.send(&burst).await.unwrap();
+    match raw.ending().await {
+        Ending::GoAway(ErrorCode::FlowControlError, reason) => {
+            assert!(reason.contains("window"), "{reason}")
+        }
+        other => panic!("expected GOAWAY(FLOW_CONTROL_ERROR), got {other:?}"),
+    }
+    assert_still_serving(agent.addr).await;
+}
+
+// ----- 5. health ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_without_auth_and_other_paths_are_404() {
+    let agent = start_agent(|_| {});
+    let answer = http(agent.addr, b"GET /health HTTP/1.1\r\nHost: vm\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("ok\n"), "{answer}");
+    for req in [
+        &b"GET / HTTP/1.1\r\nHost: vm\r\n\r\n"[..],
+        b"GET /metrics HTTP/1.1\r\n\r\n",
+        b"POST /health HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"GET /v1/tunnel HTTP/1.1\r\nHost: vm\r\n\r\n", // no Upgrade header
+        b"GET /v1/tunnel HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+    ] {
+        let answer = http(agent.addr, req).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 404"),
+            "{}: {answer}",
+            String::from_utf8_lossy(req)
+        );
+    }
+}
+
+// ----- TLS --------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_tls_carries_streams_health_and_refuses_wrong_tokens() {
+    let (server, client) = tls_pair();
+    let agent = start_agent(|c| c.tls = Some(server));
+    let echo = echo_server("[::1]:0").await;
+    let mut cfg = link_config(agent.addr, token());
+    cfg.host = "localhost".into();
+    cfg.edge = Some("127.0.0.1".into());
+    cfg.transport = CarrierTransport::Tls(client.clone());
+    let link = AgentLink::new(cfg.clone());
+    let c = connector(&link, "", echo.port());
+    c.check().await.expect("TLS carrier authenticates");
+    echo_round_trip(&c, 5, 3 << 20)
+        .await
+        .expect("TLS round trip");
+
+    let tcp = TcpStream::connect(agent.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(client.clone())
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the agent");
+    tls.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, _) = within("health over TLS", drain(&mut tls)).await;
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+
+    cfg.token = Token::new(OTHER_TOKEN_HEX, "test").unwrap();
+    let bad = AgentLink::new(cfg);
+    let e = connector(&bad, "", echo.port())
+        .check()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("authentication rejected"), "{e}");
+
+    // Plain TCP to a TLS agent is an upgrade failure with a hint, not a hang.
+    let plain = AgentLink::new(link_config(agent.addr, token()));
+    let e = connector(&plain, "", echo.port())
+        .check()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("upgrade"), "{e}");
+    echo_round_trip(&c, 6, 1000)
+        .await
+        .expect("TLS client unaffected");
+}
+
+// ----- 6. agent killed --------------------------------------------------------------------------
+
+/// An agent on its own runtime, so killing it drops every socket it holds at once.
+struct ThreadAgent {
+    addr: SocketAddr,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ThreadAgent {
+    fn start(listen: SocketAddr) -> ThreadAgent {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let agent = Agent::bind(AgentConfig::new(listen, token()));
+                let agent = match agent {
+                    Ok(a) => a,
+                    Err(e) => {
+                        let _ = addr_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = addr_tx.send(Ok(agent.local_addr().unwrap()));
+                tokio::select! {
+                    _ = agent.run(CancellationToken::new(), Duration::ZERO) => {}
+                    _ = killed => {}
+                }
+            });
+            // Dropping the runtime drops every task: listener, carriers, target sockets.
+            drop(rt);
+        });
+        let addr = addr_rx
+            .recv_timeout(PATIENCE)
+            .expect("agent thread reports its address")
+            .expect("agent binds");
+        ThreadAgent {
+            addr,
+            kill: Some(kill),
+            thread: Some(thread),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("agent thread");
+        }
+    }
+}
+
+impl Drop for ThreadAgent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_mid_transfer_resets_local_sockets_and_the_link_comes_back() {
+    const HOSE: usize = 64 << 20;
+    let (hose, _) = firehose_server(HOSE, 66).await;
+    let echo = echo_server("[::1]:0").await;
+    let mut agent = ThreadAgent::start("127.0.0.1:0".parse().unwrap());
+    let addr = agent.addr;
+    let mut cfg = link_config(addr, token());
+    cfg.timeout = Duration::from_secs(3);
+    let link = AgentLink::new(cfg);
+    let hose_c = connector(&link, "", hose.port());
+
+    // One stream read directly, one relayed to a real local TCP socket (what `serve` does).
+    let mut direct = hose_c.connect().await.unwrap();
+    let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut user = TcpStream::connect(local.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (accepted, _) = local.accept().await.unwrap();
+    let relayed = hose_c.connect().await.unwrap();
+    let relay_task = tokio::spawn(relay(accepted, relayed));
+
+    let mut got = vec![0u8; 1 << 20];
+    direct
+        .read_exact(&mut got)
+        .await
+        .expect("first MiB, direct");
+    user.read_exact(&mut got).await.expect("first MiB, relayed");
+
+    agent.kill();
+
+    let (rest, end) = within("the direct stream to notice", drain(&mut direct)).await;
+    assert!(
+        rest.len() + (1 << 20) < HOSE,
+        "the transfer cannot have finished"
+    );
+    let e = end.expect_err("a lost carrier must never look like a clean EOF");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    assert!(e.to_string().contains("carrier lost"), "{e}");
+
+    let (rest, end) = within("the local socket to notice", drain(&mut user)).await;
+    assert!(rest.len() + (1 << 20) < HOSE);
+    let e = end.expect_err("the local TCP socket must be reset, not closed cleanly");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    let _ = within("the relay to end", relay_task).await;
+
+    // While the agent is down, connections fail with a reason rather than hanging.
+    let ec = connector(&link, "", echo.port());
+    let down = within("a connect while the agent is down", async {
+        loop {
+            match ec.connect().await {
+                Err(e) => return e.to_string(),
+                Ok(s) => {
+                    // Opened on a carrier not yet known dead: it must fail, not echo.
+                    if exchange(s, b"x".to_vec()).await.is_ok() {
+                        panic!("a stream worked while the agent was down");
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(down.contains("127.0.0.1"), "{down}");
+
+    let _agent2 = ThreadAgent::start(addr);
+    let back = within("the link to come back", async {
+        loop {
+            match echo_round_trip(&ec, 9, 100_000).await {
+                Ok(()) => return,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    back.await;
+}
+
+// ----- 7. silent carrier --------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_carrier_is_declared_dead_and_its_streams_reset() {
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let proxy = Proxy::start(agent.addr).await;
+    // The agent checks the proof against the Host the client sent (the proxy's address), as
+    // behind the edge.
+    let mut cfg = link_config(proxy.addr, token());
+    cfg.mux.keepalive_interval = Duration::from_millis(300);
+    cfg.mux.idle_timeout = Duration::from_millis(1500);
+    let link = AgentLink::new(cfg);
+    let c = connector(&link, "", echo.port());
+    c.check().await.expect("authenticates through the proxy");
+    let mut s = c.connect().await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut four = [0u8; 4];
+    s.read_exact(&mut four).await.unwrap();
+    assert_eq!(&four, b"ping");
+
+    // A quiet but healthy carrier survives several idle timeouts thanks to keepalive.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    s.write_all(b"pong").await.unwrap();
+    s.read_exact(&mut four)
+        .await
+        .expect("keepalive kept the carrier up");
+    assert_eq!(&four, b"pong");
+
+    proxy.freeze();
+    let (rest, end) = within("the silent carrier to be declared dead", drain(&mut s)).await;
+    assert!(rest.is_empty());
+    let e = end.expect_err("streams of a dead carrier are reset");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    assert!(e.to_string().contains("timed out"), "{e}");
+}
+
+// ----- 8. silent unauthenticated flood ------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_at_the_auth_deadline() {
+    const SILENT: usize = 200;
+    let agent = start_agent(|c| c.auth_timeout = Duration::from_secs(2));
+    let echo = echo_server("[::1]:0").await;
+    let link = AgentLink::new(link_config(agent.addr, token()));
+    let c = connector(&link, "", echo.port());
+    c.check().await.expect("authenticated before the flood");
+
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        silent.push(TcpStream::connect(agent.addr).await.unwrap());
+    }
+    let waiters: Vec<_> = silent
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let (got, _) = drain(&mut s).await;
+                String::from_utf8_lossy(&got).into_owned()
+            })
+        })
+        .collect();
+    echo_round_trip(&c, 31, 500_000)
+        .await
+        .expect("round trip during the flood");
+
+    let (mut busy, mut timed_out) = (0, 0);
+    for w in waiters {
+        let answer = within("every silent connection to end", w).await.unwrap();
+        if answer.is_empty() {
+            timed_out += 1;
+        } else {
+            assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+            busy += 1;
+        }
+    }
+    assert_eq!(busy + timed_out, SILENT);
+    assert!(
+        timed_out <= AgentConfig::new(agent.addr, token()).max_unauthenticated,
+        "at most the cap waits for its deadline: {timed_out} waited, {busy} refused"
+    );
+
+    echo_round_trip(&c, 32, 500_000)
+        .await
+        .expect("round trip after the flood");
+    let fresh = AgentLink::new(link_config(agent.addr, token()));
+    connector(&fresh, "", echo.port())
+        .check()
+        .await
+        .expect("the cap frees up once the silent ones are gone");
+}
+
+// ----- 9. targets ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_only_service_is_reachable_and_other_hosts_are_not_allowed() {
+    let agent = start_agent(|_| {});
+    let v4 = echo_server("127.0.0.1:0").await;
+    let link = AgentLink::new(link_config(agent.addr, token()));
+    for host in ["", "localhost", "127.0.0.1"] {
+        echo_round_trip(&connector(&link, host, v4.port()), 41, 1 << 20)
+            .await
+            .unwrap_or_else(|e| panic!("IPv4-only service via '{host}': {e}"));
+    }
+
+    // Documentation addresses and names: refused by policy before any packet leaves.
+    for host in ["192.0.2.7", "example.com", "2001:db8::1"] {
+        let mut s = connector(&link, host, 5432).connect().await.unwrap();
+        let _ = s.write_all(b"SELECT 1").await;
+        let (got, end) = within("the refusal", drain(&mut s)).await;
+        assert!(got.is_empty());
+        let e = end.expect_err("a refused target is an error, not an empty answer");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        assert!(e.to_string().contains("not allowed"), "{host}: {e}");
+    }
+
+    // Nothing listening on the VM: refused, said so.
+    let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let mut s = connector(&link, "", port).connect().await.unwrap();
+    let (_, end) = within("the dial failure", drain(&mut s)).await;
+    let e = end.unwrap_err().to_string();
+    assert!(e.contains("refused"), "{e}");
+
+    echo_round_trip(&connector(&link, "", v4.port()), 42, 1000)
+        .await
+        .expect("the carrier survives refusals");
+}
+
+// ----- 10. graceful stop --------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_drains_open_streams_and_refuses_new_ones() {
+    const TOTAL: usize = 8 << 20;
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let mut cfg = link_config(agent.addr, token());
+    cfg.timeout = Duration::from_secs(5);
+    let link = AgentLink::new(cfg);
+    let c = connector(&link, "", echo.port());
+    let s = c.connect().await.unwrap();
+    let data = pattern(51, TOTAL);
+    let (mut r, mut w) = tokio::io::split(s);
+    w.write_all(&data[..1 << 20]).await.unwrap();
+    let mut first = vec![0u8; 1 << 20];
+    r.read_exact(&mut first)
+        .await
+        .expect("first MiB before the stop");
+
+    agent.stop.cancel();
+
+    // New streams are refused: by GOAWAY on the old carrier, and with the listener closed.
+    let refusal = within("new opens to be refused", async {
+        loop {
+            match c.connect().await {
+                Err(e) => return e.to_string(),
+                Ok(s) => {
+                    if exchange(s, b"late".to_vec()).await.is_ok() {
+                        // Opened before the GOAWAY reached us: still fine, try again.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        !refusal.contains("no answer"),
+        "a stopping agent must refuse new carriers, not leave them hanging: {refusal}"
+    );
+
+    // The open stream finishes its transfer.
+    let rest = data[1 << 20..].to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&rest).await?;
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(w)
+    });
+    let (tail, end) = within("the draining stream", drain(&mut r)).await;
+    end.expect("the draining stream ends cleanly");
+    writer.await.unwrap().expect("writes during the drain");
+    first.extend_from_slice(&tail);
+    assert_eq!(first.len(), TOTAL);
+    assert_eq!(sha256(&first), sha256(&data));
+    within("the agent to finish after the drain", agent.done)
+        .await
+        .unwrap();
+}
