@@ -19,46 +19,51 @@ mod stack;
 mod tls_ca;
 
 /// Instantiates `fn $scenario(Transport)` as one #[test] per transport (all four unless a list is
-/// given). A transport that has not landed yet is an ignored test with the reason, never a
-/// silently passing one.
+/// given). A transport that has not landed yet, or a (scenario, transport) pair waiting for a
+/// feature, is an ignored test with the reason, e.g. `agent_tls("needs X")`: never a silently
+/// passing one.
 macro_rules! per_transport {
     ($scenario:ident) => {
         per_transport!($scenario: direct, agent_tls, agent_tcp, quic);
     };
-    ($scenario:ident: $($t:ident),+) => {
+    ($scenario:ident: $($t:ident $(($reason:literal))?),+ $(,)?) => {
         mod $scenario {
-            $( transport_test!($t, $scenario); )+
+            $( transport_test!($t, $scenario $(, $reason)?); )+
         }
     };
 }
 
 macro_rules! transport_test {
-    (direct, $s:ident) => {
+    ($t:ident, $s:ident, $reason:literal) => {
         #[test]
-        fn direct() {
-            super::$s(crate::stack::Transport::Direct)
-        }
-    };
-    (agent_tls, $s:ident) => {
-        #[test]
-        #[ignore = "agent mode (forward agent, --agent) not landed yet"]
-        fn agent_tls() {
-            super::$s(crate::stack::Transport::AgentTls)
-        }
-    };
-    (agent_tcp, $s:ident) => {
-        #[test]
-        #[ignore = "agent mode (forward agent, --transport tcp) not landed yet"]
-        fn agent_tcp() {
-            super::$s(crate::stack::Transport::AgentTcp)
+        #[ignore = $reason]
+        fn $t() {
+            super::$s(transport!($t))
         }
     };
     (quic, $s:ident) => {
+        transport_test!(quic, $s, "QUIC transport (--transport quic) not landed yet");
+    };
+    ($t:ident, $s:ident) => {
         #[test]
-        #[ignore = "QUIC transport (--transport quic) not landed yet"]
-        fn quic() {
-            super::$s(crate::stack::Transport::Quic)
+        fn $t() {
+            super::$s(transport!($t))
         }
+    };
+}
+
+macro_rules! transport {
+    (direct) => {
+        crate::stack::Transport::Direct
+    };
+    (agent_tls) => {
+        crate::stack::Transport::AgentTls
+    };
+    (agent_tcp) => {
+        crate::stack::Transport::AgentTcp
+    };
+    (quic) => {
+        crate::stack::Transport::Quic
     };
 }
 

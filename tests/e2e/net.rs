@@ -217,6 +217,29 @@ pub fn echo_exchange(conn: Conn, seed: u64, len: usize) -> Hash {
     sent
 }
 
+/// A blocking listener with a deep accept queue. std's `TcpListener::bind` asks for a backlog of
+/// 128: a tunnel dialing 1000 streams at once overflows that, and the kernel then resets some
+/// handshakes, which would be blamed on the tunnel. tokio's `TcpSocket` lets us ask for more.
+fn listen(addr: &str) -> TcpListener {
+    let addr: SocketAddr = addr.parse().expect("backend address");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let sock = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()
+    } else {
+        tokio::net::TcpSocket::new_v4()
+    }
+    .unwrap();
+    sock.bind(addr)
+        .unwrap_or_else(|e| panic!("bind backend on {addr}: {e}"));
+    let listener = sock.listen(4096).unwrap().into_std().unwrap();
+    listener.set_nonblocking(false).unwrap();
+    listener
+}
+
 /// What a backend saw on one connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -244,8 +267,7 @@ impl Backend {
         addr: &str,
         handler: impl Fn(TcpStream, &Sender<Report>) + Send + Sync + 'static,
     ) -> Backend {
-        let listener =
-            TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind backend on {addr}: {e}"));
+        let listener = listen(addr);
         let port = listener.local_addr().unwrap().port();
         let (tx, rx) = mpsc::channel();
         let tx = Arc::new(Mutex::new(tx));

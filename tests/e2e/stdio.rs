@@ -9,7 +9,12 @@ use crate::harness::{forward_bin, Proc};
 use crate::net::{drain, hex, Backend, Payload};
 use crate::stack::{Stack, Transport};
 
-per_transport!(stdio_pipes_bytes_both_ways);
+per_transport!(
+    stdio_pipes_bytes_both_ways: direct,
+    agent_tls("forward stdio does not take --agent yet"),
+    agent_tcp("forward stdio does not take --agent yet"),
+    quic
+);
 
 fn stdio_pipes_bytes_both_ways(t: Transport) {
     let backend = Backend::echo();
