@@ -19,7 +19,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use forward_mux::{
     CloseReason, ErrorCode, Event, ReadOutcome, ResetCode, Session, StreamError, StreamId, Target,
@@ -33,6 +33,9 @@ use crate::relay::Endpoint;
 const TX_BATCH: usize = 256 * 1024;
 /// Read size on the carrier.
 const RX_BUF: usize = 128 * 1024;
+/// How long the final frames (GOAWAY, close_notify) of a closed carrier may wait for a peer
+/// that does not read before the socket is simply dropped.
+const FLUSH_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct StreamSlot {
@@ -399,7 +402,14 @@ async fn read_loop<R: AsyncRead + Unpin>(carrier: Arc<Carrier>, mut r: R, leftov
                 return;
             }
         }
-        n = match r.read(&mut buf).await {
+        // A carrier that died elsewhere (idle or auth timeout, local close) must not keep this
+        // half of the socket open waiting for a peer that may never send again.
+        let read = tokio::select! {
+            biased;
+            _ = carrier.closed() => return,
+            read = r.read(&mut buf) => read,
+        };
+        n = match read {
             Ok(0) => {
                 carrier.kill("the peer closed the carrier".into());
                 return;
@@ -433,11 +443,19 @@ async fn write_loop<W: AsyncWrite + Unpin>(carrier: Arc<Carrier>, mut w: W) {
             (g.session.poll_timeout(), g.session.is_closed())
         };
         if !out.is_empty() {
-            let res = async {
+            let write = async {
                 w.write_all(&out).await?;
                 w.flush().await
-            }
-            .await;
+            };
+            // A peer that stops reading blocks this write for good; the session's timers
+            // must still run, or such a carrier would never be declared dead.
+            let res = tokio::select! {
+                res = write => res,
+                reason = give_up_writing(&carrier) => {
+                    carrier.kill(reason);
+                    return;
+                }
+            };
             if let Err(e) = res {
                 carrier.kill(format!("carrier write failed: {e}"));
                 return;
@@ -453,8 +471,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(carrier: Arc<Carrier>, mut w: W) {
                     .unwrap_or_else(|| "closed".into())
             };
             // Orderly end of the byte stream (close_notify on TLS) after the final frames.
-            if let Err(e) = w.shutdown().await {
-                tracing::trace!(error = %e, "carrier shutdown");
+            match tokio::time::timeout(FLUSH_GRACE, w.shutdown()).await {
+                Ok(Err(e)) => tracing::trace!(error = %e, "carrier shutdown"),
+                Err(_) => tracing::debug!("peer does not read: carrier closed without shutdown"),
+                Ok(Ok(())) => {}
             }
             carrier.kill(reason);
             return;
@@ -467,6 +487,48 @@ async fn write_loop<W: AsyncWrite + Unpin>(carrier: Arc<Carrier>, mut w: W) {
         };
         tokio::select! {
             _ = carrier.tx.notified() => {}
+            _ = sleep => {}
+        }
+    }
+}
+
+/// Resolves when a blocked carrier write should be abandoned: the session's idle or auth
+/// timeout fired while the writer could not get back to its loop, or the carrier died and its
+/// final frames had [`FLUSH_GRACE`] to leave.
+async fn give_up_writing(carrier: &Carrier) -> String {
+    let mut dead_since: Option<tokio::time::Instant> = None;
+    loop {
+        let notified = carrier.state.notified();
+        let wake_at = {
+            let mut g = carrier.lock();
+            let now = Instant::now();
+            if g.session.poll_timeout().is_some_and(|t| t <= now) {
+                g.session.handle_timeout(now);
+                dispatch(&mut g, &carrier.state);
+            }
+            let reason = g
+                .dead
+                .clone()
+                .or_else(|| g.session.close_reason().map(|r| r.to_string()));
+            match reason {
+                Some(reason) => {
+                    let since = *dead_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= FLUSH_GRACE {
+                        return reason;
+                    }
+                    Some(since + FLUSH_GRACE)
+                }
+                None => g.session.poll_timeout().map(tokio::time::Instant::from_std),
+            }
+        };
+        let sleep = async {
+            match wake_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = notified => {}
             _ = sleep => {}
         }
     }
