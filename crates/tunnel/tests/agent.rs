@@ -637,6 +637,58 @@ async fn silent_carrier_is_declared_dead_and_its_streams_reset() {
     let e = end.expect_err("streams of a dead carrier are reset");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     assert!(e.to_string().contains("timed out"), "{e}");
+    let client = proxy.clients.lock().unwrap()[0];
+    released(
+        "the dead carrier's socket to be closed",
+        client.port(),
+        proxy.addr.port(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_carrier_is_declared_dead_even_while_writes_are_stuck() {
+    const STREAMS: u64 = 128;
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let proxy = Proxy::start(agent.addr).await;
+    let mut cfg = link_config(proxy.addr, token());
+    cfg.mux.keepalive_interval = Duration::from_millis(300);
+    cfg.mux.idle_timeout = Duration::from_millis(1500);
+    let link = AgentLink::new(cfg);
+    let c = Arc::new(connector(&link, "", echo.port()));
+    c.check().await.expect("authenticates through the proxy");
+    proxy.freeze();
+
+    // Enough stream data, all within the windows, to fill every socket buffer toward the
+    // stalled proxy: the carrier's writer blocks in the middle of a write.
+    let mut streams = Vec::new();
+    for i in 0..STREAMS {
+        let s = c.connect().await.expect("open on the stalled carrier");
+        let (r, mut w) = tokio::io::split(s);
+        tokio::spawn(async move {
+            let _ = w.write_all(&pattern(i, 256 * 1024)).await;
+            w
+        });
+        streams.push(r);
+    }
+    for (i, r) in streams.iter_mut().enumerate() {
+        let (got, end) = within("the stuck carrier to be declared dead", drain(r)).await;
+        assert!(got.is_empty());
+        let e = end.expect_err("streams of a dead carrier are reset");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "stream {i}: {e}"
+        );
+    }
+    let client = proxy.clients.lock().unwrap()[0];
+    released(
+        "the dead carrier's socket to be closed",
+        client.port(),
+        proxy.addr.port(),
+    )
+    .await;
 }
 
 // ----- 8. silent unauthenticated flood ------------------------------------------------------------
@@ -691,6 +743,26 @@ async fn silent_connections_are_closed_at_the_auth_deadline() {
         .check()
         .await
         .expect("the cap frees up once the silent ones are gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_but_silent_connection_is_closed_at_the_auth_deadline() {
+    let agent = start_agent(|c| c.auth_timeout = Duration::from_secs(1));
+    let mut raw = Raw::upgrade(agent.addr).await;
+    let me = raw.s.local_addr().unwrap();
+    match raw.ending().await {
+        Ending::GoAway(ErrorCode::AuthTimeout, _) | Ending::Closed => {}
+        other => panic!("expected the auth deadline to end the carrier, got {other:?}"),
+    }
+    // Ending the byte stream is not enough: the agent must let go of the socket, or silent
+    // clients pile up file descriptors until it can accept no one.
+    released(
+        "the agent to close the silent connection",
+        agent.addr.port(),
+        me.port(),
+    )
+    .await;
+    assert_still_serving(agent.addr).await;
 }
 
 // ----- 9. targets ---------------------------------------------------------------------------------

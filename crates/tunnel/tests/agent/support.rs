@@ -191,6 +191,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     frozen: Arc<AtomicBool>,
     pub upstream: Arc<Mutex<Vec<u8>>>,
+    /// Address of every client accepted, in order.
+    pub clients: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
 impl Proxy {
@@ -199,9 +201,11 @@ impl Proxy {
         let addr = l.local_addr().unwrap();
         let frozen = Arc::new(AtomicBool::new(false));
         let upstream = Arc::new(Mutex::new(Vec::new()));
-        let (f, up) = (frozen.clone(), upstream.clone());
+        let clients = Arc::new(Mutex::new(Vec::new()));
+        let (f, up, seen) = (frozen.clone(), upstream.clone(), clients.clone());
         tokio::spawn(async move {
-            while let Ok((client, _)) = l.accept().await {
+            while let Ok((client, peer)) = l.accept().await {
+                seen.lock().unwrap().push(peer);
                 let Ok(server) = TcpStream::connect(target).await else {
                     continue;
                 };
@@ -215,6 +219,7 @@ impl Proxy {
             addr,
             frozen,
             upstream,
+            clients,
         }
     }
 
@@ -254,6 +259,41 @@ async fn pump<R, W>(
             return;
         }
     }
+}
+
+/// Whether this process still holds an open socket for the TCP connection `local` ↔ `peer`
+/// (ports only; Linux). A closed socket may linger in the kernel (FIN_WAIT, TIME_WAIT) but is
+/// orphaned then: its inode in /proc/net/tcp* is 0.
+pub fn socket_held(local_port: u16, peer_port: u16) -> bool {
+    let port = |field: &str| {
+        field
+            .rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|file| {
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                f.len() > 9
+                    && port(f[1]) == Some(local_port)
+                    && port(f[2]) == Some(peer_port)
+                    && f[9] != "0"
+            })
+    })
+}
+
+/// Waits until the socket `local` ↔ `peer` is no longer held by this process.
+pub async fn released(what: &str, local_port: u16, peer_port: u16) {
+    within(what, async {
+        while socket_held(local_port, peer_port) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
 }
 
 // ----- raw frame-level client -------------------------------------------------------------------
