@@ -96,6 +96,13 @@ impl Head {
 
 /// The client's request.
 pub fn request(host: &str, port: u16) -> String {
+    // An IPv6 literal goes in brackets, or the agent would read its last group as the port and
+    // check the proof against the wrong host.
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
     format!(
         "GET {TUNNEL_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nUser-Agent: forward/{}\r\n\r\n",
         env!("CARGO_PKG_VERSION")
@@ -146,6 +153,11 @@ mod tests {
             ("vm1.vm.vers.sh".into(), 9999)
         );
         assert_eq!(split_host("[::1]:80"), ("::1".into(), 80));
+        let v6 = Head::parse(request("fd00::5", 9999).trim_end()).unwrap();
+        assert_eq!(
+            split_host(v6.header("host").unwrap()),
+            ("fd00::5".into(), 9999)
+        );
         assert_eq!(split_host("::1"), ("::1".into(), 0));
         assert!(Head::parse("garbage").is_none());
     }
