@@ -803,6 +803,19 @@ async fn ipv4_only_service_is_reachable_and_other_hosts_are_not_allowed() {
         .expect("the carrier survives refusals");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reached_by_an_ipv6_literal_authenticates() {
+    // The proof covers the host the client dialled; an IPv6 literal must survive the Host
+    // header intact for the agent to check it.
+    let agent = start_agent_on("[::1]:0".parse().unwrap(), |_| {});
+    let echo = echo_server("127.0.0.1:0").await;
+    let link = AgentLink::new(link_config(agent.addr, token()));
+    assert_eq!(link_config(agent.addr, token()).host, "::1");
+    let c = connector(&link, "", echo.port());
+    c.check().await.expect("auth with an IPv6 literal host");
+    echo_round_trip(&c, 61, 100_000).await.expect("round trip");
+}
+
 // ----- 10. graceful stop --------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
