@@ -445,3 +445,57 @@ fn local_reset_reaches_the_peer_and_late_frames_are_ignored() {
     assert!(p.client.error.is_none() && p.server.error.is_none());
     assert_eq!(p.server.session.stream_count(), 0);
 }
+
+#[test]
+fn client_goaway_lets_its_streams_finish() {
+    let mut p = Pair::new(Config::default());
+    p.auth(GOOD_TOKEN);
+    let id = p.open(80);
+    p.client.send(id, b"one", false);
+    assert!(p.run_until(SECOND, |p| p.server.received.contains_key(&id)));
+    p.client
+        .session
+        .go_away(ErrorCode::NoError, "client shutting down");
+    assert_eq!(
+        p.client.session.open(Target::new("", 80).unwrap()),
+        Err(StreamError::GoingAway)
+    );
+    p.client.send(id, b" two", true);
+    assert!(p.run_until(SECOND, |p| p.client.fins.contains(&id)));
+    assert_eq!(p.client.received[&id], b"one two");
+    assert!(p.server.events.iter().any(|e| matches!(
+        e,
+        Event::GoAway {
+            code: ErrorCode::NoError,
+            ..
+        }
+    )));
+    assert!(p.client.session.is_drained() && p.server.session.is_drained());
+}
+
+#[test]
+fn close_now_ends_the_carrier_for_both_sides() {
+    let mut p = Pair::new(Config::default());
+    p.auth(GOOD_TOKEN);
+    let id = p.open(80);
+    assert!(p.run_until(SECOND, |p| p.client.events.contains(&Event::OpenOk(id))));
+    p.server
+        .session
+        .close_now(ErrorCode::Internal, "drain deadline passed");
+    assert!(p.run_until(SECOND, |p| p.client.closed.is_some()));
+    let reason = p.client.closed.clone().unwrap();
+    assert_eq!(
+        reason.to_string(),
+        "peer closed the carrier: internal error: drain deadline passed"
+    );
+    assert_eq!(
+        p.server.closed,
+        Some(CloseReason::Local {
+            code: ErrorCode::Internal
+        })
+    );
+    assert_eq!(
+        p.client.session.write(id, b"x"),
+        Err(StreamError::SessionClosed)
+    );
+}
