@@ -18,12 +18,16 @@ use super::{
 };
 use crate::auth::{challenge, Token, CHALLENGE_LEN};
 use crate::policy::{DialRefusal, TargetPolicy};
-use crate::relay::relay;
+use crate::relay::{relay, Endpoint};
 
 /// How long a new stream may take to deliver its target header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent waits for peers to see its close before returning from `run`.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// After cutting streams at the end of the grace period: time for the resets to reach the
+/// clients (they are retransmitted until acknowledged, a connection close is not), so a
+/// client learns "agent is shutting down" even if the final close packet is lost.
+const RESET_LINGER: Duration = Duration::from_millis(300);
 
 /// What a QUIC agent needs.
 #[derive(Debug, Clone)]
@@ -63,6 +67,8 @@ struct Shared {
     port: u16,
     unauthenticated: AtomicUsize,
     streams: TaskTracker,
+    /// Fires when the grace period is over: streams still open are reset.
+    cut: CancellationToken,
 }
 
 /// A bound QUIC agent, not yet serving: learn its address and pin, then [`QuicAgent::run`].
@@ -137,6 +143,7 @@ impl QuicAgent {
                 port: local.port(),
                 unauthenticated: AtomicUsize::new(0),
                 streams: TaskTracker::new(),
+                cut: CancellationToken::new(),
             }),
         })
     }
@@ -182,13 +189,14 @@ impl QuicAgent {
         {
             tracing::info!(
                 grace = ?self.grace,
-                "grace period over: cutting the remaining QUIC streams"
+                "grace period over: resetting the remaining QUIC streams"
             );
+            self.shared.cut.cancel();
+            let _ = tokio::time::timeout(CLOSE_LINGER, self.shared.streams.wait()).await;
+            tokio::time::sleep(RESET_LINGER).await;
         }
-        self.endpoint.close(
-            VarInt::from_u32(close::SHUTDOWN),
-            b"agent shutting down",
-        );
+        self.endpoint
+            .close(VarInt::from_u32(close::SHUTDOWN), b"agent shutting down");
         conns.close();
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
             conns.wait().await;
@@ -254,7 +262,10 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: C
     };
     if alpn.as_deref() != Some(ALPN) {
         tracing::warn!("QUIC client without ALPN forward-mux/1: closed");
-        conn.close(VarInt::from_u32(close::PROTOCOL), b"ALPN forward-mux/1 required");
+        conn.close(
+            VarInt::from_u32(close::PROTOCOL),
+            b"ALPN forward-mux/1 required",
+        );
         return;
     }
     let host = proof_host(sni.as_deref().unwrap_or(""));
@@ -315,7 +326,9 @@ async fn authenticate(
         recv.read_exact(&mut proof).await.map_err(|e| lost(&e))?;
         debug_assert_eq!(ch.len(), CHALLENGE_LEN);
         let ok = shared.token.verify(&ch, host, shared.port, &proof);
-        send.write_all(&[u8::from(ok)]).await.map_err(|e| lost(&e))?;
+        send.write_all(&[u8::from(ok)])
+            .await
+            .map_err(|e| lost(&e))?;
         let _ = send.finish();
         if ok {
             Ok(())
@@ -386,7 +399,10 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, shared: Arc<S
             return;
         }
         Err(_) => {
-            tracing::warn!("bad target header ({}): stream reset", HeaderError::Slow(HEADER_TIMEOUT));
+            tracing::warn!(
+                "bad target header ({}): stream reset",
+                HeaderError::Slow(HEADER_TIMEOUT)
+            );
             reject(&mut send, &mut recv, code::BAD_HEADER);
             return;
         }
@@ -414,13 +430,29 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, shared: Arc<S
         }
     };
     tracing::debug!(target = %shown, "stream opened");
-    match relay(QuicStream::new(send, recv, "client", shown.clone()), tcp).await {
+    let mut quic = QuicStream::new(send, recv, "client", shown.clone());
+    let mut tcp = tcp;
+    let outcome = tokio::select! {
+        // The cut is checked first: a busy relay must not hide it.
+        biased;
+        _ = shared.cut.cancelled() => {
+            tracing::info!(target = %shown, "agent shutting down: stream reset");
+            tcp.abort();
+            quic.reset(code::SHUTTING_DOWN);
+            return;
+        }
+        r = relay(&mut quic, &mut tcp) => r,
+    };
+    match outcome {
         Ok(stats) => tracing::debug!(
             target = %shown,
             up = stats.a_to_b,
             down = stats.b_to_a,
             "stream done"
         ),
-        Err(e) => tracing::info!("stream to {shown} ended: {}", e.describe("client", "target")),
+        Err(e) => tracing::info!(
+            "stream to {shown} ended: {}",
+            e.describe("client", "target")
+        ),
     }
 }

@@ -38,16 +38,13 @@ impl QuicCert {
     /// Loads a PEM certificate chain (leaf first) and its PEM private key.
     pub fn load(cert_file: &Path, key_file: &Path) -> Result<Self, QuicError> {
         let read = |p: &Path| {
-            std::fs::read(p).map_err(|e| {
-                QuicError::CertFile(format!("cannot read {}: {e}", p.display()))
-            })
+            std::fs::read(p)
+                .map_err(|e| QuicError::CertFile(format!("cannot read {}: {e}", p.display())))
         };
         let bytes = read(cert_file)?;
         let chain = CertificateDer::pem_slice_iter(&bytes)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                QuicError::CertFile(format!("{}: bad PEM: {e}", cert_file.display()))
-            })?;
+            .map_err(|e| QuicError::CertFile(format!("{}: bad PEM: {e}", cert_file.display())))?;
         if chain.is_empty() {
             return Err(QuicError::CertFile(format!(
                 "{} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----); pass the agent certificate to --tls-cert",
@@ -367,7 +364,10 @@ mod tests {
         let from_key = SpkiPin::of_spki(&ck.signing_key.subject_public_key_info());
         assert_eq!(from_cert, from_key);
         let text = from_cert.to_string();
-        assert!(text.starts_with("sha256:") && text.len() == 7 + 44, "{text}");
+        assert!(
+            text.starts_with("sha256:") && text.len() == 7 + 44,
+            "{text}"
+        );
         assert_eq!(text.parse::<SpkiPin>().unwrap(), from_cert);
         assert_eq!(
             text.trim_end_matches('=').parse::<SpkiPin>().unwrap(),
@@ -398,7 +398,10 @@ mod tests {
         assert_eq!(base64_encode(b"foo"), "Zm9v");
         assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
         for s in ["", "f", "fo", "foo", "foob", "fooba", "foobar"] {
-            assert_eq!(base64_decode(&base64_encode(s.as_bytes())).unwrap(), s.as_bytes());
+            assert_eq!(
+                base64_decode(&base64_encode(s.as_bytes())).unwrap(),
+                s.as_bytes()
+            );
         }
         assert!(base64_decode("Zh==").is_none(), "non-zero padding bits");
     }

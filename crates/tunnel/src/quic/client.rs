@@ -4,6 +4,7 @@
 
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,7 +110,8 @@ fn build_client_config(verify: &AgentVerify) -> Result<(quinn::ClientConfig, See
 
 #[derive(Default)]
 struct State {
-    conn: Option<quinn::Connection>,
+    /// The connection and its "agent is going away" flag.
+    conn: Option<(quinn::Connection, Arc<AtomicBool>)>,
     failures: u32,
     retry_at: Option<Instant>,
 }
@@ -197,7 +199,7 @@ impl QuicCarrier {
     /// Closes the connection (streams still open are cut) and waits briefly for the agent to
     /// hear of it.
     pub async fn close(&self) {
-        if let Some(c) = self.state.lock().await.conn.take() {
+        if let Some((c, _)) = self.state.lock().await.conn.take() {
             c.close(VarIntCode::normal(), b"client closing");
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -206,10 +208,19 @@ impl QuicCarrier {
     /// The live, authenticated connection: the current one, or a new one after the backoff
     /// that previous failures earned. Callers queue here while a reconnect runs.
     pub async fn connection(&self) -> Result<quinn::Connection, QuicError> {
+        self.live().await.map(|(c, _)| c)
+    }
+
+    async fn live(&self) -> Result<(quinn::Connection, Arc<AtomicBool>), QuicError> {
         let mut st = self.state.lock().await;
-        if let Some(c) = &st.conn {
+        if let Some((c, away)) = &st.conn {
             match c.close_reason() {
-                None => return Ok(c.clone()),
+                None if !away.load(Ordering::Relaxed) => return Ok((c.clone(), away.clone())),
+                // Left to its open streams; it closes when the last handle goes.
+                None => {
+                    tracing::info!(agent = %self.describe(), "agent is shutting down; new streams go to a new connection");
+                    st.conn = None;
+                }
                 Some(why) => {
                     tracing::info!(agent = %self.describe(), reason = %why, "QUIC connection lost; reconnecting");
                     st.conn = None;
@@ -223,8 +234,9 @@ impl QuicCarrier {
             Ok(c) => {
                 st.failures = 0;
                 st.retry_at = None;
-                st.conn = Some(c.clone());
-                Ok(c)
+                let live = (c, Arc::new(AtomicBool::new(false)));
+                st.conn = Some(live.clone());
+                Ok(live)
             }
             Err(e) => {
                 st.failures = st.failures.saturating_add(1);
@@ -246,14 +258,16 @@ impl QuicCarrier {
     async fn open_with(&self, header: &[u8], shown: Arc<str>) -> Result<QuicStream, QuicError> {
         let mut retried = false;
         loop {
-            let conn = self.connection().await?;
+            let (conn, away) = self.live().await?;
             let attempt = async {
                 let (mut send, recv) = conn.open_bi().await?;
                 send.write_all(header).await.map_err(|e| match e {
                     quinn::WriteError::ConnectionLost(c) => c,
                     _ => quinn::ConnectionError::LocallyClosed,
                 })?;
-                Ok::<_, quinn::ConnectionError>(QuicStream::new(send, recv, "agent", shown.clone()))
+                Ok::<_, quinn::ConnectionError>(
+                    QuicStream::new(send, recv, "agent", shown.clone()).with_going_away(away),
+                )
             };
             match attempt.await {
                 Ok(s) => return Ok(s),
@@ -296,9 +310,11 @@ impl QuicCarrier {
                     return Ok(conn);
                 }
                 // Retrying another address cannot fix a certificate or protocol problem.
-                Err(e @ (QuicError::PinMismatch { .. }
-                | QuicError::Untrusted { .. }
-                | QuicError::WrongAlpn { .. })) => return Err(e),
+                Err(
+                    e @ (QuicError::PinMismatch { .. }
+                    | QuicError::Untrusted { .. }
+                    | QuicError::WrongAlpn { .. }),
+                ) => return Err(e),
                 Err(e) => last = Some(e),
             }
         }
@@ -378,7 +394,11 @@ impl QuicCarrier {
         }
     }
 
-    async fn authenticate(&self, conn: &quinn::Connection, addr: SocketAddr) -> Result<(), QuicError> {
+    async fn authenticate(
+        &self,
+        conn: &quinn::Connection,
+        addr: SocketAddr,
+    ) -> Result<(), QuicError> {
         let rejected = || QuicError::AuthRejected {
             host: self.host.clone(),
             port: self.port,
@@ -441,7 +461,8 @@ fn is_vm_loopback(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
     h.is_empty()
         || h.eq_ignore_ascii_case("localhost")
-        || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A forward through a QUIC agent: one stream per local connection to one target on the

@@ -136,7 +136,9 @@ pub enum QuicError {
         port: u16,
     },
     /// The agent refused the proof.
-    #[error("agent {host}:{port} rejected authentication: check that both sides use the same token")]
+    #[error(
+        "agent {host}:{port} rejected authentication: check that both sides use the same token"
+    )]
     AuthRejected {
         /// The agent host.
         host: String,
@@ -259,7 +261,10 @@ async fn read_target(recv: &mut quinn::RecvStream) -> Result<(String, u16), Head
     if !valid_host(&host) {
         return Err(HeaderError::NotText);
     }
-    Ok((String::from_utf8(host).map_err(|_| HeaderError::NotText)?, port))
+    Ok((
+        String::from_utf8(host).map_err(|_| HeaderError::NotText)?,
+        port,
+    ))
 }
 
 /// The name both sides mix into the auth proof: the SNI, lower-cased, without a trailing dot;

@@ -29,6 +29,9 @@ pub struct QuicStream {
     acked: Option<Acked>,
     read_eof: bool,
     aborted: AtomicBool,
+    /// Set when the agent says it is shutting down, so the carrier opens new streams on a
+    /// new connection while this one drains.
+    going_away: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for QuicStream {
@@ -53,7 +56,20 @@ impl QuicStream {
             acked: None,
             read_eof: false,
             aborted: AtomicBool::new(false),
+            going_away: None,
         }
+    }
+
+    pub(super) fn with_going_away(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.going_away = Some(flag);
+        self
+    }
+
+    /// Resets both directions with an application code (see [`code`]) right away.
+    pub fn reset(&mut self, code: u32) {
+        self.aborted.store(true, Ordering::Relaxed);
+        let _ = self.send.reset(VarInt::from_u32(code));
+        let _ = self.recv.stop(VarInt::from_u32(code));
     }
 
     /// The QUIC stream id.
@@ -64,7 +80,13 @@ impl QuicStream {
     fn code_error(&self, code: VarInt) -> io::Error {
         let t = &self.target;
         let p = self.peer;
-        let msg = match u32::try_from(code.into_inner()).unwrap_or(u32::MAX) {
+        let code = u32::try_from(code.into_inner()).unwrap_or(u32::MAX);
+        if code == code::SHUTTING_DOWN {
+            if let Some(flag) = &self.going_away {
+                flag.store(true, Ordering::Relaxed);
+            }
+        }
+        let msg = match code {
             code::NOT_ALLOWED => format!(
                 "agent refused {t}: not allowed by its policy (only the VM's loopback unless the agent runs with --allow)"
             ),
@@ -73,7 +95,7 @@ impl QuicStream {
             code::UNREACHABLE => format!("agent cannot reach {t}"),
             code::BAD_HEADER => format!("agent rejected the target header for {t}"),
             code::AUTH_REQUIRED => "agent rejected a stream opened before authentication".to_owned(),
-            code::SHUTTING_DOWN => format!("agent is shutting down; {t} not opened"),
+            code::SHUTTING_DOWN => format!("agent is shutting down: stream to {t} reset"),
             code::ABORTED => format!("stream to {t} reset by the {p} side"),
             other => format!("stream to {t} reset by the {p} (code {other})"),
         };
