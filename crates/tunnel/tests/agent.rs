@@ -875,3 +875,70 @@ async fn stop_drains_open_streams_and_refuses_new_ones() {
         .await
         .unwrap();
 }
+
+// ----- reset budgets (known failures in forward-mux) ----------------------------------------------
+
+/// A stream kept open across `storm`, which must not disturb it.
+async fn held_stream_survives<F: std::future::Future<Output = ()>>(
+    link: &Arc<AgentLink>,
+    echo_port: u16,
+    storm: F,
+) {
+    let c = connector(link, "", echo_port);
+    let s = c.connect().await.unwrap();
+    let (mut r, mut w) = tokio::io::split(s);
+    w.write_all(b"hold").await.unwrap();
+    let mut four = [0u8; 4];
+    r.read_exact(&mut four).await.unwrap();
+    storm.await;
+    w.write_all(b"more").await.unwrap();
+    r.read_exact(&mut four)
+        .await
+        .expect("the held stream survives the storm");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "forward-mux: the client counts the agent's refusals against its reset budget and kills its own carrier"]
+async fn many_refused_opens_leave_other_streams_alone() {
+    // A script polling a port until its service comes up (every 10 ms, say) must not cut
+    // every other connection to that VM.
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let link = AgentLink::new(link_config(agent.addr, token()));
+    let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let closed = connector(&link, "", port);
+    held_stream_survives(&link, echo.port(), async {
+        for i in 0..300 {
+            let mut s = closed.connect().await.unwrap();
+            let (_, end) = drain(&mut s).await;
+            let e = end.unwrap_err().to_string();
+            assert!(e.contains("refused"), "attempt {i}: {e}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "forward-mux: the agent counts ordinary client aborts against its reset budget and closes the carrier"]
+async fn many_aborted_connections_leave_other_streams_alone() {
+    // Local clients that abort after their answer (timeouts, cancelled requests) are normal
+    // traffic for a port forward, not a rapid-reset attack.
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let link = AgentLink::new(link_config(agent.addr, token()));
+    let c = connector(&link, "", echo.port());
+    held_stream_survives(&link, echo.port(), async {
+        for i in 0..300 {
+            let mut s = c.connect().await.unwrap();
+            s.write_all(b"ab").await.unwrap();
+            let mut two = [0u8; 2];
+            if let Err(e) = s.read_exact(&mut two).await {
+                panic!("attempt {i}: {e}");
+            }
+            drop(s); // not finished both ways: the stream is reset
+        }
+    })
+    .await;
+}
