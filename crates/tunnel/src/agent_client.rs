@@ -68,6 +68,26 @@ struct LinkState {
     last_error: Option<String>,
 }
 
+impl LinkState {
+    /// Forgets `c` if it is the current carrier. One that never authenticated (wrong token, or
+    /// cut during AUTH) counts as a failed attempt: otherwise a wrong token reconnected five
+    /// times a second forever, and every local connection dialled again at once.
+    fn retire(&mut self, c: &Arc<Carrier>) {
+        if !self.current.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, c)) {
+            return;
+        }
+        self.current = None;
+        if !c.is_authenticated() {
+            self.failures = self.failures.saturating_add(1);
+            self.last_attempt = Some(Instant::now());
+            self.last_error = Some(
+                c.dead_reason()
+                    .unwrap_or_else(|| "carrier closed before authenticating".into()),
+            );
+        }
+    }
+}
+
 /// One agent, one carrier at a time, re-established when lost.
 pub struct AgentLink {
     config: LinkConfig,
@@ -117,10 +137,11 @@ impl AgentLink {
     /// A usable carrier: the current one, or a new one.
     pub async fn carrier(self: &Arc<Self>) -> Result<Arc<Carrier>, DialError> {
         let mut st = self.state.lock().await;
-        if let Some(c) = &st.current {
+        if let Some(c) = st.current.clone() {
             if c.is_usable() {
-                return Ok(c.clone());
+                return Ok(c);
             }
+            st.retire(&c);
         }
         if let (Some(at), Some(err)) = (st.last_attempt, &st.last_error) {
             if at.elapsed() < USER_RETRY {
@@ -133,10 +154,7 @@ impl AgentLink {
         st.last_attempt = Some(Instant::now());
         match self.establish().await {
             Ok(c) => {
-                if st.failures > 0 {
-                    tracing::info!(link = %self.describe(), "carrier re-established");
-                }
-                st.failures = 0;
+                // `failures` is reset by the watcher once the agent accepts the proof.
                 st.last_error = None;
                 st.current = Some(c.clone());
                 tokio::spawn(watch(Arc::downgrade(self), c.clone()));
@@ -242,11 +260,23 @@ fn watch(
 }
 
 async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
+    if carrier.wait_authed().await.is_ok() {
+        let Some(l) = link.upgrade() else { return };
+        let mut st = l.state.lock().await;
+        if st.failures > 0 {
+            tracing::info!(link = %l.describe(), "carrier re-established");
+        }
+        st.failures = 0;
+    }
     let reason = carrier.closed().await;
-    drop(carrier);
     let Some(l) = link.upgrade() else { return };
     tracing::warn!(link = %l.describe(), %reason, "carrier lost; open connections were reset, reconnecting");
-    let mut failures = 0u32;
+    let mut failures = {
+        let mut st = l.state.lock().await;
+        st.retire(&carrier);
+        st.failures
+    };
+    drop(carrier);
     drop(l);
     loop {
         tokio::time::sleep(jittered(failures)).await;

@@ -149,6 +149,11 @@ impl Carrier {
         g.dead.is_none() && !g.going_away
     }
 
+    /// Client: the agent accepted our proof. Server: we accepted the client's.
+    pub fn is_authenticated(&self) -> bool {
+        self.lock().authed
+    }
+
     /// Number of open streams (for metrics and drain).
     pub fn stream_count(&self) -> usize {
         self.lock().session.stream_count()
