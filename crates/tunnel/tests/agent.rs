@@ -186,6 +186,30 @@ fn missing_unreadable_and_weak_tokens_are_refused_without_leaking_them() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_backs_off_instead_of_hammering_the_agent() {
+    let agent = start_agent(|_| {});
+    let proxy = Proxy::start(agent.addr).await;
+    let bad_token = Token::new(OTHER_TOKEN_HEX, "test").unwrap();
+    let bad = AgentLink::new(link_config(proxy.addr, bad_token));
+    let c = connector(&bad, "", 9);
+    assert!(c.check().await.is_err());
+    // A user connection right after the rejection is told why, without a new carrier.
+    let e = c
+        .connect()
+        .await
+        .expect_err("no new carrier within a second of a rejection");
+    assert!(e.to_string().contains("authentication rejected"), "{e}");
+    // Exponential backoff from 200 ms allows about five attempts in 5 s (fewer on a slow
+    // machine, never more); reconnecting at the base rate would make 25.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let carriers = proxy.clients.lock().unwrap().len();
+    assert!(
+        carriers <= 10,
+        "{carriers} carriers within 5 s for a wrong token"
+    );
+}
+
 // ----- 3. replayed AUTH ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
