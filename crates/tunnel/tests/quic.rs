@@ -628,3 +628,46 @@ async fn dropping_a_stream_without_shutdown_resets_the_backend() {
     let r = timed(backend).await.unwrap();
     assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
 }
+
+/// A killed agent sends nothing; its successor on the same port (same token) answers the old
+/// connection's packets with a stateless reset, so the client errors and reconnects at once
+/// instead of waiting for the 30 s idle timeout.
+#[test]
+fn a_restarted_agent_resets_the_connections_of_a_killed_one() {
+    let main = tokio::runtime::Runtime::new().unwrap();
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cert = QuicCert::generate(&[NAME.into()]).unwrap();
+    let a = doomed.block_on(async { agent_with(v6(), cert.clone(), Duration::ZERO) });
+    let (addr, pin) = (a.addr, a.pin);
+    let port = main.block_on(echo(v6()));
+    let c = main.block_on(async { carrier(&a) });
+    let mut old = main.block_on(async {
+        let mut s = timed(c.open("localhost", port)).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        timed(s.read_exact(&mut b)).await.unwrap();
+        s
+    });
+    // Killed: its tasks and socket vanish without a word to the client.
+    drop(doomed);
+    main.block_on(async {
+        let b = agent_with(addr, cert, Duration::ZERO);
+        assert_eq!(b.pin, pin);
+        old.write_all(&[1u8; 4096]).await.unwrap();
+        let mut rest = Vec::new();
+        let e = timed(old.read_to_end(&mut rest)).await.unwrap_err();
+        assert!(e.to_string().contains("reset by peer"), "{e}");
+        let got = timed(round_trip(
+            timed(c.open("localhost", port)).await.unwrap(),
+            b"after restart".to_vec(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(got, b"after restart");
+        b.stop.cancel();
+    });
+}

@@ -102,6 +102,39 @@ pub(super) fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, QuicEr
     Ok(socket.into())
 }
 
+/// An agent restarted with the same token answers packets of its previous life's connections
+/// with a stateless reset that the clients recognise, so they reconnect at once instead of
+/// waiting out the idle timeout. That needs a reset key derived from the token, and connection
+/// ids that a new process accepts as its own: plain random ids (quinn's default ids carry a
+/// per-process keyed hash). The cost: any unknown short-header packet may draw a reset, which
+/// quinn rate-limits and keeps smaller than the packet that caused it.
+fn endpoint_config(token: &Token) -> quinn::EndpointConfig {
+    let secret = token.prove(b"forward quic stateless reset key", "", 0);
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    config.cid_generator(|| Box::new(RandomCids));
+    config
+}
+
+/// 8-byte random connection ids, valid in any process.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; 8];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
 impl QuicAgent {
     /// Binds the UDP socket and prepares TLS. Must be called inside a tokio runtime.
     pub fn bind(config: QuicAgentConfig) -> Result<Self, QuicError> {
@@ -125,7 +158,7 @@ impl QuicAgent {
         server.transport_config(transport(true));
         let socket = udp_socket(config.listen)?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config(&config.token),
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),
