@@ -671,3 +671,114 @@ fn a_restarted_agent_resets_the_connections_of_a_killed_one() {
         b.stop.cancel();
     });
 }
+
+#[tokio::test]
+async fn a_quic_server_with_another_alpn_is_named_as_such() {
+    // Not a forward agent: some other QUIC service with the same certificate.
+    let cert = QuicCert::generate(&[NAME.into()]).unwrap();
+    let pin = cert.pin().unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(cert.chain().to_vec(), cert.key().clone_key())
+    .unwrap();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let server = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+    ));
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        std::net::UdpSocket::bind(v6()).unwrap(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        while let Some(i) = endpoint.accept().await {
+            let _ = i.await;
+        }
+    });
+    let mut c = QuicCarrierConfig::new(NAME, addr.port(), AgentVerify::Pin(pin), token(TOKEN));
+    c.edge = Some(addr.ip().to_string());
+    c.bind = v6();
+    let e = timed(QuicCarrier::new(c).unwrap().check())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not speak forward-mux/1"), "{e}");
+    accept.abort();
+}
+
+#[tokio::test]
+async fn no_agent_listening_is_a_clear_timeout() {
+    let free = std::net::UdpSocket::bind(v6()).unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let pin = QuicCert::generate(&[]).unwrap().pin().unwrap();
+    let mut c = QuicCarrierConfig::new(NAME, port, AgentVerify::Pin(pin), token(TOKEN));
+    c.edge = Some("::1".into());
+    c.bind = v6();
+    c.connect_timeout = Duration::from_secs(1);
+    let carrier = QuicCarrier::new(c).unwrap();
+    let e = timed(carrier.check()).await.unwrap_err().to_string();
+    assert!(e.contains("no QUIC answer from agent agent.test"), "{e}");
+    assert!(e.contains(&format!("UDP port {port}")), "{e}");
+    let e = QuicConnector::new(carrier, "localhost", 5432).unwrap();
+    let e = timed(e.connect()).await.unwrap_err().to_string();
+    assert!(e.contains("no QUIC answer"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_lets_open_streams_finish_and_refuses_new_ones() {
+    let a = agent_with(
+        v6(),
+        QuicCert::generate(&[NAME.into()]).unwrap(),
+        Duration::from_secs(60),
+    );
+    let port = echo(v6()).await;
+    let c = carrier(&a);
+    let mut open = timed(c.open("localhost", port)).await.unwrap();
+    open.write_all(b"before stop").await.unwrap();
+    let mut b = [0u8; 11];
+    timed(open.read_exact(&mut b)).await.unwrap();
+    a.stop.cancel();
+
+    // New streams are refused while the old one drains; the refusal says why.
+    let refused = timed(async {
+        loop {
+            match c.open("localhost", port).await {
+                Ok(mut s) => {
+                    let mut buf = Vec::new();
+                    let ended = match s.shutdown().await {
+                        Ok(()) => s.read_to_end(&mut buf).await.map(drop),
+                        Err(e) => Err(e),
+                    };
+                    match ended {
+                        Err(e) => return e.to_string(),
+                        // Opened before the agent noticed the stop: an ordinary stream.
+                        Ok(()) => continue,
+                    }
+                }
+                Err(e) => return e.to_string(),
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused.contains("shutting down") || refused.contains("refused"),
+        "{refused}"
+    );
+
+    let tail = pattern(1024 * 1024, 5);
+    timed(open.write_all(&tail)).await.unwrap();
+    timed(open.shutdown()).await.unwrap();
+    let mut got = Vec::new();
+    timed(open.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(sha(&got), sha(&tail));
+    drop(open);
+    timed(a.task).await.unwrap();
+}

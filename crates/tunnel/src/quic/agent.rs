@@ -392,6 +392,7 @@ async fn serve_streams(conn: quinn::Connection, shared: Arc<Shared>, stop: Cance
     let mut stopping = false;
     loop {
         let accepted = tokio::select! {
+            biased;
             _ = stop.cancelled(), if !stopping => {
                 stopping = true;
                 continue;
