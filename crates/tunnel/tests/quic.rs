@@ -782,3 +782,50 @@ async fn graceful_stop_lets_open_streams_finish_and_refuses_new_ones() {
     drop(open);
     timed(a.task).await.unwrap();
 }
+
+/// Rough loopback numbers for one stream (not an assertion; the bench harness owns speed):
+/// `cargo test -p forward-tunnel --test quic -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_probe() {
+    const TOTAL: usize = 512 * 1024 * 1024;
+    let sink = TcpListener::bind(v6()).await.unwrap();
+    let port = sink.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = sink.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let n = tokio::io::copy(&mut s, &mut tokio::io::sink())
+                    .await
+                    .unwrap();
+                s.write_all(&n.to_be_bytes()).await.unwrap();
+                s.shutdown().await.unwrap();
+            });
+        }
+    });
+    let chunk = vec![0x5au8; 256 * 1024];
+    let send = |mut s: Box<dyn forward_tunnel::Endpoint>| {
+        let chunk = chunk.clone();
+        async move {
+            let t = std::time::Instant::now();
+            let mut sent = 0;
+            while sent < TOTAL {
+                s.write_all(&chunk).await.unwrap();
+                sent += chunk.len();
+            }
+            s.shutdown().await.unwrap();
+            let mut n = [0u8; 8];
+            s.read_exact(&mut n).await.unwrap();
+            assert_eq!(u64::from_be_bytes(n), TOTAL as u64);
+            (TOTAL as f64 / t.elapsed().as_secs_f64()) / 1e6
+        }
+    };
+    let tcp = TcpStream::connect(("::1", port)).await.unwrap();
+    let raw = send(Box::new(tcp)).await;
+    let a = agent();
+    let c = carrier(&a);
+    let q = send(Box::new(c.open("localhost", port).await.unwrap())).await;
+    eprintln!("one stream, loopback: raw TCP {raw:.0} MB/s, QUIC {q:.0} MB/s");
+}
