@@ -67,8 +67,8 @@ impl QuicCarrierConfig {
     }
 }
 
-/// The quinn client configuration for `verify`: TLS 1.3, ALPN forward-mux/1, ring, no 0-RTT,
-/// the transport settings of [`super`]. Also returns the pin verifier's record of a mismatch.
+/// The quinn client configuration for `verify`: TLS 1.3, ALPN forward-mux/1, ring, no 0-RTT
+/// (replayable), the WAN transport settings. For tools that speak to an agent directly.
 pub fn client_config(verify: &AgentVerify) -> Result<quinn::ClientConfig, QuicError> {
     Ok(build_client_config(verify)?.0)
 }
@@ -200,7 +200,7 @@ impl QuicCarrier {
     /// hear of it.
     pub async fn close(&self) {
         if let Some((c, _)) = self.state.lock().await.conn.take() {
-            c.close(VarIntCode::normal(), b"client closing");
+            c.close(quinn::VarInt::from_u32(close::NORMAL), b"client closing");
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
@@ -349,7 +349,10 @@ impl QuicCarrier {
             .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|hd| hd.protocol);
         if alpn.as_deref() != Some(ALPN) {
-            conn.close(VarIntCode::protocol(), b"ALPN forward-mux/1 required");
+            conn.close(
+                quinn::VarInt::from_u32(close::PROTOCOL),
+                b"ALPN forward-mux/1 required",
+            );
             return Err(QuicError::WrongAlpn {
                 host: self.host.clone(),
                 port: self.port,
@@ -427,7 +430,7 @@ impl QuicCarrier {
             _ if closed_for_auth => Err(rejected()),
             Ok(Err(e)) => Err(self.conn_error(format!("authentication exchange failed: {e}"))),
             Err(_) => {
-                conn.close(VarIntCode::normal(), b"auth timeout");
+                conn.close(quinn::VarInt::from_u32(close::NORMAL), b"auth timeout");
                 Err(QuicError::Timeout {
                     host: self.host.clone(),
                     addr,
@@ -435,17 +438,6 @@ impl QuicCarrier {
                 })
             }
         }
-    }
-}
-
-struct VarIntCode;
-
-impl VarIntCode {
-    fn normal() -> quinn::VarInt {
-        quinn::VarInt::from_u32(close::NORMAL)
-    }
-    fn protocol() -> quinn::VarInt {
-        quinn::VarInt::from_u32(close::PROTOCOL)
     }
 }
 

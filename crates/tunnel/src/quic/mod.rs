@@ -22,7 +22,7 @@
 //! The Vers edge carries TCP only: QUIC is for agents reachable directly over UDP.
 //!
 //! Left to others: command-line flags and the printed pin (the `forward` binary), the relay
-//! ([`crate::relay`]), target policy ([`crate::policy`]) and the token ([`crate::auth`]).
+//! ([`crate::relay()`]), target policy ([`crate::policy`]) and the token ([`crate::auth`]).
 
 mod agent;
 mod cert;
