@@ -150,7 +150,13 @@ impl QuicCarrier {
     /// Must be called inside a tokio runtime.
     pub fn new(config: QuicCarrierConfig) -> Result<Arc<Self>, QuicError> {
         let (client, seen_pin) = build_client_config(&config.verify)?;
-        let socket = udp_socket(config.bind)?;
+        let socket = match udp_socket(config.bind) {
+            // A host without IPv6 cannot bind [::]; IPv4 alone still reaches IPv4 agents.
+            Err(_) if config.bind == SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0) => {
+                udp_socket(SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0))?
+            }
+            other => other?,
+        };
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,
