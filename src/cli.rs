@@ -15,6 +15,7 @@ Examples:
   forward --check 5432:abc123:5432         verify TLS to every target first, exit 1 on failure
   forward --agent 9999 5432:abc123:5432    through `forward agent` on the VM (token in VERS_AUTH_TOKEN)
   forward --agent 9999 5433:abc123/db.internal:5432   the agent dials db.internal from the VM
+  forward --agent 9999 --transport quic --agent-pin sha256:... --edge 203.0.113.7 5432:abc123:5432
   ssh -o ProxyCommand='forward stdio %h:443' root@abc123.vm.vers.sh
   forward demo                             local edge + services, end to end, no Vers account
 
@@ -76,6 +77,11 @@ pub struct AgentClientOpts {
     /// File holding the agent token (default: env VERS_AUTH_TOKEN). Never pass it on argv.
     #[arg(long, value_name = "FILE", requires = "agent")]
     pub token_file: Option<PathBuf>,
+
+    /// With --transport quic: trust exactly the agent certificate with this SPKI pin (printed by
+    /// `forward agent --quic`), instead of CA verification.
+    #[arg(long, value_name = "sha256:BASE64", requires = "agent")]
+    pub agent_pin: Option<String>,
 }
 
 /// Carrier kinds.
@@ -85,6 +91,8 @@ pub enum Transport {
     Tls,
     /// Plain TCP.
     Tcp,
+    /// QUIC over UDP straight to `forward agent --quic` (not through the edge: it carries TCP only).
+    Quic,
 }
 
 /// Options shared by every client mode.
@@ -198,4 +206,13 @@ pub struct AgentArgs {
     /// On SIGTERM, give open streams this long to finish after GOAWAY.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub drain: u64,
+
+    /// Also listen on UDP (same port) for QUIC clients (`--transport quic`).
+    #[arg(long)]
+    pub quic: bool,
+
+    /// Where the agent keeps the certificate it generates for QUIC when --tls-cert is not given,
+    /// so its pin survives restarts.
+    #[arg(long, value_name = "DIR", env = "FORWARD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }

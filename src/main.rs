@@ -94,6 +94,10 @@ async fn forward(cli: Cli) -> Result<i32> {
         .collect::<Result<Vec<_>, _>>()?;
     let grace = Duration::from_secs(cli.grace);
     if let Some(port) = cli.agent.agent {
+        if cli.agent.transport == cli::Transport::Quic {
+            let forwards = agent::quic_forwards(&cli, &specs, port)?;
+            return run::serve_all(forwards, cli.check, grace).await;
+        }
         let forwards = agent::forwards(&cli, &specs, port)?;
         return run::serve_all(forwards, cli.check, grace).await;
     }
