@@ -254,12 +254,13 @@ async fn run(args: Args, kinds: Vec<PathKind>, mut settings: Settings) -> anyhow
             .notes
             .push(format!("edge: {} {}", e.display(), a.join(" ")));
     }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
     tokio::select! {
         _ = runner::run(&kinds, &env, &settings, &mut report) => {}
-        _ = tokio::signal::ctrl_c() => {
-            // Returning drops every child (kill_on_drop), so no tunnel process outlives the run.
-            bail!("interrupted; partial results were not written");
-        }
+        // Returning drops every child (kill_on_drop), so no tunnel process outlives the run.
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; partial results were not written"),
+        _ = term.recv() => bail!("terminated (SIGTERM); partial results were not written"),
     }
     report.elapsed_secs = started.elapsed().as_secs_f64();
     let stem = args.name.clone().unwrap_or_else(|| report.date.clone());
