@@ -136,8 +136,9 @@ async fn wrong_token_is_rejected_while_a_good_client_keeps_working() {
     );
 
     // Without --check, the zero-RTT stream learns the same reason on its first read.
+    let (target, dialled) = counted_echo_server("[::1]:0").await;
     let bad_link = AgentLink::new(link_config(agent.addr, bad_token));
-    let bad = connector(&bad_link, "", echo.port());
+    let bad = connector(&bad_link, "", target.port());
     let mut s = bad.connect().await.expect("opens are optimistic");
     let _ = s.write_all(b"hello").await;
     let (got, end) = within("the rejected stream to end", drain(&mut s)).await;
@@ -148,6 +149,12 @@ async fn wrong_token_is_rejected_while_a_good_client_keeps_working() {
     let e = end.expect_err("a rejected carrier must not look like a clean EOF");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     assert!(e.to_string().contains("authentication rejected"), "{e}");
+    // The OPEN pipelined behind the bad proof was never acted on.
+    assert_eq!(
+        dialled.load(Ordering::SeqCst),
+        0,
+        "the agent dialled for a rejected client"
+    );
 
     within("the good client", busy)
         .await
@@ -330,7 +337,7 @@ async fn oversized_frame_is_refused_from_its_header() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_before_auth_close_the_carrier() {
     let agent = start_agent(|_| {});
-    let echo = echo_server("[::1]:0").await;
+    let (echo, dialled) = counted_echo_server("[::1]:0").await;
     let first_frames = [
         open_frame(1, "", echo.port()),
         data_frame(1, b"sneaky", false),
@@ -363,6 +370,11 @@ async fn frames_before_auth_close_the_carrier() {
             .iter()
             .any(|f| matches!(f, Frame::AuthOk | Frame::OpenOk { .. })),
         "nothing may be accepted after an OPEN before AUTH: {frames:?}"
+    );
+    assert_eq!(
+        dialled.load(Ordering::SeqCst),
+        0,
+        "the agent dialled before AUTH"
     );
     assert_still_serving(agent.addr).await;
 }

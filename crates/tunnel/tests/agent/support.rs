@@ -102,10 +102,18 @@ pub fn connector(link: &Arc<AgentLink>, host: &str, port: u16) -> AgentConnector
 
 /// Echoes every connection until its EOF, then half-closes back.
 pub async fn echo_server(bind: &str) -> SocketAddr {
+    counted_echo_server(bind).await.0
+}
+
+/// [`echo_server`] that also counts the connections it accepted.
+pub async fn counted_echo_server(bind: &str) -> (SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind(bind).await.unwrap();
     let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let (mut r, mut w) = s.into_split();
                 if tokio::io::copy(&mut r, &mut w).await.is_ok() {
@@ -114,7 +122,7 @@ pub async fn echo_server(bind: &str) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 /// Sends `pattern(seed, total)` to every connection, never reading; counts bytes handed to the
