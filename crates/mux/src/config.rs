@@ -25,7 +25,8 @@ pub struct Config {
     pub max_concurrent_streams: usize,
     /// Streams opened by the client but not yet accepted or refused by the server driver (256).
     pub max_pending_opens: usize,
-    /// Resets (received, plus refusals we had to send) allowed per `budget_interval` (200).
+    /// Server: streams the client may reset before they were answered (accepted or refused), per
+    /// `budget_interval` (200). The rapid-reset class: each costs a dial for nothing.
     pub reset_budget: u32,
     /// Pings received allowed per `budget_interval` (100).
     pub ping_budget: u32,

@@ -350,7 +350,7 @@ fn rapid_resets_exhaust_the_reset_budget() {
         later,
         &frames,
         ErrorCode::EnhanceYourCalm,
-        "more than 200 stream resets within 10s",
+        "more than 200 streams reset before being answered within 10s",
     );
 }
 
@@ -498,4 +498,41 @@ fn peer_goaway_with_an_error_closes_the_session() {
         "peer closed the carrier: protocol error: bad frame"
     );
     assert!(c.write(id, b"x").is_err());
+}
+
+#[test]
+fn resets_of_established_streams_are_not_rate_limited() {
+    let (mut s, now) = authed_server(Config::default());
+    for i in 0..300u32 {
+        let id = 2 * i + 1;
+        s.handle_input(now, &wire(&[open(id)])).unwrap();
+        s.accept(id).unwrap();
+        let rst = Frame::Rst {
+            id,
+            code: ResetCode::Cancel,
+        };
+        s.handle_input(now, &wire(&[rst])).unwrap();
+    }
+    assert!(!s.is_closed());
+}
+
+#[test]
+fn a_burst_of_refusals_does_not_close_the_client() {
+    let now = Instant::now();
+    let mut c = Session::client(Config::default(), now);
+    c.send_auth(b"proof").unwrap();
+    let mut frames = vec![Frame::AuthOk];
+    for _ in 0..300 {
+        let id = c.open(Target::new("", 1).unwrap()).unwrap();
+        frames.push(Frame::Rst {
+            id,
+            code: ResetCode::Refused,
+        });
+        if frames.len() > 200 {
+            c.handle_input(now, &wire(&frames)).unwrap();
+            frames.clear();
+        }
+    }
+    c.handle_input(now, &wire(&frames)).unwrap();
+    assert!(!c.is_closed());
 }

@@ -303,7 +303,12 @@ impl Session {
     }
 
     fn on_rst(&mut self, id: StreamId, code: ResetCode) -> Result<(), SessionError> {
-        self.spend_reset_budget()?;
+        // Rapid reset: OPEN then RST before the driver answered makes the server start a dial for
+        // nothing. Resets of established streams are ordinary aborts and cost nothing extra, and the
+        // client does not police its server (a burst of refusals must not kill the carrier).
+        if self.role == Role::Server && self.streams.get(&id).is_some_and(|s| !s.accepted) {
+            self.spend_reset_budget()?;
+        }
         if self.streams.get(&id).is_some_and(|s| !s.open_sent) {
             return Err(SessionError::protocol(format!(
                 "RST for stream {id}, whose OPEN was not sent yet"
@@ -326,7 +331,9 @@ impl Session {
         if self.reset_budget.hit(self.now, interval, limit) {
             return Err(SessionError::Protocol {
                 code: ErrorCode::EnhanceYourCalm,
-                detail: format!("more than {limit} stream resets within {interval:?}"),
+                detail: format!(
+                    "more than {limit} streams reset before being answered within {interval:?}"
+                ),
             });
         }
         Ok(())
