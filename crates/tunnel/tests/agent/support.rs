@@ -66,15 +66,24 @@ pub struct TestAgent {
     pub done: JoinHandle<()>,
 }
 
-/// An agent on 127.0.0.1:0 (or `listen`), with `tweak` applied to the default config.
-pub fn start_agent_on(listen: SocketAddr, tweak: impl FnOnce(&mut AgentConfig)) -> TestAgent {
+/// An agent on `listen`, with `tweak` applied to the default config, draining up to `drain`
+/// when stopped.
+pub fn start_agent_full(
+    listen: SocketAddr,
+    drain: Duration,
+    tweak: impl FnOnce(&mut AgentConfig),
+) -> TestAgent {
     let mut config = AgentConfig::new(listen, token());
     tweak(&mut config);
     let agent = Agent::bind(config).expect("binding the agent");
     let addr = agent.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let done = tokio::spawn(agent.run(stop.clone(), Duration::from_secs(60)));
+    let done = tokio::spawn(agent.run(stop.clone(), drain));
     TestAgent { addr, stop, done }
+}
+
+pub fn start_agent_on(listen: SocketAddr, tweak: impl FnOnce(&mut AgentConfig)) -> TestAgent {
+    start_agent_full(listen, Duration::from_secs(60), tweak)
 }
 
 pub fn start_agent(tweak: impl FnOnce(&mut AgentConfig)) -> TestAgent {
@@ -96,6 +105,15 @@ pub fn link_config(addr: SocketAddr, token: Token) -> LinkConfig {
 
 pub fn connector(link: &Arc<AgentLink>, host: &str, port: u16) -> AgentConnector {
     AgentConnector::new(link.clone(), Target::new(host, port).unwrap())
+}
+
+/// A fresh client still gets a correct round trip through `agent`.
+pub async fn assert_still_serving(agent: SocketAddr) {
+    let echo = echo_server("127.0.0.1:0").await;
+    let link = AgentLink::new(link_config(agent, token()));
+    echo_round_trip(&connector(&link, "", echo.port()), 77, 200_000)
+        .await
+        .expect("the agent keeps serving good clients");
 }
 
 // ----- backends ---------------------------------------------------------------------------------
