@@ -12,6 +12,7 @@ use crate::tls_ca::{tls_server, TestCa};
 
 per_transport!(wrong_ca_is_rejected: direct, agent_tls);
 per_transport!(wrong_name_is_rejected: direct, agent_tls);
+per_transport!(edge_of_another_domain_is_rejected: direct, agent_tls);
 
 /// Replaces the value of `--ca-file` in a client argument list.
 fn with_ca(mut args: Vec<OsString>, ca: &std::path::Path) -> Vec<OsString> {
@@ -119,5 +120,16 @@ fn wrong_name_is_rejected(t: Transport) {
         _ => unreachable!("no edge TLS for {t:?}"),
     };
     assert_check_fails(&args, &spec, &[VM_FQDN, "name"]);
+    assert_data_connection_reset(args, &spec, t);
+}
+
+/// The edge serves `*.other.test` while forward asks for vm1.vm.vers.sh: the edge refuses the name,
+/// and forward says which host was refused.
+fn edge_of_another_domain_is_rejected(t: Transport) {
+    let backend = Backend::echo();
+    let stack = Stack::start_with_edge_args(t, &[backend.port], &["--domain", "other.test"]);
+    let args = stack.client_args();
+    let spec = format!("127.0.0.1:0:{}", stack.target(backend.port));
+    assert_check_fails(&args, &spec, &[VM_FQDN]);
     assert_data_connection_reset(args, &spec, t);
 }
