@@ -69,6 +69,7 @@ macro_rules! transport {
 
 mod agent;
 mod cli;
+mod demo;
 mod half_close;
 mod integrity;
 mod local_sides;
