@@ -24,6 +24,7 @@ use crate::spec::Spec;
 
 /// Runs the agent until SIGINT/SIGTERM, then drains.
 pub async fn serve(args: AgentArgs) -> Result<i32> {
+    let mut signals = run::Signals::install()?;
     let token = Token::load(args.token_file.as_deref())?;
     let policy = TargetPolicy::new(&args.allow)?;
     let drain = Duration::from_secs(args.drain);
@@ -62,7 +63,7 @@ pub async fn serve(args: AgentArgs) -> Result<i32> {
         }
     );
     let task = tokio::spawn(agent.run(stop.clone(), drain));
-    run::wait_for_signal().await?;
+    signals.recv().await;
     stop.cancel();
     task.await.context("agent task")?;
     if let Some(q) = quic {

@@ -26,6 +26,7 @@ const CHECK_BYTES: usize = 1 << 20;
 
 /// Runs the demo; returns the exit code.
 pub async fn run(args: DemoArgs) -> Result<i32> {
+    let mut signals = crate::run::Signals::install()?;
     let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0);
     let echo = TcpListener::bind(v6)
         .await
@@ -102,7 +103,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     };
     if !args.once && code == 0 {
         println!("serving until Ctrl-C");
-        crate::run::wait_for_signal().await?;
+        signals.recv().await;
     }
     life.shutdown(Duration::from_secs(2)).await;
     let _ = std::fs::remove_file(&ca_path);

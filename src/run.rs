@@ -130,6 +130,7 @@ pub async fn serve_all<C: Connector>(
             eprintln!("check ok: {}", f.connector.describe());
         }
     }
+    let mut signals = Signals::install()?;
     let life = Lifecycle::default();
     let mut out = std::io::stdout().lock();
     let mut tasks = Vec::new();
@@ -147,7 +148,7 @@ pub async fn serve_all<C: Connector>(
     }
     out.flush()?;
     drop(out);
-    wait_for_signal().await?;
+    signals.recv().await;
     tracing::info!("stopping: no new connections");
     let reset = life.shutdown(grace).await;
     for t in tasks {
@@ -159,15 +160,31 @@ pub async fn serve_all<C: Connector>(
     Ok(0)
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn wait_for_signal() -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("installing the SIGINT handler")?,
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM handlers. Install them before announcing anything: a supervisor that
+/// sends SIGTERM right after reading our first line must get a graceful stop, not the default
+/// action (death).
+pub struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs both handlers.
+    pub fn install() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
     }
-    Ok(())
+
+    /// Resolves on the first SIGINT or SIGTERM.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
 }
 
 /// Parses `HOST:PORT` for `forward stdio`.

@@ -66,6 +66,10 @@ impl EdgeArgs {
 /// Start the edge, print one line per listener and where the CA is, serve until Ctrl-C or
 /// SIGTERM.
 pub async fn run(args: EdgeArgs) -> Result<(), EdgeError> {
+    // Handlers first: a supervisor may send SIGTERM as soon as it reads our first line.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).map_err(EdgeError::Signal)?;
+    let mut term = signal(SignalKind::terminate()).map_err(EdgeError::Signal)?;
     let edge = Edge::start(args.config()).await?;
     let (ca_path, temporary) = match edge.ca_path() {
         Some(p) => (p.to_path_buf(), false),
@@ -89,26 +93,13 @@ pub async fn run(args: EdgeArgs) -> Result<(), EdgeError> {
         ca_path.display(),
         ca_path.display()
     );
-    let stopped = wait_for_stop().await;
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
     edge.shutdown().await;
     if temporary {
         let _ = std::fs::remove_file(&ca_path);
     }
-    stopped
-}
-
-async fn wait_for_stop() -> Result<(), EdgeError> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).map_err(EdgeError::Signal)?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.map_err(EdgeError::Signal),
-            _ = term.recv() => Ok(()),
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await.map_err(EdgeError::Signal)
-    }
+    Ok(())
 }
