@@ -250,7 +250,12 @@ pub async fn start(
                 env.token_file.display().to_string(),
             ];
             if kind == PathKind::Quic {
-                agent_args.push("--quic".into());
+                // A scratch state dir keeps the generated certificate out of ~/.forward.
+                agent_args.extend([
+                    "--quic".into(),
+                    "--state-dir".into(),
+                    env.tmp.join("agent-state").display().to_string(),
+                ]);
             }
             let (mut agent, lines) = Proc::spawn(
                 "forward agent",

@@ -14,6 +14,8 @@
 //! own window auto-tuning only ever sees loopback; what these profiles test is the tunnel's own
 //! flow control (mux windows, TLS buffering) and request/response latency.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,14 +54,14 @@ pub const PROFILES: &[Profile] = &[
         rtt_ms: 50,
         mbit: Some(500),
         loss: 0.001,
-        reorder: 0.01,
+        reorder: 0.001,
     },
     Profile {
         name: "wan100",
         rtt_ms: 100,
         mbit: Some(100),
         loss: 0.001,
-        reorder: 0.01,
+        reorder: 0.001,
     },
     Profile {
         name: "wan100-1g",
@@ -296,9 +298,7 @@ impl UdpRelay {
         profile: &Profile,
     ) -> anyhow::Result<UdpRelay> {
         let front = Arc::new(
-            UdpSocket::bind(listen)
-                .await
-                .with_context(|| format!("UDP WAN relay: cannot bind {listen}"))?,
+            udp_socket(listen).with_context(|| format!("UDP WAN relay: cannot bind {listen}"))?,
         );
         let addr = front.local_addr()?;
         let back_bind: SocketAddr = if upstream.is_ipv6() {
@@ -306,9 +306,8 @@ impl UdpRelay {
         } else {
             "127.0.0.1:0".parse()?
         };
-        let back = Arc::new(UdpSocket::bind(back_bind).await?);
+        let back = Arc::new(udp_socket(back_bind)?);
         back.connect(upstream).await?;
-        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
         let mut up = Shaper {
             profile: profile.clone(),
             link_free: Instant::now(),
@@ -317,41 +316,94 @@ impl UdpRelay {
             profile: profile.clone(),
             link_free: Instant::now(),
         };
+        let (up_tx, up_rx) = mpsc::unbounded_channel();
+        let (down_tx, down_rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::from_entropy();
-            let mut fbuf = vec![0u8; 65536];
-            let mut bbuf = vec![0u8; 65536];
-            loop {
-                tokio::select! {
-                    r = front.recv_from(&mut fbuf) => {
-                        let Ok((n, from)) = r else { continue };
-                        if let Ok(mut c) = client.lock() {
-                            *c = Some(from);
+            let lines = async {
+                tokio::join!(
+                    delay_line(up_rx, back.clone()),
+                    delay_line(down_rx, front.clone())
+                );
+            };
+            let pump = async {
+                let mut rng = rand::rngs::StdRng::from_entropy();
+                let mut fbuf = vec![0u8; 65536];
+                let mut bbuf = vec![0u8; 65536];
+                let mut client: Option<SocketAddr> = None;
+                loop {
+                    tokio::select! {
+                        r = front.recv_from(&mut fbuf) => {
+                            let Ok((n, from)) = r else { continue };
+                            client = Some(from);
+                            if let Some(due) = up.schedule(n, &mut rng) {
+                                let _ = up_tx.send((due, fbuf[..n].to_vec(), None));
+                            }
                         }
-                        if let Some(due) = up.schedule(n, &mut rng) {
-                            let (sock, data) = (back.clone(), fbuf[..n].to_vec());
-                            tokio::spawn(async move {
-                                tokio::time::sleep_until(due).await;
-                                let _ = sock.send(&data).await;
-                            });
-                        }
-                    }
-                    r = back.recv(&mut bbuf) => {
-                        let Ok(n) = r else { continue };
-                        let to = client.lock().ok().and_then(|c| *c);
-                        let Some(to) = to else { continue };
-                        if let Some(due) = down.schedule(n, &mut rng) {
-                            let (sock, data) = (front.clone(), bbuf[..n].to_vec());
-                            tokio::spawn(async move {
-                                tokio::time::sleep_until(due).await;
-                                let _ = sock.send_to(&data, to).await;
-                            });
+                        r = back.recv(&mut bbuf) => {
+                            let Ok(n) = r else { continue };
+                            let Some(to) = client else { continue };
+                            if let Some(due) = down.schedule(n, &mut rng) {
+                                let _ = down_tx.send((due, bbuf[..n].to_vec(), Some(to)));
+                            }
                         }
                     }
                 }
-            }
+            };
+            tokio::join!(lines, pump);
         });
         Ok(UdpRelay { addr, task })
+    }
+}
+
+/// A UDP socket with large buffers: the relay must not be where datagrams are dropped (the
+/// kernel caps the size at net.core.rmem_max / wmem_max).
+fn udp_socket(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    let _ = sock.set_recv_buffer_size(16 << 20);
+    let _ = sock.set_send_buffer_size(16 << 20);
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    Ok(UdpSocket::from_std(sock.into())?)
+}
+
+/// A datagram waiting in the emulated link: when it is due, its bytes, where it goes
+/// (`None`: the connected upstream).
+type Datagram = (Instant, Vec<u8>, Option<SocketAddr>);
+
+/// Sends datagrams when they are due, in due-time order. One task per direction rather than a
+/// timer task per datagram: timers firing in the same millisecond wake in no particular order,
+/// and that accidental reordering alone makes QUIC declare losses and collapse its window.
+async fn delay_line(mut rx: mpsc::UnboundedReceiver<Datagram>, sock: Arc<UdpSocket>) {
+    // Min-heap on (due, arrival order): equal due times keep their arrival order.
+    type Queued = Reverse<(Instant, u64, Vec<u8>, Option<SocketAddr>)>;
+    let mut heap: BinaryHeap<Queued> = BinaryHeap::new();
+    let mut seq = 0u64;
+    loop {
+        let next = heap.peek().map(|Reverse(d)| d.0);
+        tokio::select! {
+            biased;
+            m = rx.recv() => match m {
+                Some((due, data, to)) => {
+                    seq += 1;
+                    heap.push(Reverse((due, seq, data, to)));
+                }
+                None => return,
+            },
+            _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                let now = Instant::now();
+                while heap.peek().is_some_and(|Reverse(d)| d.0 <= now) {
+                    let Some(Reverse((_, _, data, to))) = heap.pop() else { break };
+                    let _ = match to {
+                        Some(a) => sock.send_to(&data, a).await,
+                        None => sock.send(&data).await,
+                    };
+                }
+            }
+        }
     }
 }
 
