@@ -63,6 +63,9 @@ pub struct LinkConfig {
 
 struct LinkState {
     current: Option<Arc<Carrier>>,
+    /// More carriers to the same agent, opened when the current one is at its stream cap
+    /// (1024): a forward with 10,000 open connections spreads over ten carriers.
+    overflow: Vec<Arc<Carrier>>,
     failures: u32,
     last_attempt: Option<Instant>,
     last_error: Option<String>,
@@ -117,6 +120,7 @@ impl AgentLink {
             config,
             state: tokio::sync::Mutex::new(LinkState {
                 current: None,
+                overflow: Vec::new(),
                 failures: 0,
                 last_attempt: None,
                 last_error: None,
@@ -166,6 +170,24 @@ impl AgentLink {
                 Err(e)
             }
         }
+    }
+
+    /// A usable carrier with room for one more stream: the current one, or an overflow carrier
+    /// (reused while it has room, dropped from the list once dead).
+    pub async fn carrier_with_room(self: &Arc<Self>) -> Result<Arc<Carrier>, DialError> {
+        let primary = self.carrier().await?;
+        if primary.has_room() {
+            return Ok(primary);
+        }
+        let mut st = self.state.lock().await;
+        st.overflow.retain(|c| c.is_usable());
+        if let Some(c) = st.overflow.iter().find(|c| c.has_room()) {
+            return Ok(c.clone());
+        }
+        let c = self.establish().await?;
+        tracing::debug!(link = %self.describe(), carriers = st.overflow.len() + 2, "opened an overflow carrier");
+        st.overflow.push(c.clone());
+        Ok(c)
     }
 
     async fn establish(&self) -> Result<Arc<Carrier>, DialError> {
@@ -330,15 +352,19 @@ impl Connector for AgentConnector {
     type Stream = MuxStream;
 
     async fn connect(&self) -> Result<MuxStream, DialError> {
-        // A carrier may be found dead or draining between the check and the open: retry once
-        // on a fresh one.
-        for attempt in 0..2 {
-            let carrier = self.link.carrier().await?;
+        // A carrier may be found dead, draining or full between the check and the open: retry
+        // on another one, a bounded number of times.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let carrier = self.link.carrier_with_room().await?;
             match carrier.open(self.target.clone()) {
                 Ok(s) => return Ok(s),
-                Err(StreamError::GoingAway | StreamError::SessionClosed) if attempt == 0 => {
-                    continue
-                }
+                Err(
+                    StreamError::GoingAway
+                    | StreamError::SessionClosed
+                    | StreamError::StreamLimit(_),
+                ) if attempt < 3 => continue,
                 Err(e) => {
                     return Err(DialError::Agent(format!(
                         "{}: cannot open a stream: {e}",
@@ -347,7 +373,6 @@ impl Connector for AgentConnector {
                 }
             }
         }
-        unreachable!("the loop returns on its second attempt")
     }
 
     async fn check(&self) -> Result<(), DialError> {

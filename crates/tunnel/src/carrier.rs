@@ -159,6 +159,12 @@ impl Carrier {
         self.lock().session.stream_count()
     }
 
+    /// Whether another stream fits under the session's concurrent-stream cap.
+    pub fn has_room(&self) -> bool {
+        let g = self.lock();
+        g.session.stream_count() < g.session.config().max_concurrent_streams
+    }
+
     /// Client: queues the AUTH proof (before any open, so it goes first on the wire).
     pub fn send_auth(&self, proof: &[u8]) -> Result<(), forward_mux::SessionError> {
         self.lock().session.send_auth(proof)?;
