@@ -755,7 +755,6 @@ async fn held_stream_survives<F: std::future::Future<Output = ()>>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "forward-mux: the client counts the agent's refusals against its reset budget and kills its own carrier"]
 async fn many_refused_opens_leave_other_streams_alone() {
     // A script polling a port until its service comes up (every 10 ms, say) must not cut
     // every other connection to that VM.
@@ -778,7 +777,6 @@ async fn many_refused_opens_leave_other_streams_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "forward-mux: the agent counts ordinary client aborts against its reset budget and closes the carrier"]
 async fn many_aborted_connections_leave_other_streams_alone() {
     // Local clients that abort after their answer (timeouts, cancelled requests) are normal
     // traffic for a port forward, not a rapid-reset attack.
