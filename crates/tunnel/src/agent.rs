@@ -146,11 +146,16 @@ impl Agent {
             };
             let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "too many unauthenticated connections; refusing");
-                tokio::spawn(refuse_busy(tcp));
+                // A TLS client would read a plaintext 503 as a corrupt handshake: just close.
+                if self.config.tls.is_none() {
+                    tokio::spawn(refuse_busy(tcp));
+                }
                 continue;
             };
             let config = self.config.clone();
             let carriers = self.carriers.clone();
+            // One deadline from accept to AUTH, TLS handshake included.
+            let accepted = Instant::now();
             tokio::spawn(
                 async move {
                     if let Err(e) = tune_tcp(&tcp) {
@@ -162,12 +167,14 @@ impl Agent {
                             match tokio::time::timeout(config.auth_timeout, acceptor.accept(tcp))
                                 .await
                             {
-                                Ok(Ok(s)) => serve_conn(s, peer, config, carriers, permit).await,
+                                Ok(Ok(s)) => {
+                                    serve_conn(s, peer, accepted, config, carriers, permit).await
+                                }
                                 Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake failed"),
                                 Err(_) => tracing::info!("TLS handshake timed out"),
                             }
                         }
-                        None => serve_conn(tcp, peer, config, carriers, permit).await,
+                        None => serve_conn(tcp, peer, accepted, config, carriers, permit).await,
                     }
                 }
                 .instrument(tracing::info_span!("conn", %peer)),
@@ -227,26 +234,26 @@ async fn respond<S: AsyncWrite + Unpin>(s: &mut S, status: &str, body: &str) {
 async fn serve_conn<S>(
     mut s: S,
     peer: SocketAddr,
+    started: Instant,
     config: Arc<AgentConfig>,
     carriers: Arc<Mutex<Vec<Weak<Carrier>>>>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let started = Instant::now();
-    let (head, leftover) =
-        match tokio::time::timeout(config.auth_timeout, upgrade::read_head(&mut s)).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
-                tracing::info!(error = %e, "not a valid HTTP request; closing");
-                respond(&mut s, "400 Bad Request", "bad request\n").await;
-                return;
-            }
-            Err(_) => {
-                tracing::info!("no request within the auth deadline; closing");
-                return;
-            }
-        };
+    let left = config.auth_timeout.saturating_sub(started.elapsed());
+    let (head, leftover) = match tokio::time::timeout(left, upgrade::read_head(&mut s)).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "not a valid HTTP request; closing");
+            respond(&mut s, "400 Bad Request", "bad request\n").await;
+            return;
+        }
+        Err(_) => {
+            tracing::info!("no request within the auth deadline; closing");
+            return;
+        }
+    };
     let Some(head) = Head::parse(&head) else {
         tracing::info!("not an HTTP request; closing");
         respond(&mut s, "400 Bad Request", "bad request\n").await;
