@@ -153,12 +153,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     }
     let mut wan_paths = paths::parse_list(&args.wan_paths).map_err(anyhow::Error::msg)?;
     if q && args.wan.is_none() {
-        wan_paths.retain(|k| {
-            matches!(
-                k,
-                PathKind::Raw | PathKind::Direct | PathKind::AgentTls | PathKind::Stunnel
-            )
-        });
+        wan_paths.retain(|k| matches!(k, PathKind::Raw | PathKind::Direct | PathKind::AgentTls));
     }
     let bulk = args.bulk_secs.unwrap_or(if q { 0.5 } else { 2.5 });
     if !(bulk > 0.0 && bulk < 600.0) {
@@ -180,7 +175,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         scale_time: Duration::from_secs(if q { 5 } else { 60 }),
         wan_profiles,
         wan_paths,
-        wan_bulk: Duration::from_secs_f64(if q { 1.5 } else { 3.0 }),
+        wan_bulk: Duration::from_secs_f64(if q { 1.0 } else { 3.0 }),
         wan_rtt: Duration::from_millis(if q { 500 } else { 1500 }),
     })
 }
@@ -300,7 +295,7 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
 
 fn write_outputs(report: &Report, out: &std::path::Path, stem: &str) -> anyhow::Result<()> {
     let mut md = report.to_markdown();
-    let plots = [
+    let mut plots = vec![
         (format!("{stem}-throughput.svg"), "Throughput per path"),
         (format!("{stem}-rtt-cdf.svg"), "1-byte round trip CDF"),
         (
@@ -308,6 +303,10 @@ fn write_outputs(report: &Report, out: &std::path::Path, stem: &str) -> anyhow::
             "connect + first byte CDF",
         ),
     ];
+    if !report.wan.is_empty() {
+        plots.push((format!("{stem}-wan.svg"), "Emulated WAN fill"));
+        plot::wan_fill(report, &out.join(&plots[3].0))?;
+    }
     plot::throughput(report, &out.join(&plots[0].0))?;
     plot::latency_cdf(
         report,

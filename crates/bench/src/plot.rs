@@ -27,73 +27,137 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
 
 /// Bars per path for download/upload with one and N streams.
 pub fn throughput(report: &Report, file: &Path) -> anyhow::Result<()> {
-    let series: [(&str, Metric); 4] = [
+    let metrics: [(&str, Metric); 4] = [
         ("down ×1", |r| r.down1_gbps),
         ("up ×1", |r| r.up1_gbps),
         ("down ×N", |r| r.down_n_gbps),
         ("up ×N", |r| r.up_n_gbps),
     ];
-    let paths = &report.paths;
-    let max = paths
+    let groups: Vec<String> = report.paths.iter().map(|p| p.name.clone()).collect();
+    let series: Vec<(String, Vec<Option<f64>>)> = metrics
         .iter()
-        .flat_map(|p| series.iter().filter_map(|(_, f)| f(&p.median)))
+        .map(|(label, get)| {
+            let values = report.paths.iter().map(|p| get(&p.median)).collect();
+            (label.to_string(), values)
+        })
+        .collect();
+    let title = format!(
+        "Throughput per path, Gbit/s ({}, median of {} round(s))",
+        report.date, report.rounds
+    );
+    grouped_bars(&title, "Gbit/s", &groups, &series, file)
+}
+
+/// Achieved / emulated bandwidth per path, one bar per WAN profile.
+pub fn wan_fill(report: &Report, file: &Path) -> anyhow::Result<()> {
+    let mut groups: Vec<String> = Vec::new();
+    let mut profiles: Vec<String> = Vec::new();
+    for row in &report.wan {
+        if !groups.contains(&row.path) {
+            groups.push(row.path.clone());
+        }
+        if !profiles.contains(&row.profile) {
+            profiles.push(row.profile.clone());
+        }
+    }
+    let series: Vec<(String, Vec<Option<f64>>)> = profiles
+        .iter()
+        .map(|prof| {
+            let label = report
+                .wan
+                .iter()
+                .find(|r| &r.profile == prof)
+                .map(|r| {
+                    let cap = r.mbit.map(|m| format!("{m} Mbit/s")).unwrap_or("∞".into());
+                    format!("{prof}: {} ms, {cap}", r.rtt_ms)
+                })
+                .unwrap_or_else(|| prof.clone());
+            let values = groups
+                .iter()
+                .map(|g| {
+                    report
+                        .wan
+                        .iter()
+                        .find(|r| &r.profile == prof && &r.path == g)
+                        .and_then(|r| r.fill)
+                        .map(|f| f * 100.0)
+                })
+                .collect();
+            (label, values)
+        })
+        .collect();
+    grouped_bars(
+        "Emulated WAN: download ×1 as % of the emulated bandwidth",
+        "% of the link",
+        &groups,
+        &series,
+        file,
+    )
+}
+
+/// One group of bars per entry of `groups`, one bar per series, values printed on the bars.
+fn grouped_bars(
+    title: &str,
+    y_desc: &str,
+    groups: &[String],
+    series: &[(String, Vec<Option<f64>>)],
+    file: &Path,
+) -> anyhow::Result<()> {
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().flatten().copied())
         .fold(0.0f64, f64::max)
         .max(0.1)
-        * 1.15;
-    // Each path gets one slot per series plus one slot of gap; x is in slots.
+        * 1.2;
+    // Each group gets one slot per series plus one slot of gap; x is in slots.
     let slots = series.len() + 1;
-    let width = (paths.len() * slots).max(1) as f64;
+    let width = (groups.len() * slots).max(1) as f64;
     let root = SVGBackend::new(file, (1000, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!(
-                "Throughput per path, Gbit/s ({}, median of {} round(s))",
-                report.date, report.rounds
-            ),
-            ("sans-serif", 20),
-        )
+        .caption(title, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..width, 0.0..max)
         .map_err(err)?;
-    let names: Vec<String> = paths.iter().map(|p| p.name.clone()).collect();
     chart
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(0)
-        .y_desc("Gbit/s")
+        .y_desc(y_desc)
         .draw()
         .map_err(err)?;
-    for (s, (label, get)) in series.iter().enumerate() {
+    for (s, (label, values)) in series.iter().enumerate() {
         let color = COLORS[s % COLORS.len()];
         chart
-            .draw_series(paths.iter().enumerate().filter_map(|(i, p)| {
-                let v = get(&p.median)?;
+            .draw_series(values.iter().enumerate().filter_map(|(i, v)| {
                 let x0 = (i * slots + s) as f64 + 0.5;
-                Some(Rectangle::new([(x0, 0.0), (x0 + 0.9, v)], color.filled()))
+                Some(Rectangle::new(
+                    [(x0, 0.0), (x0 + 0.9, (*v)?)],
+                    color.filled(),
+                ))
             }))
             .map_err(err)?
-            .label(*label)
+            .label(label.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
-    }
-    // The value above each bar: tunnels are often a small fraction of raw loopback.
-    for (s, (_, get)) in series.iter().enumerate() {
+        // The value above each bar: tunnels are often a small fraction of raw loopback.
         chart
-            .draw_series(paths.iter().enumerate().filter_map(|(i, p)| {
-                let v = get(&p.median)?;
-                let x = (i * slots + s) as f64 + 0.5;
-                Some(Text::new(
-                    format!("{v:.1}"),
-                    (x, v + max * 0.01),
-                    ("sans-serif", 10).into_font(),
-                ))
+            .draw_series(values.iter().enumerate().filter_map(|(i, v)| {
+                let v = (*v)?;
+                let x = (i * slots + s) as f64 + 0.95;
+                let style = TextStyle::from(("sans-serif", 10).into_font()).pos(
+                    plotters::style::text_anchor::Pos::new(
+                        plotters::style::text_anchor::HPos::Center,
+                        plotters::style::text_anchor::VPos::Bottom,
+                    ),
+                );
+                Some(Text::new(format!("{v:.1}"), (x, v + max * 0.005), style))
             }))
             .map_err(err)?;
     }
-    // Path names under each group: placed in pixels, since the x axis counts slots.
-    for (i, n) in names.iter().enumerate() {
+    // Group names under the axis: placed in pixels, since the x axis counts slots.
+    for (i, n) in groups.iter().enumerate() {
         let center = (i * slots) as f64 + 0.5 + series.len() as f64 / 2.0;
         let (px, py) = chart.backend_coord(&(center, 0.0));
         let style = TextStyle::from(("sans-serif", 15).into_font()).pos(
@@ -208,6 +272,17 @@ mod tests {
         throughput(&report, &t).unwrap();
         let svg = std::fs::read_to_string(&t).unwrap();
         assert!(svg.contains("<svg") && svg.contains("direct") && svg.contains("down ×1"));
+        report.wan.push(crate::report::WanRow {
+            profile: "wan100".into(),
+            rtt_ms: 100,
+            mbit: Some(100),
+            path: "direct".into(),
+            fill: Some(0.97),
+            ..Default::default()
+        });
+        let w = dir.join("w.svg");
+        wan_fill(&report, &w).unwrap();
+        assert!(std::fs::read_to_string(&w).unwrap().contains("97.0"));
         let l = dir.join("l.svg");
         latency_cdf(&report, "RTT", |p| &p.rtt_cdf, &l).unwrap();
         assert!(std::fs::read_to_string(&l).unwrap().contains("raw"));

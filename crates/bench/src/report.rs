@@ -467,7 +467,9 @@ impl Report {
              and caps the bandwidth per direction with a token bucket; its queue holds two bandwidth-delay \
              products. The relay terminates TCP, so kernel window auto-tuning sees loopback; what fills or \
              fails to fill the pipe here is the tunnel's own flow control and buffering. \
-             Fill = achieved download ×1 / emulated bandwidth.\n"
+             Fill = achieved download ×1 / emulated bandwidth. Loss and reordering \
+             (wan50, wan100: 0.1 % each) apply to the UDP relay only, i.e. to quic; TCP paths see \
+             no loss because the TCP relay's own connections are lossless.\n"
         );
         let _ = writeln!(w, "| profile | RTT ms | cap Mbit/s | path | down ×1 Mbit/s | up ×1 Mbit/s | fill | RTT p50 ms | RTT p99 ms | note |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---|");
         for r in &self.wan {
