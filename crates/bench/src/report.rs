@@ -238,6 +238,7 @@ impl Report {
         for p in &self.paths {
             let _ = writeln!(w, "| {} | {} |", p.name, p.description);
         }
+        self.summary(w);
         self.targets(w);
         self.throughput(w);
         self.latency(w);
@@ -268,6 +269,40 @@ impl Report {
             }
         }
         md
+    }
+
+    /// One line per path with the headline numbers and their ratio to stunnel, the peer doing
+    /// the same job (verified TLS through the same edge).
+    fn summary(&self, w: &mut String) {
+        let st = self.path("stunnel").map(|p| &p.median);
+        let _ = writeln!(w, "\n## Summary\n");
+        let _ = writeln!(
+            w,
+            "Medians. \"vs stunnel\" is this path's value divided by stunnel's (throughput: higher is \
+             better; latency: lower is better).\n"
+        );
+        let _ = writeln!(
+            w,
+            "| path | down ×1 Gbit/s | vs stunnel | CPU %/Gbit/s | RTT p50 µs | RTT p99 µs | RTT p50 vs stunnel | connect p50 µs | connect vs stunnel |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let p50 = |r: &Round| r.rtt.as_ref().map(|p| p.p50_us);
+        let c50 = |r: &Round| r.connect.as_ref().map(|p| p.p50_us);
+        for p in &self.paths {
+            let r = &p.median;
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.name,
+                f(r.down1_gbps, 2),
+                ratio_txt(r.down1_gbps, st.and_then(|s| s.down1_gbps)),
+                f(r.cpu_pct_per_gbps, 0),
+                f(p50(r), 1),
+                f(r.rtt.as_ref().map(|p| p.p99_us), 1),
+                ratio_txt(p50(r), st.and_then(p50)),
+                f(c50(r), 1),
+                ratio_txt(c50(r), st.and_then(c50)),
+            );
+        }
     }
 
     fn targets(&self, w: &mut String) {
@@ -555,6 +590,7 @@ mod tests {
         };
         let md = report.to_markdown();
         assert!(md.contains("| direct | 6.00 | 3.00 |"), "{md}");
+        assert!(md.contains("| direct | 6.00 | 2.00× |"), "summary row: {md}");
         // 6 / 3 = 2× stunnel: the target is met; RTT 40 vs 80 = 0.5×.
         assert!(
             md.contains("| direct bytes/s ≥ 1.5× stunnel (download, 1 stream) | 2.00× | yes |"),
