@@ -12,10 +12,11 @@ use crate::harness::{forward_bin, run, TempDir, TIMEOUT};
 use crate::net::{echo_exchange, Backend, Local, CHUNK};
 use crate::stack::{Stack, Transport};
 
-per_transport!(wrong_token_is_rejected: agent_tls, agent_tcp);
-per_transport!(agent_killed_then_back: agent_tls, agent_tcp);
-per_transport!(ipv4_only_service_is_reachable: agent_tls, agent_tcp);
-per_transport!(thousand_streams_one_stalled: agent_tls, agent_tcp);
+per_transport!(wrong_token_is_rejected: agent_tls, agent_tcp, quic);
+per_transport!(agent_killed_then_back: agent_tls, agent_tcp, quic);
+per_transport!(ipv4_only_service_is_reachable: agent_tls, agent_tcp, quic);
+per_transport!(thousand_streams_one_stalled: agent_tls, agent_tcp, quic);
+per_transport!(wrong_pin_is_rejected: quic);
 per_transport!(silent_and_garbage_connections_do_not_disturb: agent_tcp);
 
 fn agent_addr(stack: &Stack) -> SocketAddr {
@@ -290,4 +291,38 @@ fn silent_and_garbage_connections_do_not_disturb(t: Transport) {
     }
     // And the authenticated client still works.
     echo_exchange(fwd.local().connect(), rand::random(), 1 << 20);
+}
+
+/// QUIC trusts exactly the pinned agent key: another pin fails `--check` with a message about the
+/// pin, and a data connection is reset.
+fn wrong_pin_is_rejected(t: Transport) {
+    let backend = Backend::echo();
+    let stack = Stack::start(t, &[]);
+    let mut args = stack.client_args();
+    let i = args.iter().position(|a| a == "--agent-pin").unwrap();
+    // A well-formed pin of 32 zero bytes: no real key has it.
+    args[i + 1] = "sha256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into();
+
+    let spec = format!("127.0.0.1:0:{}", stack.target(backend.port));
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(&args).arg("--check").arg(&spec);
+    let (st, out, err) = run("forward --check (wrong pin)", cmd);
+    assert_eq!(st.code(), Some(1), "want exit 1:\n{out}{err}");
+    assert!(
+        err.to_lowercase().contains("pin"),
+        "stderr should say the pin did not match:\n{err}"
+    );
+
+    args.push(spec.into());
+    let fwd = crate::stack::Forward::start(args, 1, t);
+    let mut conn = match fwd.local().try_connect() {
+        Ok(c) => c,
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => return,
+        Err(e) => panic!("connect to forward: {e}"),
+    };
+    let mut buf = [0u8; 64];
+    match conn.read(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("want a reset through a carrier with the wrong pin, got {other:?}"),
+    }
 }

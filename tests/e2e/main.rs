@@ -41,9 +41,6 @@ macro_rules! transport_test {
             super::$s(transport!($t))
         }
     };
-    (quic, $s:ident) => {
-        transport_test!(quic, $s, "QUIC transport (--transport quic) not landed yet");
-    };
     ($t:ident, $s:ident) => {
         #[test]
         fn $t() {

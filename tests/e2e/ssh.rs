@@ -13,7 +13,7 @@ per_transport!(
     ssh_with_forward_stdio_proxycommand: direct,
     agent_tls("forward stdio does not take --agent yet"),
     agent_tcp("forward stdio does not take --agent yet"),
-    quic
+    quic("forward stdio does not take --agent yet"),
 );
 
 fn quote(s: &str) -> String {

@@ -159,7 +159,12 @@ impl Stack {
             token_file.clone().into(),
         ];
         if quic {
-            args.push("--quic".into());
+            // A scratch state dir keeps the generated QUIC certificate out of ~/.forward.
+            args.extend([
+                "--quic".into(),
+                "--state-dir".into(),
+                self.dir.join("agent-state").into(),
+            ]);
         }
         let mut agent = Proc::forward("agent", args);
         let line = agent.wait_line(Src::Stdout, "the agent's listening line", |l| {

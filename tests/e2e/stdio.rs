@@ -13,7 +13,7 @@ per_transport!(
     stdio_pipes_bytes_both_ways: direct,
     agent_tls("forward stdio does not take --agent yet"),
     agent_tcp("forward stdio does not take --agent yet"),
-    quic
+    quic("forward stdio does not take --agent yet"),
 );
 
 fn stdio_pipes_bytes_both_ways(t: Transport) {
