@@ -125,3 +125,31 @@ fn check_reports_refused_edge() {
         &[VM_FQDN, "refused"],
     );
 }
+
+/// `--log-format json`: every log line on stderr is one JSON object (for log shippers), while
+/// stdout keeps the plain `forwarding` lines.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use crate::net::{echo_exchange, Backend};
+    use crate::stack::{Stack, Transport};
+
+    let backend = Backend::echo();
+    let stack = Stack::start(Transport::Direct, &[backend.port]);
+    let mut fwd = stack.forward(
+        &["--log-format", "json", "-v"],
+        &[format!("127.0.0.1:0:{}", stack.target(backend.port))],
+        1,
+    );
+    echo_exchange(fwd.local().connect(), rand::random(), 1024);
+    backend.next_report();
+    fwd.proc.signal("TERM");
+    assert!(fwd.proc.wait_exit().success());
+    let stderr = fwd.proc.stderr_text();
+    assert!(!stderr.trim().is_empty(), "no log lines at -v");
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not a JSON object: {line}"
+        );
+    }
+}
