@@ -18,7 +18,7 @@ use forward_tunnel::quic::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{AgentArgs, Cli, Transport};
+use crate::cli::{AgentArgs, AgentClientOpts, ClientOpts, Transport};
 use crate::run::{self, Bound};
 use crate::spec::Spec;
 
@@ -122,85 +122,105 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The target the agent dials for a spec: `vm/target` or the VM's loopback.
-fn target_host(spec: &Spec) -> &str {
-    spec.via_target
-        .as_deref()
-        .unwrap_or("")
-        .trim_start_matches('[')
-        .trim_end_matches(']')
+/// Builds agent connectors, sharing one link (one carrier, or one QUIC connection) per VM.
+pub struct Connectors<'a> {
+    client: &'a ClientOpts,
+    opts: &'a AgentClientOpts,
+    port: u16,
+    token: Token,
+    links: HashMap<String, Arc<AgentLink>>,
+    quic: HashMap<String, Arc<QuicCarrier>>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
-/// Builds one connector per spec, sharing one link (one carrier) per VM.
-pub fn forwards(cli: &Cli, specs: &[Spec], port: u16) -> Result<Vec<Bound<AgentConnector>>> {
-    let token = Token::load(cli.agent.token_file.as_deref())?;
-    let transport = match cli.agent.transport {
-        Transport::Tls => CarrierTransport::Tls(run::tls_config(&cli.client)?),
-        Transport::Tcp => CarrierTransport::Tcp,
-        Transport::Quic => anyhow::bail!("QUIC forwards are built by quic_forwards"),
-    };
-    let mut links: HashMap<String, Arc<AgentLink>> = HashMap::new();
-    let mut out = Vec::new();
-    for spec in specs {
-        let host = crate::spec::host_name(&spec.host, &cli.client.domain);
-        let link = links
+impl<'a> Connectors<'a> {
+    /// Loads the token (and TLS config) once for every forward of the process.
+    pub fn new(client: &'a ClientOpts, opts: &'a AgentClientOpts, port: u16) -> Result<Self> {
+        let tls = match opts.transport {
+            Transport::Tls => Some(run::tls_config(client)?),
+            Transport::Tcp | Transport::Quic => None,
+        };
+        Ok(Self {
+            client,
+            opts,
+            port,
+            token: Token::load(opts.token_file.as_deref())?,
+            links: HashMap::new(),
+            quic: HashMap::new(),
+            tls,
+        })
+    }
+
+    /// A connector over the TCP or TLS carrier. `via` is the host the agent dials ("" for the
+    /// VM's loopback).
+    pub fn mux(&mut self, host: &str, via: &str, rport: u16) -> Result<AgentConnector> {
+        let host = crate::spec::host_name(host, &self.client.domain);
+        let transport = match &self.tls {
+            Some(tls) => CarrierTransport::Tls(tls.clone()),
+            None => CarrierTransport::Tcp,
+        };
+        let link = self
+            .links
             .entry(host.clone())
             .or_insert_with(|| {
                 AgentLink::new(LinkConfig {
                     host,
-                    port,
-                    edge: cli.client.edge.clone(),
-                    transport: transport.clone(),
-                    token: token.clone(),
+                    port: self.port,
+                    edge: self.client.edge.clone(),
+                    transport,
+                    token: self.token.clone(),
                     mux: forward_mux::Config::default(),
-                    timeout: Duration::from_secs(cli.client.connect_timeout),
+                    timeout: Duration::from_secs(self.client.connect_timeout),
                 })
             })
             .clone();
-        let target = Target::new(target_host(spec), spec.rport)
-            .with_context(|| format!("forward spec '{}'", spec.text))?;
-        out.push(Bound {
-            listeners: run::bind(spec)?,
-            connector: Arc::new(AgentConnector::new(link, target)),
-        });
+        Ok(AgentConnector::new(link, Target::new(via, rport)?))
     }
-    Ok(out)
-}
 
-/// QUIC: one quinn connection per VM, one stream per local connection.
-pub fn quic_forwards(cli: &Cli, specs: &[Spec], port: u16) -> Result<Vec<Bound<QuicConnector>>> {
-    let token = Token::load(cli.agent.token_file.as_deref())?;
-    let verify = match &cli.agent.agent_pin {
-        Some(pin) => AgentVerify::Pin(pin.parse()?),
-        None => AgentVerify::CaFile(cli.client.ca_file.clone()),
-    };
-    let mut carriers: HashMap<String, Arc<QuicCarrier>> = HashMap::new();
-    let mut out = Vec::new();
-    for spec in specs {
-        let host = crate::spec::host_name(&spec.host, &cli.client.domain);
-        let carrier = match carriers.get(&host) {
+    /// A connector over QUIC.
+    pub fn quic(&mut self, host: &str, via: &str, rport: u16) -> Result<QuicConnector> {
+        let host = crate::spec::host_name(host, &self.client.domain);
+        let carrier = match self.quic.get(&host) {
             Some(c) => c.clone(),
             None => {
+                let verify = match &self.opts.agent_pin {
+                    Some(pin) => AgentVerify::Pin(pin.parse()?),
+                    None => AgentVerify::CaFile(self.client.ca_file.clone()),
+                };
                 let mut cfg =
-                    QuicCarrierConfig::new(host.clone(), port, verify.clone(), token.clone());
-                cfg.edge = cli.client.edge.clone();
-                cfg.connect_timeout = Duration::from_secs(cli.client.connect_timeout);
+                    QuicCarrierConfig::new(host.clone(), self.port, verify, self.token.clone());
+                cfg.edge = self.client.edge.clone();
+                cfg.connect_timeout = Duration::from_secs(self.client.connect_timeout);
                 let c = QuicCarrier::new(cfg)?;
-                carriers.insert(host, c.clone());
+                self.quic.insert(host, c.clone());
                 c
             }
         };
-        let target = match target_host(spec) {
-            "" => "localhost",
-            t => t,
-        };
-        out.push(Bound {
-            listeners: run::bind(spec)?,
-            connector: Arc::new(
-                QuicConnector::new(carrier, target, spec.rport)
-                    .with_context(|| format!("forward spec '{}'", spec.text))?,
-            ),
-        });
+        let target = if via.is_empty() { "localhost" } else { via };
+        Ok(QuicConnector::new(carrier, target, rport)?)
     }
-    Ok(out)
+}
+
+/// The target the agent dials for a spec: `vm/target` or the VM's loopback.
+pub fn via_host(via: Option<&str>) -> &str {
+    via.unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+}
+
+/// Binds every spec and gives it a connector from `make`.
+pub fn bind_all<C>(
+    specs: &[Spec],
+    mut make: impl FnMut(&Spec) -> Result<C>,
+) -> Result<Vec<Bound<C>>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let connector = make(spec).with_context(|| format!("forward spec '{}'", spec.text))?;
+            Ok(Bound {
+                listeners: run::bind(spec)?,
+                connector: Arc::new(connector),
+            })
+        })
+        .collect()
 }

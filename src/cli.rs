@@ -145,7 +145,7 @@ pub enum LogFormat {
 pub enum Command {
     /// Relay stdin/stdout over TLS to HOST:PORT (for ssh ProxyCommand).
     #[command(
-        after_help = "Example:\n  ssh -o ProxyCommand='forward stdio %h:%p' -p 443 root@abc123.vm.vers.sh"
+        after_help = "Examples:\n  ssh -o ProxyCommand='forward stdio %h:%p' -p 443 root@abc123.vm.vers.sh\n  ssh -o ProxyCommand='forward stdio --agent 9999 %h:22' root@abc123.vm.vers.sh   (sshd via the agent)"
     )]
     Stdio(StdioArgs),
     /// Run a local imitation of the Vers edge (tests, demo, benchmarks).
@@ -170,6 +170,10 @@ pub struct StdioArgs {
     /// Where to reach the target.
     #[command(flatten)]
     pub client: ClientOpts,
+
+    /// Through the agent instead of direct (e.g. ssh to the VM's port 22 via the carrier).
+    #[command(flatten)]
+    pub agent: AgentClientOpts,
 }
 
 /// `forward demo`.

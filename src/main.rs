@@ -94,11 +94,13 @@ async fn forward(cli: Cli) -> Result<i32> {
         .collect::<Result<Vec<_>, _>>()?;
     let grace = Duration::from_secs(cli.grace);
     if let Some(port) = cli.agent.agent {
+        let mut make = agent::Connectors::new(&cli.client, &cli.agent, port)?;
+        let via = |s: &Spec| agent::via_host(s.via_target.as_deref()).to_owned();
         if cli.agent.transport == cli::Transport::Quic {
-            let forwards = agent::quic_forwards(&cli, &specs, port)?;
+            let forwards = agent::bind_all(&specs, |s| make.quic(&s.host, &via(s), s.rport))?;
             return run::serve_all(forwards, cli.check, grace).await;
         }
-        let forwards = agent::forwards(&cli, &specs, port)?;
+        let forwards = agent::bind_all(&specs, |s| make.mux(&s.host, &via(s), s.rport))?;
         return run::serve_all(forwards, cli.check, grace).await;
     }
     let tls = run::tls_config(&cli.client)?;
@@ -115,12 +117,22 @@ async fn forward(cli: Cli) -> Result<i32> {
 
 async fn stdio(args: cli::StdioArgs) -> Result<i32> {
     let (host, port) = run::parse_host_port(&args.target)?;
+    if let Some(agent_port) = args.agent.agent {
+        let mut make = agent::Connectors::new(&args.client, &args.agent, agent_port)?;
+        return match args.agent.transport {
+            cli::Transport::Quic => stdio_via(make.quic(&host, "", port)?).await,
+            _ => stdio_via(make.mux(&host, "", port)?).await,
+        };
+    }
     let tls = run::tls_config(&args.client)?;
-    let connector = run::direct_connector(&host, port, &args.client, tls)?;
-    let remote = forward_tunnel::Connector::connect(&connector).await?;
+    stdio_via(run::direct_connector(&host, port, &args.client, tls)?).await
+}
+
+async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
+    let remote = connector.connect().await?;
     let stats = forward_tunnel::relay(forward_tunnel::stdio::Stdio::new(), remote)
         .await
-        .with_context(|| format!("relay to {}", connector.remote()))?;
+        .with_context(|| format!("relay to {}", connector.describe()))?;
     tracing::debug!(up = stats.a_to_b, down = stats.b_to_a, "stdio relay done");
     Ok(0)
 }

@@ -11,9 +11,9 @@ use crate::stack::{Stack, Transport, VM_FQDN};
 
 per_transport!(
     ssh_with_forward_stdio_proxycommand: direct,
-    agent_tls("forward stdio does not take --agent yet"),
-    agent_tcp("forward stdio does not take --agent yet"),
-    quic("forward stdio does not take --agent yet"),
+    agent_tls,
+    agent_tcp,
+    quic,
 );
 
 fn quote(s: &str) -> String {

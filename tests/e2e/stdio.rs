@@ -11,9 +11,9 @@ use crate::stack::{Stack, Transport};
 
 per_transport!(
     stdio_pipes_bytes_both_ways: direct,
-    agent_tls("forward stdio does not take --agent yet"),
-    agent_tcp("forward stdio does not take --agent yet"),
-    quic("forward stdio does not take --agent yet"),
+    agent_tls,
+    agent_tcp,
+    quic,
 );
 
 fn stdio_pipes_bytes_both_ways(t: Transport) {
