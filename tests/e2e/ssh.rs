@@ -9,12 +9,7 @@ use crate::harness::{forward_bin, free_v6_port, is_root, run, Proc, Src, TempDir
 use crate::net::{hex, Payload};
 use crate::stack::{Stack, Transport, VM_FQDN};
 
-per_transport!(
-    ssh_with_forward_stdio_proxycommand: direct,
-    agent_tls,
-    agent_tcp,
-    quic,
-);
+per_transport!(ssh_with_forward_stdio_proxycommand);
 
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))

@@ -9,12 +9,7 @@ use crate::harness::{forward_bin, Proc};
 use crate::net::{drain, hex, Backend, Payload};
 use crate::stack::{Stack, Transport};
 
-per_transport!(
-    stdio_pipes_bytes_both_ways: direct,
-    agent_tls,
-    agent_tcp,
-    quic,
-);
+per_transport!(stdio_pipes_bytes_both_ways);
 
 fn stdio_pipes_bytes_both_ways(t: Transport) {
     let backend = Backend::echo();
