@@ -70,7 +70,7 @@ struct Args {
     /// Idle connections for the scale test (default 10000, 300 with --quick; 0 skips it).
     #[arg(long)]
     scale: Option<usize>,
-    /// WAN profiles, comma-separated (wan20, wan50, wan100, wan100-1g) or "none".
+    /// WAN profiles, comma-separated (wan20, wan50, wan100, wan100-1g, lossy50) or "none".
     #[arg(long)]
     wan: Option<String>,
     /// Paths to run under the WAN profiles.
@@ -131,7 +131,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         if q {
             "wan100".into()
         } else {
-            "wan20,wan50,wan100,wan100-1g".into()
+            "wan20,wan50,wan100,wan100-1g,lossy50".into()
         }
     });
     let mut wan_profiles = Vec::new();

@@ -73,6 +73,11 @@ impl PathKind {
         matches!(self, PathKind::Stunnel | PathKind::Socat | PathKind::Ssh)
     }
 
+    /// Carried over UDP, so the lossy WAN profiles apply.
+    pub fn is_udp(self) -> bool {
+        self == PathKind::Quic
+    }
+
     /// What the path is, for the report.
     pub fn describe(self) -> &'static str {
         match self {

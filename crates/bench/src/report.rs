@@ -503,8 +503,9 @@ impl Report {
              products. The relay terminates TCP, so kernel window auto-tuning sees loopback; what fills or \
              fails to fill the pipe here is the tunnel's own flow control and buffering. \
              Fill = achieved download ×1 / emulated bandwidth. Loss and reordering \
-             (wan50, wan100: 0.1 % each) apply to the UDP relay only, i.e. to quic; TCP paths see \
-             no loss because the TCP relay's own connections are lossless.\n"
+             exist only in the UDP relay (the TCP relay's own connections are lossless), so the \
+             lossy profile (lossy50: 0.1 % loss, 0.1 % reordered by a quarter of the one-way delay) \
+             runs the UDP paths only.\n"
         );
         let _ = writeln!(w, "| profile | RTT ms | cap Mbit/s | path | down ×1 Mbit/s | up ×1 Mbit/s | fill | RTT p50 ms | RTT p99 ms | note |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---|");
         for r in &self.wan {
@@ -590,7 +591,10 @@ mod tests {
         };
         let md = report.to_markdown();
         assert!(md.contains("| direct | 6.00 | 3.00 |"), "{md}");
-        assert!(md.contains("| direct | 6.00 | 2.00× |"), "summary row: {md}");
+        assert!(
+            md.contains("| direct | 6.00 | 2.00× |"),
+            "summary row: {md}"
+        );
         // 6 / 3 = 2× stunnel: the target is met; RTT 40 vs 80 = 0.5×.
         assert!(
             md.contains("| direct bytes/s ≥ 1.5× stunnel (download, 1 stream) | 2.00× | yes |"),

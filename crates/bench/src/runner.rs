@@ -77,9 +77,15 @@ pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Repor
         .copied()
         .filter(|k| kinds.contains(k))
         .collect();
+    let wan_runs: Vec<(&Profile, PathKind)> = s
+        .wan_profiles
+        .iter()
+        .flat_map(|p| wan_kinds.iter().map(move |&k| (*p, k)))
+        .filter(|(p, k)| !p.is_lossy() || k.is_udp())
+        .collect();
     let steps = (s.rounds * kinds.len()
         + if s.scale > 0 { kinds.len() } else { 0 }
-        + s.wan_profiles.len() * wan_kinds.len()) as u64;
+        + wan_runs.len()) as u64;
     let live = Live::new(steps);
     let tck = procstat::clk_tck() as f64;
     let mut skipped: Vec<PathKind> = Vec::new();
@@ -152,34 +158,32 @@ pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Repor
             live.step_done();
         }
     }
-    for profile in &s.wan_profiles {
-        for &kind in &wan_kinds {
-            live.status(format!("{} · {}", profile.name, kind.name()));
-            if !skipped.contains(&kind) {
-                let row = wan_row(kind, profile, env, s).await;
-                live.line(format!(
-                    "{} {}: down {} Mbit/s (fill {}), RTT p50 {} ms{}",
-                    profile.name,
-                    kind.name(),
-                    row.down1_gbps
-                        .map(|g| format!("{:.0}", g * 1000.0))
-                        .unwrap_or("–".into()),
-                    row.fill
-                        .map(|f| format!("{:.0} %", f * 100.0))
-                        .unwrap_or("–".into()),
-                    row.rtt
-                        .as_ref()
-                        .map(|p| format!("{:.1}", p.p50_us / 1000.0))
-                        .unwrap_or("–".into()),
-                    row.error
-                        .as_ref()
-                        .map(|e| format!(" [{e}]"))
-                        .unwrap_or_default()
-                ));
-                report.wan.push(row);
-            }
-            live.step_done();
+    for &(profile, kind) in &wan_runs {
+        live.status(format!("{} · {}", profile.name, kind.name()));
+        if !skipped.contains(&kind) {
+            let row = wan_row(kind, profile, env, s).await;
+            live.line(format!(
+                "{} {}: down {} Mbit/s (fill {}), RTT p50 {} ms{}",
+                profile.name,
+                kind.name(),
+                row.down1_gbps
+                    .map(|g| format!("{:.0}", g * 1000.0))
+                    .unwrap_or("–".into()),
+                row.fill
+                    .map(|f| format!("{:.0} %", f * 100.0))
+                    .unwrap_or("–".into()),
+                row.rtt
+                    .as_ref()
+                    .map(|p| format!("{:.1}", p.p50_us / 1000.0))
+                    .unwrap_or("–".into()),
+                row.error
+                    .as_ref()
+                    .map(|e| format!(" [{e}]"))
+                    .unwrap_or_default()
+            ));
+            report.wan.push(row);
         }
+        live.step_done();
     }
     live.finish();
     for &kind in kinds {

@@ -53,15 +53,15 @@ pub const PROFILES: &[Profile] = &[
         name: "wan50",
         rtt_ms: 50,
         mbit: Some(500),
-        loss: 0.001,
-        reorder: 0.001,
+        loss: 0.0,
+        reorder: 0.0,
     },
     Profile {
         name: "wan100",
         rtt_ms: 100,
         mbit: Some(100),
-        loss: 0.001,
-        reorder: 0.001,
+        loss: 0.0,
+        reorder: 0.0,
     },
     Profile {
         name: "wan100-1g",
@@ -70,6 +70,16 @@ pub const PROFILES: &[Profile] = &[
         loss: 0.0,
         reorder: 0.0,
     },
+    // Loss and reordering exist only in the UDP relay (the TCP relay's own connections are
+    // lossless), so this profile runs the UDP paths only. A reordered datagram overtaken by more
+    // than 3 others counts as lost for QUIC (RFC 9002 packet threshold), so both rates matter.
+    Profile {
+        name: "lossy50",
+        rtt_ms: 50,
+        mbit: Some(100),
+        loss: 0.001,
+        reorder: 0.001,
+    },
 ];
 
 pub fn profile(name: &str) -> Option<&'static Profile> {
@@ -77,6 +87,11 @@ pub fn profile(name: &str) -> Option<&'static Profile> {
 }
 
 impl Profile {
+    /// Whether the profile drops or reorders datagrams, which only the UDP relay emulates.
+    pub fn is_lossy(&self) -> bool {
+        self.loss > 0.0 || self.reorder > 0.0
+    }
+
     fn one_way(&self) -> Duration {
         Duration::from_micros(self.rtt_ms * 500)
     }
