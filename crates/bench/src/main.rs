@@ -199,7 +199,7 @@ async fn run(args: Args, kinds: Vec<PathKind>, mut settings: Settings) -> anyhow
         ));
         settings.scale = cap;
     }
-    let tmp = std::env::temp_dir().join(format!("forward-bench-{}", std::process::id()));
+    let tmp = std::env::temp_dir().join(format!("fbench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let token_file = tmp.join("token");
     let token: String = (0..32)
@@ -251,11 +251,23 @@ async fn run(args: Args, kinds: Vec<PathKind>, mut settings: Settings) -> anyhow
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch for SIGTERM")?;
-    tokio::select! {
-        _ = runner::run(&kinds, &env, &settings, &mut report) => {}
-        // Returning drops every child (kill_on_drop), so no tunnel process outlives the run.
-        _ = tokio::signal::ctrl_c() => bail!("interrupted; partial results were not written"),
-        _ = term.recv() => bail!("terminated (SIGTERM); partial results were not written"),
+    let (stop_tx, stop) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        let why = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupted (SIGINT)",
+            _ = term.recv() => "terminated (SIGTERM)",
+        };
+        let _ = stop_tx.send(Some(why.to_string()));
+    });
+    // On a signal the step in progress is abandoned (its processes are killed on drop) and the
+    // steps already finished are still written out.
+    runner::run(&kinds, &env, &settings, &mut report, &stop).await;
+    let stopped = stop.borrow().clone();
+    if let Some(why) = &stopped {
+        report.notes.insert(
+            0,
+            format!("**partial run**: {why} before the end; later steps are missing"),
+        );
     }
     report.elapsed_secs = started.elapsed().as_secs_f64();
     let stem = args.name.clone().unwrap_or_else(|| report.date.clone());
@@ -264,6 +276,12 @@ async fn run(args: Args, kinds: Vec<PathKind>, mut settings: Settings) -> anyhow
         println!("logs: {}", tmp.display());
     } else {
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+    if let Some(why) = stopped {
+        bail!(
+            "{why}; partial results written to {}",
+            args.out.join(format!("{stem}.md")).display()
+        );
     }
     println!(
         "report: {} ({:.0} s)",

@@ -70,7 +70,22 @@ async fn limited<T>(
     }
 }
 
-pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Report) {
+/// Set to the reason when the run must stop early (a signal); the steps finished so far are kept.
+pub type Stop = tokio::sync::watch::Receiver<Option<String>>;
+
+/// Runs `fut` unless `stop` fires first.
+async fn unless_stopped<T>(stop: &Stop, fut: impl Future<Output = T>) -> Option<T> {
+    let mut stop = stop.clone();
+    if stop.borrow().is_some() {
+        return None;
+    }
+    tokio::select! {
+        v = fut => Some(v),
+        _ = stop.changed() => None,
+    }
+}
+
+pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Report, stop: &Stop) {
     let wan_kinds: Vec<PathKind> = s
         .wan_paths
         .iter()
@@ -97,7 +112,7 @@ pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Repor
         }
     }
     let mut acc: HashMap<PathKind, Acc> = HashMap::new();
-    for round in 0..s.rounds {
+    'rounds: for round in 0..s.rounds {
         for i in 0..kinds.len() {
             let kind = kinds[(i + round) % kinds.len()];
             if skipped.contains(&kind) {
@@ -110,18 +125,22 @@ pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Repor
                 s.rounds,
                 kind.name()
             ));
-            let mut path =
-                match paths::start(kind, env, None, &format!("r{round}-{}", kind.name())).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let why = format!("failed to start: {e:#}");
-                        live.line(format!("skip {}: {why}", kind.name()));
-                        report.skipped.push((kind.name().into(), why));
-                        skipped.push(kind);
-                        live.step_done();
-                        continue;
-                    }
-                };
+            let tag = format!("r{round}-{}", kind.name());
+            let Some(started) = unless_stopped(stop, paths::start(kind, env, None, &tag)).await
+            else {
+                break 'rounds;
+            };
+            let mut path = match started {
+                Ok(p) => p,
+                Err(e) => {
+                    let why = format!("failed to start: {e:#}");
+                    live.line(format!("skip {}: {why}", kind.name()));
+                    report.skipped.push((kind.name().into(), why));
+                    skipped.push(kind);
+                    live.step_done();
+                    continue;
+                }
+            };
             let a = acc.entry(kind).or_insert_with(|| Acc {
                 rounds: Vec::new(),
                 rtt: workload::new_histogram(),
@@ -130,7 +149,10 @@ pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Repor
                 peak_rss_kib: None,
             });
             let tag = format!("round {}/{} · {}", round + 1, s.rounds, kind.name());
-            let r = measure(&mut path, s, &live, &tag, tck, a).await;
+            let Some(r) = unless_stopped(stop, measure(&mut path, s, &live, &tag, tck, a)).await
+            else {
+                break 'rounds;
+            };
             live.line(summary_line(kind, round, &r));
             a.rounds.push(r);
             let hwm = path.sample().hwm_kib;
@@ -139,7 +161,10 @@ pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Repor
             }
             if round + 1 == s.rounds && s.scale > 0 {
                 live.status(format!("{}: scale", kind.name()));
-                a.scale = Some(scale(&mut path, s, &live).await);
+                let Some(sc) = unless_stopped(stop, scale(&mut path, s, &live)).await else {
+                    break 'rounds;
+                };
+                a.scale = Some(sc);
                 if let Some(sc) = &a.scale {
                     live.line(format!(
                         "  {} scale: {} conns, {:.1} KiB/conn{}",
@@ -161,7 +186,9 @@ pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Repor
     for &(profile, kind) in &wan_runs {
         live.status(format!("{} · {}", profile.name, kind.name()));
         if !skipped.contains(&kind) {
-            let row = wan_row(kind, profile, env, s).await;
+            let Some(row) = unless_stopped(stop, wan_row(kind, profile, env, s)).await else {
+                break;
+            };
             live.line(format!(
                 "{} {}: down {} Mbit/s (fill {}), RTT p50 {} ms{}",
                 profile.name,
