@@ -465,6 +465,10 @@ impl Half {
     ) -> io::Result<()> {
         self.pos = 0;
         self.end = 0;
+        // A buffer that never grew serves interactive traffic: once the source goes quiet it is
+        // given back (below), so 10,000 idle connections hold no heap buffers and the probe read
+        // allocates again when bytes arrive. A bulk transfer has grown its buffer and keeps it.
+        let small = self.buf.len() == INITIAL_BUF && !self.full;
         if self.buf.is_empty() {
             let mut probe = [0u8; PROBE_BUF];
             let mut rb = ReadBuf::new(&mut probe);
@@ -505,6 +509,9 @@ impl Half {
             }
         }
         self.full = self.end == self.buf.len();
+        if small && self.end == 0 && !self.read_eof {
+            self.buf = Vec::new();
+        }
         Ok(())
     }
 }
