@@ -297,11 +297,11 @@ impl Carrier {
         let mut g = self.lock();
         if g.dead.is_none() {
             tracing::debug!(carrier = %self.label, %reason, "carrier ended");
+            // Record the real cause first: close_now's own Closed event would otherwise name
+            // it "closed locally: internal error".
+            g.dead = Some(reason.clone());
             g.session.close_now(ErrorCode::Internal, &reason);
             dispatch(&mut g, &self.state);
-            if g.dead.is_none() {
-                g.dead = Some(reason);
-            }
             wake_all(&mut g);
         }
         drop(g);
