@@ -99,4 +99,11 @@ fn sigterm_exits_after_grace(t: Transport) {
     fwd.proc.signal("TERM");
     // The idle connection never ends by itself: forward must give up on it after the grace period.
     assert_clean_exit(fwd.proc.wait_exit());
+    // ...and the connection it gave up on is reset, not closed as if it had finished.
+    let mut rest = Vec::new();
+    let end = idle.read_to_end(&mut rest);
+    let err = end.expect_err(
+        "a connection cut at the end of the grace period must be reset, not cleanly closed",
+    );
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }

@@ -3,13 +3,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
@@ -180,33 +178,6 @@ pub enum LocalStream {
     Tcp(TcpStream),
     /// From a Unix listener.
     Unix(UnixStream),
-}
-
-impl LocalStream {
-    /// A handle that can reset this connection after the stream itself moved into a relay:
-    /// it holds a duplicate of the socket, and setting `SO_LINGER 0` on it applies to both.
-    pub fn abort_handle(&self) -> Option<AbortHandle> {
-        match self {
-            LocalStream::Tcp(s) => SockRef::from(s)
-                .try_clone()
-                .ok()
-                .map(|sock| AbortHandle(OwnedFd::from(sock))),
-            LocalStream::Unix(_) => None,
-        }
-    }
-}
-
-/// Resets a TCP connection on demand (see [`LocalStream::abort_handle`]).
-#[derive(Debug)]
-pub struct AbortHandle(OwnedFd);
-
-impl AbortHandle {
-    /// Makes the close abortive; the peer sees a reset once every descriptor is closed.
-    pub fn abort(&self) {
-        if let Err(e) = SockRef::from(&self.0.as_fd()).set_linger(Some(Duration::ZERO)) {
-            tracing::debug!(error = %e, "could not set SO_LINGER 0 for an abortive close");
-        }
-    }
 }
 
 impl Endpoint for LocalStream {

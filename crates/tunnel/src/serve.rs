@@ -8,8 +8,14 @@
 //!
 //! A failing connection is logged with its forward and never disturbs the others.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -91,7 +97,11 @@ async fn handle<C: Connector>(
     label: Arc<str>,
     abort: CancellationToken,
 ) {
-    let reset = local.abort_handle();
+    let killed = Arc::new(AtomicBool::new(false));
+    let local = Killable {
+        inner: local,
+        killed: killed.clone(),
+    };
     let work = async {
         let remote = match connector.connect().await {
             Ok(r) => r,
@@ -102,18 +112,85 @@ async fn handle<C: Connector>(
             }
         };
         tracing::debug!("connected");
-        relay(local, remote).await.map_err(|e| e.to_string())
+        relay(local, remote)
+            .await
+            .map_err(|e| e.describe("local", "remote"))
     };
+    tokio::pin!(work);
     tokio::select! {
-        r = work => match r {
+        r = &mut work => match r {
             Ok(stats) => tracing::debug!(up = stats.a_to_b, down = stats.b_to_a, "closed"),
             Err(e) => tracing::warn!(forward = %label, "connection failed: {e}"),
         },
         _ = abort.cancelled() => {
-            if let Some(h) = reset {
-                h.abort();
-            }
+            // The relay's next look at the local side fails, and it resets both sides as for
+            // any error. A dial still in progress gets a moment, then is dropped.
+            killed.store(true, Ordering::Relaxed);
+            let _ = tokio::time::timeout(Duration::from_millis(500), work).await;
             tracing::warn!(forward = %label, "connection reset at shutdown");
         }
+    }
+}
+
+/// The local side of a connection, which fails every read and write once `killed` is set:
+/// how the grace period's end reaches a relay in progress without holding a second descriptor
+/// per connection.
+struct Killable {
+    inner: LocalStream,
+    killed: Arc<AtomicBool>,
+}
+
+impl Killable {
+    fn check(&self) -> io::Result<()> {
+        if self.killed.load(Ordering::Relaxed) {
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "forward is shutting down and the grace period is over",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Endpoint for Killable {
+    fn abort(&self) {
+        self.inner.abort();
+    }
+}
+
+impl AsyncRead for Killable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Killable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
