@@ -120,10 +120,13 @@ impl Session {
             if s.recv == RecvState::Open {
                 let unsent = s.recv_consumed + u64::from(s.window) - s.recv_limit;
                 if unsent >= u64::from(s.window / 2) {
-                    // Half a window consumed within one RTT means the window, not the reader, limits
-                    // throughput (window < 2 x BDP): double it, up to the ceiling.
+                    // Half a window consumed within two RTTs of the previous update means the
+                    // window, not the reader, limits throughput (window < 2 x BDP): double it, up
+                    // to the ceiling. One RTT is too strict: a window-limited sender waits a full
+                    // RTT for each update, so the next half arrives just after one RTT and the
+                    // window never grew on a real 100 ms path (Chromium's QUIC uses 2 x RTT too).
                     if let (true, Some(rtt), Some(epoch)) = (auto_tune, rtt, s.window_epoch) {
-                        if s.window < max_window && now.saturating_duration_since(epoch) < rtt {
+                        if s.window < max_window && now.saturating_duration_since(epoch) < rtt * 2 {
                             s.window = s.window.saturating_mul(2).min(max_window);
                         }
                     }
