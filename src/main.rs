@@ -130,7 +130,9 @@ async fn stdio(args: cli::StdioArgs) -> Result<i32> {
 
 async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
     let remote = connector.connect().await?;
-    let stats = forward_tunnel::relay(forward_tunnel::stdio::Stdio::new(), remote)
+    // Shutting stdout down only flushes it; the process exit closes fd 1.
+    let stdio = forward_tunnel::relay::Joined::new(tokio::io::stdin(), tokio::io::stdout());
+    let stats = forward_tunnel::relay(stdio, remote)
         .await
         .with_context(|| format!("relay to {}", connector.describe()))?;
     tracing::debug!(up = stats.a_to_b, down = stats.b_to_a, "stdio relay done");

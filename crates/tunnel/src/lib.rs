@@ -20,7 +20,6 @@ pub mod listen;
 pub mod policy;
 pub mod relay;
 pub mod serve;
-pub mod stdio;
 pub mod tls;
 pub mod upgrade;
 
