@@ -109,13 +109,13 @@ pub fn tune_tcp(stream: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-/// Resolves `host` (or the `--edge` override) and connects to the first address that answers.
-pub async fn connect_tcp(
+/// Resolves the name a connection dials: the `--edge` override when given, else `host`
+/// (IPv6 literals may be bracketed). Shared by the TCP dialers and the QUIC carrier.
+pub async fn resolve(
     host: &str,
     edge: Option<&str>,
     port: u16,
-    timeout: Duration,
-) -> Result<TcpStream, DialError> {
+) -> Result<Vec<SocketAddr>, DialError> {
     let dial_host = edge.unwrap_or(host);
     let lookup = dial_host.trim_start_matches('[').trim_end_matches(']');
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((lookup, port))
@@ -125,6 +125,22 @@ pub async fn connect_tcp(
             cause,
         })?
         .collect();
+    if addrs.is_empty() {
+        return Err(DialError::NoAddress {
+            host: dial_host.to_owned(),
+        });
+    }
+    Ok(addrs)
+}
+
+/// Resolves `host` (or the `--edge` override) and connects to the first address that answers.
+pub async fn connect_tcp(
+    host: &str,
+    edge: Option<&str>,
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream, DialError> {
+    let addrs = resolve(host, edge, port).await?;
     let mut last = None;
     for addr in &addrs {
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
@@ -151,7 +167,7 @@ pub async fn connect_tcp(
         }
     }
     Err(last.unwrap_or(DialError::NoAddress {
-        host: dial_host.to_owned(),
+        host: edge.unwrap_or(host).to_owned(),
     }))
 }
 

@@ -294,14 +294,7 @@ impl QuicCarrier {
 
     async fn establish(&self) -> Result<quinn::Connection, QuicError> {
         let dial = self.edge.as_deref().unwrap_or(&self.host);
-        let lookup = dial.trim_start_matches('[').trim_end_matches(']');
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((lookup, self.port))
-            .await
-            .map_err(|cause| QuicError::Resolve {
-                host: dial.to_owned(),
-                cause,
-            })?
-            .collect();
+        let addrs = crate::dial::resolve(&self.host, self.edge.as_deref(), self.port).await?;
         let ipv6_socket = self.endpoint.local_addr()?.is_ipv6();
         let mut last = None;
         for addr in addrs {
@@ -324,9 +317,12 @@ impl QuicCarrier {
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or(QuicError::NoAddress {
-            host: dial.to_owned(),
-        }))
+        // Every address was of a family this socket cannot reach.
+        Err(
+            last.unwrap_or(QuicError::Resolve(crate::dial::DialError::NoAddress {
+                host: dial.to_owned(),
+            })),
+        )
     }
 
     async fn handshake(&self, addr: SocketAddr) -> Result<quinn::Connection, QuicError> {

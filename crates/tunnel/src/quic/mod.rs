@@ -155,20 +155,9 @@ pub enum QuicError {
         /// The deadline.
         after: Duration,
     },
-    /// DNS said no.
-    #[error("cannot resolve {host}: {cause}; check the VM id and --domain, or pass --edge ADDR")]
-    Resolve {
-        /// The name that failed.
-        host: String,
-        /// Resolver error.
-        cause: io::Error,
-    },
-    /// DNS answered with nothing usable.
-    #[error("{host} resolved to no address")]
-    NoAddress {
-        /// The name that failed.
-        host: String,
-    },
+    /// The agent's name could not be resolved to a usable address.
+    #[error(transparent)]
+    Resolve(#[from] crate::dial::DialError),
     /// The connection failed or was lost for another reason.
     #[error("QUIC connection to agent {host}:{port}: {reason}")]
     Connection {
