@@ -15,6 +15,9 @@
 
 mod backend;
 mod live;
+// Wired into the runner in the next step.
+#[allow(dead_code)]
+mod netem;
 mod paths;
 mod peers;
 mod plot;
@@ -88,10 +91,16 @@ struct Args {
     /// File name stem for the outputs (default: today's date, UTC).
     #[arg(long)]
     name: Option<String>,
+    /// Internal: serve the backend on [IP]:P and [::1]:P inside a --netem namespace.
+    #[arg(long, hide = true, value_name = "IP")]
+    serve_backend: Option<std::net::Ipv6Addr>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(ip) = args.serve_backend {
+        return serve_backend(ip);
+    }
     let kinds = match paths::parse_list(&args.paths) {
         Ok(k) => k,
         Err(e) => {
@@ -117,6 +126,28 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(args, kinds, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The backend half of a `--netem` lab, run by the harness inside the namespace.
+fn serve_backend(ip: std::net::Ipv6Addr) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(netem::serve_backend(ip)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
