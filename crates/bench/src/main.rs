@@ -15,8 +15,6 @@
 
 mod backend;
 mod live;
-// Wired into the runner in the next step.
-#[allow(dead_code)]
 mod netem;
 mod paths;
 mod peers;
@@ -76,6 +74,15 @@ struct Args {
     /// WAN profiles, comma-separated (wan20, wan50, wan100, wan100-1g, lossy50) or "none".
     #[arg(long)]
     wan: Option<String>,
+    /// Packet-level WAN profiles, comma-separated (loss50, wan100, clean50). Runs only this
+    /// phase: the VM side in a network namespace behind an emulated link (delay, rate, queue,
+    /// loss), the client side here; needs root, /dev/net/tun and iproute2. Paths: raw, direct,
+    /// agent-tls, agent-tcp, quic (others in --paths are skipped).
+    #[arg(long, value_name = "PROFILES")]
+    netem: Option<String>,
+    /// Seconds of the --netem bulk download and of the round trips under load (default 6, 3 with --quick).
+    #[arg(long, value_name = "SECS")]
+    netem_secs: Option<f64>,
     /// Paths to run under the WAN profiles.
     #[arg(
         long,
@@ -193,7 +200,39 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     if args.streams == 0 || args.streams > 256 {
         bail!("--streams must be between 1 and 256");
     }
+    let mut netem_profiles = Vec::new();
+    for name in args
+        .netem
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        match netem::netem_profile(name) {
+            Some(p) => netem_profiles.push(p),
+            None => {
+                let known: Vec<&str> = netem::NETEM_PROFILES.iter().map(|p| p.name).collect();
+                bail!(
+                    "unknown --netem profile '{name}'; known: {}",
+                    known.join(", ")
+                );
+            }
+        }
+    }
+    if args.netem.is_some() && netem_profiles.is_empty() {
+        bail!("--netem needs at least one profile, e.g. --netem loss50,wan100");
+    }
+    let netem_secs = args.netem_secs.unwrap_or(if q { 3.0 } else { 6.0 });
+    if !(1.0..600.0).contains(&netem_secs) {
+        bail!("--netem-secs must be between 1 and 600");
+    }
     Ok(Settings {
+        netem_profiles,
+        netem_bulk: Duration::from_secs_f64(netem_secs),
+        netem_rtt: Duration::from_secs_f64((netem_secs * 0.75).max(1.0)),
+        netem_loaded: Duration::from_secs_f64(netem_secs * 1.5),
+        netem_warmup: Duration::from_secs_f64((netem_secs / 3.0).max(1.0)),
         rounds: args.rounds.unwrap_or(if q { 1 } else { 3 }).max(1),
         bulk: Duration::from_secs_f64(bulk),
         streams: args.streams,
@@ -202,7 +241,11 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         connect_rate: Duration::from_millis(if q { 300 } else { 1000 }),
         connect_workers: 8,
         fairness: Duration::from_millis(if q { 400 } else { 1500 }),
-        scale: args.scale.unwrap_or(if q { 300 } else { 10_000 }),
+        scale: if args.netem.is_some() {
+            0
+        } else {
+            args.scale.unwrap_or(if q { 300 } else { 10_000 })
+        },
         scale_time: Duration::from_secs(if q { 5 } else { 60 }),
         wan_profiles,
         wan_paths,
@@ -263,7 +306,14 @@ async fn run(args: Args, kinds: Vec<PathKind>, mut settings: Settings) -> anyhow
     };
     let mut report = Report {
         date: utc_date(),
-        mode: if args.quick { "quick" } else { "full" }.into(),
+        mode: if args.netem.is_some() {
+            "netem"
+        } else if args.quick {
+            "quick"
+        } else {
+            "full"
+        }
+        .into(),
         rounds: settings.rounds,
         host: host_info(),
         settings: settings.describe(),
@@ -344,6 +394,17 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
 
 fn write_outputs(report: &Report, out: &std::path::Path, stem: &str) -> anyhow::Result<()> {
     let mut md = report.to_markdown();
+    if report.paths.is_empty() && report.wan.is_empty() {
+        // A --netem run: its table is the result, there is nothing to plot.
+        let md_path = out.join(format!("{stem}.md"));
+        std::fs::write(&md_path, md)
+            .with_context(|| format!("cannot write {}", md_path.display()))?;
+        std::fs::write(
+            out.join(format!("{stem}.json")),
+            serde_json::to_string_pretty(report)?,
+        )?;
+        return Ok(());
+    }
     let mut plots = vec![
         (format!("{stem}-throughput.svg"), "Throughput per path"),
         (format!("{stem}-rtt-cdf.svg"), "1-byte round trip CDF"),

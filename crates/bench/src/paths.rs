@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 
+use crate::netem::Lab;
 use crate::peers;
 use crate::process::{self, wait_line, wait_port, Proc, Side};
 use crate::procstat;
@@ -388,9 +389,147 @@ pub async fn start(
     })
 }
 
+/// The paths that run under `--netem`: those whose client side is `forward` (or nothing).
+pub fn runs_in_lab(kind: PathKind) -> bool {
+    matches!(
+        kind,
+        PathKind::Raw | PathKind::Direct | PathKind::AgentTls | PathKind::AgentTcp | PathKind::Quic
+    )
+}
+
+/// The agent's port inside a lab (the namespace is fresh, so any fixed port is free).
+const LAB_AGENT_PORT: u16 = 9999;
+
+/// Starts `kind` across a lab's emulated link: the VM side (edge, agent; the backend is
+/// `env.backend`, already in the namespace) inside the lab's namespace, `forward` and the
+/// measuring client in the root namespace.
+///
+/// ```text
+///  raw        client ───────────────────────────────link──► backend [vm]:P
+///  direct     client ─► forward ──TLS───────────────link──► edge [edge]:P ──► backend [vm]:P
+///  agent-tls  client ─► forward ══TLS═══════════════link══► edge [edge]:A ──► agent [vm]:A ─► backend [::1]:P
+///  agent-tcp  client ─► forward ══TCP═══════════════link══► agent [vm]:A ─► backend [::1]:P
+///  quic       client ─► forward ══QUIC══════════════link══► agent [vm]:A ─► backend [::1]:P
+/// ```
+pub async fn start_in_lab(
+    kind: PathKind,
+    env: &Env,
+    lab: &Lab,
+    tag: &str,
+) -> anyhow::Result<RunningPath> {
+    let mut procs = Vec::new();
+    let log = |name: &str| env.tmp.join(format!("{tag}-{name}.log"));
+    let p = env.backend.port();
+    let spec = format!("127.0.0.1:0:{VM}:{p}");
+    let addr = match kind {
+        PathKind::Raw => env.backend,
+        PathKind::Direct => {
+            let ca = start_edge_in(env, Some(lab), p, &log("edge"), &mut procs).await?;
+            let args = vec![
+                "--edge".into(),
+                lab.edge_ip.to_string(),
+                "--ca-file".into(),
+                ca.display().to_string(),
+                spec,
+            ];
+            start_forward(env, args, &log("forward"), &mut procs).await?
+        }
+        PathKind::AgentTls | PathKind::AgentTcp | PathKind::Quic => {
+            let a = LAB_AGENT_PORT;
+            let mut agent_args = vec![
+                "agent".to_string(),
+                "--listen".into(),
+                SocketAddr::from((lab.vm_ip, a)).to_string(),
+                "--token-file".into(),
+                env.token_file.display().to_string(),
+            ];
+            if kind == PathKind::Quic {
+                agent_args.extend([
+                    "--quic".into(),
+                    "--state-dir".into(),
+                    env.tmp.join("agent-state").display().to_string(),
+                ]);
+            }
+            let (bin, agent_args) = lab.wrap(&forward_bin(env)?, &agent_args);
+            let (mut agent, lines) = Proc::spawn(
+                "forward agent",
+                Side::Server,
+                &bin,
+                &agent_args,
+                log("agent"),
+            )?;
+            // With --quic the pin line comes first; the TCP listener's line says it is ready.
+            let mut pin = None;
+            wait_line(&mut agent, lines, READY, |l| {
+                if let Some(p) = l.split_whitespace().find(|w| w.starts_with("sha256:")) {
+                    pin = Some(p.to_string());
+                }
+                l.starts_with("agent listening on").then_some(())
+            })
+            .await?;
+            procs.push(agent);
+            let mut args = vec!["--agent".to_string(), a.to_string()];
+            match kind {
+                PathKind::AgentTls => {
+                    let ca = start_edge_in(env, Some(lab), a, &log("edge"), &mut procs).await?;
+                    args.extend([
+                        "--ca-file".into(),
+                        ca.display().to_string(),
+                        "--edge".into(),
+                        lab.edge_ip.to_string(),
+                    ]);
+                }
+                PathKind::AgentTcp => args.extend([
+                    "--transport".into(),
+                    "tcp".into(),
+                    "--edge".into(),
+                    lab.vm_ip.to_string(),
+                ]),
+                _ => {
+                    let pin = pin.ok_or_else(|| anyhow!("the QUIC agent printed no pin"))?;
+                    args.extend([
+                        "--transport".into(),
+                        "quic".into(),
+                        "--agent-pin".into(),
+                        pin,
+                        "--edge".into(),
+                        lab.vm_ip.to_string(),
+                    ]);
+                }
+            }
+            args.extend([
+                "--token-file".into(),
+                env.token_file.display().to_string(),
+                spec,
+            ]);
+            start_forward(env, args, &log("forward"), &mut procs).await?
+        }
+        _ => bail!("{} does not run under --netem", kind.name()),
+    };
+    Ok(RunningPath {
+        kind,
+        addr,
+        procs,
+        _tcp_relay: None,
+        _udp_relay: None,
+    })
+}
+
 /// `forward edge --port P`; returns the CA file the edge's certificates chain to.
 async fn start_edge(
     env: &Env,
+    port: u16,
+    log: &std::path::Path,
+    procs: &mut Vec<Proc>,
+) -> anyhow::Result<PathBuf> {
+    start_edge_in(env, None, port, log, procs).await
+}
+
+/// The edge on loopback, or with a lab on the lab's edge address inside its namespace,
+/// routing every VM name to the lab's VM address.
+async fn start_edge_in(
+    env: &Env,
+    lab: Option<&Lab>,
     port: u16,
     log: &std::path::Path,
     procs: &mut Vec<Proc>,
@@ -407,6 +546,19 @@ async fn start_edge(
         "--ca-dir".into(),
         ca_dir.display().to_string(),
     ]);
+    let (bin, args, listen) = match lab {
+        Some(lab) => {
+            args.extend([
+                "--bind".into(),
+                lab.edge_ip.to_string(),
+                "--vm-addr".into(),
+                lab.vm_ip.to_string(),
+            ]);
+            let (bin, args) = lab.wrap(&bin, &args);
+            (bin, args, SocketAddr::from((lab.edge_ip, port)))
+        }
+        None => (bin, args, SocketAddr::from(([127, 0, 0, 1], port))),
+    };
     let (mut edge, lines) = Proc::spawn("edge", Side::Server, &bin, &args, log.into())?;
     let printed = wait_line(&mut edge, lines, READY, |l| {
         l.strip_prefix("edge CA:")
@@ -414,7 +566,7 @@ async fn start_edge(
             .map(PathBuf::from)
     })
     .await?;
-    wait_port(&mut edge, SocketAddr::from(([127, 0, 0, 1], port)), READY).await?;
+    wait_port(&mut edge, listen, READY).await?;
     procs.push(edge);
     Ok(if printed.is_file() {
         printed

@@ -93,6 +93,33 @@ pub struct WanRow {
     pub error: Option<String>,
 }
 
+/// One path over the packet-level emulated link (`--netem`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NetemRow {
+    pub profile: String,
+    pub rtt_ms: u64,
+    pub mbit: u64,
+    /// Loss probability in each direction, in %.
+    pub loss_pct: f64,
+    /// Drop-tail queue in front of the bottleneck, per direction.
+    pub queue_bytes: usize,
+    pub path: String,
+    /// One bulk download alone.
+    pub down_mbps: Option<f64>,
+    /// `down_mbps` / emulated bandwidth.
+    pub fill: Option<f64>,
+    /// 1-byte round trips on an otherwise idle path.
+    pub idle_rtt: Option<Percentiles>,
+    /// 1-byte round trips while one bulk download runs on the same path (for the agent paths
+    /// both connections are streams of the one carrier).
+    pub loaded_rtt: Option<Percentiles>,
+    pub loaded_down_mbps: Option<f64>,
+    /// The link's counters, client → VM and VM → client, over the whole path run.
+    pub link_up: Option<crate::netem::pipe::PipeStats>,
+    pub link_down: Option<crate::netem::pipe::PipeStats>,
+    pub error: Option<String>,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
     pub date: String,
@@ -102,6 +129,7 @@ pub struct Report {
     pub settings: String,
     pub paths: Vec<PathReport>,
     pub wan: Vec<WanRow>,
+    pub netem: Vec<NetemRow>,
     pub skipped: Vec<(String, String)>,
     pub notes: Vec<String>,
     pub elapsed_secs: f64,
@@ -231,19 +259,22 @@ impl Report {
              Host: {}. Settings: {}. Run time {:.0} s.\n",
             self.mode, self.rounds, self.host, self.settings, self.elapsed_secs
         );
-        let _ = writeln!(w, "All traffic is on loopback, and the harness (client and backend) shares the CPUs \
-            with the tunnel processes, so absolute numbers are a property of this machine; the ratios \
-            are the point.\n");
-        let _ = writeln!(w, "| path | what it is |\n|---|---|");
-        for p in &self.paths {
-            let _ = writeln!(w, "| {} | {} |", p.name, p.description);
+        if !self.paths.is_empty() {
+            let _ = writeln!(w, "All traffic is on loopback, and the harness (client and backend) shares the CPUs \
+                with the tunnel processes, so absolute numbers are a property of this machine; the ratios \
+                are the point.\n");
+            let _ = writeln!(w, "| path | what it is |\n|---|---|");
+            for p in &self.paths {
+                let _ = writeln!(w, "| {} | {} |", p.name, p.description);
+            }
+            self.summary(w);
+            self.targets(w);
+            self.throughput(w);
+            self.latency(w);
         }
-        self.summary(w);
-        self.targets(w);
-        self.throughput(w);
-        self.latency(w);
         self.scale(w);
         self.wan(w);
+        self.netem(w);
         if !self.skipped.is_empty() || !self.notes.is_empty() {
             let _ = writeln!(w, "\n## Skipped and notes\n");
             for (path, why) in &self.skipped {
@@ -528,6 +559,154 @@ impl Report {
         }
     }
 }
+
+impl Report {
+    fn netem_row(&self, profile: &str, path: &str) -> Option<&NetemRow> {
+        self.netem
+            .iter()
+            .find(|r| r.profile == profile && r.path == path)
+    }
+
+    fn netem(&self, w: &mut String) {
+        if self.netem.is_empty() {
+            return;
+        }
+        let _ = writeln!(w, "\n## Packet-level WAN (--netem)\n");
+        let _ = writeln!(
+            w,
+            "The VM side (edge, agent, backend) runs in its own network namespace, the client side \
+             (forward, the measuring client) in the root namespace; every IP packet between them \
+             crosses a user-space link between two TUN devices. Per direction the link serialises \
+             packets at the rate (IP bytes counted, so TCP payload tops out near 95 % of it), holds \
+             at most the queue in front of that (drop-tail, one bandwidth-delay product), adds half \
+             the RTT, and loses packets at random with the given probability. The kernels' TCP \
+             stacks see all of it. Fill = bulk download alone / emulated bandwidth; loaded = 1-byte \
+             round trips on a second connection while a bulk download runs on the same path (for \
+             the agent paths, two streams of one carrier). Lost / queue-dropped = packets of the \
+             VM → client direction.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| profile | RTT ms | Mbit/s | loss each way | queue KiB | path | down Mbit/s | fill | idle RTT p50 ms | idle p99 ms | loaded RTT p50 ms | loaded p99 ms | loaded bulk Mbit/s | lost / queue-dropped | note |\n\
+             |---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        );
+        let ms = |p: &Option<Percentiles>, g: fn(&Percentiles) -> f64| {
+            f(p.as_ref().map(|p| g(p) / 1000.0), 1)
+        };
+        for r in &self.netem {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} % | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.profile,
+                r.rtt_ms,
+                r.mbit,
+                r.loss_pct,
+                r.queue_bytes / 1024,
+                r.path,
+                f(r.down_mbps, 1),
+                r.fill
+                    .map(|x| format!("{:.0} %", x * 100.0))
+                    .unwrap_or_else(|| "–".into()),
+                ms(&r.idle_rtt, |p| p.p50_us),
+                ms(&r.idle_rtt, |p| p.p99_us),
+                ms(&r.loaded_rtt, |p| p.p50_us),
+                ms(&r.loaded_rtt, |p| p.p99_us),
+                f(r.loaded_down_mbps, 1),
+                r.link_down
+                    .map(|d| format!("{} / {}", d.lost, d.queue_drops))
+                    .unwrap_or_else(|| "–".into()),
+                r.error.as_deref().unwrap_or("")
+            );
+        }
+        let lines = self.netem_targets();
+        if !lines.is_empty() {
+            let _ = writeln!(w, "\n### Issue #5 targets\n");
+            for l in lines {
+                let _ = writeln!(w, "- {l}");
+            }
+        }
+    }
+
+    /// One line per issue #5 speed target that the measured profiles can answer.
+    pub fn netem_targets(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let p99_ms = |r: &NetemRow| r.loaded_rtt.as_ref().map(|p| p.p99_us / 1000.0);
+        let lossy50 = self
+            .netem
+            .iter()
+            .find(|r| r.rtt_ms == 50 && r.loss_pct > 0.0)
+            .map(|r| r.profile.clone());
+        if let Some(profile) = lossy50 {
+            let quic = self.netem_row(&profile, "quic").and_then(p99_ms);
+            let tcp: Vec<(&str, f64)> = ["agent-tls", "agent-tcp"]
+                .into_iter()
+                .filter_map(|c| self.netem_row(&profile, c).and_then(p99_ms).map(|v| (c, v)))
+                .collect();
+            let loss = self
+                .netem
+                .iter()
+                .find(|r| r.profile == profile)
+                .map(|r| r.loss_pct)
+                .unwrap_or(0.0);
+            let theirs = tcp
+                .iter()
+                .map(|(c, v)| format!("{c} {v:.1} ms"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let verdict = match quic {
+                Some(q) if !tcp.is_empty() => {
+                    if tcp.iter().all(|(_, v)| q < *v) {
+                        "met"
+                    } else {
+                        "**not met**"
+                    }
+                }
+                _ => "not measured",
+            };
+            out.push(format!(
+                "interactive p99 under bulk at 50 ms / {loss} % loss ({profile}): quic {} vs {} — {verdict}",
+                quic.map(|q| format!("{q:.1} ms")).unwrap_or_else(|| "–".into()),
+                if theirs.is_empty() { "no TCP carrier measured".into() } else { theirs },
+            ));
+        }
+        let wan100 = self
+            .netem
+            .iter()
+            .find(|r| r.rtt_ms == 100 && r.loss_pct == 0.0)
+            .map(|r| (r.profile.clone(), r.mbit));
+        if let Some((profile, mbit)) = wan100 {
+            let fills: Vec<String> = self
+                .netem
+                .iter()
+                .filter(|r| r.profile == profile)
+                .map(|r| {
+                    let ok = match r.fill {
+                        Some(x) if x >= FILL_GOAL => "",
+                        Some(_) => " (short)",
+                        None => "",
+                    };
+                    format!(
+                        "{} {}{ok}",
+                        r.path,
+                        r.fill
+                            .map(|x| format!("{:.0} %", x * 100.0))
+                            .unwrap_or_else(|| "–".into())
+                    )
+                })
+                .collect();
+            out.push(format!(
+                "bulk fill at 100 ms ({profile}, {mbit} Mbit/s; goal ≥ {:.0} %, the most TCP payload a \
+                 link counting IP bytes carries is ~95 %): {}",
+                FILL_GOAL * 100.0,
+                fills.join(", ")
+            ));
+        }
+        out
+    }
+}
+
+/// "Reaches the emulated bandwidth": 90 % of it, as payload over a link that counts IP bytes.
+const FILL_GOAL: f64 = 0.9;
 
 #[cfg(test)]
 mod tests {

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::live::Live;
+use crate::netem::{self, Lab, NetemProfile};
 use crate::paths::{self, Env, PathKind, RunningPath};
 use crate::procstat;
-use crate::report::{self, PathReport, Percentiles, Report, Round, Scale, WanRow};
+use crate::report::{self, NetemRow, PathReport, Percentiles, Report, Round, Scale, WanRow};
 use crate::wan::Profile;
 use crate::workload::{self, Direction, Transfer};
 
@@ -29,10 +30,27 @@ pub struct Settings {
     pub wan_paths: Vec<PathKind>,
     pub wan_bulk: Duration,
     pub wan_rtt: Duration,
+    /// `--netem`: when set, only the packet-level WAN phase runs.
+    pub netem_profiles: Vec<&'static NetemProfile>,
+    pub netem_bulk: Duration,
+    pub netem_rtt: Duration,
+    pub netem_loaded: Duration,
+    /// How long the bulk download runs before the loaded round trips start.
+    pub netem_warmup: Duration,
 }
 
 impl Settings {
     pub fn describe(&self) -> String {
+        if !self.netem_profiles.is_empty() {
+            return format!(
+                "packet-level WAN only: bulk download {:.1} s, idle round trips {:.1} s, round trips \
+                 under a bulk download {:.1} s after {:.1} s of warm-up; a fresh namespace and link per path",
+                self.netem_bulk.as_secs_f64(),
+                self.netem_rtt.as_secs_f64(),
+                self.netem_loaded.as_secs_f64(),
+                self.netem_warmup.as_secs_f64()
+            );
+        }
         format!(
             "bulk {:.1} s per transfer, N = {} streams, RTT {:.1} s, {} sequential connects + {:.1} s of connects with {} workers, \
              loaded RTT {:.1} s, scale {} connections",
@@ -86,6 +104,10 @@ async fn unless_stopped<T>(stop: &Stop, fut: impl Future<Output = T>) -> Option<
 }
 
 pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Report, stop: &Stop) {
+    if !s.netem_profiles.is_empty() {
+        run_netem(kinds, env, s, report, stop).await;
+        return;
+    }
     let wan_kinds: Vec<PathKind> = s
         .wan_paths
         .iter()
@@ -454,5 +476,176 @@ async fn wan_row(kind: PathKind, profile: &Profile, env: &Env, s: &Settings) -> 
         row.error = Some(errors.join("; "));
     }
     path.shutdown().await;
+    row
+}
+
+/// The `--netem` phase: every profile × path on a fresh lab (namespace, link, backend), so
+/// no TCP state or queue is carried from one path to the next.
+async fn run_netem(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Report, stop: &Stop) {
+    let mut lab_kinds = Vec::new();
+    for &k in kinds {
+        if !paths::runs_in_lab(k) {
+            report.skipped.push((
+                k.name().into(),
+                "not run under --netem (only forward's paths and raw)".into(),
+            ));
+        } else if let Some(why) = paths::unavailable(k, env) {
+            report.skipped.push((k.name().into(), why));
+        } else {
+            lab_kinds.push(k);
+        }
+    }
+    let live = Live::new((s.netem_profiles.len() * lab_kinds.len()) as u64);
+    if let Err(why) = netem::preflight() {
+        live.line(format!("netem: cannot build the emulated link: {why}"));
+        report.notes.push(format!("--netem could not run: {why}"));
+        live.finish();
+        return;
+    }
+    let cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    report.notes.push(format!(
+        "kernel TCP congestion control (both namespaces inherit it): {cc}"
+    ));
+    'all: for profile in &s.netem_profiles {
+        for &kind in &lab_kinds {
+            live.status(format!("{} · {}: starting", profile.name, kind.name()));
+            let Some(row) = unless_stopped(stop, netem_row(kind, profile, env, s, &live)).await
+            else {
+                break 'all;
+            };
+            let ms = |p: &Option<Percentiles>| {
+                p.as_ref()
+                    .map(|p| format!("{:.1}/{:.1}", p.p50_us / 1000.0, p.p99_us / 1000.0))
+                    .unwrap_or("–".into())
+            };
+            live.line(format!(
+                "{} {:<9}: down {} Mbit/s (fill {}) · idle RTT p50/p99 {} ms · loaded {} ms{}",
+                profile.name,
+                kind.name(),
+                row.down_mbps
+                    .map(|m| format!("{m:.1}"))
+                    .unwrap_or("–".into()),
+                row.fill
+                    .map(|f| format!("{:.0} %", f * 100.0))
+                    .unwrap_or("–".into()),
+                ms(&row.idle_rtt),
+                ms(&row.loaded_rtt),
+                row.error
+                    .as_ref()
+                    .map(|e| format!(" [{e}]"))
+                    .unwrap_or_default()
+            ));
+            report.netem.push(row);
+            live.step_done();
+        }
+    }
+    live.finish();
+}
+
+async fn netem_row(
+    kind: PathKind,
+    profile: &NetemProfile,
+    env: &Env,
+    s: &Settings,
+    live: &Live,
+) -> NetemRow {
+    let params = profile.link_params();
+    let mut row = NetemRow {
+        profile: profile.name.into(),
+        rtt_ms: profile.rtt_ms,
+        mbit: profile.mbit,
+        loss_pct: profile.loss * 100.0,
+        queue_bytes: params.queue_bytes,
+        path: kind.name().into(),
+        ..Default::default()
+    };
+    let tag = format!("{}-{}", profile.name, kind.name());
+    let lab = match Lab::start(params).await {
+        Ok(l) => l,
+        Err(e) => {
+            row.error = Some(format!("cannot build the lab: {e:#}"));
+            return row;
+        }
+    };
+    let started = async {
+        let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("own path: {e}"))?;
+        let (backend, addr) = lab
+            .start_backend(&exe, env.tmp.join(format!("{tag}-backend.log")))
+            .await?;
+        let lab_env = Env {
+            forward: env.forward.clone(),
+            edge: env.edge.clone(),
+            tmp: env.tmp.clone(),
+            backend: addr,
+            token_file: env.token_file.clone(),
+        };
+        let path = paths::start_in_lab(kind, &lab_env, &lab, &tag).await?;
+        anyhow::Ok((backend, path))
+    }
+    .await;
+    let (backend, mut path) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            row.error = Some(format!("failed to start: {e:#}"));
+            lab.shutdown().await;
+            return row;
+        }
+    };
+    let addr = path.addr;
+    let mut errors = Vec::new();
+    let tag = format!("{} · {}", profile.name, kind.name());
+    live.status(format!("{tag}: bulk download"));
+    match limited(
+        "down ×1",
+        s.netem_bulk,
+        workload::bulk(addr, Direction::Down, 1, s.netem_bulk),
+    )
+    .await
+    {
+        Ok(t) => {
+            row.down_mbps = Some(t.gbps() * 1000.0);
+            row.fill = Some(t.gbps() * 1000.0 / profile.mbit as f64);
+        }
+        Err(e) => errors.push(e),
+    }
+    live.status(format!("{tag}: idle round trips"));
+    match limited(
+        "ping-pong",
+        s.netem_rtt,
+        workload::ping_pong(addr, s.netem_rtt, 20),
+    )
+    .await
+    {
+        Ok(h) => row.idle_rtt = Some(Percentiles::of(&h)),
+        Err(e) => errors.push(e),
+    }
+    live.status(format!("{tag}: round trips under a bulk download"));
+    match limited(
+        "loaded ping-pong",
+        s.netem_warmup + s.netem_loaded,
+        workload::fairness_after(addr, s.netem_warmup, s.netem_loaded),
+    )
+    .await
+    {
+        Ok((h, t)) => {
+            row.loaded_rtt = Some(Percentiles::of(&h));
+            row.loaded_down_mbps = Some(t.gbps() * 1000.0);
+        }
+        Err(e) => errors.push(e),
+    }
+    if let Err(e) = path.check_alive() {
+        errors.push(format!("{e:#}"));
+    }
+    let [up, down] = lab.stats();
+    row.link_up = Some(up);
+    row.link_down = Some(down);
+    if !errors.is_empty() {
+        row.error = Some(errors.join("; "));
+    }
+    path.shutdown().await;
+    backend.kill().await;
+    lab.shutdown().await;
     row
 }

@@ -209,14 +209,23 @@ pub async fn fairness(
     addr: SocketAddr,
     dur: Duration,
 ) -> anyhow::Result<(Histogram<u64>, Transfer)> {
+    fairness_after(addr, Duration::from_millis(100), dur).await
+}
+
+/// [`fairness`] with the time the bulk stream gets to reach steady state before the first
+/// round trip (on an emulated WAN that is many round trips).
+pub async fn fairness_after(
+    addr: SocketAddr,
+    warmup: Duration,
+    dur: Duration,
+) -> anyhow::Result<(Histogram<u64>, Transfer)> {
     let bulk = tokio::spawn(bulk(
         addr,
         Direction::Down,
         1,
-        dur + Duration::from_millis(200),
+        warmup + dur + Duration::from_millis(200),
     ));
-    // Let the bulk stream reach steady state first.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(warmup).await;
     let hist = ping_pong(addr, dur, 10).await?;
     let transfer = bulk.await.context("fairness bulk task")??;
     Ok((hist, transfer))

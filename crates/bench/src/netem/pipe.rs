@@ -75,10 +75,6 @@ impl<R: Rng> Pipe<R> {
         }
     }
 
-    pub fn params(&self) -> &LinkParams {
-        &self.params
-    }
-
     pub fn stats(&self) -> PipeStats {
         self.stats
     }
@@ -138,6 +134,7 @@ impl<R: Rng> Pipe<R> {
     }
 
     /// Packets in flight (queued or on the wire).
+    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.queue.len()
     }
