@@ -34,6 +34,9 @@ pub struct Config {
     pub budget_interval: Duration,
     /// Send a PING after this long without receiving anything (15 s).
     pub keepalive_interval: Duration,
+    /// While streams are open, send a PING this often to keep the minimum RTT that window
+    /// auto-tuning compares against current (1 s; well inside the peer's `ping_budget`).
+    pub rtt_probe_interval: Duration,
     /// Declare the carrier dead after this long without receiving anything (45 s).
     pub idle_timeout: Duration,
     /// Server: close a carrier that has not been authenticated after this long (10 s).
@@ -55,6 +58,7 @@ impl Default for Config {
             ping_budget: 100,
             budget_interval: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(15),
+            rtt_probe_interval: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(45),
             auth_timeout: Duration::from_secs(10),
         }

@@ -11,7 +11,7 @@
 //! drain, so an idle stream costs a couple of hundred bytes.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -55,6 +55,13 @@ pub(crate) struct Stream {
     pub window: u32,
     /// When the last window update was sent, for auto-tuning.
     pub window_epoch: Option<Instant>,
+    /// A window update is out: the limit it grants, and when it was sent. A window-limited
+    /// sender spends that credit as soon as the update reaches it, so the arrival of the last
+    /// granted byte times one round trip plus the time the path takes to drain half a window:
+    /// the delay a small frame queued behind this stream's burst sees.
+    pub rtt_mark: Option<(u64, Instant)>,
+    /// The latest such loaded round trip of this stream.
+    pub loaded_rtt: Option<Duration>,
     pub recv: RecvState,
     /// A `Readable` event is outstanding (not yet followed by a read that drained the queue).
     pub readable_signalled: bool,
@@ -81,6 +88,8 @@ impl Stream {
             recv_consumed: 0,
             window,
             window_epoch: None,
+            rtt_mark: None,
+            loaded_rtt: None,
             recv: RecvState::Open,
             readable_signalled: false,
             accepted,

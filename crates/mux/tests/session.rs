@@ -191,6 +191,37 @@ fn window_auto_tunes_on_a_long_fat_link() {
 }
 
 #[test]
+fn window_stops_growing_at_the_path_bandwidth_delay_product() {
+    // 20 ms RTT at 100 MiB/s: the bandwidth-delay product is 2 MiB. The link queues without
+    // limit, like a deep router or socket buffer, so a window past ~2 x BDP only adds delay for
+    // every other stream on the carrier; judged by the smoothed RTT, it ran to the 16 MiB ceiling.
+    let mut p = Pair::with(
+        Config::default(),
+        Config::default(),
+        Duration::from_millis(10),
+    );
+    p.set_rate(100 << 20);
+    p.server.echo = false;
+    p.auth(GOOD_TOKEN);
+    let id = p.open(5201);
+    p.client.send(id, &pattern(6, 64 << 20), false);
+    assert!(p.run_until(120 * SECOND, |p| p
+        .server
+        .received
+        .get(&id)
+        .is_some_and(|r| r.len() == 64 << 20)));
+    assert_eq!(p.server.received[&id], pattern(6, 64 << 20));
+    let window = p.server.session.stream_window(id).unwrap();
+    assert!(
+        (2 << 20..=4 << 20).contains(&window),
+        "window ended at {window} bytes, want 2-4 MiB (1-2 x BDP)"
+    );
+    // Filling the link: 64 MiB at 100 MiB/s is 640 ms of serialization.
+    let took = p.elapsed();
+    assert!(took < Duration::from_millis(1000), "64 MiB took {took:?}");
+}
+
+#[test]
 fn window_stays_fixed_without_auto_tune() {
     let config = Config {
         auto_tune: false,

@@ -249,6 +249,14 @@ impl Session {
             return;
         };
         s.recv_received += len as u64;
+        if let Some((limit, sent)) = s.rtt_mark {
+            if s.recv_received >= limit {
+                let sample = self.now.saturating_duration_since(sent);
+                s.loaded_rtt = Some(sample);
+                s.rtt_mark = None;
+                self.min_rtt = Some(self.min_rtt.map_or(sample, |m| m.min(sample)));
+            }
+        }
         if len > 0 {
             s.recv_buffered += len;
             s.recv_chunks.push_back(payload);
@@ -350,6 +358,13 @@ impl Session {
                         None => sample,
                         Some(rtt) => (rtt * 7 + sample) / 8,
                     });
+                    let first = self.min_rtt.is_none();
+                    self.min_rtt = Some(self.min_rtt.map_or(sample, |m| m.min(sample)));
+                    if first && self.closed.is_none() {
+                        // The first ping rides with AUTH / AUTH_OK and includes the peer's
+                        // authentication work; a second one, at once, measures the bare path.
+                        self.queue_ping();
+                    }
                 }
             }
             return Ok(());

@@ -101,6 +101,7 @@ pub struct Session {
     ping_out: Option<(u64, Option<Instant>)>,
     ping_counter: u64,
     rtt: Option<Duration>,
+    min_rtt: Option<Duration>,
     reset_budget: Budget,
     ping_budget: Budget,
     local_goaway: bool,
@@ -140,6 +141,7 @@ impl Session {
             ping_out: None,
             ping_counter: 0,
             rtt: None,
+            min_rtt: None,
             reset_budget: Budget {
                 start: now,
                 count: 0,
@@ -178,6 +180,11 @@ impl Session {
     /// Smoothed round-trip time from PING/ACK, once one sample exists.
     pub fn rtt(&self) -> Option<Duration> {
         self.rtt
+    }
+
+    /// Smallest round-trip time sampled so far: the path without queues, which sizes the windows.
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.min_rtt
     }
 
     /// Number of live streams.
