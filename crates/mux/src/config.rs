@@ -37,6 +37,9 @@ pub struct Config {
     /// While streams are open, send a PING this often to keep the minimum RTT that window
     /// auto-tuning compares against current (1 s; well inside the peer's `ping_budget`).
     pub rtt_probe_interval: Duration,
+    /// Queueing delay a stream window may always build when auto-tuning, however short the path
+    /// (1 ms; above it, half the minimum RTT).
+    pub tune_queue_floor: Duration,
     /// Declare the carrier dead after this long without receiving anything (45 s).
     pub idle_timeout: Duration,
     /// Server: close a carrier that has not been authenticated after this long (10 s).
@@ -59,6 +62,7 @@ impl Default for Config {
             budget_interval: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(15),
             rtt_probe_interval: Duration::from_secs(1),
+            tune_queue_floor: Duration::from_millis(1),
             idle_timeout: Duration::from_secs(45),
             auth_timeout: Duration::from_secs(10),
         }

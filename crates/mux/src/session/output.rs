@@ -116,12 +116,13 @@ impl Session {
         let now = self.now;
         let min_rtt = self.min_rtt;
         let (auto_tune, max_window) = (self.config.auto_tune, self.config.max_stream_window);
+        let queue_floor = self.config.tune_queue_floor;
         if let Some(s) = self.streams.get_mut(&id) {
             if s.recv == RecvState::Open {
                 let unsent = s.recv_consumed + u64::from(s.window) - s.recv_limit;
                 if unsent >= u64::from(s.window / 2) {
                     let factor = if auto_tune && s.window < max_window {
-                        growth(s, now, min_rtt)
+                        growth(s, now, min_rtt, queue_floor)
                     } else {
                         1
                     };
@@ -242,11 +243,20 @@ const MIN_TUNE_RTT: Duration = Duration::from_micros(50);
 ///   window is under the bandwidth-delay product and doubling it keeps the queue it can build
 ///   under one RTT (every stream's round trip at most twice the idle one); under 1.25, under half
 ///   of it, and quadrupling is as safe, which halves the ramp on long paths.
+/// - On sub-millisecond paths (loopback, one data centre) that rule would hold windows at a few
+///   hundred KiB, where every hop's wakeups, not the path, set the pace: a stream reached 55–65 %
+///   of direct mode's bytes/s and every process spent more CPU per byte. So the queue may always
+///   grow to `floor` (1 ms), which nobody notices in an interactive session.
 ///
 /// The second condition is what keeps an interactive stream responsive next to a bulk one on the
 /// same carrier: judged by the smoothed RTT alone, the window grew until our own queue filled it,
 /// milliseconds on loopback and seconds behind a 100 Mbit/s link.
-fn growth(s: &crate::stream::Stream, now: Instant, min_rtt: Option<Duration>) -> u32 {
+fn growth(
+    s: &crate::stream::Stream,
+    now: Instant,
+    min_rtt: Option<Duration>,
+    floor: Duration,
+) -> u32 {
     let (Some(min_rtt), Some(loaded), Some(epoch)) = (min_rtt, s.loaded_rtt, s.window_epoch) else {
         return 1;
     };
@@ -254,9 +264,12 @@ fn growth(s: &crate::stream::Stream, now: Instant, min_rtt: Option<Duration>) ->
     if now.saturating_duration_since(epoch) >= loaded.max(min_rtt) * 2 {
         return 1;
     }
-    if loaded * 4 < min_rtt * 5 {
+    // The queue the window may build: half a minimum RTT, but at least `floor`.
+    let budget = (min_rtt / 2).max(floor);
+    let queue = loaded.saturating_sub(min_rtt);
+    if queue * 2 < budget {
         4
-    } else if loaded * 2 < min_rtt * 3 {
+    } else if queue < budget {
         2
     } else {
         1
