@@ -62,8 +62,17 @@ pub enum TlsConfigError {
 
 /// The crypto provider every config in forward uses. ring only: quinn and rcgen would otherwise
 /// bring a second provider and rustls would refuse to pick one implicitly.
+///
+/// AES-128-GCM comes first (rustls lists AES-256 first), as browsers and Go order them. A
+/// server that honours the client's order (rustls does by default) then picks it: fewer AES
+/// rounds per byte; through the local edge one direct download went from 8.8-9.7 to 9.3-10.3
+/// Gbit/s (the kernel's loopback TCP, not the cipher, is most of the remaining CPU).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// Reads every certificate from a PEM file, with errors a user can act on.
