@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  workloads ──► path under test (raw | forward direct/agent | stunnel | socat | ssh)
-//!      │              │  optional WAN relay on its middle hop (delay, bandwidth cap)
+//!      │              │  optional WAN relay on its middle hop (delay, bandwidth cap), or with
+//!      │              │  --netem a packet-level link into a network namespace (delay, rate, loss)
 //!      │              ▼
 //!      │          backend on [::1] (sink | source | echo, chosen by the first byte)
 //!      ▼
@@ -80,7 +81,8 @@ struct Args {
     /// agent-tls, agent-tcp, quic (others in --paths are skipped).
     #[arg(long, value_name = "PROFILES")]
     netem: Option<String>,
-    /// Seconds of the --netem bulk download and of the round trips under load (default 6, 3 with --quick).
+    /// Seconds of each --netem bulk download (default 6, 3 with --quick); idle round trips run
+    /// 0.75× that, round trips under load 3× (for enough samples to read a p99).
     #[arg(long, value_name = "SECS")]
     netem_secs: Option<f64>,
     /// Paths to run under the WAN profiles.
@@ -231,7 +233,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         netem_profiles,
         netem_bulk: Duration::from_secs_f64(netem_secs),
         netem_rtt: Duration::from_secs_f64((netem_secs * 0.75).max(1.0)),
-        netem_loaded: Duration::from_secs_f64(netem_secs * 1.5),
+        netem_loaded: Duration::from_secs_f64(netem_secs * 3.0),
         netem_warmup: Duration::from_secs_f64((netem_secs / 3.0).max(1.0)),
         rounds: args.rounds.unwrap_or(if q { 1 } else { 3 }).max(1),
         bulk: Duration::from_secs_f64(bulk),

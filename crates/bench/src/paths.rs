@@ -15,6 +15,9 @@
 //! With a WAN profile, a relay is put on the hop between the client side and the server side
 //! (the `─TLS─`/`══` hops above), on 127.0.0.2 with the same port where a tool cannot be told
 //! another port (`forward --edge` keeps the remote port).
+//!
+//! Under `--netem` ([`start_in_lab`]) the server side runs inside a lab's network namespace
+//! instead, and the same hops cross the packet-level link (see `netem`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -108,6 +108,9 @@ pub struct NetemRow {
     pub down_mbps: Option<f64>,
     /// `down_mbps` / emulated bandwidth.
     pub fill: Option<f64>,
+    /// The same download from a third of its time on: the rate after the sender's ramp-up.
+    pub settled_down_mbps: Option<f64>,
+    pub settled_fill: Option<f64>,
     /// 1-byte round trips on an otherwise idle path.
     pub idle_rtt: Option<Percentiles>,
     /// 1-byte round trips while one bulk download runs on the same path (for the agent paths
@@ -580,23 +583,28 @@ impl Report {
              packets at the rate (IP bytes counted, so TCP payload tops out near 95 % of it), holds \
              at most the queue in front of that (drop-tail, one bandwidth-delay product), adds half \
              the RTT, and loses packets at random with the given probability. The kernels' TCP \
-             stacks see all of it. Fill = bulk download alone / emulated bandwidth; loaded = 1-byte \
+             stacks see all of it. Fill = bulk download alone / emulated bandwidth; settled fill = the \
+             same from a third of the transfer on (ramp-up left out); loaded = 1-byte \
              round trips on a second connection while a bulk download runs on the same path (for \
              the agent paths, two streams of one carrier). Lost / queue-dropped = packets of the \
              VM → client direction.\n"
         );
         let _ = writeln!(
             w,
-            "| profile | RTT ms | Mbit/s | loss each way | queue KiB | path | down Mbit/s | fill | idle RTT p50 ms | idle p99 ms | loaded RTT p50 ms | loaded p99 ms | loaded bulk Mbit/s | lost / queue-dropped | note |\n\
-             |---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+            "| profile | RTT ms | Mbit/s | loss each way | queue KiB | path | down Mbit/s | fill | settled fill | idle RTT p50 ms | idle p99 ms | loaded RTT p50 ms | loaded p99 ms | loaded bulk Mbit/s | lost / queue-dropped | note |\n\
+             |---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
         );
+        let pct = |x: Option<f64>| {
+            x.map(|x| format!("{:.0} %", x * 100.0))
+                .unwrap_or_else(|| "–".into())
+        };
         let ms = |p: &Option<Percentiles>, g: fn(&Percentiles) -> f64| {
             f(p.as_ref().map(|p| g(p) / 1000.0), 1)
         };
         for r in &self.netem {
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} % | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} % | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.profile,
                 r.rtt_ms,
                 r.mbit,
@@ -604,9 +612,8 @@ impl Report {
                 r.queue_bytes / 1024,
                 r.path,
                 f(r.down_mbps, 1),
-                r.fill
-                    .map(|x| format!("{:.0} %", x * 100.0))
-                    .unwrap_or_else(|| "–".into()),
+                pct(r.fill),
+                pct(r.settled_fill),
                 ms(&r.idle_rtt, |p| p.p50_us),
                 ms(&r.idle_rtt, |p| p.p99_us),
                 ms(&r.loaded_rtt, |p| p.p50_us),
@@ -680,23 +687,26 @@ impl Report {
                 .iter()
                 .filter(|r| r.profile == profile)
                 .map(|r| {
-                    let ok = match r.fill {
+                    let pct = |x: Option<f64>| {
+                        x.map(|x| format!("{:.0} %", x * 100.0))
+                            .unwrap_or_else(|| "–".into())
+                    };
+                    let ok = match r.settled_fill {
                         Some(x) if x >= FILL_GOAL => "",
                         Some(_) => " (short)",
                         None => "",
                     };
                     format!(
-                        "{} {}{ok}",
+                        "{} {} ({} overall){ok}",
                         r.path,
-                        r.fill
-                            .map(|x| format!("{:.0} %", x * 100.0))
-                            .unwrap_or_else(|| "–".into())
+                        pct(r.settled_fill),
+                        pct(r.fill)
                     )
                 })
                 .collect();
             out.push(format!(
-                "bulk fill at 100 ms ({profile}, {mbit} Mbit/s; goal ≥ {:.0} %, the most TCP payload a \
-                 link counting IP bytes carries is ~95 %): {}",
+                "bulk fill at 100 ms ({profile}, {mbit} Mbit/s; settled fill, goal ≥ {:.0} %; the most TCP \
+                 payload a link counting IP bytes carries is ~95 %): {}",
                 FILL_GOAL * 100.0,
                 fills.join(", ")
             ));
@@ -789,6 +799,73 @@ mod tests {
         assert!(md.contains("skipped `ssh`: sshd not installed"));
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.contains("\"down1_gbps\":6.0"));
+    }
+
+    fn netem_row(
+        profile: &str,
+        rtt_ms: u64,
+        loss_pct: f64,
+        path: &str,
+        fill: f64,
+        p99_ms: f64,
+    ) -> NetemRow {
+        NetemRow {
+            profile: profile.into(),
+            rtt_ms,
+            mbit: 100,
+            loss_pct,
+            queue_bytes: 625_000,
+            path: path.into(),
+            down_mbps: Some(fill * 100.0),
+            fill: Some(fill),
+            settled_fill: Some(fill),
+            loaded_rtt: Some(Percentiles {
+                p50_us: 60_000.0,
+                p99_us: p99_ms * 1000.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn netem_table_and_issue_5_lines() {
+        let report = Report {
+            mode: "netem".into(),
+            netem: vec![
+                netem_row("loss50", 50, 1.0, "agent-tls", 0.5, 180.0),
+                netem_row("loss50", 50, 1.0, "quic", 0.1, 120.0),
+                netem_row("wan100", 100, 0.0, "quic", 0.93, 110.0),
+                netem_row("wan100", 100, 0.0, "agent-tls", 0.6, 110.0),
+            ],
+            ..Default::default()
+        };
+        let md = report.to_markdown();
+        assert!(
+            !md.contains("## Summary"),
+            "no loopback tables in a netem run: {md}"
+        );
+        assert!(
+            md.contains("| loss50 | 50 | 100 | 1 % | 610 | quic | 10.0 | 10 % | 10 % |"),
+            "{md}"
+        );
+        let lines = report.netem_targets();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].contains("quic 120.0 ms vs agent-tls 180.0 ms — met"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].contains("quic 93 % (93 % overall), agent-tls 60 % (60 % overall) (short)"),
+            "{}",
+            lines[1]
+        );
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(
+            json.contains("\"netem\":[{\"profile\":\"loss50\""),
+            "{json}"
+        );
     }
 
     #[test]

@@ -600,13 +600,15 @@ async fn netem_row(
     match limited(
         "down ×1",
         s.netem_bulk,
-        workload::bulk(addr, Direction::Down, 1, s.netem_bulk),
+        workload::download_settled(addr, s.netem_bulk, s.netem_bulk / 3),
     )
     .await
     {
-        Ok(t) => {
-            row.down_mbps = Some(t.gbps() * 1000.0);
-            row.fill = Some(t.gbps() * 1000.0 / profile.mbit as f64);
+        Ok((all, settled)) => {
+            row.down_mbps = Some(all.gbps() * 1000.0);
+            row.fill = Some(all.gbps() * 1000.0 / profile.mbit as f64);
+            row.settled_down_mbps = Some(settled.gbps() * 1000.0);
+            row.settled_fill = Some(settled.gbps() * 1000.0 / profile.mbit as f64);
         }
         Err(e) => errors.push(e),
     }

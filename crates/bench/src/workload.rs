@@ -99,6 +99,16 @@ async fn upload(addr: SocketAddr, dur: Duration) -> anyhow::Result<Transfer> {
 }
 
 async fn download(addr: SocketAddr, dur: Duration) -> anyhow::Result<Transfer> {
+    Ok(download_settled(addr, dur, dur).await?.0)
+}
+
+/// One download for `dur`, and separately the part after `settle`: the rate once the
+/// sender's ramp-up (slow start, BBR's startup and its queue overshoot) is over.
+pub async fn download_settled(
+    addr: SocketAddr,
+    dur: Duration,
+    settle: Duration,
+) -> anyhow::Result<(Transfer, Transfer)> {
     let mut stream = connect(addr).await?;
     stream.write_all(&[SOURCE]).await?;
     let mut buf = vec![0u8; 256 * 1024];
@@ -111,8 +121,14 @@ async fn download(addr: SocketAddr, dur: Duration) -> anyhow::Result<Transfer> {
     let mut total = first as u64;
     let start = Instant::now();
     let end = start + dur;
+    let mark = start + settle.min(dur);
+    let mut at_mark: Option<(Instant, u64)> = None;
     loop {
-        let left = end.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        if at_mark.is_none() && now >= mark {
+            at_mark = Some((now, total));
+        }
+        let left = end.saturating_duration_since(now);
         if left.is_zero() {
             break;
         }
@@ -123,10 +139,18 @@ async fn download(addr: SocketAddr, dur: Duration) -> anyhow::Result<Transfer> {
             Err(_) => break,
         }
     }
-    Ok(Transfer {
-        bytes: total,
-        secs: start.elapsed().as_secs_f64(),
-    })
+    let done = Instant::now();
+    let (t_mark, bytes_mark) = at_mark.unwrap_or((done, total));
+    Ok((
+        Transfer {
+            bytes: total,
+            secs: done.duration_since(start).as_secs_f64(),
+        },
+        Transfer {
+            bytes: total - bytes_mark,
+            secs: done.duration_since(t_mark).as_secs_f64(),
+        },
+    ))
 }
 
 /// 1-byte ping-pong on one connection for `dur` (at least `min_samples` round trips).
