@@ -37,8 +37,8 @@ pub struct Config {
     /// While streams are open, send a PING this often to keep the minimum RTT that window
     /// auto-tuning compares against current (1 s; well inside the peer's `ping_budget`).
     pub rtt_probe_interval: Duration,
-    /// Queueing delay a stream window may always build when auto-tuning, however short the path
-    /// (1 ms; above it, half the minimum RTT).
+    /// Auto-tuning lets a stream window reach `delivery rate × (2 × minimum RTT + this)`: the
+    /// queue it may always build, however short the path (1 ms).
     pub tune_queue_floor: Duration,
     /// Declare the carrier dead after this long without receiving anything (45 s).
     pub idle_timeout: Duration,

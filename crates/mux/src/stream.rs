@@ -11,7 +11,7 @@
 //! drain, so an idle stream costs a couple of hundred bytes.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
@@ -55,13 +55,13 @@ pub(crate) struct Stream {
     pub window: u32,
     /// When the last window update was sent, for auto-tuning.
     pub window_epoch: Option<Instant>,
-    /// A window update is out: the limit it grants, and when it was sent. A window-limited
-    /// sender spends that credit as soon as the update reaches it, so the arrival of the last
-    /// granted byte times one round trip plus the time the path takes to drain half a window:
-    /// the delay a small frame queued behind this stream's burst sees.
+    /// A window update is out: the limit it grants, and when it was sent. The last granted byte
+    /// cannot arrive before one round trip has passed: a free RTT sample from bulk streams.
     pub rtt_mark: Option<(u64, Instant)>,
-    /// The latest such loaded round trip of this stream.
-    pub loaded_rtt: Option<Duration>,
+    /// Start of the current delivery-rate bin: when, and `recv_received` then.
+    pub rate_bin: Option<(Instant, u64)>,
+    /// Best recent delivery rate in bytes per second (decays by 1/8 per bin).
+    pub max_rate: u64,
     pub recv: RecvState,
     /// A `Readable` event is outstanding (not yet followed by a read that drained the queue).
     pub readable_signalled: bool,
@@ -89,7 +89,8 @@ impl Stream {
             window,
             window_epoch: None,
             rtt_mark: None,
-            loaded_rtt: None,
+            rate_bin: None,
+            max_rate: 0,
             recv: RecvState::Open,
             readable_signalled: false,
             accepted,

@@ -248,11 +248,32 @@ impl Session {
             self.release_connection_credit(len);
             return;
         };
+        if self.config.auto_tune {
+            // Delivery rate in bins of an eighth of the minimum RTT (at least 1 ms). A
+            // window-limited sender sends each credit as a burst, which crosses the bottleneck
+            // at the bottleneck's rate: short bins see that rate, where bins of a whole RTT would
+            // see only window / RTT and never let the window past half the path's
+            // bandwidth-delay product. The best recent bin sizes the window (`growth`).
+            let bin = (self.min_rtt.unwrap_or(RATE_BIN_MIN) / 8).max(RATE_BIN_MIN);
+            match s.rate_bin {
+                None => s.rate_bin = Some((self.now, s.recv_received)),
+                Some((start, base)) => {
+                    let elapsed = self.now.saturating_duration_since(start);
+                    if elapsed >= bin {
+                        let bytes = u128::from(s.recv_received - base);
+                        let rate = (bytes * 1_000_000_000 / elapsed.as_nanos().max(1)) as u64;
+                        s.max_rate = rate.max(s.max_rate - s.max_rate / 8);
+                        s.rate_bin = Some((self.now, s.recv_received));
+                    }
+                }
+            }
+        }
         s.recv_received += len as u64;
         if let Some((limit, sent)) = s.rtt_mark {
             if s.recv_received >= limit {
+                // Every byte of a grant arrived: at least one round trip since the update left.
+                // Only the minimum is used; queues and lost segments make samples longer.
                 let sample = self.now.saturating_duration_since(sent);
-                s.loaded_rtt = Some(sample);
                 s.rtt_mark = None;
                 self.min_rtt = Some(self.min_rtt.map_or(sample, |m| m.min(sample)));
             }
@@ -410,3 +431,6 @@ impl Session {
         }
     }
 }
+
+/// Shortest delivery-rate bin: below it, scheduling noise would dominate the rate.
+const RATE_BIN_MIN: std::time::Duration = std::time::Duration::from_millis(1);

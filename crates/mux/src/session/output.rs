@@ -114,7 +114,7 @@ impl Session {
     /// Return credit for `n` bytes of stream `id` that left the session, with auto-tuning.
     pub(super) fn release_credit(&mut self, id: StreamId, n: usize) {
         let now = self.now;
-        let min_rtt = self.min_rtt;
+        let (min_rtt, srtt) = (self.min_rtt, self.rtt);
         let (auto_tune, max_window) = (self.config.auto_tune, self.config.max_stream_window);
         let queue_floor = self.config.tune_queue_floor;
         if let Some(s) = self.streams.get_mut(&id) {
@@ -122,15 +122,19 @@ impl Session {
                 let unsent = s.recv_consumed + u64::from(s.window) - s.recv_limit;
                 if unsent >= u64::from(s.window / 2) {
                     let factor = if auto_tune && s.window < max_window {
-                        growth(s, now, min_rtt, queue_floor)
+                        growth(s, now, min_rtt, srtt, queue_floor)
                     } else {
                         1
                     };
                     if factor > 1 {
                         s.window = s.window.saturating_mul(factor).min(max_window);
-                        tracing::debug!(id, window = s.window, loaded_rtt = ?s.loaded_rtt, ?min_rtt, "stream window grown");
-                        // The next doubling waits for a sample taken with this window.
-                        s.loaded_rtt = None;
+                        tracing::debug!(
+                            id,
+                            window = s.window,
+                            max_rate = s.max_rate,
+                            ?min_rtt,
+                            "stream window grown"
+                        );
                     }
                     s.window_epoch = Some(now);
                     let inc = s.recv_consumed + u64::from(s.window) - s.recv_limit;
@@ -233,43 +237,42 @@ const MIN_TUNE_RTT: Duration = Duration::from_micros(50);
 
 /// How much a stream's receive window should grow at this update: 1 (not), 2 or 4.
 ///
-/// Two conditions, both from what this stream's bytes saw (a receiver cannot see the sender's
-/// queue, and the smoothed PING RTT sits behind our own bulk data):
-/// - the window limits the stream: half of it went out within two loaded round trips of the
-///   previous update, so the reader keeps up and the sender waits for credit (a slow reader gets
-///   no more memory);
-/// - the path is not queueing yet, even with the bigger window. The last loaded round trip is one
-///   RTT plus the time half a window takes through the bottleneck: under 1.5 minimum RTTs the
-///   window is under the bandwidth-delay product and doubling it keeps the queue it can build
-///   under one RTT (every stream's round trip at most twice the idle one); under 1.25, under half
-///   of it, and quadrupling is as safe, which halves the ramp on long paths.
-/// - On sub-millisecond paths (loopback, one data centre) that rule would hold windows at a few
-///   hundred KiB, where every hop's wakeups, not the path, set the pace: a stream reached 55–65 %
-///   of direct mode's bytes/s and every process spent more CPU per byte. So the queue may always
-///   grow to `floor` (1 ms), which nobody notices in an interactive session.
-///
-/// The second condition is what keeps an interactive stream responsive next to a bulk one on the
-/// same carrier: judged by the smoothed RTT alone, the window grew until our own queue filled it,
-/// milliseconds on loopback and seconds behind a 100 Mbit/s link.
+/// - The window must limit the stream: half of it went out within two RTTs of the previous
+///   update, so the reader keeps up and the sender waits for credit (a slow reader gets no more
+///   memory).
+/// - It may grow to twice the stream's bandwidth-delay product, measured as its best recent
+///   delivery rate (bytes in per minimum RTT, see `on_data`) times the *minimum* RTT, plus the
+///   rate times `floor`. At 2 × BDP the link stays full through a lost segment's recovery, and
+///   the queue the window can build in front of other streams stays under one RTT: an
+///   interactive stream on the same carrier keeps about twice its idle round trip. Judged by the
+///   smoothed RTT alone, windows grew until our own queue filled them (330 ms of queue at 50 ms
+///   RTT and 100 Mbit/s; milliseconds on loopback). Judged by how late each update's bytes came
+///   (an earlier version), a lost segment looked like a queue and 1 % loss held windows at a
+///   fraction of the link.
+/// - `floor` (1 ms): on sub-millisecond paths per-hop wakeups, not the path, set the pace, and
+///   windows of a few hundred KiB cost a third of the throughput and more CPU per byte; a
+///   millisecond of queue nobody notices.
 fn growth(
     s: &crate::stream::Stream,
     now: Instant,
     min_rtt: Option<Duration>,
+    srtt: Option<Duration>,
     floor: Duration,
 ) -> u32 {
-    let (Some(min_rtt), Some(loaded), Some(epoch)) = (min_rtt, s.loaded_rtt, s.window_epoch) else {
+    let (Some(min_rtt), Some(epoch)) = (min_rtt, s.window_epoch) else {
         return 1;
     };
     let min_rtt = min_rtt.max(MIN_TUNE_RTT);
-    if now.saturating_duration_since(epoch) >= loaded.max(min_rtt) * 2 {
+    let rtt = srtt.unwrap_or(min_rtt).max(min_rtt);
+    if now.saturating_duration_since(epoch) >= rtt * 2 {
         return 1;
     }
-    // The queue the window may build: half a minimum RTT, but at least `floor`.
-    let budget = (min_rtt / 2).max(floor);
-    let queue = loaded.saturating_sub(min_rtt);
-    if queue * 2 < budget {
+    let horizon = min_rtt * 2 + floor;
+    let cap = u128::from(s.max_rate) * horizon.as_nanos() / 1_000_000_000;
+    let window = u128::from(s.window);
+    if window * 4 <= cap {
         4
-    } else if queue < budget {
+    } else if window * 2 <= cap {
         2
     } else {
         1
