@@ -5,7 +5,7 @@
 # It starts no services: every test starts its own instance in a temp dir and stops it again.
 set -euo pipefail
 
-packages=(stunnel4 socat openssh-server openssh-client postgresql postgresql-contrib procps)
+packages=(stunnel4 socat openssh-server openssh-client postgresql postgresql-contrib procps iproute2)
 
 missing=()
 for p in "${packages[@]}"; do
