@@ -14,7 +14,7 @@ use tracing::Instrument;
 use super::cert::SpkiPin;
 use super::{
     close, code, proof_host, read_target, transport, HeaderError, QuicCert, QuicError, QuicStream,
-    ALPN, AUTH_HELLO, AUTH_TIMEOUT, MAX_UNAUTHENTICATED,
+    ALPN, AUTH_HELLO, AUTH_TIMEOUT, MAX_STREAMS, MAX_UNAUTHENTICATED,
 };
 use crate::auth::{challenge, Token, CHALLENGE_LEN};
 use crate::policy::{DialRefusal, TargetPolicy};
@@ -44,10 +44,15 @@ pub struct QuicAgentConfig {
     pub dial_timeout: Duration,
     /// On stop: how long streams in flight may go on before connections are closed.
     pub grace: Duration,
+    /// Streams one client connection may always have open at once; a client that needs more
+    /// opens another connection. (The agent grants up to 1/7 more, as quinn holds back part
+    /// of the credit of closed streams.)
+    pub max_streams: u32,
 }
 
 impl QuicAgentConfig {
-    /// Defaults: `[::]:port`, loopback-only policy, 10 s dial timeout, 10 s grace.
+    /// Defaults: `[::]:port`, loopback-only policy, 10 s dial timeout, 10 s grace,
+    /// [`MAX_STREAMS`] streams per connection.
     pub fn new(port: u16, cert: QuicCert, token: Token) -> Self {
         Self {
             listen: SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
@@ -56,6 +61,7 @@ impl QuicAgentConfig {
             policy: TargetPolicy::default(),
             dial_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(10),
+            max_streams: MAX_STREAMS,
         }
     }
 }
@@ -84,6 +90,19 @@ impl std::fmt::Debug for QuicAgent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "QuicAgent({}, {})", self.local, self.pin)
     }
+}
+
+/// The stream limit to advertise so that `limit` streams are always available to a client.
+///
+/// quinn returns the credit of closed streams (MAX_STREAMS) only in batches: it announces new
+/// credit once more than 1/8 of the advertised limit has been freed, and holds the rest back
+/// until then — indefinitely on a connection that then stays quiet. With exactly `limit`
+/// advertised, up to `limit / 8` streams (128 of 1024) of closed connections were never given
+/// back, and a client holding many connections found the agent "full" well below its limit.
+/// Advertising `limit + limit / 7 + 1` keeps at least `limit` (in fact `limit + 1`) available
+/// whatever is held back.
+pub(super) fn stream_credit(limit: u32) -> u32 {
+    limit.saturating_add(limit / 7).saturating_add(1)
 }
 
 /// Binds a UDP socket; an IPv6 one accepts IPv4 too, whatever the system default.
@@ -155,7 +174,7 @@ impl QuicAgent {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| QuicError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(transport(true));
+        server.transport_config(transport(stream_credit(config.max_streams)));
         let socket = udp_socket(config.listen)?;
         let endpoint = quinn::Endpoint::new(
             endpoint_config(&config.token),

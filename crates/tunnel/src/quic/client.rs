@@ -1,11 +1,16 @@
 //! The client side: one QUIC connection per agent ([`QuicCarrier`]), connected lazily,
 //! authenticated on its first stream, re-established with backoff when lost, and shared by the
-//! [`QuicConnector`]s of every forward to that agent.
+//! [`QuicConnector`]s of every forward to that agent. When it is at the agent's stream limit,
+//! new streams go to overflow connections (authenticated the same way), which close again once
+//! idle.
 
+use std::future::Future;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -50,10 +55,16 @@ pub struct QuicCarrierConfig {
     pub connect_timeout: Duration,
     /// Local UDP address; `[::]:0` (dual-stack) reaches IPv4 and IPv6 agents.
     pub bind: SocketAddr,
+    /// Connections to the agent at most: when every one is at the agent's stream limit, a new
+    /// stream opens another (an overflow connection); past this many it waits for room.
+    pub max_connections: usize,
+    /// An overflow connection without streams for this long is closed.
+    pub overflow_idle: Duration,
 }
 
 impl QuicCarrierConfig {
-    /// Defaults: no `--edge`, 10 s timeouts, bound to `[::]:0`.
+    /// Defaults: no `--edge`, 10 s timeouts, bound to `[::]:0`, up to 64 connections (64 ×
+    /// 1024 streams), overflow connections closed after 10 s without streams.
     pub fn new(host: impl Into<String>, port: u16, verify: AgentVerify, token: Token) -> Self {
         Self {
             host: host.into(),
@@ -63,6 +74,8 @@ impl QuicCarrierConfig {
             token,
             connect_timeout: Duration::from_secs(10),
             bind: SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
+            max_connections: 64,
+            overflow_idle: Duration::from_secs(10),
         }
     }
 }
@@ -104,29 +117,171 @@ fn build_client_config(verify: &AgentVerify) -> Result<(quinn::ClientConfig, See
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
         .map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport(false));
+    config.transport_config(transport(0));
     Ok((config, seen))
+}
+
+/// One authenticated quinn connection of a carrier.
+pub(super) struct Link {
+    conn: quinn::Connection,
+    /// The agent said it is shutting down: no new streams here.
+    away: AtomicBool,
+    /// Streams open on this connection (each holds a [`Lease`]).
+    streams: AtomicUsize,
+    /// An overflow connection, closed once idle for `idle`.
+    overflow: bool,
+    idle: Duration,
+    /// Bumped every time the last stream ends, so the reaper sees a connection that was busy
+    /// and went idle again while it slept.
+    idle_epoch: AtomicU64,
+    /// A reaper task is watching this connection.
+    reaper: AtomicBool,
+}
+
+impl Link {
+    fn new(conn: quinn::Connection, overflow: bool, idle: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            conn,
+            away: AtomicBool::new(false),
+            streams: AtomicUsize::new(0),
+            overflow,
+            idle,
+            idle_epoch: AtomicU64::new(0),
+            reaper: AtomicBool::new(false),
+        })
+    }
+
+    fn usable(&self) -> bool {
+        self.conn.close_reason().is_none() && !self.away.load(Ordering::Relaxed)
+    }
+
+    /// Opens a stream if the agent's stream credit allows one right now, without waiting:
+    /// `None` when the connection is at its stream limit.
+    fn try_open(
+        self: &Arc<Self>,
+        carrier: &Weak<QuicCarrier>,
+    ) -> Option<Result<Opened, quinn::ConnectionError>> {
+        let mut open = pin!(self.conn.open_bi());
+        match open.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Pending => None,
+            Poll::Ready(Err(e)) => Some(Err(e)),
+            Poll::Ready(Ok((send, recv))) => Some(Ok((self.lease(carrier), send, recv))),
+        }
+    }
+
+    fn lease(self: &Arc<Self>, carrier: &Weak<QuicCarrier>) -> Lease {
+        self.streams.fetch_add(1, Ordering::AcqRel);
+        Lease {
+            link: self.clone(),
+            carrier: carrier.clone(),
+        }
+    }
+}
+
+type Opened = (Lease, quinn::SendStream, quinn::RecvStream);
+
+/// A stream's hold on its connection: counts it as busy, and marks it when the agent says it is
+/// going away. The last lease of an overflow connection starts its idle countdown.
+pub(super) struct Lease {
+    link: Arc<Link>,
+    carrier: Weak<QuicCarrier>,
+}
+
+impl Lease {
+    /// The agent is shutting down: the carrier opens new streams on a new connection.
+    pub(super) fn going_away(&self) {
+        self.link.away.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let link = &self.link;
+        if link.streams.fetch_sub(1, Ordering::AcqRel) != 1 || !link.overflow {
+            return;
+        }
+        link.idle_epoch.fetch_add(1, Ordering::AcqRel);
+        if link.reaper.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(reap(link.clone(), self.carrier.clone()));
+            }
+            Err(_) => link.reaper.store(false, Ordering::Release),
+        }
+    }
+}
+
+/// Closes an overflow connection once it has had no streams for its idle period.
+async fn reap(link: Arc<Link>, carrier: Weak<QuicCarrier>) {
+    loop {
+        let epoch = link.idle_epoch.load(Ordering::Acquire);
+        tokio::time::sleep(link.idle).await;
+        let Some(carrier) = carrier.upgrade() else {
+            return;
+        };
+        {
+            // Openers take overflow streams under this lock, so none can start in between.
+            let mut list = carrier
+                .overflow
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if link.streams.load(Ordering::Acquire) == 0
+                && link.idle_epoch.load(Ordering::Acquire) == epoch
+            {
+                list.retain(|l| !Arc::ptr_eq(l, &link));
+                let left = list.len();
+                drop(list);
+                link.conn.close(
+                    quinn::VarInt::from_u32(close::NORMAL),
+                    b"idle overflow connection",
+                );
+                tracing::debug!(agent = %carrier.describe(), overflow = left, "closed an idle overflow QUIC connection");
+                return;
+            }
+        }
+        if link.streams.load(Ordering::Acquire) > 0 {
+            link.reaper.store(false, Ordering::Release);
+            // A stream that ended between the check and the store left the countdown to us.
+            if link.streams.load(Ordering::Acquire) == 0
+                && !link.reaper.swap(true, Ordering::AcqRel)
+            {
+                continue;
+            }
+            return;
+        }
+        // Busy and idle again while we slept: count from the newer idle start.
+    }
 }
 
 #[derive(Default)]
 struct State {
-    /// The connection and its "agent is going away" flag.
-    conn: Option<(quinn::Connection, Arc<AtomicBool>)>,
+    /// The primary connection.
+    primary: Option<Arc<Link>>,
     failures: u32,
     retry_at: Option<Instant>,
 }
 
-/// One QUIC connection to one agent, shared by every connector to it.
+/// The QUIC connections to one agent, shared by every connector to it: a primary connection,
+/// plus overflow connections while the primary is at the agent's stream limit.
 pub struct QuicCarrier {
     host: String,
     edge: Option<String>,
     port: u16,
     token: Token,
     connect_timeout: Duration,
+    max_connections: usize,
+    overflow_idle: Duration,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     seen_pin: SeenPin,
     state: tokio::sync::Mutex<State>,
+    /// Overflow connections, in the order they were opened.
+    overflow: Mutex<Vec<Arc<Link>>>,
+    /// Held while an overflow connection is being established, so a burst opens one at a time.
+    dialing: tokio::sync::Mutex<()>,
+    me: Weak<QuicCarrier>,
 }
 
 impl std::fmt::Debug for QuicCarrier {
@@ -163,16 +318,21 @@ impl QuicCarrier {
             socket,
             Arc::new(quinn::TokioRuntime),
         )?;
-        Ok(Arc::new(Self {
+        Ok(Arc::new_cyclic(|me| Self {
             host: config.host,
             edge: config.edge,
             port: config.port,
             token: config.token,
             connect_timeout: config.connect_timeout,
+            max_connections: config.max_connections.max(1),
+            overflow_idle: config.overflow_idle,
             endpoint,
             client,
             seen_pin,
             state: tokio::sync::Mutex::default(),
+            overflow: Mutex::default(),
+            dialing: tokio::sync::Mutex::default(),
+            me: me.clone(),
         }))
     }
 
@@ -202,34 +362,58 @@ impl QuicCarrier {
         self.connection().await.map(drop)
     }
 
-    /// Closes the connection (streams still open are cut) and waits briefly for the agent to
-    /// hear of it.
+    /// Closes every connection (streams still open are cut) and waits briefly for the agent
+    /// to hear of it.
     pub async fn close(&self) {
-        if let Some((c, _)) = self.state.lock().await.conn.take() {
-            c.close(quinn::VarInt::from_u32(close::NORMAL), b"client closing");
+        let primary = self.state.lock().await.primary.take();
+        let overflow = std::mem::take(&mut *self.overflow_list());
+        for link in primary.iter().chain(&overflow) {
+            link.conn
+                .close(quinn::VarInt::from_u32(close::NORMAL), b"client closing");
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
-    /// The live, authenticated connection: the current one, or a new one after the backoff
-    /// that previous failures earned. Callers queue here while a reconnect runs.
+    /// The live, authenticated primary connection: the current one, or a new one after the
+    /// backoff that previous failures earned. Callers queue here while a reconnect runs.
     pub async fn connection(&self) -> Result<quinn::Connection, QuicError> {
-        self.live().await.map(|(c, _)| c)
+        self.live().await.map(|l| l.conn.clone())
     }
 
-    async fn live(&self) -> Result<(quinn::Connection, Arc<AtomicBool>), QuicError> {
+    /// Connections open to the agent: the primary (if connected) and the overflow ones.
+    pub async fn connections(&self) -> usize {
+        let primary = self
+            .state
+            .lock()
+            .await
+            .primary
+            .as_ref()
+            .is_some_and(|l| l.conn.close_reason().is_none());
+        let overflow = self
+            .overflow_list()
+            .iter()
+            .filter(|l| l.conn.close_reason().is_none())
+            .count();
+        usize::from(primary) + overflow
+    }
+
+    fn overflow_list(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Link>>> {
+        self.overflow.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn live(&self) -> Result<Arc<Link>, QuicError> {
         let mut st = self.state.lock().await;
-        if let Some((c, away)) = &st.conn {
-            match c.close_reason() {
-                None if !away.load(Ordering::Relaxed) => return Ok((c.clone(), away.clone())),
+        if let Some(link) = &st.primary {
+            match link.conn.close_reason() {
+                None if !link.away.load(Ordering::Relaxed) => return Ok(link.clone()),
                 // Left to its open streams; it closes when the last handle goes.
                 None => {
                     tracing::info!(agent = %self.describe(), "agent is shutting down; new streams go to a new connection");
-                    st.conn = None;
+                    st.primary = None;
                 }
                 Some(why) => {
                     tracing::info!(agent = %self.describe(), reason = %why, "QUIC connection lost; reconnecting");
-                    st.conn = None;
+                    st.primary = None;
                 }
             }
         }
@@ -240,9 +424,9 @@ impl QuicCarrier {
             Ok(c) => {
                 st.failures = 0;
                 st.retry_at = None;
-                let live = (c, Arc::new(AtomicBool::new(false)));
-                st.conn = Some(live.clone());
-                Ok(live)
+                let link = Link::new(c, false, self.overflow_idle);
+                st.primary = Some(link.clone());
+                Ok(link)
             }
             Err(e) => {
                 st.failures = st.failures.saturating_add(1);
@@ -264,15 +448,15 @@ impl QuicCarrier {
     async fn open_with(&self, header: &[u8], shown: Arc<str>) -> Result<QuicStream, QuicError> {
         let mut retried = false;
         loop {
-            let (conn, away) = self.live().await?;
+            let primary = self.live().await?;
             let attempt = async {
-                let (mut send, recv) = conn.open_bi().await?;
+                let (lease, mut send, recv) = self.open_stream(&primary).await?;
                 send.write_all(header).await.map_err(|e| match e {
                     quinn::WriteError::ConnectionLost(c) => c,
                     _ => quinn::ConnectionError::LocallyClosed,
                 })?;
                 Ok::<_, quinn::ConnectionError>(
-                    QuicStream::new(send, recv, "agent", shown.clone()).with_going_away(away),
+                    QuicStream::new(send, recv, "agent", shown.clone()).with_lease(lease),
                 )
             };
             match attempt.await {
@@ -282,6 +466,64 @@ impl QuicCarrier {
                 Err(e) => return Err(self.conn_error(e.to_string())),
             }
         }
+    }
+
+    /// A new stream on the primary if the agent's stream credit allows, else on an overflow
+    /// connection with room, else on a new overflow connection; past `max_connections` (or if
+    /// the agent cannot be reached again) it waits for credit on the primary.
+    async fn open_stream(&self, primary: &Arc<Link>) -> Result<Opened, quinn::ConnectionError> {
+        if let Some(opened) = primary.try_open(&self.me) {
+            return opened;
+        }
+        if let Some(opened) = self.try_overflow() {
+            return Ok(opened);
+        }
+        if self.overflow_list().len() + 1 < self.max_connections {
+            let _dialing = self.dialing.lock().await;
+            // Room may have come back, or a new connection appeared, while we waited.
+            if let Some(opened) = primary.try_open(&self.me) {
+                return opened;
+            }
+            if let Some(opened) = self.try_overflow() {
+                return Ok(opened);
+            }
+            match self.establish().await {
+                Ok(conn) => {
+                    let link = Link::new(conn, true, self.overflow_idle);
+                    let mut list = self.overflow_list();
+                    list.push(link.clone());
+                    tracing::debug!(agent = %self.describe(), connections = list.len() + 1, "primary QUIC connection at the agent's stream limit: opened an overflow connection");
+                    if let Some(Ok(opened)) = link.try_open(&self.me) {
+                        return Ok(opened);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot open an overflow QUIC connection; waiting for stream credit")
+                }
+            }
+        }
+        let (send, recv) = primary.conn.open_bi().await?;
+        Ok((primary.lease(&self.me), send, recv))
+    }
+
+    /// A stream on the first overflow connection with room; dead ones are dropped on the way.
+    fn try_overflow(&self) -> Option<Opened> {
+        let mut list = self.overflow_list();
+        let mut found = None;
+        list.retain(|link| {
+            if found.is_some() || !link.usable() {
+                return link.usable();
+            }
+            match link.try_open(&self.me) {
+                Some(Ok(opened)) => {
+                    found = Some(opened);
+                    true
+                }
+                Some(Err(_)) => false,
+                None => true,
+            }
+        });
+        found
     }
 
     fn conn_error(&self, reason: String) -> QuicError {

@@ -3,7 +3,8 @@
 //! (no head-of-line blocking between forwarded connections, unlike one TCP carrier).
 //!
 //! ```text
-//!  client (QuicCarrier: one quinn connection per agent, shared by its QuicConnectors)
+//!  client (QuicCarrier: one quinn connection per agent, shared by its QuicConnectors, plus
+//!          overflow connections while it is at the agent's stream limit)
 //!    │  UDP, TLS 1.3, ALPN forward-mux/1, cert checked by --ca-file or --agent-pin sha256:…
 //!    ▼
 //!  agent (QuicAgent on [::]:PORT, dual-stack)
@@ -49,6 +50,8 @@ pub const AUTH_HELLO: u8 = 1;
 pub const MAX_TARGET_HOST: usize = 253;
 /// Time a client has to prove it knows the token, from the end of the handshake.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`QuicAgentConfig::max_streams`]: streams one client connection may have open.
+pub const MAX_STREAMS: u32 = 1024;
 /// Connections that may be in the handshake or auth phase at once; more are refused.
 pub const MAX_UNAUTHENTICATED: usize = 64;
 
@@ -178,13 +181,14 @@ pub enum QuicError {
 
 /// Transport settings sized for WAN paths: the windows cover a large bandwidth-delay product,
 /// keepalives keep NAT bindings and detect a dead path, the idle timeout reclaims it.
-fn transport(server: bool) -> Arc<quinn::TransportConfig> {
+/// `max_streams` is what the peer may open: the agent's limit, 0 on the client (the agent opens
+/// no streams).
+fn transport(max_streams: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024))
         .receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024))
         .send_window(64 * 1024 * 1024)
-        // Only the client opens streams; the agent opens none.
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(if server { 1024 } else { 0 }))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_streams))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_secs(10)))
         .max_idle_timeout(Some(
@@ -281,6 +285,16 @@ mod tests {
         assert!(e.contains("at most 253"), "{e}");
         assert!(encode_target("bad host", 1).is_err());
         assert!(encode_target("::1", 1).is_ok());
+    }
+
+    #[test]
+    fn advertised_credit_covers_the_limit_despite_quinn_batching() {
+        for limit in 0..5000u32 {
+            let advertised = agent::stream_credit(limit);
+            // quinn holds back at most advertised / 8 of freed credit.
+            assert!(advertised - advertised / 8 >= limit, "limit {limit}");
+        }
+        assert_eq!(agent::stream_credit(MAX_STREAMS), 1171);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::task::{ready, Context, Poll};
 use quinn::{ReadError, RecvStream, SendStream, StoppedError, VarInt, WriteError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::client::Lease;
 use super::code;
 use crate::relay::Endpoint;
 
@@ -29,9 +30,10 @@ pub struct QuicStream {
     acked: Option<Acked>,
     read_eof: bool,
     aborted: AtomicBool,
-    /// Set when the agent says it is shutting down, so the carrier opens new streams on a
-    /// new connection while this one drains.
-    going_away: Option<Arc<AtomicBool>>,
+    /// The client's hold on its connection: tells the carrier when the agent says it is
+    /// shutting down (new streams go to a new connection while this one drains), and when the
+    /// connection has no streams left.
+    lease: Option<Lease>,
 }
 
 impl std::fmt::Debug for QuicStream {
@@ -56,12 +58,12 @@ impl QuicStream {
             acked: None,
             read_eof: false,
             aborted: AtomicBool::new(false),
-            going_away: None,
+            lease: None,
         }
     }
 
-    pub(super) fn with_going_away(mut self, flag: Arc<AtomicBool>) -> Self {
-        self.going_away = Some(flag);
+    pub(super) fn with_lease(mut self, lease: Lease) -> Self {
+        self.lease = Some(lease);
         self
     }
 
@@ -82,8 +84,8 @@ impl QuicStream {
         let p = self.peer;
         let code = u32::try_from(code.into_inner()).unwrap_or(u32::MAX);
         if code == code::SHUTTING_DOWN {
-            if let Some(flag) = &self.going_away {
-                flag.store(true, Ordering::Relaxed);
+            if let Some(lease) = &self.lease {
+                lease.going_away();
             }
         }
         let msg = match code {

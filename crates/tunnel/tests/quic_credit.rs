@@ -1,0 +1,264 @@
+//! Stream credit over QUIC: every way a forwarded connection can end must give its stream back
+//! to the client (quinn returns MAX_STREAMS credit only once both halves of a stream are closed
+//! on the agent), and a client past the agent's stream limit must still get through. The agent
+//! runs with a limit of 8 so that a leak or a missing overflow shows within a few connections.
+
+use std::future::Future;
+use std::io;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use forward_tunnel::auth::Token;
+use forward_tunnel::quic::{
+    AgentVerify, QuicAgent, QuicAgentConfig, QuicCarrier, QuicCarrierConfig, QuicCert,
+    QuicConnector,
+};
+use forward_tunnel::{serve, Lifecycle, Listener, LocalAddr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "00112233445566778899aabbccddeeff0011223344556677";
+const NAME: &str = "agent.test";
+const LIMIT: u32 = 8;
+
+/// A deadline against hangs only; nothing asserts on speed.
+async fn timed<F: Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no progress for 60 s (stream credit leaked?)"))
+}
+
+fn v6() -> SocketAddr {
+    SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 0)
+}
+
+fn token() -> Token {
+    Token::new(TOKEN, "test").unwrap()
+}
+
+/// An agent allowing `LIMIT` streams per connection; returns its address, pin and stop switch.
+fn agent() -> (SocketAddr, forward_tunnel::quic::SpkiPin, CancellationToken) {
+    let cert = QuicCert::generate(&[NAME.into()]).unwrap();
+    let mut config = QuicAgentConfig::new(0, cert, token());
+    config.listen = v6();
+    config.grace = Duration::ZERO;
+    config.max_streams = LIMIT;
+    let agent = QuicAgent::bind(config).unwrap();
+    let (addr, pin) = (agent.local_addr(), agent.pin());
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move { agent.run(s).await.unwrap() });
+    (addr, pin, stop)
+}
+
+/// A carrier with at most `connections` connections to the agent.
+fn carrier(
+    addr: SocketAddr,
+    pin: forward_tunnel::quic::SpkiPin,
+    connections: usize,
+) -> Arc<QuicCarrier> {
+    let mut c = QuicCarrierConfig::new(NAME, addr.port(), AgentVerify::Pin(pin), token());
+    c.edge = Some(addr.ip().to_string());
+    c.bind = v6();
+    c.max_connections = connections;
+    c.overflow_idle = Duration::from_millis(200);
+    QuicCarrier::new(c).unwrap()
+}
+
+/// Echo backend: every connection gets its bytes back, then FIN after the client's FIN.
+async fn echo() -> u16 {
+    let l = TcpListener::bind(v6()).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A local forward as the binary runs it: listener, accept loop, relay to a QUIC stream.
+async fn forward(carrier: Arc<QuicCarrier>, port: u16) -> SocketAddr {
+    let connector = QuicConnector::new(carrier, "localhost", port).unwrap();
+    let listener = Listener::bind(&LocalAddr::Tcp(v6())).unwrap();
+    let LocalAddr::Tcp(addr) = listener.local_addr().unwrap() else {
+        unreachable!("bound a TCP address")
+    };
+    tokio::spawn(serve(
+        listener,
+        Arc::new(connector),
+        "test".into(),
+        Lifecycle::default(),
+    ));
+    addr
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+fn sha(b: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, b)
+        .as_ref()
+        .to_vec()
+}
+
+/// Sends `data`, half-closes, reads the echo to EOF.
+async fn echo_round(addr: SocketAddr, data: Vec<u8>) -> io::Result<Vec<u8>> {
+    let s = TcpStream::connect(addr).await?;
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await?;
+        w.shutdown().await?;
+        Ok::<_, io::Error>(w)
+    });
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).await?;
+    let _w = writer.await.unwrap()?;
+    Ok(got)
+}
+
+/// Sends two bytes, reads one back, then resets (SO_LINGER 0), as a client that gives up.
+async fn reset_round(addr: SocketAddr) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"hi").await.unwrap();
+    let mut one = [0u8; 1];
+    s.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"h");
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+/// Reads the whole answer, then closes without a half-close: the backend's FIN and ours cross.
+async fn plain_close_round(addr: SocketAddr, seed: u8) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let data = pattern(3000, seed);
+    s.write_all(&data).await.unwrap();
+    let mut got = vec![0u8; data.len()];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(sha(&got), sha(&data));
+    drop(s);
+}
+
+/// `n` connections at once, each with its own bytes; all must come back intact. `at_peak`
+/// runs while all of them are open.
+async fn concurrent<F: Future<Output = ()>>(addr: SocketAddr, n: u8, at_peak: F) {
+    // Every connection holds its stream until all have connected and exchanged a first
+    // byte, so they are open at the same time.
+    let barrier = Arc::new(tokio::sync::Barrier::new(usize::from(n) + 1));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let data = pattern(64 * 1024 + usize::from(i), i);
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(&data[..1]).await.unwrap();
+            let mut first = [0u8; 1];
+            s.read_exact(&mut first).await.unwrap();
+            barrier.wait().await;
+            let got = echo_round_on(s, data[1..].to_vec()).await.unwrap();
+            let mut all = first.to_vec();
+            all.extend_from_slice(&got);
+            assert_eq!(sha(&all), sha(&data), "connection {i}");
+        }));
+    }
+    barrier.wait().await;
+    at_peak.await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn echo_round_on(s: TcpStream, data: Vec<u8>) -> io::Result<Vec<u8>> {
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await?;
+        w.shutdown().await?;
+        Ok::<_, io::Error>(w)
+    });
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).await?;
+    let _w = writer.await.unwrap()?;
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_ended_every_way_give_their_credit_back() {
+    let (addr, pin, stop) = agent();
+    let port = echo().await;
+    // One connection only: a stream that is not given back cannot hide behind an overflow one.
+    let carrier = carrier(addr, pin, 1);
+    let local = forward(carrier.clone(), port).await;
+
+    // Each kind of ending, then a check that all LIMIT streams can be open at once; the check
+    // runs twice, one connection apart, as quinn gives credit back in batches (whether one
+    // stream is held back depends on how many were freed).
+    for kind in ["reset", "clean", "plain close"] {
+        for i in 0..50u8 {
+            let what = format!("{kind} connection {i}");
+            match kind {
+                "reset" => timed(&what, reset_round(local)).await,
+                "clean" => {
+                    let data = pattern(1000 + usize::from(i), i);
+                    let got = timed(&what, echo_round(local, data.clone())).await.unwrap();
+                    assert_eq!(sha(&got), sha(&data), "{what}");
+                }
+                _ => timed(&what, plain_close_round(local, i)).await,
+            }
+        }
+        for check in 0..2 {
+            let what = format!("{LIMIT} concurrent connections after the {kind} ones ({check})");
+            // With any stream above not given back, some of these would wait for credit
+            // that never comes.
+            timed(&what, concurrent(local, LIMIT as u8, async {})).await;
+            timed(&what, reset_round(local)).await;
+        }
+    }
+    assert_eq!(carrier.connections().await, 1);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_stream_limit_new_connections_overflow_and_idle_ones_close() {
+    let (addr, pin, stop) = agent();
+    let port = echo().await;
+    let carrier = carrier(addr, pin, 64);
+    let local = forward(carrier.clone(), port).await;
+    let peak = carrier.clone();
+    timed(
+        "30 concurrent connections over a limit of 8",
+        concurrent(local, 30, async move {
+            let n = peak.connections().await;
+            // 30 open streams need at least three connections of 8 to 10 streams each.
+            assert!(n >= 3, "{n} QUIC connections for 30 streams");
+        }),
+    )
+    .await;
+    // The overflow connections close once idle; the primary stays.
+    timed("idle overflow connections to close", async {
+        while carrier.connections().await > 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(carrier.connections().await, 1);
+    // And they come back when needed.
+    timed(
+        "30 concurrent connections again",
+        concurrent(local, 30, async {}),
+    )
+    .await;
+    stop.cancel();
+}
