@@ -828,4 +828,16 @@ async fn throughput_probe() {
     let c = carrier(&a);
     let q = send(Box::new(c.open("localhost", port).await.unwrap())).await;
     eprintln!("one stream, loopback: raw TCP {raw:.0} MB/s, QUIC {q:.0} MB/s");
+    if std::env::var_os("QUIC_STATS").is_some() {
+        let st = c.connection().await.unwrap().stats();
+        eprintln!(
+            "udp tx {:?} rx {:?} path: mtu {} cwnd {} lost {} congestion events {}",
+            st.udp_tx,
+            st.udp_rx,
+            st.path.current_mtu,
+            st.path.cwnd,
+            st.path.lost_packets,
+            st.path.congestion_events
+        );
+    }
 }

@@ -130,7 +130,7 @@ pub(super) fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, QuicEr
 fn endpoint_config(token: &Token) -> quinn::EndpointConfig {
     let secret = token.prove(b"forward quic stateless reset key", "", 0);
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
-    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    let mut config = super::endpoint_config(quinn::EndpointConfig::new(Arc::new(key)));
     config.cid_generator(|| Box::new(RandomCids));
     config
 }
@@ -180,7 +180,7 @@ impl QuicAgent {
             endpoint_config(&config.token),
             Some(server),
             socket,
-            Arc::new(quinn::TokioRuntime),
+            Arc::new(super::udp::Tokio),
         )?;
         let local = endpoint.local_addr()?;
         Ok(Self {

@@ -313,10 +313,10 @@ impl QuicCarrier {
             other => other?,
         };
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            super::endpoint_config(quinn::EndpointConfig::default()),
             None,
             socket,
-            Arc::new(quinn::TokioRuntime),
+            Arc::new(super::udp::Tokio),
         )?;
         Ok(Arc::new_cyclic(|me| Self {
             host: config.host,

@@ -29,6 +29,7 @@ mod agent;
 mod cert;
 mod client;
 mod stream;
+mod udp;
 
 use std::io;
 use std::net::SocketAddr;
@@ -185,6 +186,13 @@ pub enum QuicError {
 /// no streams).
 fn transport(max_streams: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    // PMTUD probes up to the largest UDP payload: a real path settles near 1452, loopback and
+    // jumbo-frame links get big packets (on loopback, 64 KiB packets cost a fraction of the
+    // per-packet crypto, framing and syscalls of 1452-byte ones). Probes a path cannot carry
+    // are simply lost.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024))
         .receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024))
         .send_window(64 * 1024 * 1024)
@@ -195,6 +203,18 @@ fn transport(max_streams: u32) -> Arc<quinn::TransportConfig> {
             quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("30 s fits a VarInt"),
         ));
     Arc::new(t)
+}
+
+/// Largest UDP payload either side accepts and probes for (the IPv6 maximum).
+const MAX_UDP_PAYLOAD: u16 = 65527;
+
+/// Endpoint settings both sides share: accept UDP payloads up to [`MAX_UDP_PAYLOAD`], so the
+/// peer's PMTUD can find large packets where the path allows them.
+fn endpoint_config(mut config: quinn::EndpointConfig) -> quinn::EndpointConfig {
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .expect("65527 is the largest valid UDP payload");
+    config
 }
 
 /// Encodes a target header: `port u16 | hostlen u8 | host`.
