@@ -85,6 +85,40 @@ async fn echo() -> u16 {
     port
 }
 
+/// Backend that speaks first: a banner, then its FIN, then it reads the client's bytes to EOF.
+async fn banner() -> u16 {
+    let l = TcpListener::bind(v6()).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                s.write_all(BANNER).await?;
+                s.shutdown().await?;
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).await?;
+                Ok::<_, io::Error>(())
+            });
+        }
+    });
+    port
+}
+
+const BANNER: &[u8] = b"hello from the backend";
+
+/// The backend ends its direction first; the client reads it to EOF, then sends and ends its own.
+async fn backend_first_round(addr: SocketAddr) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, BANNER);
+    s.write_all(b"bye").await.unwrap();
+    s.shutdown().await.unwrap();
+    drop(s);
+}
+
 /// A local forward as the binary runs it: listener, accept loop, relay to a QUIC stream.
 async fn forward(carrier: Arc<QuicCarrier>, port: u16) -> SocketAddr {
     let connector = QuicConnector::new(carrier, "localhost", port).unwrap();
@@ -205,7 +239,8 @@ async fn streams_ended_every_way_give_their_credit_back() {
     // Each kind of ending, then a check that all LIMIT streams can be open at once; the check
     // runs twice, one connection apart, as quinn gives credit back in batches (whether one
     // stream is held back depends on how many were freed).
-    for kind in ["reset", "clean", "plain close"] {
+    let banner_local = forward(carrier.clone(), banner().await).await;
+    for kind in ["reset", "clean", "plain close", "backend-first"] {
         for i in 0..50u8 {
             let what = format!("{kind} connection {i}");
             match kind {
@@ -215,7 +250,8 @@ async fn streams_ended_every_way_give_their_credit_back() {
                     let got = timed(&what, echo_round(local, data.clone())).await.unwrap();
                     assert_eq!(sha(&got), sha(&data), "{what}");
                 }
-                _ => timed(&what, plain_close_round(local, i)).await,
+                "plain close" => timed(&what, plain_close_round(local, i)).await,
+                _ => timed(&what, backend_first_round(banner_local)).await,
             }
         }
         for check in 0..2 {
