@@ -13,8 +13,8 @@ use tracing::Instrument;
 
 use super::cert::SpkiPin;
 use super::{
-    close, code, proof_host, read_target, transport, HeaderError, QuicCert, QuicError, QuicStream,
-    ALPN, AUTH_HELLO, AUTH_TIMEOUT, MAX_STREAMS, MAX_UNAUTHENTICATED,
+    close, code, is_loopback, proof_host, read_target, transport, HeaderError, QuicCert, QuicError,
+    QuicStream, ALPN, AUTH_HELLO, AUTH_TIMEOUT, MAX_STREAMS, MAX_UNAUTHENTICATED,
 };
 use crate::auth::{challenge, Token, CHALLENGE_LEN};
 use crate::policy::{DialRefusal, TargetPolicy};
@@ -75,6 +75,8 @@ struct Shared {
     streams: TaskTracker,
     /// Fires when the grace period is over: streams still open are reset.
     cut: CancellationToken,
+    /// The server settings for clients on this host (large packets).
+    loopback_server: Arc<quinn::ServerConfig>,
 }
 
 /// A bound QUIC agent, not yet serving: learn its address and pin, then [`QuicAgent::run`].
@@ -174,7 +176,10 @@ impl QuicAgent {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| QuicError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(transport(stream_credit(config.max_streams)));
+        let credit = stream_credit(config.max_streams);
+        let mut loopback_server = server.clone();
+        loopback_server.transport_config(transport(credit, true));
+        server.transport_config(transport(credit, false));
         let socket = udp_socket(config.listen)?;
         let endpoint = quinn::Endpoint::new(
             endpoint_config(&config.token),
@@ -196,6 +201,7 @@ impl QuicAgent {
                 unauthenticated: AtomicUsize::new(0),
                 streams: TaskTracker::new(),
                 cut: CancellationToken::new(),
+                loopback_server: Arc::new(loopback_server),
             }),
         })
     }
@@ -287,7 +293,12 @@ impl Drop for Pending<'_> {
 
 async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: CancellationToken) {
     let mut pending = Pending::new(&shared.unauthenticated);
-    let connecting = match incoming.accept() {
+    let accepted = if is_loopback(incoming.remote_address().ip()) {
+        incoming.accept_with(shared.loopback_server.clone())
+    } else {
+        incoming.accept()
+    };
+    let connecting = match accepted {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(error = %e, "QUIC connection attempt dropped");

@@ -19,7 +19,8 @@ use tokio::time::Instant;
 use super::agent::udp_socket;
 use super::cert::PinVerifier;
 use super::{
-    close, encode_target, proof_host, transport, QuicError, QuicStream, SpkiPin, ALPN, AUTH_HELLO,
+    close, encode_target, is_loopback, proof_host, transport, QuicError, QuicStream, SpkiPin, ALPN,
+    AUTH_HELLO,
 };
 use crate::auth::{Token, CHALLENGE_LEN};
 use crate::dial::{Connector, DialError};
@@ -117,7 +118,7 @@ fn build_client_config(verify: &AgentVerify) -> Result<(quinn::ClientConfig, See
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
         .map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport(0));
+    config.transport_config(transport(0, false));
     Ok((config, seen))
 }
 
@@ -275,6 +276,8 @@ pub struct QuicCarrier {
     overflow_idle: Duration,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
+    /// The same for an agent on this host (large packets).
+    client_loopback: quinn::ClientConfig,
     seen_pin: SeenPin,
     state: tokio::sync::Mutex<State>,
     /// Overflow connections, in the order they were opened.
@@ -305,6 +308,8 @@ impl QuicCarrier {
     /// Must be called inside a tokio runtime.
     pub fn new(config: QuicCarrierConfig) -> Result<Arc<Self>, QuicError> {
         let (client, seen_pin) = build_client_config(&config.verify)?;
+        let mut client_loopback = client.clone();
+        client_loopback.transport_config(transport(0, true));
         let socket = match udp_socket(config.bind) {
             // A host without IPv6 cannot bind [::]; IPv4 alone still reaches IPv4 agents.
             Err(_) if config.bind == SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0) => {
@@ -328,6 +333,7 @@ impl QuicCarrier {
             overflow_idle: config.overflow_idle,
             endpoint,
             client,
+            client_loopback,
             seen_pin,
             state: tokio::sync::Mutex::default(),
             overflow: Mutex::default(),
@@ -575,7 +581,15 @@ impl QuicCarrier {
         }
         let connecting = self
             .endpoint
-            .connect_with(self.client.clone(), addr, &self.host)
+            .connect_with(
+                if is_loopback(addr.ip()) {
+                    self.client_loopback.clone()
+                } else {
+                    self.client.clone()
+                },
+                addr,
+                &self.host,
+            )
             .map_err(|e| self.conn_error(format!("cannot start a connection to {addr}: {e}")))?;
         let conn = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(Ok(c)) => c,

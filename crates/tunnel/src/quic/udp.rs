@@ -1,8 +1,8 @@
 //! The UDP socket under both QUIC endpoints: quinn's tokio socket, adjusted so that packets
 //! larger than Ethernet's work together with segmentation offload (GSO).
 //!
-//! PMTUD may find packets of up to 64 KiB (loopback, jumbo-frame links), and a bulk stream on
-//! loopback then costs about half the CPU per byte of 1452-byte packets. But quinn 0.11 batches
+//! On loopback PMTUD finds packets of up to 64 KiB (see `transport`), and a bulk stream then
+//! costs well under half the CPU per byte of 1452-byte packets. But quinn 0.11 batches
 //! up to 10 packets into one GSO send whatever their size, and the kernel refuses a send of more
 //! than 64 KiB: the whole batch would be lost, and the losses would make PMTUD give up. Here a
 //! batch that is too large goes out as several sends, each within the limit; and the receive
