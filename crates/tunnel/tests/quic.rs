@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,10 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const TOKEN: &str = "00112233445566778899aabbccddeeff0011223344556677";
+mod quic_support;
+use quic_support::{echo, pattern, sha, v4, v6, NAME, TOKEN};
+
 const OTHER_TOKEN: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa9988";
-/// TLS name the clients use; with a pin it is not checked, but it is bound into the proof.
-const NAME: &str = "agent.test";
 
 /// A deadline against hangs only; nothing asserts on speed.
 async fn timed<F: Future>(f: F) -> F::Output {
@@ -32,14 +32,6 @@ async fn timed<F: Future>(f: F) -> F::Output {
 
 fn token(t: &str) -> Token {
     Token::new(t, "test").unwrap()
-}
-
-fn v6() -> SocketAddr {
-    SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 0)
-}
-
-fn v4() -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)
 }
 
 struct Agent {
@@ -84,36 +76,6 @@ fn carrier_with(agent: &Agent, verify: AgentVerify, tok: &str) -> Arc<QuicCarrie
 
 fn carrier(agent: &Agent) -> Arc<QuicCarrier> {
     carrier_with(agent, AgentVerify::Pin(agent.pin), TOKEN)
-}
-
-/// Echo backend: every connection gets its bytes back, then FIN after the client's FIN.
-async fn echo(bind: SocketAddr) -> u16 {
-    let l = TcpListener::bind(bind).await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
-                    let _ = w.shutdown().await;
-                }
-            });
-        }
-    });
-    port
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
-        .collect()
-}
-
-fn sha(b: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, b)
-        .as_ref()
-        .to_vec()
 }
 
 /// Sends `data` through `stream` and reads until EOF at the same time; returns what came back.

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,8 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-const TOKEN: &str = "00112233445566778899aabbccddeeff0011223344556677";
-const NAME: &str = "agent.test";
+mod quic_support;
+use quic_support::{echo, pattern, sha, v6, NAME, TOKEN};
+
 const LIMIT: u32 = 8;
 
 /// A deadline against hangs only; nothing asserts on speed.
@@ -28,10 +29,6 @@ async fn timed<F: Future>(what: &str, f: F) -> F::Output {
     tokio::time::timeout(Duration::from_secs(60), f)
         .await
         .unwrap_or_else(|_| panic!("{what}: no progress for 60 s (stream credit leaked?)"))
-}
-
-fn v6() -> SocketAddr {
-    SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 0)
 }
 
 fn token() -> Token {
@@ -65,24 +62,6 @@ fn carrier(
     c.max_connections = connections;
     c.overflow_idle = Duration::from_millis(200);
     QuicCarrier::new(c).unwrap()
-}
-
-/// Echo backend: every connection gets its bytes back, then FIN after the client's FIN.
-async fn echo() -> u16 {
-    let l = TcpListener::bind(v6()).await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
-                    let _ = w.shutdown().await;
-                }
-            });
-        }
-    });
-    port
 }
 
 /// Backend that speaks first: a banner, then its FIN, then it reads the client's bytes to EOF.
@@ -133,18 +112,6 @@ async fn forward(carrier: Arc<QuicCarrier>, port: u16) -> SocketAddr {
         Lifecycle::default(),
     ));
     addr
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
-        .collect()
-}
-
-fn sha(b: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, b)
-        .as_ref()
-        .to_vec()
 }
 
 /// Sends `data`, half-closes, reads the echo to EOF.
@@ -231,7 +198,7 @@ async fn echo_round_on(s: TcpStream, data: Vec<u8>) -> io::Result<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_ended_every_way_give_their_credit_back() {
     let (addr, pin, stop) = agent();
-    let port = echo().await;
+    let port = echo(v6()).await;
     // One connection only: a stream that is not given back cannot hide behind an overflow one.
     let carrier = carrier(addr, pin, 1);
     let local = forward(carrier.clone(), port).await;
@@ -269,7 +236,7 @@ async fn streams_ended_every_way_give_their_credit_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_stream_limit_new_connections_overflow_and_idle_ones_close() {
     let (addr, pin, stop) = agent();
-    let port = echo().await;
+    let port = echo(v6()).await;
     let carrier = carrier(addr, pin, 64);
     let local = forward(carrier.clone(), port).await;
     let peak = carrier.clone();
