@@ -98,6 +98,27 @@ impl Stream {
         }
     }
 
+    /// Counts the delivery rate in bins of at least `bin`, keeping the best recent one in
+    /// `max_rate` (decaying by 1/8 per bin). Call before adding a frame to `recv_received`. A
+    /// window-limited sender sends each credit as a burst, which crosses the bottleneck at the
+    /// bottleneck's rate: bins shorter than an RTT see that rate, where bins of a whole RTT
+    /// would see only window / RTT and never let the window past half the path's
+    /// bandwidth-delay product.
+    pub fn sample_rate(&mut self, now: Instant, bin: std::time::Duration) {
+        match self.rate_bin {
+            None => self.rate_bin = Some((now, self.recv_received)),
+            Some((start, base)) => {
+                let elapsed = now.saturating_duration_since(start);
+                if elapsed >= bin {
+                    let bytes = u128::from(self.recv_received - base);
+                    let rate = (bytes * 1_000_000_000 / elapsed.as_nanos().max(1)) as u64;
+                    self.max_rate = rate.max(self.max_rate - self.max_rate / 8);
+                    self.rate_bin = Some((now, self.recv_received));
+                }
+            }
+        }
+    }
+
     /// Bytes `write` may accept now: bounded by peer credit and by our own send buffer.
     pub fn send_capacity(&self, send_buffer: usize) -> usize {
         let credit = self.send_limit.saturating_sub(self.send_accepted);

@@ -249,33 +249,18 @@ impl Session {
             return;
         };
         if self.config.auto_tune {
-            // Delivery rate in bins of an eighth of the minimum RTT (at least 1 ms). A
-            // window-limited sender sends each credit as a burst, which crosses the bottleneck
-            // at the bottleneck's rate: short bins see that rate, where bins of a whole RTT would
-            // see only window / RTT and never let the window past half the path's
-            // bandwidth-delay product. The best recent bin sizes the window (`growth`).
+            // Bins of an eighth of the minimum RTT (at least 1 ms): see `Stream::sample_rate`.
             let bin = (self.min_rtt.unwrap_or(RATE_BIN_MIN) / 8).max(RATE_BIN_MIN);
-            match s.rate_bin {
-                None => s.rate_bin = Some((self.now, s.recv_received)),
-                Some((start, base)) => {
-                    let elapsed = self.now.saturating_duration_since(start);
-                    if elapsed >= bin {
-                        let bytes = u128::from(s.recv_received - base);
-                        let rate = (bytes * 1_000_000_000 / elapsed.as_nanos().max(1)) as u64;
-                        s.max_rate = rate.max(s.max_rate - s.max_rate / 8);
-                        s.rate_bin = Some((self.now, s.recv_received));
-                    }
-                }
-            }
+            s.sample_rate(self.now, bin);
         }
         s.recv_received += len as u64;
         if let Some((limit, sent)) = s.rtt_mark {
             if s.recv_received >= limit {
                 // Every byte of a grant arrived: at least one round trip since the update left.
                 // Only the minimum is used; queues and lost segments make samples longer.
-                let sample = self.now.saturating_duration_since(sent);
                 s.rtt_mark = None;
-                self.min_rtt = Some(self.min_rtt.map_or(sample, |m| m.min(sample)));
+                let sample = self.now.saturating_duration_since(sent);
+                fold_min(&mut self.min_rtt, sample);
             }
         }
         if len > 0 {
@@ -380,7 +365,7 @@ impl Session {
                         Some(rtt) => (rtt * 7 + sample) / 8,
                     });
                     let first = self.min_rtt.is_none();
-                    self.min_rtt = Some(self.min_rtt.map_or(sample, |m| m.min(sample)));
+                    fold_min(&mut self.min_rtt, sample);
                     if first && self.closed.is_none() {
                         // The first ping rides with AUTH / AUTH_OK and includes the peer's
                         // authentication work; a second one, at once, measures the bare path.
@@ -434,3 +419,8 @@ impl Session {
 
 /// Shortest delivery-rate bin: below it, scheduling noise would dominate the rate.
 const RATE_BIN_MIN: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Folds an RTT sample into the minimum that window auto-tuning sizes windows by.
+fn fold_min(min: &mut Option<std::time::Duration>, sample: std::time::Duration) {
+    *min = Some(min.map_or(sample, |m| m.min(sample)));
+}

@@ -182,11 +182,6 @@ impl Session {
         self.rtt
     }
 
-    /// Smallest round-trip time sampled so far: the path without queues, which sizes the windows.
-    pub fn min_rtt(&self) -> Option<Duration> {
-        self.min_rtt
-    }
-
     /// Number of live streams.
     pub fn stream_count(&self) -> usize {
         self.streams.len()

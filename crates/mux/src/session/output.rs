@@ -241,7 +241,7 @@ const MIN_TUNE_RTT: Duration = Duration::from_micros(50);
 ///   update, so the reader keeps up and the sender waits for credit (a slow reader gets no more
 ///   memory).
 /// - It may grow to twice the stream's bandwidth-delay product, measured as its best recent
-///   delivery rate (bytes in per minimum RTT, see `on_data`) times the *minimum* RTT, plus the
+///   delivery rate (`Stream::sample_rate`, bins of 1/8 minimum RTT) times the *minimum* RTT, plus the
 ///   rate times `floor`. At 2 × BDP the link stays full through a lost segment's recovery, and
 ///   the queue the window can build in front of other streams stays under one RTT: an
 ///   interactive stream on the same carrier keeps about twice its idle round trip. Judged by the
