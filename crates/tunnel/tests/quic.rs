@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 mod quic_support;
-use quic_support::{echo, pattern, sha, v4, v6, NAME, TOKEN};
+use quic_support::{echo, pattern, round_trip, sha, v4, v6, NAME, TOKEN};
 
 const OTHER_TOKEN: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa9988";
 
@@ -76,24 +76,6 @@ fn carrier_with(agent: &Agent, verify: AgentVerify, tok: &str) -> Arc<QuicCarrie
 
 fn carrier(agent: &Agent) -> Arc<QuicCarrier> {
     carrier_with(agent, AgentVerify::Pin(agent.pin), TOKEN)
-}
-
-/// Sends `data` through `stream` and reads until EOF at the same time; returns what came back.
-async fn round_trip<S>(stream: S, data: Vec<u8>) -> io::Result<Vec<u8>>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
-{
-    let (mut r, mut w) = tokio::io::split(stream);
-    let writer = tokio::spawn(async move {
-        w.write_all(&data).await?;
-        w.shutdown().await?;
-        Ok::<_, io::Error>(w)
-    });
-    let mut got = Vec::new();
-    r.read_to_end(&mut got).await?;
-    // Keep the write half alive until the read side is done: dropping it early would reset.
-    let _w = writer.await.unwrap()?;
-    Ok(got)
 }
 
 #[tokio::test]

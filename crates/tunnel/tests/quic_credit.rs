@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 mod quic_support;
-use quic_support::{echo, pattern, sha, v6, NAME, TOKEN};
+use quic_support::{echo, pattern, round_trip, sha, v6, NAME, TOKEN};
 
 const LIMIT: u32 = 8;
 
@@ -116,17 +116,7 @@ async fn forward(carrier: Arc<QuicCarrier>, port: u16) -> SocketAddr {
 
 /// Sends `data`, half-closes, reads the echo to EOF.
 async fn echo_round(addr: SocketAddr, data: Vec<u8>) -> io::Result<Vec<u8>> {
-    let s = TcpStream::connect(addr).await?;
-    let (mut r, mut w) = s.into_split();
-    let writer = tokio::spawn(async move {
-        w.write_all(&data).await?;
-        w.shutdown().await?;
-        Ok::<_, io::Error>(w)
-    });
-    let mut got = Vec::new();
-    r.read_to_end(&mut got).await?;
-    let _w = writer.await.unwrap()?;
-    Ok(got)
+    round_trip(TcpStream::connect(addr).await?, data).await
 }
 
 /// Sends two bytes, reads one back, then resets (SO_LINGER 0), as a client that gives up.
@@ -169,7 +159,7 @@ async fn concurrent<F: Future<Output = ()>>(addr: SocketAddr, n: u8, at_peak: F)
             let mut first = [0u8; 1];
             s.read_exact(&mut first).await.unwrap();
             barrier.wait().await;
-            let got = echo_round_on(s, data[1..].to_vec()).await.unwrap();
+            let got = round_trip(s, data[1..].to_vec()).await.unwrap();
             let mut all = first.to_vec();
             all.extend_from_slice(&got);
             assert_eq!(sha(&all), sha(&data), "connection {i}");
@@ -180,19 +170,6 @@ async fn concurrent<F: Future<Output = ()>>(addr: SocketAddr, n: u8, at_peak: F)
     for t in tasks {
         t.await.unwrap();
     }
-}
-
-async fn echo_round_on(s: TcpStream, data: Vec<u8>) -> io::Result<Vec<u8>> {
-    let (mut r, mut w) = s.into_split();
-    let writer = tokio::spawn(async move {
-        w.write_all(&data).await?;
-        w.shutdown().await?;
-        Ok::<_, io::Error>(w)
-    });
-    let mut got = Vec::new();
-    r.read_to_end(&mut got).await?;
-    let _w = writer.await.unwrap()?;
-    Ok(got)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,9 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tokio::io::AsyncWriteExt;
+use std::io;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 pub const TOKEN: &str = "00112233445566778899aabbccddeeff0011223344556677";
@@ -47,4 +49,22 @@ pub fn sha(b: &[u8]) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, b)
         .as_ref()
         .to_vec()
+}
+
+/// Sends `data` through `stream` and reads until EOF at the same time; returns what came back.
+pub async fn round_trip<S>(stream: S, data: Vec<u8>) -> io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut r, mut w) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await?;
+        w.shutdown().await?;
+        Ok::<_, io::Error>(w)
+    });
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).await?;
+    // Keep the write half alive until the read side is done: dropping it early would reset.
+    let _w = writer.await.unwrap()?;
+    Ok(got)
 }
