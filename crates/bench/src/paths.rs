@@ -207,6 +207,26 @@ fn relay_listen(upstream: SocketAddr, same_port: bool) -> SocketAddr {
     SocketAddr::new(IpAddr::from([127, 0, 0, 2]), port)
 }
 
+/// `forward agent` arguments for an agent path listening on `listen`.
+fn agent_args(env: &Env, listen: SocketAddr, kind: PathKind) -> Vec<String> {
+    let mut args = vec![
+        "agent".to_string(),
+        "--listen".into(),
+        listen.to_string(),
+        "--token-file".into(),
+        env.token_file.display().to_string(),
+    ];
+    if kind == PathKind::Quic {
+        // A scratch state dir keeps the generated certificate out of ~/.forward.
+        args.extend([
+            "--quic".into(),
+            "--state-dir".into(),
+            env.tmp.join("agent-state").display().to_string(),
+        ]);
+    }
+    args
+}
+
 /// Starts `kind` (with a WAN relay on its middle hop if `wan` is set).
 pub async fn start(
     kind: PathKind,
@@ -251,21 +271,7 @@ pub async fn start(
         PathKind::AgentTls | PathKind::AgentTcp | PathKind::Quic => {
             let a = process::free_port()?;
             let agent_addr = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a));
-            let mut agent_args = vec![
-                "agent".to_string(),
-                "--listen".into(),
-                agent_addr.to_string(),
-                "--token-file".into(),
-                env.token_file.display().to_string(),
-            ];
-            if kind == PathKind::Quic {
-                // A scratch state dir keeps the generated certificate out of ~/.forward.
-                agent_args.extend([
-                    "--quic".into(),
-                    "--state-dir".into(),
-                    env.tmp.join("agent-state").display().to_string(),
-                ]);
-            }
+            let agent_args = agent_args(env, agent_addr, kind);
             let (mut agent, lines) = Proc::spawn(
                 "forward agent",
                 Side::Server,
@@ -439,20 +445,7 @@ pub async fn start_in_lab(
         }
         PathKind::AgentTls | PathKind::AgentTcp | PathKind::Quic => {
             let a = LAB_AGENT_PORT;
-            let mut agent_args = vec![
-                "agent".to_string(),
-                "--listen".into(),
-                SocketAddr::from((lab.vm_ip, a)).to_string(),
-                "--token-file".into(),
-                env.token_file.display().to_string(),
-            ];
-            if kind == PathKind::Quic {
-                agent_args.extend([
-                    "--quic".into(),
-                    "--state-dir".into(),
-                    env.tmp.join("agent-state").display().to_string(),
-                ]);
-            }
+            let agent_args = agent_args(env, SocketAddr::from((lab.vm_ip, a)), kind);
             let (bin, agent_args) = lab.wrap(&forward_bin(env)?, &agent_args);
             let (mut agent, lines) = Proc::spawn(
                 "forward agent",
