@@ -7,8 +7,9 @@
 //!      ──► TargetPolicy::dial (loopback by default) ──► accept(id) + relay | reset(id, code)
 //! ```
 //!
-//! Unauthenticated connections are capped and must finish the HTTP head and AUTH within the
-//! auth deadline; a failure on one carrier never touches the others.
+//! Unauthenticated connections are capped (a newcomer over the cap evicts the oldest, see
+//! `admission`) and must finish the HTTP head and AUTH within the auth deadline; a failure on
+//! one carrier never touches the others.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
@@ -17,11 +18,11 @@ use std::time::{Duration, Instant};
 use forward_mux::{ResetCode, Session, StreamId, Target};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::admission::{Admission, Slot};
 use crate::auth::{self, Token};
 use crate::carrier::Carrier;
 use crate::dial::tune_tcp;
@@ -46,7 +47,8 @@ pub struct AgentConfig {
     pub dial_timeout: Duration,
     /// Deadline for the HTTP head plus AUTH.
     pub auth_timeout: Duration,
-    /// Connections allowed to be unauthenticated at once.
+    /// Connections allowed to be unauthenticated at once; a newcomer over the cap closes the
+    /// oldest of them.
     pub max_unauthenticated: usize,
 }
 
@@ -131,7 +133,7 @@ impl Agent {
     /// Serves until `stop`, then sends GOAWAY on every carrier, waits up to `drain` for their
     /// streams to finish, and closes them.
     pub async fn run(self, stop: CancellationToken, drain: Duration) {
-        let unauthenticated = Arc::new(Semaphore::new(self.config.max_unauthenticated));
+        let admission = Admission::new(self.config.max_unauthenticated);
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -144,14 +146,11 @@ impl Agent {
                     }
                 },
             };
-            let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "too many unauthenticated connections; refusing");
-                // A TLS client would read a plaintext 503 as a corrupt handshake: just close.
-                if self.config.tls.is_none() {
-                    tokio::spawn(refuse_busy(tcp));
-                }
-                continue;
-            };
+            let (slot, evicted) = admission.admit();
+            if evicted {
+                // Debug, not warn: a flood would otherwise write a line per connection.
+                tracing::debug!(%peer, "unauthenticated cap reached: closing the oldest waiting connection");
+            }
             let config = self.config.clone();
             let carriers = self.carriers.clone();
             // One deadline from accept to AUTH, TLS handshake included.
@@ -164,17 +163,24 @@ impl Agent {
                     match config.tls.clone() {
                         Some(tls) => {
                             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-                            match tokio::time::timeout(config.auth_timeout, acceptor.accept(tcp))
-                                .await
-                            {
+                            let handshake =
+                                tokio::time::timeout(config.auth_timeout, acceptor.accept(tcp));
+                            let done = tokio::select! {
+                                _ = slot.evicted() => {
+                                    tracing::info!("evicted by newer connections before finishing TLS");
+                                    return;
+                                }
+                                done = handshake => done,
+                            };
+                            match done {
                                 Ok(Ok(s)) => {
-                                    serve_conn(s, peer, accepted, config, carriers, permit).await
+                                    serve_conn(s, peer, accepted, config, carriers, slot).await
                                 }
                                 Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake failed"),
                                 Err(_) => tracing::info!("TLS handshake timed out"),
                             }
                         }
-                        None => serve_conn(tcp, peer, accepted, config, carriers, permit).await,
+                        None => serve_conn(tcp, peer, accepted, config, carriers, slot).await,
                     }
                 }
                 .instrument(tracing::info_span!("conn", %peer)),
@@ -215,13 +221,6 @@ impl Agent {
     }
 }
 
-async fn refuse_busy(mut tcp: TcpStream) {
-    let _ = tcp
-        .write_all(upgrade::simple("503 Service Unavailable", "busy\n").as_bytes())
-        .await;
-    let _ = tcp.shutdown().await;
-}
-
 async fn respond<S: AsyncWrite + Unpin>(s: &mut S, status: &str, body: &str) {
     if s.write_all(upgrade::simple(status, body).as_bytes())
         .await
@@ -237,12 +236,20 @@ async fn serve_conn<S>(
     started: Instant,
     config: Arc<AgentConfig>,
     carriers: Arc<Mutex<Vec<Weak<Carrier>>>>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    slot: Slot,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let left = config.auth_timeout.saturating_sub(started.elapsed());
-    let (head, leftover) = match tokio::time::timeout(left, upgrade::read_head(&mut s)).await {
+    let read = tokio::time::timeout(left, upgrade::read_head(&mut s));
+    let read = tokio::select! {
+        _ = slot.evicted() => {
+            tracing::info!("evicted by newer connections before sending a request");
+            return;
+        }
+        read = read => read,
+    };
+    let (head, leftover) = match read {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::info!(error = %e, "not a valid HTTP request; closing");
@@ -290,16 +297,29 @@ async fn serve_conn<S>(
     let session = Session::server(mux, Instant::now());
     let (carrier, opened) = Carrier::start(s, session, leftover, peer.to_string());
     let Some(mut opened) = opened else { return };
-    let proof = match carrier.wait_auth_request().await {
-        Ok(p) => p,
-        Err(reason) => {
+    let proof = tokio::select! {
+        _ = slot.evicted() => None,
+        proof = carrier.wait_auth_request() => Some(proof),
+    };
+    let proof = match proof {
+        Some(Ok(p)) => p,
+        Some(Err(reason)) => {
             tracing::info!(%reason, "carrier closed before authenticating");
             return;
         }
+        None => {
+            tracing::info!("evicted by newer connections before authenticating");
+            carrier.close("evicted: too many unauthenticated connections");
+            return;
+        }
     };
+    if !slot.settle() {
+        tracing::info!("evicted by newer connections while authenticating");
+        carrier.close("evicted: too many unauthenticated connections");
+        return;
+    }
     let ok = config.token.verify(&challenge, &host, port, &proof);
     carrier.decide_auth(ok);
-    drop(permit);
     if !ok {
         // One uniform reply on the wire; the detail stays in our log.
         tracing::warn!(%host, port, "authentication failed (wrong token, or a replayed proof)");

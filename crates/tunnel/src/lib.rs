@@ -11,6 +11,7 @@
 //! (sans-IO), command-line parsing and user-facing output in the `forward` binary, the local
 //! edge imitation in `forward-edge`.
 
+mod admission;
 pub mod agent;
 pub mod agent_client;
 pub mod auth;

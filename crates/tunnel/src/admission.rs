@@ -1,0 +1,145 @@
+//! Admission of connections that have not authenticated yet.
+//!
+//! Every agent port is public, so anyone can open connections and say nothing. A hard cap that
+//! refuses newcomers would let 64 silent sockets, reopened every auth deadline, lock the real
+//! user out for good. Here a newcomer over the cap evicts the *oldest* unauthenticated
+//! connection instead: a real client authenticates within a round trip or two of connecting,
+//! so to keep it out a flood must open `cap` connections per round trip, not 64 per deadline.
+//!
+//! ```text
+//! accept ──admit()──▶ Slot ──(authenticated)──▶ settle() ─▶ leaves the queue
+//!             │                  ▲
+//!             └─ queue full: oldest Slot's `evicted()` fires, its connection closes
+//! ```
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+/// The queue of unauthenticated connections, oldest first.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    cap: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_id: u64,
+    queue: VecDeque<(u64, CancellationToken)>,
+}
+
+/// One unauthenticated connection's place in the queue; leaves it when dropped or settled.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    id: u64,
+    evicted: CancellationToken,
+    admission: Arc<Admission>,
+}
+
+impl Admission {
+    pub(crate) fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cap: cap.max(1),
+            inner: Mutex::default(),
+        })
+    }
+
+    /// Takes a place for a new connection, evicting the oldest one when the queue is full.
+    /// Returns whether someone was evicted.
+    pub(crate) fn admit(self: &Arc<Self>) -> (Slot, bool) {
+        let mut inner = self.lock();
+        let mut evicted = false;
+        while inner.queue.len() >= self.cap {
+            if let Some((_, token)) = inner.queue.pop_front() {
+                token.cancel();
+                evicted = true;
+            }
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let token = CancellationToken::new();
+        inner.queue.push_back((id, token.clone()));
+        let slot = Slot {
+            id,
+            evicted: token,
+            admission: self.clone(),
+        };
+        (slot, evicted)
+    }
+
+    /// Connections waiting to authenticate now.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remove(&self, id: u64) -> bool {
+        let mut inner = self.lock();
+        match inner.queue.iter().position(|(i, _)| *i == id) {
+            Some(at) => {
+                inner.queue.remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Slot {
+    /// Resolves when a newer connection took this one's place.
+    pub(crate) async fn evicted(&self) {
+        self.evicted.cancelled().await
+    }
+
+    /// Leaves the queue for good because the connection authenticated. `false` when it was
+    /// evicted first: eviction and authentication can race, and the eviction already counted.
+    pub(crate) fn settle(self) -> bool {
+        // Drop runs `remove` again and finds nothing: harmless.
+        self.admission.remove(self.id)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.admission.remove(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newcomer_over_the_cap_evicts_the_oldest() {
+        let a = Admission::new(2);
+        let (first, e1) = a.admit();
+        let (second, e2) = a.admit();
+        assert!(!e1 && !e2);
+        let (third, e3) = a.admit();
+        assert!(e3, "the third connection must make room");
+        assert!(first.evicted.is_cancelled());
+        assert!(!second.evicted.is_cancelled() && !third.evicted.is_cancelled());
+        assert_eq!(a.waiting(), 2);
+        assert!(!first.settle(), "an evicted connection cannot authenticate");
+        assert!(second.settle());
+        assert_eq!(a.waiting(), 1);
+        drop(third);
+        assert_eq!(a.waiting(), 0);
+    }
+
+    #[test]
+    fn finished_connections_free_their_place_without_evicting() {
+        let a = Admission::new(1);
+        let (first, _) = a.admit();
+        drop(first);
+        let (second, evicted) = a.admit();
+        assert!(!evicted);
+        assert!(!second.evicted.is_cancelled());
+    }
+}
