@@ -16,6 +16,7 @@ per_transport!(server_closes_first_client_still_uploads);
 // The mux carries FIN in-band, so agent mode keeps half-close even through an edge that drops it
 // (like nginx's stream proxy without proxy_half_close).
 per_transport!(half_close_through_edge_that_drops_it: agent_tls);
+per_transport!(client_half_closes_then_resets);
 
 fn client_half_closes_server_answers_later(t: Transport) {
     client_half_close_case(t, &[]);
@@ -28,6 +29,60 @@ fn server_closes_first_client_still_uploads(t: Transport) {
 fn half_close_through_edge_that_drops_it(t: Transport) {
     client_half_close_case(t, &["--no-half-close"]);
     server_close_first_case(t, &["--no-half-close"]);
+}
+
+/// The client sends a request, shuts its write side, then gives up with a reset while the
+/// service is still silent: the service must learn that its client is gone (a reset), not wait
+/// forever on a connection nobody will read.
+fn client_half_closes_then_resets(t: Transport) {
+    let backend = Backend::start(|mut sock, tx| {
+        let (n, h) = drain(&mut sock).expect("service: read request to EOF");
+        let _ = tx.send(Report {
+            received: n,
+            hash: h,
+            note: "request".into(),
+        });
+        // After a FIN, Linux reads return 0 even once an RST came, and a probing write would
+        // itself give the tunnel something to fail on: watch the socket's error instead.
+        let deadline = std::time::Instant::now() + crate::harness::TIMEOUT / 2;
+        let note = loop {
+            match sock.take_error() {
+                Ok(Some(e)) | Err(e) => break format!("{:?}", e.kind()),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(20))
+                }
+                Ok(None) => break "still open: the reset never arrived".to_string(),
+            }
+        };
+        let _ = tx.send(Report {
+            received: 0,
+            hash: [0; 32],
+            note,
+        });
+    });
+    let stack = Stack::start(t, &[backend.port]);
+    let fwd = stack.forward_to(backend.port);
+
+    let mut conn = fwd.local().connect();
+    let sent = Payload::new(rand::random(), 64 * 1024 + 3)
+        .send(&mut conn)
+        .unwrap();
+    conn.shutdown_write().unwrap();
+    let r = backend.next_report();
+    assert_eq!(hex(&r.hash), hex(&sent), "request bytes at the service");
+    let crate::net::Conn::Tcp(tcp) = conn else {
+        unreachable!("forward_to listens on TCP")
+    };
+    socket2::SockRef::from(&tcp)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(tcp);
+    let r = backend.next_report();
+    assert!(
+        r.note == "ConnectionReset" || r.note == "BrokenPipe",
+        "service after the client's reset: {}",
+        r.note
+    );
 }
 
 /// The client sends a request and shuts its write side; the service reads to EOF, waits 2 s (so a

@@ -289,6 +289,10 @@ impl<T: Endpoint> Endpoint for Side<T> {
     fn abort(&self) {
         self.inner.abort();
     }
+
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.inner.poll_reset(cx)
+    }
 }
 
 #[cfg(test)]

@@ -698,6 +698,22 @@ impl Endpoint for MuxStream {
     fn abort(&self) {
         self.carrier.reset(self.id, ResetCode::Cancel);
     }
+
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let mut g = self.carrier.lock();
+        if let Some(code) = g.slots.get(&self.id).and_then(|s| s.reset) {
+            return Poll::Ready(reset_error(code));
+        }
+        if let Some(d) = &g.dead {
+            return Poll::Ready(dead_error(d));
+        }
+        // The read side has ended, so its waker slot is free; a reset or the carrier's death
+        // wakes it.
+        if let Some(s) = g.slots.get_mut(&self.id) {
+            s.read = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
 }
 
 impl Drop for MuxStream {

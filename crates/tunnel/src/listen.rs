@@ -186,6 +186,14 @@ impl Endpoint for LocalStream {
             s.abort();
         }
     }
+
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        match self {
+            LocalStream::Tcp(s) => s.poll_reset(cx),
+            // A Unix stream has no reset: its peer's close is an EOF or EPIPE on our writes.
+            LocalStream::Unix(_) => Poll::Pending,
+        }
+    }
 }
 
 impl AsyncRead for LocalStream {

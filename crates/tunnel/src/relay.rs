@@ -8,6 +8,7 @@
 //!   A.write ◄─│ buf (16 KiB → 256 KiB)   │◄── B.read
 //!             └──────────────────────────┘
 //!        any error on either side ─► A.abort() + B.abort() (RST) ─► Err(RelayError)
+//!        a side that half-closed and then resets (Endpoint::poll_reset) counts as an error
 //! ```
 //!
 //! Both halves are polled from one future on the caller's task, as in linkerd2-proxy's `duplex`.
@@ -42,12 +43,52 @@ const PROBE_BUF: usize = 2 * 1024;
 pub trait Endpoint: AsyncRead + AsyncWrite + Unpin + Send {
     /// Make the coming close abortive. The default does nothing (pipes, stdio, in-memory streams).
     fn abort(&self) {}
+
+    /// Ready with an error once the peer reset the connection. The relay polls it only after
+    /// this endpoint's read side ended: a peer that half-closes and then resets would
+    /// otherwise go unnoticed for as long as the other side stays silent, and that side would
+    /// wait forever for a client that is gone. The default never fires (pipes, stdio).
+    fn poll_reset(&mut self, _cx: &mut Context<'_>) -> Poll<io::Error> {
+        Poll::Pending
+    }
 }
 
 impl Endpoint for tokio::net::TcpStream {
     fn abort(&self) {
         if let Err(e) = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO)) {
             tracing::debug!(error = %e, "could not set SO_LINGER 0 for an abortive close");
+        }
+    }
+
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        poll_tcp_reset(self, cx)
+    }
+}
+
+/// A TCP socket whose read side saw EOF stays readable, so readiness alone cannot tell a reset:
+/// check the socket's pending error, and clear the stale readiness so the next wakeup is a new
+/// event (mio's epoll is edge-triggered; an RST is such an event).
+fn poll_tcp_reset(s: &tokio::net::TcpStream, cx: &mut Context<'_>) -> Poll<io::Error> {
+    loop {
+        match s.take_error() {
+            // After a FIN the kernel files an RST as EPIPE: say what happened instead.
+            Ok(Some(e)) => {
+                return Poll::Ready(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    format!("connection reset by the peer after its half-close ({e})"),
+                ))
+            }
+            Err(e) => return Poll::Ready(e),
+            Ok(None) => {}
+        }
+        match s.poll_read_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(e),
+            Poll::Ready(Ok(())) => {
+                let _ = s.try_io(tokio::io::Interest::READABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+            }
         }
     }
 }
@@ -61,11 +102,17 @@ impl<T: Endpoint> Endpoint for tokio_rustls::client::TlsStream<T> {
     fn abort(&self) {
         self.get_ref().0.abort();
     }
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.get_mut().0.poll_reset(cx)
+    }
 }
 
 impl<T: Endpoint> Endpoint for tokio_rustls::server::TlsStream<T> {
     fn abort(&self) {
         self.get_ref().0.abort();
+    }
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.get_mut().0.poll_reset(cx)
     }
 }
 
@@ -73,17 +120,26 @@ impl<T: Endpoint> Endpoint for tokio_rustls::TlsStream<T> {
     fn abort(&self) {
         self.get_ref().0.abort();
     }
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.get_mut().0.poll_reset(cx)
+    }
 }
 
 impl<T: Endpoint + ?Sized> Endpoint for Box<T> {
     fn abort(&self) {
         (**self).abort();
     }
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        (**self).poll_reset(cx)
+    }
 }
 
 impl<T: Endpoint + ?Sized> Endpoint for &mut T {
     fn abort(&self) {
         (**self).abort();
+    }
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        (**self).poll_reset(cx)
     }
 }
 
@@ -346,6 +402,18 @@ pub async fn relay<A: Endpoint, B: Endpoint>(mut a: A, mut b: B) -> Result<Relay
             };
             if let Poll::Ready(Err(e)) = outcome {
                 return Poll::Ready(Err(e));
+            }
+        }
+        // A side that half-closed can still reset; nothing else would notice while the other
+        // side is silent.
+        if a_to_b.read_eof && !b_to_a.done {
+            if let Poll::Ready(e) = a.poll_reset(cx) {
+                return Poll::Ready(Err((Direction::BToA, Op::Write, e)));
+            }
+        }
+        if b_to_a.read_eof && !a_to_b.done {
+            if let Poll::Ready(e) = b.poll_reset(cx) {
+                return Poll::Ready(Err((Direction::AToB, Op::Write, e)));
             }
         }
         if a_to_b.done && b_to_a.done {
@@ -681,6 +749,44 @@ mod tests {
         assert!(
             text.starts_with("edge -> local: reading from edge failed: "),
             "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reset_after_half_close_reaches_a_silent_other_side() {
+        let (mut peer_a, mut peer_b, relay) = relayed().await;
+        peer_a.write_all(b"request").await.unwrap();
+        peer_a.shutdown().await.unwrap();
+        let (got, end) = timed(read_all(&mut peer_b)).await;
+        end.unwrap();
+        assert_eq!(got, b"request");
+        // b never answers; a gives up abortively.
+        peer_a.abort();
+        drop(peer_a);
+        let err = timed(relay).await.unwrap().unwrap_err();
+        assert_eq!(err.direction(), Direction::BToA);
+        assert_eq!(err.io_error().kind(), io::ErrorKind::ConnectionReset);
+        assert!(err.to_string().contains("after its half-close"), "{err}");
+        // b learns it too: its next read or write fails instead of waiting for an answer's reader.
+        let mut one = [0u8; 1];
+        let seen = timed(async {
+            loop {
+                match peer_b.write(b"late answer").await {
+                    Err(e) => return e,
+                    Ok(_) => match peer_b.read(&mut one).await {
+                        Err(e) => return e,
+                        Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    },
+                }
+            }
+        })
+        .await;
+        assert!(
+            matches!(
+                seen.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            "{seen}"
         );
     }
 

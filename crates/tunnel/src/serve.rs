@@ -157,6 +157,10 @@ impl Endpoint for Killable {
     fn abort(&self) {
         self.inner.abort();
     }
+
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.inner.poll_reset(cx)
+    }
 }
 
 impl AsyncRead for Killable {

@@ -28,6 +28,8 @@ pub struct QuicStream {
     target: Arc<str>,
     finished: bool,
     acked: Option<Acked>,
+    /// Watches for the peer's STOP_SENDING once our read side ended (see `poll_reset`).
+    peer_stop: Option<Acked>,
     read_eof: bool,
     aborted: AtomicBool,
     /// The client's hold on its connection: tells the carrier when the agent says it is
@@ -56,6 +58,7 @@ impl QuicStream {
             target,
             finished: false,
             acked: None,
+            peer_stop: None,
             read_eof: false,
             aborted: AtomicBool::new(false),
             lease: None,
@@ -200,6 +203,27 @@ impl AsyncWrite for QuicStream {
 impl Endpoint for QuicStream {
     fn abort(&self) {
         self.aborted.store(true, Ordering::Relaxed);
+    }
+
+    /// A peer that aborts stops our sending half (STOP_SENDING), which is how a reset after
+    /// its FIN reaches us.
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        if self.finished {
+            return Poll::Pending;
+        }
+        let watch = self
+            .peer_stop
+            .get_or_insert_with(|| Box::pin(self.send.stopped()));
+        match ready!(watch.as_mut().poll(cx)) {
+            Ok(Some(c)) => Poll::Ready(self.code_error(c)),
+            Err(StoppedError::ConnectionLost(e)) => Poll::Ready(self.lost_error(&e)),
+            Err(e) => Poll::Ready(io::Error::other(e)),
+            Ok(None) => {
+                // Everything acknowledged: nothing left to reset. Never poll the spent future.
+                self.peer_stop = Some(Box::pin(std::future::pending()));
+                Poll::Pending
+            }
+        }
     }
 }
 
