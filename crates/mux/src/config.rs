@@ -34,7 +34,7 @@ pub struct Config {
     pub budget_interval: Duration,
     /// Send a PING after this long without receiving anything (15 s).
     pub keepalive_interval: Duration,
-    /// While streams are open, send a PING this often to keep the minimum RTT that window
+    /// While stream data arrives, send a PING this often to keep the minimum RTT that window
     /// auto-tuning compares against current (1 s; well inside the peer's `ping_budget`).
     pub rtt_probe_interval: Duration,
     /// Auto-tuning lets a stream window reach `delivery rate × (2 × minimum RTT + this)`: the

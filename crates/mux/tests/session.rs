@@ -324,6 +324,38 @@ fn keepalive_pings_keep_an_idle_carrier_alive() {
     assert_eq!(p.client.received[&id], b"still here");
 }
 
+/// Pings the client sent (not acks), from its recorded wire.
+fn client_pings(p: &Pair) -> usize {
+    decode_all(&p.client_wire)
+        .unwrap()
+        .iter()
+        .filter(|f| matches!(f, Frame::Ping { ack: false, .. }))
+        .count()
+}
+
+#[test]
+fn rtt_probes_run_while_data_flows_and_stop_when_streams_idle() {
+    let mut p = Pair::new(Config::default());
+    p.record_client_wire = true;
+    p.auth(GOOD_TOKEN);
+    let id = p.open(80);
+    // The server echoes: ten seconds of a chunk every 100 ms keeps data arriving at the client.
+    for i in 0..100 {
+        p.client.send(id, &pattern(i, 1000), false);
+        p.run_until(Duration::from_millis(100), |_| false);
+    }
+    let busy = client_pings(&p);
+    assert!(
+        (8..=13).contains(&busy),
+        "about one probe a second while data flows, got {busy} in 10 s"
+    );
+    // Idle but open for 60 s: only the 15 s keepalive may ping (at most 4 of them).
+    p.run_until(60 * SECOND, |_| false);
+    let idle = client_pings(&p) - busy;
+    assert!(idle <= 4, "{idle} pings in 60 s on an idle stream");
+    assert!(p.client.session.rtt().is_some());
+}
+
 #[test]
 fn unauthenticated_server_times_out_after_10_seconds() {
     let mut p = Pair::new(Config::default());

@@ -97,6 +97,8 @@ pub struct Session {
     created: Instant,
     last_recv: Instant,
     last_ping: Instant,
+    /// `conn_received` when the last PING was queued: RTT probes only while data arrives.
+    received_at_ping: u64,
     /// Outstanding ping: opaque value and when it left (None until transmitted).
     ping_out: Option<(u64, Option<Instant>)>,
     ping_counter: u64,
@@ -138,6 +140,7 @@ impl Session {
             created: now,
             last_recv: now,
             last_ping: now,
+            received_at_ping: 0,
             ping_out: None,
             ping_counter: 0,
             rtt: None,

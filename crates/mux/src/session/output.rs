@@ -165,6 +165,7 @@ impl Session {
         self.ping_out = Some((self.ping_counter, None));
         self.ping_mark = Some(self.ctrl.len());
         self.last_ping = self.now;
+        self.received_at_ping = self.conn_received;
     }
 
     fn keepalive_enabled(&self) -> bool {
@@ -225,10 +226,13 @@ impl Session {
     }
 
     /// Window auto-tuning judges queueing against the minimum RTT. The first samples come while
-    /// both ends are busy starting up, so while streams are open, a PING now and then finds a quiet
-    /// moment of the path and brings the minimum down to it.
+    /// both ends are busy starting up, so while data arrives, a PING now and then finds a quiet
+    /// moment of the path and brings the minimum down to it. Streams that sit idle (an ssh
+    /// session nobody types in) need no tuning, so they cost no probes: only the keepalive.
     fn wants_rtt_probe(&self) -> bool {
-        self.config.auto_tune && !self.streams.is_empty()
+        self.config.auto_tune
+            && !self.streams.is_empty()
+            && self.conn_received > self.received_at_ping
     }
 }
 
