@@ -58,8 +58,13 @@ pub(crate) struct Stream {
     /// A window update is out: the limit it grants, and when it was sent. The last granted byte
     /// cannot arrive before one round trip has passed: a free RTT sample from bulk streams.
     pub rtt_mark: Option<(u64, Instant)>,
-    /// Start of the current delivery-rate bin: when, and `recv_received` then.
+    /// Start of the current delivery-rate bin: when, and `recv_received` after the bytes of
+    /// that first instant.
     pub rate_bin: Option<(Instant, u64)>,
+    /// When the previous DATA frame arrived: a pause breaks the rate bin.
+    pub last_arrival: Option<Instant>,
+    /// The latest completed `rtt_mark` sample, until a window update judges it.
+    pub grant_rtt: Option<std::time::Duration>,
     /// Best recent delivery rate in bytes per second (decays by 1/8 per bin).
     pub max_rate: u64,
     pub recv: RecvState,
@@ -90,6 +95,8 @@ impl Stream {
             window_epoch: None,
             rtt_mark: None,
             rate_bin: None,
+            last_arrival: None,
+            grant_rtt: None,
             max_rate: 0,
             recv: RecvState::Open,
             readable_signalled: false,
@@ -99,23 +106,35 @@ impl Stream {
     }
 
     /// Counts the delivery rate in bins of at least `bin`, keeping the best recent one in
-    /// `max_rate` (decaying by 1/8 per bin). Call before adding a frame to `recv_received`. A
-    /// window-limited sender sends each credit as a burst, which crosses the bottleneck at the
-    /// bottleneck's rate: bins shorter than an RTT see that rate, where bins of a whole RTT
-    /// would see only window / RTT and never let the window past half the path's
-    /// bandwidth-delay product.
-    pub fn sample_rate(&mut self, now: Instant, bin: std::time::Duration) {
+    /// `max_rate` (decaying by 1/8 per bin). Call with a DATA frame of `len` bytes before adding
+    /// it to `recv_received`. A window-limited sender sends each credit as a burst, which crosses
+    /// the bottleneck at the bottleneck's rate: bins shorter than an RTT see that rate, where bins
+    /// of a whole RTT would see only window / RTT.
+    ///
+    /// Bytes that arrive *together* carry no rate: a proxy that buffers and forwards a whole
+    /// burst at once, or a lost segment's recovery releasing a backlog, would read as a rate far
+    /// above the path's (windows ran to 4-8 MiB at 1 % loss), and a bin spanning the pause after
+    /// a burst reads as far below it (windows stuck at 256 KiB behind a buffering proxy). So a
+    /// bin starts *after* its first instant's bytes, and a pause longer than `bin` discards it.
+    pub fn sample_rate(&mut self, now: Instant, bin: std::time::Duration, len: usize) {
+        let len = len as u64;
+        let gap = self.last_arrival.map(|t| now.saturating_duration_since(t));
+        self.last_arrival = Some(now);
+        let after = self.recv_received + len;
+        let paused = gap.is_some_and(|g| g > bin);
         match self.rate_bin {
-            None => self.rate_bin = Some((now, self.recv_received)),
-            Some((start, base)) => {
+            Some((start, base)) if !paused => {
                 let elapsed = now.saturating_duration_since(start);
-                if elapsed >= bin {
-                    let bytes = u128::from(self.recv_received - base);
-                    let rate = (bytes * 1_000_000_000 / elapsed.as_nanos().max(1)) as u64;
+                if elapsed.is_zero() {
+                    self.rate_bin = Some((start, after));
+                } else if elapsed >= bin {
+                    let bytes = u128::from(after - base);
+                    let rate = (bytes * 1_000_000_000 / elapsed.as_nanos()) as u64;
                     self.max_rate = rate.max(self.max_rate - self.max_rate / 8);
-                    self.rate_bin = Some((now, self.recv_received));
+                    self.rate_bin = Some((now, after));
                 }
             }
+            _ => self.rate_bin = Some((now, after)),
         }
     }
 
@@ -177,5 +196,58 @@ impl Stream {
                 self.recv_chunks = VecDeque::new();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const BIN: Duration = Duration::from_micros(12_500);
+    const RTT: Duration = Duration::from_millis(110);
+    /// 12.5 MB/s (100 Mbit/s) in 16 KiB frames: one every 1.31 ms.
+    const FRAME: usize = 16 * 1024;
+    const GAP: Duration = Duration::from_nanos(1_310_720);
+
+    fn arrive(s: &mut Stream, at: Instant, len: usize) {
+        s.sample_rate(at, BIN, len);
+        s.recv_received += len as u64;
+    }
+
+    #[test]
+    fn a_steady_flow_with_late_reads_shows_its_rate() {
+        // Every 7th read comes 4 ms late and brings the backlog at once, as a busy reader does.
+        let mut s = Stream::new(1 << 20, true);
+        let t0 = Instant::now();
+        let mut backlog = 0;
+        for i in 0..2000u32 {
+            let due = t0 + GAP * i;
+            if i % 7 < 3 {
+                backlog += FRAME;
+                continue;
+            }
+            arrive(&mut s, due, backlog + FRAME);
+            backlog = 0;
+        }
+        let rate = s.max_rate as f64 / 12.5e6;
+        assert!(
+            (0.9..1.2).contains(&rate),
+            "rate {:.2} x the true one",
+            rate
+        );
+    }
+
+    #[test]
+    fn bursts_that_arrive_in_one_piece_show_no_rate() {
+        // A window-limited stream behind a buffering proxy: 256 KiB at once, once per round trip.
+        let mut s = Stream::new(1 << 20, true);
+        let t0 = Instant::now();
+        for k in 0..20u32 {
+            for _ in 0..16 {
+                arrive(&mut s, t0 + RTT * k, FRAME);
+            }
+        }
+        assert_eq!(s.max_rate, 0, "a burst in one instant has no rate");
     }
 }

@@ -191,6 +191,38 @@ fn window_auto_tunes_on_a_long_fat_link() {
 }
 
 #[test]
+fn window_auto_tunes_behind_a_link_that_delivers_bursts_at_once() {
+    // 100 ms RTT, 12.5 MB/s (100 Mbit/s) through a 1 MiB token bucket, like a buffering proxy
+    // in front of the client: each window-limited burst arrives in one piece, so no burst shows
+    // the link's rate. A window that grew only on measured rate stayed at 256 KiB (2.6 MB/s).
+    let mut p = Pair::with(
+        Config::default(),
+        Config::default(),
+        Duration::from_millis(50),
+    );
+    p.set_bucket(12_500_000, 1 << 20);
+    p.server.echo = false;
+    p.auth(GOOD_TOKEN);
+    let id = p.open(5201);
+    p.client.send(id, &pattern(7, 32 << 20), false);
+    assert!(p.run_until(120 * SECOND, |p| p
+        .server
+        .received
+        .get(&id)
+        .is_some_and(|r| r.len() == 32 << 20)));
+    assert_eq!(p.server.received[&id], pattern(7, 32 << 20));
+    let window = p.server.session.stream_window(id).unwrap();
+    // BDP is 1.25 MB; past 2 x BDP plus the bucket the window would only queue.
+    assert!(
+        (1 << 20..=4 << 20).contains(&window),
+        "window ended at {window} bytes, want 1-4 MiB"
+    );
+    // 32 MiB at 12.5 MB/s is 2.7 s; at 256 KiB per round trip it would be 12.8 s.
+    let took = p.elapsed();
+    assert!(took < Duration::from_secs(5), "32 MiB took {took:?}");
+}
+
+#[test]
 fn window_stops_growing_at_the_path_bandwidth_delay_product() {
     // 20 ms RTT at 100 MiB/s: the bandwidth-delay product is 2 MiB. The link queues without
     // limit, like a deep router or socket buffer, so a window past ~2 x BDP only adds delay for

@@ -251,7 +251,7 @@ impl Session {
         if self.config.auto_tune {
             // Bins of an eighth of the minimum RTT (at least 1 ms): see `Stream::sample_rate`.
             let bin = (self.min_rtt.unwrap_or(RATE_BIN_MIN) / 8).max(RATE_BIN_MIN);
-            s.sample_rate(self.now, bin);
+            s.sample_rate(self.now, bin, len);
         }
         s.recv_received += len as u64;
         if let Some((limit, sent)) = s.rtt_mark {
@@ -260,6 +260,7 @@ impl Session {
                 // Only the minimum is used; queues and lost segments make samples longer.
                 s.rtt_mark = None;
                 let sample = self.now.saturating_duration_since(sent);
+                s.grant_rtt = Some(sample);
                 fold_min(&mut self.min_rtt, sample);
             }
         }

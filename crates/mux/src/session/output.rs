@@ -122,7 +122,8 @@ impl Session {
                 let unsent = s.recv_consumed + u64::from(s.window) - s.recv_limit;
                 if unsent >= u64::from(s.window / 2) {
                     let factor = if auto_tune && s.window < max_window {
-                        growth(s, now, min_rtt, srtt, queue_floor)
+                        let quiet = quiet_path(s.grant_rtt.take(), min_rtt);
+                        growth(s, now, min_rtt, srtt, queue_floor, quiet)
                     } else {
                         1
                     };
@@ -247,12 +248,14 @@ const MIN_TUNE_RTT: Duration = Duration::from_micros(50);
 /// - It may grow to twice the stream's bandwidth-delay product, measured as its best recent
 ///   delivery rate (`Stream::sample_rate`, bins of 1/8 minimum RTT) times the *minimum* RTT, plus the
 ///   rate times `floor`. At 2 × BDP the link stays full through a lost segment's recovery, and
-///   the queue the window can build in front of other streams stays under one RTT: an
-///   interactive stream on the same carrier keeps about twice its idle round trip. Judged by the
+///   the queue the window can build in front of other streams stays under one RTT. Judged by the
 ///   smoothed RTT alone, windows grew until our own queue filled them (330 ms of queue at 50 ms
 ///   RTT and 100 Mbit/s; milliseconds on loopback). Judged by how late each update's bytes came
 ///   (an earlier version), a lost segment looked like a queue and 1 % loss held windows at a
 ///   fraction of the link.
+/// - Or double when `quiet` (see `quiet_path`): the last grant came back within 1¼ minimum RTTs,
+///   so the window builds no queue, although no burst showed the rate (bursts that arrive in one
+///   piece, behind a buffering proxy).
 /// - `floor` (1 ms): on sub-millisecond paths per-hop wakeups, not the path, set the pace, and
 ///   windows of a few hundred KiB cost a third of the throughput and more CPU per byte; a
 ///   millisecond of queue nobody notices.
@@ -262,6 +265,7 @@ fn growth(
     min_rtt: Option<Duration>,
     srtt: Option<Duration>,
     floor: Duration,
+    quiet: bool,
 ) -> u32 {
     let (Some(min_rtt), Some(epoch)) = (min_rtt, s.window_epoch) else {
         return 1;
@@ -276,9 +280,21 @@ fn growth(
     let window = u128::from(s.window);
     if window * 4 <= cap {
         4
-    } else if window * 2 <= cap {
+    } else if window * 2 <= cap || quiet {
         2
     } else {
         1
     }
+}
+
+/// Whether the last grant's bytes all came back within 1¼ minimum RTTs: the window builds no
+/// queue, so it may double even when no burst showed the path's rate (bursts that arrive in
+/// one piece, see `Stream::sample_rate`). On lossy paths recovery makes such samples long, and
+/// the rate rule decides alone.
+fn quiet_path(grant_rtt: Option<Duration>, min_rtt: Option<Duration>) -> bool {
+    let (Some(sample), Some(min)) = (grant_rtt, min_rtt) else {
+        return false;
+    };
+    let min = min.max(MIN_TUNE_RTT);
+    sample <= min + min / 4
 }

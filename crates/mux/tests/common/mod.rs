@@ -111,6 +111,9 @@ struct Link {
     queue: VecDeque<(Instant, Vec<u8>)>,
     /// Bytes per second; None = infinite.
     rate: Option<u64>,
+    /// Token-bucket depth as time at `rate`: bytes within it leave at once instead of being
+    /// serialised (a buffering proxy or a shaper with a deep bucket). Zero = a plain serialising link.
+    burst: Duration,
     busy_until: Option<Instant>,
 }
 
@@ -118,10 +121,17 @@ impl Link {
     fn push(&mut self, now: Instant, latency: Duration, bytes: Vec<u8>) {
         let mut t = now;
         if let Some(rate) = self.rate {
-            let start = self.busy_until.map_or(now, |b| b.max(now));
             let serialize = Duration::from_nanos(bytes.len() as u64 * 1_000_000_000 / rate);
-            self.busy_until = Some(start + serialize);
-            t = start + serialize;
+            if self.burst.is_zero() {
+                let start = self.busy_until.map_or(now, |b| b.max(now));
+                self.busy_until = Some(start + serialize);
+                t = start + serialize;
+            } else {
+                // GCRA: leave once the debt beyond the bucket is paid off.
+                let debt = self.busy_until.map_or(now, |b| b.max(now));
+                t = debt.checked_sub(self.burst).map_or(now, |x| x.max(now));
+                self.busy_until = Some(debt + serialize);
+            }
         }
         self.queue.push_back((t + latency, bytes));
     }
@@ -167,11 +177,13 @@ impl Pair {
             to_server: Link {
                 queue: VecDeque::new(),
                 rate: None,
+                burst: Duration::ZERO,
                 busy_until: None,
             },
             to_client: Link {
                 queue: VecDeque::new(),
                 rate: None,
+                burst: Duration::ZERO,
                 busy_until: None,
             },
             cut: false,
@@ -186,6 +198,15 @@ impl Pair {
     pub fn set_rate(&mut self, bytes_per_sec: u64) {
         self.to_server.rate = Some(bytes_per_sec);
         self.to_client.rate = Some(bytes_per_sec);
+    }
+
+    /// Like `set_rate`, through a token bucket `depth` bytes deep: bursts up to it arrive
+    /// all at once, so no burst shows the link's rate.
+    pub fn set_bucket(&mut self, bytes_per_sec: u64, depth: u64) {
+        self.set_rate(bytes_per_sec);
+        let burst = Duration::from_nanos(depth * 1_000_000_000 / bytes_per_sec);
+        self.to_server.burst = burst;
+        self.to_client.burst = burst;
     }
 
     /// Client authenticates with `token` (the server accepts only [`GOOD_TOKEN`]).
