@@ -72,8 +72,8 @@ fn write_takes_only_the_credit_and_writable_follows_the_window_update() {
     assert_eq!(c.write(id, &[9u8; 5000]).unwrap(), 500);
 }
 
-#[test]
-fn credit_returns_only_when_bytes_are_read_and_at_half_the_window() {
+/// A server session with stream 1 open (window 1000) and `sent` bytes of it received.
+fn window_of_1000_with(sent: usize) -> (Session, Instant) {
     let now = Instant::now();
     let config = Config {
         stream_window: 1000,
@@ -90,19 +90,27 @@ fn credit_returns_only_when_bytes_are_read_and_at_half_the_window() {
     let data = Frame::Data {
         id: 1,
         fin: false,
-        payload: vec![5u8; 1000].into(),
+        payload: vec![5u8; sent].into(),
     };
     s.handle_input(now, &wire(&[open, data])).unwrap();
     s.accept(1).unwrap();
-    let updates = |frames: Vec<Frame>| -> Vec<u32> {
-        frames
-            .into_iter()
-            .filter_map(|f| match f {
-                Frame::WindowUpdate { id: 1, increment } => Some(increment),
-                _ => None,
-            })
-            .collect()
-    };
+    (s, now)
+}
+
+fn updates(frames: Vec<Frame>) -> Vec<u32> {
+    frames
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::WindowUpdate { id: 1, increment } => Some(increment),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn credit_returns_only_when_bytes_are_read_and_at_half_the_window() {
+    // The sender still has credit (600 of 1000 sent): updates wait for half a window.
+    let (mut s, now) = window_of_1000_with(600);
     assert!(
         updates(drain(&mut s, now)).is_empty(),
         "no credit on receipt"
@@ -113,10 +121,30 @@ fn credit_returns_only_when_bytes_are_read_and_at_half_the_window() {
         updates(drain(&mut s, now)).is_empty(),
         "less than half the window consumed"
     );
-    assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(400));
-    assert_eq!(updates(drain(&mut s, now)), [800]);
     assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(200));
+    assert_eq!(updates(drain(&mut s, now)), [600]);
     assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Blocked);
+}
+
+#[test]
+fn credit_returns_at_once_to_a_sender_that_used_all_of_it() {
+    // The whole window arrived: the sender waits for credit, so the first read returns some,
+    // and the rest follows at half a window as usual.
+    let (mut s, now) = window_of_1000_with(1000);
+    assert!(
+        updates(drain(&mut s, now)).is_empty(),
+        "no credit on receipt"
+    );
+    let mut buf = [0u8; 400];
+    assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(400));
+    assert_eq!(updates(drain(&mut s, now)), [400]);
+    assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(400));
+    assert!(
+        updates(drain(&mut s, now)).is_empty(),
+        "the sender has credit again: back to half-window updates"
+    );
+    assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(200));
+    assert_eq!(updates(drain(&mut s, now)), [600]);
 }
 
 #[test]

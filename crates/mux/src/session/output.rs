@@ -120,7 +120,12 @@ impl Session {
         if let Some(s) = self.streams.get_mut(&id) {
             if s.recv == RecvState::Open {
                 let unsent = s.recv_consumed + u64::from(s.window) - s.recv_limit;
-                if unsent >= u64::from(s.window / 2) {
+                // Half a window, as in h2; or whatever is consumed once the sender has used all
+                // its credit: it sits idle until this update comes. With half-window updates alone,
+                // a window that arrives as one burst per round trip returned its remainder a trip
+                // late, and only half of it moved per round trip.
+                let sender_blocked = s.recv_received == s.recv_limit && unsent > 0;
+                if unsent >= u64::from(s.window / 2) || sender_blocked {
                     let factor = if auto_tune && s.window < max_window {
                         let quiet = quiet_path(s.grant_rtt.take(), min_rtt);
                         growth(s, now, min_rtt, srtt, queue_floor, quiet)
@@ -253,9 +258,10 @@ const MIN_TUNE_RTT: Duration = Duration::from_micros(50);
 ///   RTT and 100 Mbit/s; milliseconds on loopback). Judged by how late each update's bytes came
 ///   (an earlier version), a lost segment looked like a queue and 1 % loss held windows at a
 ///   fraction of the link.
-/// - Or double when `quiet` (see `quiet_path`): the last grant came back within 1¼ minimum RTTs,
-///   so the window builds no queue, although no burst showed the rate (bursts that arrive in one
-///   piece, behind a buffering proxy).
+/// - Or, while no bin has shown a rate at all (every burst arrived in one piece, behind a
+///   buffering proxy), double when `quiet` (see `quiet_path`): the last grant came back within
+///   1¼ minimum RTTs, so the window builds no queue. Once there is a rate, it alone decides: the
+///   delay rule let windows run to 8 MiB (600 ms of queue at 50 ms) when grants were small.
 /// - `floor` (1 ms): on sub-millisecond paths per-hop wakeups, not the path, set the pace, and
 ///   windows of a few hundred KiB cost a third of the throughput and more CPU per byte; a
 ///   millisecond of queue nobody notices.
@@ -280,7 +286,7 @@ fn growth(
     let window = u128::from(s.window);
     if window * 4 <= cap {
         4
-    } else if window * 2 <= cap || quiet {
+    } else if window * 2 <= cap || (quiet && s.max_rate == 0) {
         2
     } else {
         1
