@@ -20,7 +20,7 @@
 //! Left to callers: socket options (TCP_NODELAY, keepalive), timeouts, logging with context.
 
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -32,6 +32,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const INITIAL_BUF: usize = 16 * 1024;
 /// Largest buffer: a TLS read yields at most ~16 KiB per record, a bulk transfer wants big writes.
 const MAX_BUF: usize = 256 * 1024;
+/// First and longest wait between checks for a reset of a half-closed TCP side.
+const RESET_WATCH_FIRST: Duration = Duration::from_millis(100);
+const RESET_WATCH_MAX: Duration = Duration::from_secs(10);
 /// Read into this stack buffer until the first byte arrives, so a connection that never sends
 /// costs no heap buffer.
 const PROBE_BUF: usize = 2 * 1024;
@@ -47,7 +50,9 @@ pub trait Endpoint: AsyncRead + AsyncWrite + Unpin + Send {
     /// Ready with an error once the peer reset the connection. The relay polls it only after
     /// this endpoint's read side ended: a peer that half-closes and then resets would
     /// otherwise go unnoticed for as long as the other side stays silent, and that side would
-    /// wait forever for a client that is gone. The default never fires (pipes, stdio).
+    /// wait forever for a client that is gone. An implementation registers `cx`'s waker if it
+    /// can be told of the reset (mux, QUIC); one that cannot (TCP) is polled again on a timer
+    /// with backoff (0.1 s doubling to 10 s). The default never fires (pipes, stdio).
     fn poll_reset(&mut self, _cx: &mut Context<'_>) -> Poll<io::Error> {
         Poll::Pending
     }
@@ -60,36 +65,24 @@ impl Endpoint for tokio::net::TcpStream {
         }
     }
 
-    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        poll_tcp_reset(self, cx)
+    fn poll_reset(&mut self, _cx: &mut Context<'_>) -> Poll<io::Error> {
+        poll_tcp_reset(self)
     }
 }
 
-/// A TCP socket whose read side saw EOF stays readable, so readiness alone cannot tell a reset:
-/// check the socket's pending error, and clear the stale readiness so the next wakeup is a new
-/// event (mio's epoll is edge-triggered; an RST is such an event).
-fn poll_tcp_reset(s: &tokio::net::TcpStream, cx: &mut Context<'_>) -> Poll<io::Error> {
-    loop {
-        match s.take_error() {
-            // After a FIN the kernel files an RST as EPIPE: say what happened instead.
-            Ok(Some(e)) => {
-                return Poll::Ready(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    format!("connection reset by the peer after its half-close ({e})"),
-                ))
-            }
-            Err(e) => return Poll::Ready(e),
-            Ok(None) => {}
-        }
-        match s.poll_read_ready(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(e),
-            Poll::Ready(Ok(())) => {
-                let _ = s.try_io(tokio::io::Interest::READABLE, || {
-                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                });
-            }
-        }
+/// A TCP socket whose read side saw EOF stays readable for good (tokio never clears the
+/// read-closed readiness), so no readiness says "reset": an earlier version that waited on it
+/// spun a core for as long as a connection stayed half-closed. The socket's pending error is
+/// checked instead, on the relay's reset-watch timer (see [`relay`]).
+fn poll_tcp_reset(s: &tokio::net::TcpStream) -> Poll<io::Error> {
+    match s.take_error() {
+        // After a FIN the kernel files an RST as EPIPE: say what happened instead.
+        Ok(Some(e)) => Poll::Ready(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("connection reset by the peer after its half-close ({e})"),
+        )),
+        Err(e) => Poll::Ready(e),
+        Ok(None) => Poll::Pending,
     }
 }
 
@@ -388,6 +381,8 @@ pub async fn relay<A: Endpoint, B: Endpoint>(mut a: A, mut b: B) -> Result<Relay
     // Alternate which half goes first: under tokio's cooperative budget the half polled first
     // could otherwise use up every poll while both directions are saturated.
     let mut a_first = false;
+    // Re-polls `poll_reset` of a half-closed side while the other direction still runs.
+    let mut reset_watch: Option<(Pin<Box<tokio::time::Sleep>>, Duration)> = None;
     let result = poll_fn(|cx| {
         a_first = !a_first;
         for turn in 0..2 {
@@ -406,14 +401,30 @@ pub async fn relay<A: Endpoint, B: Endpoint>(mut a: A, mut b: B) -> Result<Relay
         }
         // A side that half-closed can still reset; nothing else would notice while the other
         // side is silent.
-        if a_to_b.read_eof && !b_to_a.done {
+        let watch_a = a_to_b.read_eof && !b_to_a.done;
+        let watch_b = b_to_a.read_eof && !a_to_b.done;
+        if watch_a {
             if let Poll::Ready(e) = a.poll_reset(cx) {
                 return Poll::Ready(Err((Direction::BToA, Op::Write, e)));
             }
         }
-        if b_to_a.read_eof && !a_to_b.done {
+        if watch_b {
             if let Poll::Ready(e) = b.poll_reset(cx) {
                 return Poll::Ready(Err((Direction::AToB, Op::Write, e)));
+            }
+        }
+        if watch_a || watch_b {
+            let (sleep, period) = reset_watch.get_or_insert_with(|| {
+                (
+                    Box::pin(tokio::time::sleep(RESET_WATCH_FIRST)),
+                    RESET_WATCH_FIRST,
+                )
+            });
+            if sleep.as_mut().poll(cx).is_ready() {
+                *period = (*period * 2).min(RESET_WATCH_MAX);
+                sleep.as_mut().reset(tokio::time::Instant::now() + *period);
+                // Poll the sides again (and the new deadline, which registers the timer).
+                cx.waker().wake_by_ref();
             }
         }
         if a_to_b.done && b_to_a.done {
@@ -685,14 +696,24 @@ mod tests {
         drop((wa.await, wb.await));
     }
 
-    #[tokio::test]
-    async fn a_half_closes_and_b_answers_afterwards() {
+    /// A relay whose side a sent "request" and half-closed, which b has read up to the EOF.
+    async fn request_half_closed() -> (
+        TcpStream,
+        TcpStream,
+        JoinHandle<Result<RelayStats, RelayError>>,
+    ) {
         let (mut peer_a, mut peer_b, relay) = relayed().await;
         peer_a.write_all(b"request").await.unwrap();
         peer_a.shutdown().await.unwrap();
         let (got, end) = timed(read_all(&mut peer_b)).await;
         end.unwrap();
         assert_eq!(got, b"request");
+        (peer_a, peer_b, relay)
+    }
+
+    #[tokio::test]
+    async fn a_half_closes_and_b_answers_afterwards() {
+        let (mut peer_a, mut peer_b, relay) = request_half_closed().await;
         // b's direction is still open after a's EOF.
         let answer = pattern(1024 * 1024, 3);
         peer_b.write_all(&answer).await.unwrap();
@@ -754,12 +775,7 @@ mod tests {
 
     #[tokio::test]
     async fn reset_after_half_close_reaches_a_silent_other_side() {
-        let (mut peer_a, mut peer_b, relay) = relayed().await;
-        peer_a.write_all(b"request").await.unwrap();
-        peer_a.shutdown().await.unwrap();
-        let (got, end) = timed(read_all(&mut peer_b)).await;
-        end.unwrap();
-        assert_eq!(got, b"request");
+        let (peer_a, mut peer_b, relay) = request_half_closed().await;
         // b never answers; a gives up abortively.
         peer_a.abort();
         drop(peer_a);
