@@ -159,24 +159,38 @@ fn a_stalled_reader_does_not_block_the_other_streams() {
     assert_eq!(p.server.received[&stalled], pattern(99, 4 << 20));
 }
 
-#[test]
-fn window_auto_tunes_on_a_long_fat_link() {
-    let mut p = Pair::with(
-        Config::default(),
-        Config::default(),
-        Duration::from_millis(50),
-    );
-    p.set_rate(100 << 20);
+/// A client→server bulk transfer of `len` pattern bytes over a link `one_way` long, shaped by
+/// `shape`; returns the server's final receive window, after checking every byte arrived intact.
+fn bulk_upload(
+    one_way: Duration,
+    shape: impl FnOnce(&mut Pair),
+    seed: u64,
+    len: usize,
+) -> (Pair, u32) {
+    let mut p = Pair::with(Config::default(), Config::default(), one_way);
+    shape(&mut p);
     p.server.echo = false;
     p.auth(GOOD_TOKEN);
     let id = p.open(5201);
-    p.client.send(id, &pattern(5, 32 << 20), false);
+    p.client.send(id, &pattern(seed, len), false);
     assert!(p.run_until(120 * SECOND, |p| p
         .server
         .received
         .get(&id)
-        .is_some_and(|r| r.len() == 32 << 20)));
+        .is_some_and(|r| r.len() == len)));
+    assert_eq!(p.server.received[&id], pattern(seed, len));
     let window = p.server.session.stream_window(id).unwrap();
+    (p, window)
+}
+
+#[test]
+fn window_auto_tunes_on_a_long_fat_link() {
+    let (p, window) = bulk_upload(
+        Duration::from_millis(50),
+        |p| p.set_rate(100 << 20),
+        5,
+        32 << 20,
+    );
     assert!(
         window >= 2 << 20,
         "receive window only grew to {window} bytes"
@@ -195,23 +209,12 @@ fn window_auto_tunes_behind_a_link_that_delivers_bursts_at_once() {
     // 100 ms RTT, 12.5 MB/s (100 Mbit/s) through a 1 MiB token bucket, like a buffering proxy
     // in front of the client: each window-limited burst arrives in one piece, so no burst shows
     // the link's rate. A window that grew only on measured rate stayed at 256 KiB (2.6 MB/s).
-    let mut p = Pair::with(
-        Config::default(),
-        Config::default(),
+    let (p, window) = bulk_upload(
         Duration::from_millis(50),
+        |p| p.set_bucket(12_500_000, 1 << 20),
+        7,
+        32 << 20,
     );
-    p.set_bucket(12_500_000, 1 << 20);
-    p.server.echo = false;
-    p.auth(GOOD_TOKEN);
-    let id = p.open(5201);
-    p.client.send(id, &pattern(7, 32 << 20), false);
-    assert!(p.run_until(120 * SECOND, |p| p
-        .server
-        .received
-        .get(&id)
-        .is_some_and(|r| r.len() == 32 << 20)));
-    assert_eq!(p.server.received[&id], pattern(7, 32 << 20));
-    let window = p.server.session.stream_window(id).unwrap();
     // BDP is 1.25 MB; past 2 x BDP plus the bucket the window would only queue.
     assert!(
         (1 << 20..=4 << 20).contains(&window),
@@ -228,23 +231,12 @@ fn window_stops_growing_at_the_path_bandwidth_delay_product() {
     // limit, like a deep router or socket buffer, so a window past ~2 x BDP only adds delay for
     // every other stream on the carrier; judged by the smoothed RTT, it ran to the 16 MiB ceiling.
     // (2 x BDP plus the 1 ms floor at 100 MiB/s is 4.1 MiB: the window stops at 4 MiB.)
-    let mut p = Pair::with(
-        Config::default(),
-        Config::default(),
+    let (p, window) = bulk_upload(
         Duration::from_millis(10),
+        |p| p.set_rate(100 << 20),
+        6,
+        64 << 20,
     );
-    p.set_rate(100 << 20);
-    p.server.echo = false;
-    p.auth(GOOD_TOKEN);
-    let id = p.open(5201);
-    p.client.send(id, &pattern(6, 64 << 20), false);
-    assert!(p.run_until(120 * SECOND, |p| p
-        .server
-        .received
-        .get(&id)
-        .is_some_and(|r| r.len() == 64 << 20)));
-    assert_eq!(p.server.received[&id], pattern(6, 64 << 20));
-    let window = p.server.session.stream_window(id).unwrap();
     assert!(
         (2 << 20..=4 << 20).contains(&window),
         "window ended at {window} bytes, want 2-4 MiB (1-2 x BDP)"
