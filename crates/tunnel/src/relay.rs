@@ -50,9 +50,9 @@ pub trait Endpoint: AsyncRead + AsyncWrite + Unpin + Send {
     /// Ready with an error once the peer reset the connection. The relay polls it only after
     /// this endpoint's read side ended: a peer that half-closes and then resets would
     /// otherwise go unnoticed for as long as the other side stays silent, and that side would
-    /// wait forever for a client that is gone. An implementation registers `cx`'s waker if it
-    /// can be told of the reset (mux, QUIC); one that cannot (TCP) is polled again on a timer
-    /// with backoff (0.1 s doubling to 10 s). The default never fires (pipes, stdio).
+    /// wait forever for a client that is gone. The relay calls it when the side half-closes and
+    /// then on a timer backing off from 0.1 s to 10 s (a reset is rare; a check per wakeup
+    /// would tax every transfer). The default never fires (pipes, stdio).
     fn poll_reset(&mut self, _cx: &mut Context<'_>) -> Poll<io::Error> {
         Poll::Pending
     }
@@ -403,28 +403,41 @@ pub async fn relay<A: Endpoint, B: Endpoint>(mut a: A, mut b: B) -> Result<Relay
         // side is silent.
         let watch_a = a_to_b.read_eof && !b_to_a.done;
         let watch_b = b_to_a.read_eof && !a_to_b.done;
-        if watch_a {
-            if let Poll::Ready(e) = a.poll_reset(cx) {
-                return Poll::Ready(Err((Direction::BToA, Op::Write, e)));
-            }
-        }
-        if watch_b {
-            if let Poll::Ready(e) = b.poll_reset(cx) {
-                return Poll::Ready(Err((Direction::AToB, Op::Write, e)));
-            }
-        }
         if watch_a || watch_b {
-            let (sleep, period) = reset_watch.get_or_insert_with(|| {
-                (
-                    Box::pin(tokio::time::sleep(RESET_WATCH_FIRST)),
-                    RESET_WATCH_FIRST,
-                )
-            });
-            if sleep.as_mut().poll(cx).is_ready() {
-                *period = (*period * 2).min(RESET_WATCH_MAX);
-                sleep.as_mut().reset(tokio::time::Instant::now() + *period);
-                // Poll the sides again (and the new deadline, which registers the timer).
-                cx.waker().wake_by_ref();
+            // Look when a side first half-closes and on each tick after, not on every wakeup:
+            // during a transfer that would cost a syscall (TCP) or a lock (QUIC) per poll.
+            let due = match &mut reset_watch {
+                None => {
+                    reset_watch = Some((
+                        Box::pin(tokio::time::sleep(RESET_WATCH_FIRST)),
+                        RESET_WATCH_FIRST,
+                    ));
+                    true
+                }
+                Some((sleep, period)) => {
+                    let fired = sleep.as_mut().poll(cx).is_ready();
+                    if fired {
+                        *period = (*period * 2).min(RESET_WATCH_MAX);
+                        sleep.as_mut().reset(tokio::time::Instant::now() + *period);
+                    }
+                    fired
+                }
+            };
+            if due {
+                if watch_a {
+                    if let Poll::Ready(e) = a.poll_reset(cx) {
+                        return Poll::Ready(Err((Direction::BToA, Op::Write, e)));
+                    }
+                }
+                if watch_b {
+                    if let Poll::Ready(e) = b.poll_reset(cx) {
+                        return Poll::Ready(Err((Direction::AToB, Op::Write, e)));
+                    }
+                }
+                // Registers the timer for the next tick.
+                if let Some((sleep, _)) = &mut reset_watch {
+                    let _ = sleep.as_mut().poll(cx);
+                }
             }
         }
         if a_to_b.done && b_to_a.done {
