@@ -92,9 +92,15 @@ impl Admission {
 }
 
 impl Slot {
-    /// Resolves when a newer connection took this one's place.
-    pub(crate) async fn evicted(&self) {
-        self.evicted.cancelled().await
+    /// Runs `work` unless a newer connection takes this one's place first (then `None`).
+    pub(crate) async fn unless_evicted<F: std::future::Future>(
+        &self,
+        work: F,
+    ) -> Option<F::Output> {
+        tokio::select! {
+            _ = self.evicted.cancelled() => None,
+            out = work => Some(out),
+        }
     }
 
     /// Leaves the queue for good because the connection authenticated. `false` when it was

@@ -165,12 +165,9 @@ impl Agent {
                             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
                             let handshake =
                                 tokio::time::timeout(config.auth_timeout, acceptor.accept(tcp));
-                            let done = tokio::select! {
-                                _ = slot.evicted() => {
-                                    tracing::info!("evicted by newer connections before finishing TLS");
-                                    return;
-                                }
-                                done = handshake => done,
+                            let Some(done) = slot.unless_evicted(handshake).await else {
+                                tracing::info!("evicted by newer connections before finishing TLS");
+                                return;
                             };
                             match done {
                                 Ok(Ok(s)) => {
@@ -242,12 +239,9 @@ async fn serve_conn<S>(
 {
     let left = config.auth_timeout.saturating_sub(started.elapsed());
     let read = tokio::time::timeout(left, upgrade::read_head(&mut s));
-    let read = tokio::select! {
-        _ = slot.evicted() => {
-            tracing::info!("evicted by newer connections before sending a request");
-            return;
-        }
-        read = read => read,
+    let Some(read) = slot.unless_evicted(read).await else {
+        tracing::info!("evicted by newer connections before sending a request");
+        return;
     };
     let (head, leftover) = match read {
         Ok(Ok(x)) => x,
@@ -297,11 +291,7 @@ async fn serve_conn<S>(
     let session = Session::server(mux, Instant::now());
     let (carrier, opened) = Carrier::start(s, session, leftover, peer.to_string());
     let Some(mut opened) = opened else { return };
-    let proof = tokio::select! {
-        _ = slot.evicted() => None,
-        proof = carrier.wait_auth_request() => Some(proof),
-    };
-    let proof = match proof {
+    let proof = match slot.unless_evicted(carrier.wait_auth_request()).await {
         Some(Ok(p)) => p,
         Some(Err(reason)) => {
             tracing::info!(%reason, "carrier closed before authenticating");

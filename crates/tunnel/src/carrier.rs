@@ -707,8 +707,8 @@ impl Endpoint for MuxStream {
         if let Some(d) = &g.dead {
             return Poll::Ready(dead_error(d));
         }
-        // The read side has ended, so its waker slot is free; a reset or the carrier's death
-        // wakes it.
+        // The read side has ended, so its waker slot is free for the trait's contract; the relay
+        // itself looks again on its reset-watch timer.
         if let Some(s) = g.slots.get_mut(&self.id) {
             s.read = Some(cx.waker().clone());
         }
