@@ -25,8 +25,9 @@ use tracing::Instrument;
 use crate::admission::{Admission, Slot};
 use crate::auth::{self, Token};
 use crate::carrier::Carrier;
-use crate::dial::tune_tcp;
+use crate::dial::{tune_tcp, TLS_WRITE_AHEAD};
 use crate::policy::{DialRefusal, TargetPolicy};
+use crate::readahead::ReadAhead;
 use crate::relay::relay;
 use crate::upgrade::{self, Head};
 
@@ -163,14 +164,17 @@ impl Agent {
                     match config.tls.clone() {
                         Some(tls) => {
                             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-                            let handshake =
-                                tokio::time::timeout(config.auth_timeout, acceptor.accept(tcp));
+                            let handshake = tokio::time::timeout(
+                                config.auth_timeout,
+                                acceptor.accept(ReadAhead::new(tcp)),
+                            );
                             let Some(done) = slot.unless_evicted(handshake).await else {
                                 tracing::info!("evicted by newer connections before finishing TLS");
                                 return;
                             };
                             match done {
-                                Ok(Ok(s)) => {
+                                Ok(Ok(mut s)) => {
+                                    s.get_mut().1.set_buffer_limit(Some(TLS_WRITE_AHEAD));
                                     serve_conn(s, peer, accepted, config, carriers, slot).await
                                 }
                                 Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake failed"),

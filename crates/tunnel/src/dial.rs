@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use crate::readahead::ReadAhead;
 use crate::relay::Endpoint;
 use crate::tls::describe_handshake_error;
 
@@ -171,6 +172,11 @@ pub async fn connect_tcp(
     }))
 }
 
+/// Ciphertext rustls may queue before a write waits for the socket. rustls' default, 64 KiB,
+/// makes four `writev`s of the relay's 256 KiB batch; one is enough. The memory is used only
+/// while a batch is queued.
+pub const TLS_WRITE_AHEAD: usize = 256 * 1024;
+
 /// Direct mode: one TCP + TLS connection to the edge per local connection.
 #[derive(Clone)]
 pub struct DirectConnector {
@@ -205,7 +211,7 @@ impl DirectConnector {
         &self.remote
     }
 
-    async fn open(&self) -> Result<TlsStream<TcpStream>, DialError> {
+    async fn open(&self) -> Result<TlsStream<ReadAhead<TcpStream>>, DialError> {
         let tcp = connect_tcp(
             &self.remote.host,
             self.edge.as_deref(),
@@ -213,9 +219,12 @@ impl DirectConnector {
             self.timeout,
         )
         .await?;
-        let handshake = self.tls.connect(self.name.clone(), tcp);
+        let handshake = self.tls.connect(self.name.clone(), ReadAhead::new(tcp));
         match tokio::time::timeout(self.timeout, handshake).await {
-            Ok(Ok(tls)) => Ok(tls),
+            Ok(Ok(mut tls)) => {
+                tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_AHEAD));
+                Ok(tls)
+            }
             Ok(Err(e)) => Err(DialError::Tls(describe_handshake_error(
                 &self.remote.host,
                 &e,
@@ -229,7 +238,7 @@ impl DirectConnector {
 }
 
 impl Connector for DirectConnector {
-    type Stream = TlsStream<TcpStream>;
+    type Stream = TlsStream<ReadAhead<TcpStream>>;
 
     fn connect(&self) -> impl Future<Output = Result<Self::Stream, DialError>> + Send {
         self.open()

@@ -19,6 +19,7 @@ pub mod carrier;
 pub mod dial;
 pub mod listen;
 pub mod policy;
+pub mod readahead;
 pub mod relay;
 pub mod serve;
 pub mod tls;
