@@ -59,6 +59,18 @@ pub struct Cli {
     /// Logging.
     #[command(flatten)]
     pub log: LogOpts,
+
+    /// Threads that run connections. Default: 1 for forwarding and the agent (a relay is
+    /// bound by the network, and one thread saves the cross-thread wakeups that cost agent
+    /// mode a quarter of its CPU per byte); one per core for the edge and the demo.
+    #[arg(
+        long,
+        global = true,
+        env = "FORWARD_THREADS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    pub threads: Option<u16>,
 }
 
 /// Multiplexed mode through `forward agent` on the VM.

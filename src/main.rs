@@ -50,10 +50,18 @@ fn init_logging(opts: &LogOpts) {
 fn main() {
     let cli = Cli::parse();
     init_logging(&cli.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = cli.threads.map(usize::from).unwrap_or(match cli.command {
+        Some(Command::Edge(_)) | Some(Command::Demo(_)) => 0,
+        _ => 1,
+    });
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -84,6 +84,12 @@ fn missing_spec_is_a_usage_error() {
 fn bad_flag_values_are_usage_errors() {
     assert_rejected(&["--grace", "soon", "0:vm1:80"], &[2], &["--grace"]);
     assert_rejected(&["--no-such-flag", "0:vm1:80"], &[2], &["--no-such-flag"]);
+    assert_rejected(&["--threads", "0", "0:vm1:80"], &[2], &["--threads", "0"]);
+    assert_rejected(
+        &["agent", "--threads", "many"],
+        &[2],
+        &["--threads", "many"],
+    );
 }
 
 #[test]

@@ -189,7 +189,11 @@ mod tests {
         }
         writer.await.unwrap();
         assert!(got == data, "bytes differ");
-        assert_eq!(rx.read(&mut [0u8; 16]).await.unwrap(), 0, "EOF after the data");
+        assert_eq!(
+            rx.read(&mut [0u8; 16]).await.unwrap(),
+            0,
+            "EOF after the data"
+        );
     }
 
     /// Small messages never allocate the buffer; a bulk burst does, and the first small refill
@@ -202,7 +206,11 @@ mod tests {
         for _ in 0..10 {
             tx.write_all(b"ping").await.unwrap();
             assert_eq!(rx.read(&mut piece).await.unwrap(), 4);
-            assert_eq!(rx.buf.capacity(), 0, "interactive traffic must not allocate");
+            assert_eq!(
+                rx.buf.capacity(),
+                0,
+                "interactive traffic must not allocate"
+            );
         }
         let bulk = tokio::spawn(async move {
             tx.write_all(&vec![7u8; 1 << 20]).await.unwrap();
@@ -221,6 +229,10 @@ mod tests {
         assert_eq!(rx.buffered(), 0);
         tx.write_all(b"next").await.unwrap();
         assert_eq!(rx.read(&mut piece).await.unwrap(), 4);
-        assert_eq!(rx.buf.capacity(), 0, "a quiet connection gave the buffer back");
+        assert_eq!(
+            rx.buf.capacity(),
+            0,
+            "a quiet connection gave the buffer back"
+        );
     }
 }
