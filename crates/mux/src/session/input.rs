@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use super::output::note_activity;
 use super::{Auth, Role, Session};
 use crate::codes::{ErrorCode, ResetCode};
 use crate::error::SessionError;
@@ -242,6 +243,9 @@ impl Session {
     fn on_data(&mut self, id: StreamId, fin: bool, payload: Bytes) {
         let len = payload.len();
         self.conn_received += len as u64;
+        if self.config.auto_tune && len > 0 && self.streams.contains_key(&id) {
+            note_activity(&mut self.recent, id, self.now);
+        }
         let Some(s) = self.streams.get_mut(&id) else {
             // A stream we already reset: the bytes were in flight. Nobody reads them, so their
             // connection credit comes back at once.

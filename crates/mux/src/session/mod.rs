@@ -99,6 +99,9 @@ pub struct Session {
     last_ping: Instant,
     /// `conn_received` when the last PING was queued: RTT probes only while data arrives.
     received_at_ping: u64,
+    /// The two streams that most recently carried data (either way), newest first: a bulk
+    /// stream with company keeps a smaller window (see `output::window_cap`).
+    recent: [Option<(StreamId, Instant)>; 2],
     /// Outstanding ping: opaque value and when it left (None until transmitted).
     ping_out: Option<(u64, Option<Instant>)>,
     ping_counter: u64,
@@ -141,6 +144,7 @@ impl Session {
             last_recv: now,
             last_ping: now,
             received_at_ping: 0,
+            recent: [None, None],
             ping_out: None,
             ping_counter: 0,
             rtt: None,

@@ -74,6 +74,9 @@ impl Session {
             if len == 0 && !fin {
                 continue;
             }
+            if len > 0 && self.config.auto_tune {
+                note_activity(&mut self.recent, id, self.now);
+            }
             frame::encode_data_header(out, id, fin, len as u32);
             out.extend_from_slice(&s.send_buf[..len]);
             s.send_buf.advance(len);
@@ -117,23 +120,35 @@ impl Session {
         let (min_rtt, srtt) = (self.min_rtt, self.rtt);
         let (auto_tune, max_window) = (self.config.auto_tune, self.config.max_stream_window);
         let queue_floor = self.config.tune_queue_floor;
+        let shared = auto_tune && self.has_company(id);
         if let Some(s) = self.streams.get_mut(&id) {
             if s.recv == RecvState::Open {
-                let unsent = s.recv_consumed + u64::from(s.window) - s.recv_limit;
+                if auto_tune && shared {
+                    // Another stream is in use: hold this one to the smaller cap at once, even
+                    // if it grew while alone; credit already granted stays valid.
+                    if let Some(cap) = window_cap(s, min_rtt, queue_floor, true) {
+                        let floor = self.config.stream_window;
+                        if s.window > cap.max(floor) {
+                            s.window = cap.max(floor);
+                            tracing::debug!(id, window = s.window, "stream window held down");
+                        }
+                    }
+                }
+                let unsent = (s.recv_consumed + u64::from(s.window)).saturating_sub(s.recv_limit);
                 // Half a window, as in h2; or whatever is consumed once the sender has used all
                 // its credit: it sits idle until this update comes. With half-window updates alone,
                 // a window that arrives as one burst per round trip returned its remainder a trip
                 // late, and only half of it moved per round trip.
                 let sender_blocked = s.recv_received == s.recv_limit && unsent > 0;
                 if unsent >= u64::from(s.window / 2) || sender_blocked {
-                    let factor = if auto_tune && s.window < max_window {
+                    let grown = if auto_tune && s.window < max_window {
                         let quiet = quiet_path(s.grant_rtt.take(), min_rtt);
-                        growth(s, now, min_rtt, srtt, queue_floor, quiet)
+                        grown_window(s, now, min_rtt, srtt, queue_floor, quiet, shared)
                     } else {
-                        1
+                        s.window
                     };
-                    if factor > 1 {
-                        s.window = s.window.saturating_mul(factor).min(max_window);
+                    if grown > s.window {
+                        s.window = grown.min(max_window);
                         tracing::debug!(
                             id,
                             window = s.window,
@@ -143,7 +158,7 @@ impl Session {
                         );
                     }
                     s.window_epoch = Some(now);
-                    let inc = s.recv_consumed + u64::from(s.window) - s.recv_limit;
+                    let inc = (s.recv_consumed + u64::from(s.window)) - s.recv_limit;
                     s.recv_limit += inc;
                     if s.rtt_mark.is_none() {
                         s.rtt_mark = Some((s.recv_limit, now));
@@ -153,6 +168,15 @@ impl Session {
             }
         }
         self.release_connection_credit(n);
+    }
+
+    /// Whether another stream, still open, carried data within [`COMPANY_FOR`].
+    fn has_company(&self, id: StreamId) -> bool {
+        self.recent.iter().flatten().any(|&(other, t)| {
+            other != id
+                && self.now.saturating_duration_since(t) < COMPANY_FOR
+                && self.streams.contains_key(&other)
+        })
     }
 
     pub(super) fn release_connection_credit(&mut self, n: usize) {
@@ -245,19 +269,24 @@ impl Session {
 /// Shortest RTT auto-tuning assumes: below it, timer and scheduling noise would dominate.
 const MIN_TUNE_RTT: Duration = Duration::from_micros(50);
 
-/// How much a stream's receive window should grow at this update: 1 (not), 2 or 4.
+/// The stream's receive window after this update: unchanged, or grown up to 4× at once.
 ///
 /// - The window must limit the stream: half of it went out within two RTTs of the previous
 ///   update, so the reader keeps up and the sender waits for credit (a slow reader gets no more
 ///   memory).
-/// - It may grow to twice the stream's bandwidth-delay product, measured as its best recent
-///   delivery rate (`Stream::sample_rate`, bins of 1/8 minimum RTT) times the *minimum* RTT, plus the
-///   rate times `floor`. At 2 × BDP the link stays full through a lost segment's recovery, and
-///   the queue the window can build in front of other streams stays under one RTT. Judged by the
-///   smoothed RTT alone, windows grew until our own queue filled them (330 ms of queue at 50 ms
-///   RTT and 100 Mbit/s; milliseconds on loopback). Judged by how late each update's bytes came
-///   (an earlier version), a lost segment looked like a queue and 1 % loss held windows at a
-///   fraction of the link.
+/// - It grows to 1½ times the path's bandwidth-delay product, measured as the stream's best
+///   recent delivery rate (`Stream::sample_rate`, bins of 1/8 minimum RTT) times 1½ *minimum*
+///   RTTs, plus the rate times `floor`. Whatever a window holds beyond the BDP waits in a queue
+///   in front of every other stream of the carrier, so the cap sets how long an interactive
+///   stream waits behind a bulk one: ½ RTT at most. Not less: the measured rate runs up to a
+///   quarter below the link's (a window-limited sender's bursts do not fill every bin), and a
+///   window under the BDP leaves the link idle. Until session 4 the cap was 2 ×
+///   BDP and windows moved in powers of two (512 KiB, 1 MiB, ...), so at 50 ms and 100 Mbit/s
+///   (BDP 625 KB) the window stopped at 1 MiB and a round trip beside a bulk stream took 94 ms
+///   (p50) and 114 ms (p99) against 51 ms idle. Judged by the smoothed RTT alone (session 1),
+///   windows grew until our own queue filled them (330 ms of queue at 50 ms RTT). Judged by
+///   how late each update's bytes came (an earlier version), a lost segment looked like a queue
+///   and 1 % loss held windows at a fraction of the link.
 /// - Or, while no bin has shown a rate at all (every burst arrived in one piece, behind a
 ///   buffering proxy), double when `quiet` (see `quiet_path`): the last grant came back within
 ///   1¼ minimum RTTs, so the window builds no queue. Once there is a rate, it alone decides: the
@@ -265,31 +294,65 @@ const MIN_TUNE_RTT: Duration = Duration::from_micros(50);
 /// - `floor` (1 ms): on sub-millisecond paths per-hop wakeups, not the path, set the pace, and
 ///   windows of a few hundred KiB cost a third of the throughput and more CPU per byte; a
 ///   millisecond of queue nobody notices.
-fn growth(
+fn grown_window(
     s: &crate::stream::Stream,
     now: Instant,
     min_rtt: Option<Duration>,
     srtt: Option<Duration>,
     floor: Duration,
     quiet: bool,
+    shared: bool,
 ) -> u32 {
-    let (Some(min_rtt), Some(epoch)) = (min_rtt, s.window_epoch) else {
-        return 1;
+    let (Some(min), Some(epoch)) = (min_rtt, s.window_epoch) else {
+        return s.window;
     };
-    let min_rtt = min_rtt.max(MIN_TUNE_RTT);
-    let rtt = srtt.unwrap_or(min_rtt).max(min_rtt);
+    let min = min.max(MIN_TUNE_RTT);
+    let rtt = srtt.unwrap_or(min).max(min);
     if now.saturating_duration_since(epoch) >= rtt * 2 {
-        return 1;
+        return s.window;
     }
-    let horizon = min_rtt * 2 + floor;
-    let cap = u128::from(s.max_rate) * horizon.as_nanos() / 1_000_000_000;
-    let window = u128::from(s.window);
-    if window * 4 <= cap {
-        4
-    } else if window * 2 <= cap || (quiet && s.max_rate == 0) {
-        2
+    let cap = window_cap(s, min_rtt, floor, shared).unwrap_or(0);
+    if cap > s.window {
+        cap.min(s.window.saturating_mul(4))
+    } else if quiet && s.max_rate == 0 {
+        s.window.saturating_mul(2)
     } else {
-        1
+        s.window
+    }
+}
+
+/// The most a stream's window may hold: its best recent delivery rate times 2 minimum RTTs
+/// alone, 1½ with company (see `grown_window`), plus the rate times `floor`. `None` before
+/// the first RTT sample.
+pub(super) fn window_cap(
+    s: &crate::stream::Stream,
+    min_rtt: Option<Duration>,
+    floor: Duration,
+    shared: bool,
+) -> Option<u32> {
+    let min = min_rtt?.max(MIN_TUNE_RTT);
+    let horizon = if shared { min + min / 2 } else { min * 2 } + floor;
+    let cap = u128::from(s.max_rate) * horizon.as_nanos() / 1_000_000_000;
+    Some(cap.min(u128::from(u32::MAX)) as u32)
+}
+
+/// How long after its last byte a stream still counts as company for a bulk one. Long enough
+/// to span the pauses of someone typing in an ssh session, so the bulk window does not grow
+/// back between keystrokes and make the next one wait behind a refilled queue.
+const COMPANY_FOR: Duration = Duration::from_secs(10);
+
+/// Records that stream `id` carried data at `now`.
+pub(super) fn note_activity(
+    recent: &mut [Option<(StreamId, Instant)>; 2],
+    id: StreamId,
+    now: Instant,
+) {
+    match recent[0] {
+        Some((newest, _)) if newest == id => recent[0] = Some((id, now)),
+        _ => {
+            recent[1] = recent[0];
+            recent[0] = Some((id, now));
+        }
     }
 }
 
