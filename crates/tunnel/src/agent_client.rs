@@ -20,9 +20,7 @@ use tokio::time::Instant;
 
 use crate::auth::{self, Token};
 use crate::carrier::{Carrier, MuxStream};
-use crate::dial::{connect_tcp, Connector, DialError, TLS_WRITE_AHEAD};
-use crate::readahead::ReadAhead;
-use crate::tls::describe_handshake_error;
+use crate::dial::{connect_tcp, tls_handshake, Connector, DialError};
 use crate::upgrade::{self, Head};
 
 /// How the carrier reaches the agent.
@@ -201,26 +199,7 @@ impl AgentLink {
                 let name = ServerName::try_from(c.host.clone())
                     .map_err(|_| DialError::BadName(c.host.clone()))?;
                 let connector = tokio_rustls::TlsConnector::from(tls.clone());
-                let stream = match tokio::time::timeout(
-                    c.timeout,
-                    connector.connect(name, ReadAhead::new(tcp)),
-                )
-                .await
-                {
-                    Ok(Ok(mut s)) => {
-                        s.get_mut().1.set_buffer_limit(Some(TLS_WRITE_AHEAD));
-                        s
-                    }
-                    Ok(Err(e)) => {
-                        return Err(DialError::Tls(describe_handshake_error(&c.host, &e)))
-                    }
-                    Err(_) => {
-                        return Err(DialError::Tls(format!(
-                            "TLS handshake with {} timed out",
-                            c.host
-                        )))
-                    }
-                };
+                let stream = tls_handshake(&connector, name, &c.host, tcp, c.timeout).await?;
                 self.upgrade(stream, label).await
             }
         }

@@ -219,21 +219,35 @@ impl DirectConnector {
             self.timeout,
         )
         .await?;
-        let handshake = self.tls.connect(self.name.clone(), ReadAhead::new(tcp));
-        match tokio::time::timeout(self.timeout, handshake).await {
-            Ok(Ok(mut tls)) => {
-                tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_AHEAD));
-                Ok(tls)
-            }
-            Ok(Err(e)) => Err(DialError::Tls(describe_handshake_error(
-                &self.remote.host,
-                &e,
-            ))),
-            Err(_) => Err(DialError::Tls(format!(
-                "TLS handshake with {} timed out after {:?}",
-                self.remote.host, self.timeout
-            ))),
+        tls_handshake(
+            &self.tls,
+            self.name.clone(),
+            &self.remote.host,
+            tcp,
+            self.timeout,
+        )
+        .await
+    }
+}
+
+/// TLS over `tcp` to `host` (SNI `name`), with the read-ahead underneath and room for a whole
+/// relay batch of ciphertext: the one client handshake of direct mode and the agent carrier.
+pub async fn tls_handshake(
+    tls: &TlsConnector,
+    name: ServerName<'static>,
+    host: &str,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> Result<TlsStream<ReadAhead<TcpStream>>, DialError> {
+    match tokio::time::timeout(timeout, tls.connect(name, ReadAhead::new(tcp))).await {
+        Ok(Ok(mut stream)) => {
+            stream.get_mut().1.set_buffer_limit(Some(TLS_WRITE_AHEAD));
+            Ok(stream)
         }
+        Ok(Err(e)) => Err(DialError::Tls(describe_handshake_error(host, &e))),
+        Err(_) => Err(DialError::Tls(format!(
+            "TLS handshake with {host} timed out after {timeout:?}"
+        ))),
     }
 }
 
