@@ -401,11 +401,12 @@ async fn read_loop<R: AsyncRead + Unpin>(carrier: Arc<Carrier>, mut r: R, leftov
         // leftover backlog as a burst at 5.6× the link's rate and grew a window 1 → 4 MiB
         // (300 ms of queue at 50 ms RTT).
         while n < buf.len() && end.is_none() {
-            match drain_ready(&mut r, &mut buf[n..]).await {
-                Ok(Some(0)) => end = Some("the peer closed the carrier".into()),
-                Ok(Some(k)) => n += k,
-                Ok(None) => break,
-                Err(e) => end = Some(format!("carrier read failed: {e}")),
+            let Some(read) = drain_ready(&mut r, &mut buf[n..]).await else {
+                break;
+            };
+            match read_outcome(read) {
+                Ok(k) => n += k,
+                Err(reason) => end = Some(reason),
             }
         }
         if n > 0 {
@@ -438,14 +439,10 @@ async fn read_loop<R: AsyncRead + Unpin>(carrier: Arc<Carrier>, mut r: R, leftov
             _ = carrier.closed() => return,
             read = r.read(&mut buf) => read,
         };
-        n = match read {
-            Ok(0) => {
-                carrier.kill("the peer closed the carrier".into());
-                return;
-            }
-            Ok(n) => n,
-            Err(e) => {
-                carrier.kill(format!("carrier read failed: {e}"));
+        n = match read_outcome(read) {
+            Ok(k) => k,
+            Err(reason) => {
+                carrier.kill(reason);
                 return;
             }
         };
@@ -453,16 +450,24 @@ async fn read_loop<R: AsyncRead + Unpin>(carrier: Arc<Carrier>, mut r: R, leftov
 }
 
 /// One read of whatever `r` has ready now: `None` when it would have to wait.
-async fn drain_ready<R: AsyncRead + Unpin>(r: &mut R, dst: &mut [u8]) -> io::Result<Option<usize>> {
+async fn drain_ready<R: AsyncRead + Unpin>(r: &mut R, dst: &mut [u8]) -> Option<io::Result<usize>> {
     std::future::poll_fn(|cx| {
         let mut rb = ReadBuf::new(dst);
         match Pin::new(&mut *r).poll_read(cx, &mut rb) {
-            Poll::Pending => Poll::Ready(Ok(None)),
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(rb.filled().len()))),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Ready(None),
+            Poll::Ready(res) => Poll::Ready(Some(res.map(|()| rb.filled().len()))),
         }
     })
     .await
+}
+
+/// The bytes a carrier read brought, or why the carrier ends.
+fn read_outcome(read: io::Result<usize>) -> Result<usize, String> {
+    match read {
+        Ok(0) => Err("the peer closed the carrier".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("carrier read failed: {e}")),
+    }
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(carrier: Arc<Carrier>, mut w: W) {
