@@ -243,9 +243,6 @@ impl Session {
     fn on_data(&mut self, id: StreamId, fin: bool, payload: Bytes) {
         let len = payload.len();
         self.conn_received += len as u64;
-        if self.config.auto_tune && len > 0 && self.streams.contains_key(&id) {
-            note_activity(&mut self.recent, id, self.now);
-        }
         let Some(s) = self.streams.get_mut(&id) else {
             // A stream we already reset: the bytes were in flight. Nobody reads them, so their
             // connection credit comes back at once.
@@ -253,6 +250,9 @@ impl Session {
             return;
         };
         if self.config.auto_tune {
+            if len > 0 {
+                note_activity(&mut self.recent, id, self.now);
+            }
             // Bins of an eighth of the minimum RTT (at least 1 ms): see `Stream::sample_rate`.
             let bin = (self.min_rtt.unwrap_or(RATE_BIN_MIN) / 8).max(RATE_BIN_MIN);
             s.sample_rate(self.now, bin, len);

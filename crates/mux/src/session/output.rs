@@ -123,7 +123,7 @@ impl Session {
         let shared = auto_tune && self.has_company(id);
         if let Some(s) = self.streams.get_mut(&id) {
             if s.recv == RecvState::Open {
-                if auto_tune && shared {
+                if shared {
                     // Another stream is in use: hold this one to the smaller cap at once, even
                     // if it grew while alone; credit already granted stays valid.
                     if let Some(cap) = window_cap(s, min_rtt, queue_floor, true) {
