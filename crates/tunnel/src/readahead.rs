@@ -46,21 +46,6 @@ impl<T> ReadAhead<T> {
             small_refill: false,
         }
     }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
-    /// The wrapped stream, mutably (reading from it directly would skip buffered bytes).
-    pub fn get_mut(&mut self) -> &mut T {
-        &mut self.inner
-    }
-
-    /// Bytes read from the stream and not yet handed out.
-    pub fn buffered(&self) -> usize {
-        self.end - self.pos
-    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
@@ -226,7 +211,7 @@ mod tests {
         let mut tx = bulk.await.unwrap();
         tx.write_all(b"tail").await.unwrap();
         assert_eq!(rx.read(&mut piece).await.unwrap(), 4);
-        assert_eq!(rx.buffered(), 0);
+        assert_eq!(rx.pos, rx.end, "nothing left buffered");
         tx.write_all(b"next").await.unwrap();
         assert_eq!(rx.read(&mut piece).await.unwrap(), 4);
         assert_eq!(
