@@ -406,11 +406,48 @@ impl Report {
             if let Some(r) = m(agent) {
                 row(
                     w,
+                    &format!("{agent} download, 1 stream ≥ 0.9× direct"),
+                    ratio(r.down1_gbps, get(direct, |d| d.down1_gbps)),
+                    0.9,
+                    true,
+                    "×",
+                );
+                row(
+                    w,
+                    &format!("{agent} download, ×N streams together ≥ direct's 1 stream"),
+                    ratio(r.down_n_gbps, get(direct, |d| d.down1_gbps)),
+                    1.0,
+                    true,
+                    "×",
+                );
+                row(
+                    w,
                     &format!("{agent} connect + first byte p50 ≤ 0.5 ms"),
                     c50(r).map(|us| us / 1000.0),
                     0.5,
                     false,
                     " ms",
+                );
+                row(
+                    w,
+                    &format!("{agent} connect + first byte p50 ≤ 0.3× direct"),
+                    ratio(c50(r), direct.and_then(c50)),
+                    0.3,
+                    false,
+                    "×",
+                );
+                row(
+                    w,
+                    &format!(
+                        "{agent} RTT p99 beside a bulk stream ≤ 2× idle p99 (loopback: CPU-bound)"
+                    ),
+                    ratio(
+                        r.loaded_rtt.as_ref().map(|p| p.p99_us),
+                        r.rtt.as_ref().map(|p| p.p99_us),
+                    ),
+                    2.0,
+                    false,
+                    "×",
                 );
             }
         }
@@ -625,6 +662,33 @@ impl Report {
                 r.error.as_deref().unwrap_or("")
             );
         }
+        let ratios: Vec<String> = self
+            .netem
+            .iter()
+            .filter(|r| matches!(r.path.as_str(), "agent-tls" | "agent-tcp" | "quic"))
+            .filter_map(|r| {
+                let idle = r.idle_rtt.as_ref()?.p99_us;
+                let loaded = r.loaded_rtt.as_ref()?.p99_us;
+                let x = loaded / idle;
+                let met = if x <= 2.0 { "met" } else { "**not met**" };
+                Some(format!(
+                    "{} {}: {:.1} / {:.1} ms = {x:.2}× ({met})",
+                    r.profile,
+                    r.path,
+                    loaded / 1000.0,
+                    idle / 1000.0
+                ))
+            })
+            .collect();
+        if !ratios.is_empty() {
+            let _ = writeln!(
+                w,
+                "\n### Issue #3 target: interactive round trip p99 beside a bulk stream ≤ 2× its idle p99\n"
+            );
+            for l in ratios {
+                let _ = writeln!(w, "- {l}");
+            }
+        }
         let lines = self.netem_targets();
         if !lines.is_empty() {
             let _ = writeln!(w, "\n### Issue #5 targets\n");
@@ -765,6 +829,7 @@ mod tests {
                 path("raw", false, 20.0, 20.0),
                 path("direct", false, 6.0, 40.0),
                 path("stunnel", true, 3.0, 80.0),
+                path("agent-tcp", false, 5.7, 45.0),
             ],
             wan: vec![WanRow {
                 profile: "wan100".into(),
@@ -794,6 +859,11 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("0.30×"), "direct vs raw download: {md}");
+        // The agent issue's targets are measured against direct mode: 5.7 / 6 = 0.95×.
+        assert!(
+            md.contains("| agent-tcp download, 1 stream ≥ 0.9× direct | 0.95× | yes |"),
+            "{md}"
+        );
         assert!(md.contains("| wan100 | 100 | 100 | direct | 95 |"), "{md}");
         assert!(md.contains("95 %"));
         assert!(md.contains("skipped `ssh`: sshd not installed"));
@@ -819,6 +889,11 @@ mod tests {
             down_mbps: Some(fill * 100.0),
             fill: Some(fill),
             settled_fill: Some(fill),
+            idle_rtt: Some(Percentiles {
+                p50_us: rtt_ms as f64 * 1000.0,
+                p99_us: rtt_ms as f64 * 1000.0 + 2_000.0,
+                ..Default::default()
+            }),
             loaded_rtt: Some(Percentiles {
                 p50_us: 60_000.0,
                 p99_us: p99_ms * 1000.0,
@@ -847,6 +922,15 @@ mod tests {
         );
         assert!(
             md.contains("| loss50 | 50 | 100 | 1 % | 610 | quic | 10.0 | 10 % | 10 % |"),
+            "{md}"
+        );
+        // Loaded p99 over idle p99 (rtt + 2 ms), for the issue #3 target.
+        assert!(
+            md.contains("- loss50 agent-tls: 180.0 / 52.0 ms = 3.46× (**not met**)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- wan100 quic: 110.0 / 102.0 ms = 1.08× (met)"),
             "{md}"
         );
         let lines = report.netem_targets();
