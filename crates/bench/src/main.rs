@@ -469,13 +469,8 @@ fn host_info() -> String {
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "?".into());
-    // TCP's congestion control shapes every WAN figure of a TCP path (BBR's periodic probe of the
-    // minimum RTT stalls a connection for 200 ms or more every 10 s under load).
-    let cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
-        .map(|c| c.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
     format!(
-        "Linux {}, {n} × {cpu}, load average {load} at start, TCP congestion control {cc}",
+        "Linux {}, {n} × {cpu}, load average {load} at start",
         kernel.trim()
     )
 }

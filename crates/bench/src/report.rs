@@ -256,11 +256,19 @@ impl Report {
         let mut md = String::new();
         let w = &mut md;
         let _ = writeln!(w, "# forward-bench results, {}\n", self.date);
+        // The packet-level phase makes one pass per profile and path (a fresh link each time).
+        let passes = if self.mode == "netem" {
+            "one pass per profile and path".to_string()
+        } else {
+            format!(
+                "{} round(s) with paths interleaved; every number is the median over rounds",
+                self.rounds
+            )
+        };
         let _ = writeln!(
             w,
-            "Mode **{}**, {} round(s) with paths interleaved; every number is the median over rounds. \
-             Host: {}. Settings: {}. Run time {:.0} s.\n",
-            self.mode, self.rounds, self.host, self.settings, self.elapsed_secs
+            "Mode **{}**, {passes}. Host: {}. Settings: {}. Run time {:.0} s.\n",
+            self.mode, self.host, self.settings, self.elapsed_secs
         );
         if !self.paths.is_empty() {
             let _ = writeln!(w, "All traffic is on loopback, and the harness (client and backend) shares the CPUs \
@@ -919,6 +927,10 @@ mod tests {
         assert!(
             !md.contains("## Summary"),
             "no loopback tables in a netem run: {md}"
+        );
+        assert!(
+            md.contains("Mode **netem**, one pass per profile and path."),
+            "no claim of rounds the netem phase does not run: {md}"
         );
         assert!(
             md.contains("| loss50 | 50 | 100 | 1 % | 610 | quic | 10.0 | 10 % | 10 % |"),
