@@ -546,9 +546,12 @@ pub fn encode_open_ok(out: &mut Vec<u8>, id: StreamId) {
 
 /// Append a `DATA` frame header announcing `len` payload bytes; the caller appends the payload.
 pub fn encode_data_header(out: &mut Vec<u8>, id: StreamId, fin: bool, len: u32) {
-    out.extend_from_slice(
-        &Header::new(FrameType::Data, if fin { FLAG_FIN } else { 0 }, id, len).encode(),
-    );
+    out.extend_from_slice(&data_header(id, fin, len));
+}
+
+/// The header of a `DATA` frame with `len` payload bytes.
+pub fn data_header(id: StreamId, fin: bool, len: u32) -> [u8; HEADER_LEN] {
+    Header::new(FrameType::Data, if fin { FLAG_FIN } else { 0 }, id, len).encode()
 }
 
 /// Append a `WINDOW_UPDATE` frame.

@@ -170,7 +170,21 @@ impl Side {
     }
 
     fn transmit(&mut self, now: Instant) {
-        while self.session.poll_transmit(now, &mut self.in_flight, 8192) > 0 {}
+        if self.session.role() == crate::Role::Server {
+            // One side takes the chunked path the carrier uses, in uneven pieces, so the fuzzer
+            // checks it carries what the copying path would.
+            let mut chunks = crate::Transmit::new();
+            while self.session.poll_transmit_chunks(now, &mut chunks, 8192) > 0 {
+                while !chunks.is_empty() {
+                    let first = chunks.chunks().next().unwrap_or_default();
+                    let n = first.len().min(1 + chunks.len() / 3);
+                    self.in_flight.extend_from_slice(&first[..n]);
+                    chunks.advance(n);
+                }
+            }
+        } else {
+            while self.session.poll_transmit(now, &mut self.in_flight, 8192) > 0 {}
+        }
     }
 }
 

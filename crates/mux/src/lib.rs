@@ -80,6 +80,7 @@ mod event;
 pub mod frame;
 mod session;
 mod stream;
+mod transmit;
 
 #[doc(hidden)]
 pub mod fuzzing;
@@ -91,6 +92,7 @@ pub use error::{SessionError, StreamError};
 pub use event::{CloseReason, Event, ReadChunk, ReadOutcome};
 pub use frame::{Frame, FrameError, FrameType, Header, StreamId, Target};
 pub use session::{Role, Session};
+pub use transmit::Transmit;
 
 #[cfg(test)]
 mod codec_tests;

@@ -25,6 +25,9 @@ use crate::event::{CloseReason, Event, ReadChunk, ReadOutcome};
 use crate::frame::{self, Frame, StreamId, Target};
 use crate::stream::{RecvState, SendState, Stream};
 
+/// A write at least this large is bulk: see [`Session::write`].
+const BULK_WRITE: usize = 16 * 1024;
+
 /// Which end of the carrier this session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -414,6 +417,13 @@ impl Session {
         }
         if n == 0 {
             return Ok(0);
+        }
+        let (len, cap) = (s.send_buf.len(), s.send_buf.capacity());
+        if n >= BULK_WRITE && cap - len < n {
+            // A bulk writer fills the whole buffer over a few writes: one allocation of all of
+            // it instead of a reallocation (and copy) per write. Small writes stay exact, so an
+            // interactive stream holds little.
+            s.send_buf.reserve((send_buffer - len).max(n));
         }
         s.send_buf.extend_from_slice(&data[..n]);
         s.send_accepted += n as u64;

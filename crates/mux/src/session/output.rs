@@ -2,13 +2,14 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 
 use super::{Auth, Role, Session};
 use crate::codes::ErrorCode;
 use crate::event::{CloseReason, Event};
 use crate::frame::{self, StreamId, HEADER_LEN};
 use crate::stream::{RecvState, SendState};
+use crate::transmit::{Sink, Transmit};
 
 impl Session {
     /// Append bytes for the carrier to `out`, at most `max` of them; returns how many were appended.
@@ -17,6 +18,16 @@ impl Session {
     /// `send_quantum` bytes per turn, so a bulk stream cannot starve an interactive one. Call until it
     /// returns 0 after every input, API call or timeout; `max` of 64 KiB or more keeps syscalls large.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>, max: usize) -> usize {
+        self.transmit_into(now, out, max)
+    }
+
+    /// [`Session::poll_transmit`] into a [`Transmit`]: the same bytes, but stream payloads are
+    /// handed over by reference instead of copied, for one vectored write.
+    pub fn poll_transmit_chunks(&mut self, now: Instant, out: &mut Transmit, max: usize) -> usize {
+        self.transmit_into(now, out, max)
+    }
+
+    fn transmit_into(&mut self, now: Instant, out: &mut impl Sink, max: usize) -> usize {
         self.now = now;
         if !self.transmit_enabled {
             return 0;
@@ -25,7 +36,7 @@ impl Session {
         let limit = start.saturating_add(max);
         if self.ctrl_pos < self.ctrl.len() {
             let n = (self.ctrl.len() - self.ctrl_pos).min(max);
-            out.extend_from_slice(&self.ctrl[self.ctrl_pos..self.ctrl_pos + n]);
+            out.put_slice(&self.ctrl[self.ctrl_pos..self.ctrl_pos + n]);
             self.ctrl_pos += n;
             if let Some(end) = self.ping_mark {
                 if self.ctrl_pos >= end {
@@ -50,7 +61,7 @@ impl Session {
         out.len() - start
     }
 
-    fn transmit_data(&mut self, out: &mut Vec<u8>, limit: usize) {
+    fn transmit_data(&mut self, out: &mut impl Sink, limit: usize) {
         let quantum = self.config.send_quantum;
         let send_buffer = self.config.stream_send_buffer;
         while let Some(id) = self.ready.pop_front() {
@@ -77,9 +88,8 @@ impl Session {
             if len > 0 && self.config.auto_tune {
                 note_activity(&mut self.recent, id, self.now);
             }
-            frame::encode_data_header(out, id, fin, len as u32);
-            out.extend_from_slice(&s.send_buf[..len]);
-            s.send_buf.advance(len);
+            out.put_slice(&frame::data_header(id, fin, len as u32));
+            out.put_from(&mut s.send_buf, len);
             if s.send_buf.is_empty() {
                 // Idle streams must cost almost nothing: give the buffer back.
                 s.send_buf = BytesMut::new();
