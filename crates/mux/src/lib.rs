@@ -18,7 +18,9 @@
 //! 1. carrier readable → [`Session::handle_input`]; then drain [`Session::poll_event`];
 //! 2. local socket readable → [`Session::write`] (on `Ok(0)` wait for `Event::Writable`);
 //! 3. `Event::Readable(id)` and the local socket writable → [`Session::read`] → write it out;
-//! 4. after any of these → [`Session::poll_transmit`] into a 64–256 KiB buffer → carrier;
+//! 4. after any of these → [`Session::poll_transmit`] into a 64–256 KiB buffer → carrier (or
+//!    [`Session::poll_transmit_chunks`] into a [`Transmit`], whose payloads are the streams' own
+//!    buffers, for one vectored write without copying them);
 //! 5. sleep until [`Session::poll_timeout`] → [`Session::handle_timeout`].
 //!
 //! ```
