@@ -225,11 +225,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     Ok(Settings {
         netem_profiles,
         netem_bulk: Duration::from_secs_f64(netem_secs),
-        // As long as the loaded round trips: a p99 is only comparable between two runs with
-        // about as many samples. With a quarter of them, the idle p99 at 1 % loss was the
-        // maximum of 79 samples and caught a retransmission in some runs and not in others.
         netem_rtt: Duration::from_secs_f64(netem_secs * 3.0),
-        netem_loaded: Duration::from_secs_f64(netem_secs * 3.0),
         netem_warmup: Duration::from_secs_f64((netem_secs / 3.0).max(1.0)),
         rounds: args.rounds.unwrap_or(if q { 1 } else { 3 }).max(1),
         bulk: Duration::from_secs_f64(bulk),
