@@ -49,6 +49,12 @@ pub enum ListenError {
         /// What to do about it.
         hint: &'static str,
     },
+    /// The Unix socket path names something that is not a socket: never removed.
+    #[error("cannot listen on {addr}: it exists and is not a socket; pick another path or remove it yourself")]
+    NotASocket {
+        /// The address asked for.
+        addr: LocalAddr,
+    },
     /// The address is not one of this machine's.
     #[error(
         "cannot listen on {addr}: no such local address (is that IP configured on this machine?)"
@@ -111,7 +117,7 @@ impl Listener {
             LocalAddr::Tcp(sa) => bind_tcp(*sa)
                 .map(Listener::Tcp)
                 .map_err(|e| classify(addr, e)),
-            LocalAddr::Unix(path) => bind_unix(path).map_err(|e| classify(addr, e)),
+            LocalAddr::Unix(path) => bind_unix(addr, path),
         }
     }
 
@@ -152,22 +158,28 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-fn bind_unix(path: &Path) -> io::Result<Listener> {
-    match UnixListener::bind(path) {
-        Ok(l) => Ok(Listener::Unix(l, UnlinkOnDrop(path.to_owned()))),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            // A socket file nobody accepts on is left over from a crash: take it over, like
-            // ssh's StreamLocalBindUnlink, but never steal a live one.
-            match std::os::unix::net::UnixStream::connect(path) {
-                Err(c) if c.kind() == io::ErrorKind::ConnectionRefused => {
-                    std::fs::remove_file(path)?;
-                    let l = UnixListener::bind(path)?;
-                    Ok(Listener::Unix(l, UnlinkOnDrop(path.to_owned())))
-                }
-                _ => Err(e),
-            }
+fn bind_unix(addr: &LocalAddr, path: &Path) -> Result<Listener, ListenError> {
+    let e = match UnixListener::bind(path) {
+        Ok(l) => return Ok(Listener::Unix(l, UnlinkOnDrop(path.to_owned()))),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => e,
+        Err(e) => return Err(classify(addr, e)),
+    };
+    // A socket file nobody accepts on is left over from a crash: take it over, like ssh's
+    // StreamLocalBindUnlink, but never steal a live one. Anything else at the path (a file, a
+    // link, a FIFO) is the user's: connecting to it is refused as well, so check its type
+    // first, or a typo in a SPEC would delete a file.
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        return Err(ListenError::NotASocket { addr: addr.clone() });
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Err(c) if c.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).map_err(|e| classify(addr, e))?;
+            let l = UnixListener::bind(path).map_err(|e| classify(addr, e))?;
+            Ok(Listener::Unix(l, UnlinkOnDrop(path.to_owned())))
         }
-        Err(e) => Err(e),
+        _ => Err(classify(addr, e)),
     }
 }
 
@@ -233,5 +245,68 @@ impl AsyncWrite for LocalStream {
             LocalStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             LocalStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "forward-listen-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u8(0);
+        h.finish()
+    }
+
+    #[tokio::test]
+    async fn a_regular_file_at_the_socket_path_is_refused_and_kept() {
+        let d = dir();
+        let path = d.join("important.txt");
+        std::fs::write(&path, b"precious").unwrap();
+        let fifo = d.join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let link = d.join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        for p in [&path, &fifo, &link] {
+            let addr = LocalAddr::Unix(p.clone());
+            let e = Listener::bind(&addr).unwrap_err();
+            assert!(matches!(e, ListenError::NotASocket { .. }), "{p:?}: {e}");
+            let text = e.to_string();
+            assert!(text.contains("exists and is not a socket"), "{text}");
+            assert!(std::fs::symlink_metadata(p).is_ok(), "{p:?} was removed");
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_taken_over_and_a_live_one_is_not() {
+        let d = dir();
+        let path = d.join("s.sock");
+        let addr = LocalAddr::Unix(path.clone());
+        // A socket file whose listener is gone, as after a crash.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let live = Listener::bind(&addr).expect("stale socket taken over");
+        let e = Listener::bind(&addr).unwrap_err();
+        assert!(matches!(e, ListenError::InUse { .. }), "{e}");
+        drop(live);
+        assert!(!path.exists(), "socket removed on drop");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
