@@ -95,11 +95,23 @@ fn bind_all(
     addrs: &[std::net::IpAddr],
     port: u16,
 ) -> Result<Vec<(Listener, LocalAddr)>, forward_tunnel::ListenError> {
+    // "Both loopbacks" means whichever this machine has: a container or host with IPv6
+    // disabled has no [::1], and `ssh -L` then listens on 127.0.0.1 alone. An address the
+    // user typed must bind or fail.
+    let lenient = addrs == crate::spec::loopbacks().as_slice();
     let mut out: Vec<(Listener, LocalAddr)> = Vec::new();
     let mut port = port;
+    let mut missing = None;
     for ip in addrs {
         let want = LocalAddr::Tcp(SocketAddr::new(*ip, port));
-        let l = Listener::bind(&want)?;
+        let l = match Listener::bind(&want) {
+            Ok(l) => l,
+            Err(e) if lenient && family_unavailable(&e) => {
+                missing = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let got = l
             .local_addr()
             .map_err(|source| forward_tunnel::ListenError::Other {
@@ -111,7 +123,25 @@ fn bind_all(
         }
         out.push((l, got));
     }
-    Ok(out)
+    match missing {
+        Some(e) if out.is_empty() => Err(e),
+        Some(e) => {
+            tracing::warn!("{e}; listening on the other loopback only");
+            Ok(out)
+        }
+        None => Ok(out),
+    }
+}
+
+/// The address family or the loopback address itself does not exist here (IPv6 disabled).
+fn family_unavailable(e: &forward_tunnel::ListenError) -> bool {
+    use forward_tunnel::ListenError;
+    const EAFNOSUPPORT: i32 = if cfg!(target_os = "linux") { 97 } else { 47 };
+    match e {
+        ListenError::NotLocal { .. } => true,
+        ListenError::Other { cause, .. } => cause.raw_os_error() == Some(EAFNOSUPPORT),
+        _ => false,
+    }
 }
 
 /// Checks (if asked), prints the start-up lines, serves until SIGINT/SIGTERM, then stops

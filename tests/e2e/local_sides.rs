@@ -1,6 +1,9 @@
 //! The local side of a forward can be IPv4, IPv6 or a Unix socket, several in one process, and the
 //! default bind covers both loopbacks.
 
+use std::process::Command;
+
+use crate::harness::{forward_bin, is_root, skip_unless_root, Proc, Src};
 use crate::net::{echo_exchange, Backend, Local};
 use crate::stack::{Stack, Transport};
 
@@ -64,4 +67,55 @@ fn default_bind_is_both_loopbacks(t: Transport) {
         let sent = echo_exchange(local.connect(), rand::random(), 256 * 1024);
         assert_eq!(backend.next_report().hash, sent, "through {local}");
     }
+}
+
+/// A machine with IPv6 disabled (common in containers) has no [::1]: the default bind then
+/// listens on 127.0.0.1 alone, as `ssh -L` does, and says so; an explicit [::1] still fails.
+/// Runs in a network namespace of its own with IPv6 switched off.
+#[test]
+fn default_bind_without_ipv6_listens_on_ipv4_alone() {
+    if !is_root() && skip_unless_root("needs a network namespace (unshare -n)") {
+        return;
+    }
+    let in_netns = |spec: &str| {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-n", "sh", "-c"]).arg(format!(
+            "ip link set lo up && sysctl -qw net.ipv6.conf.all.disable_ipv6=1 \
+             net.ipv6.conf.lo.disable_ipv6=1 && \
+             exec {} --edge 127.0.0.1 --domain vm.test {spec}",
+            forward_bin()
+        ));
+        cmd.env("NO_COLOR", "1").env("RUST_LOG", "info");
+        cmd
+    };
+
+    let mut fwd = Proc::spawn("forward in netns", in_netns("0:abc:5432"));
+    let up = fwd.wait_line(Src::Stdout, "the listening line", |l| {
+        l.starts_with("forwarding ")
+    });
+    assert!(up.starts_with("forwarding 127.0.0.1:"), "{up}");
+    fwd.wait_line(Src::Stderr, "the warning about [::1]", |l| {
+        l.contains("[::1]") && l.contains("listening on the other loopback only")
+    });
+    fwd.signal("TERM");
+    assert!(fwd.wait_exit().success(), "{}", fwd.transcript());
+    assert_eq!(
+        fwd.stdout_text()
+            .lines()
+            .filter(|l| l.starts_with("forwarding"))
+            .count(),
+        1,
+        "{}",
+        fwd.transcript()
+    );
+
+    let mut explicit = Proc::spawn("forward [::1] in netns", in_netns("[::1]:0:abc:5432"));
+    let status = explicit.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", explicit.transcript());
+    let err = explicit.stderr_text();
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("error: ") && l.contains("cannot listen on [::1]")),
+        "{err}"
+    );
 }
