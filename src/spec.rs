@@ -98,7 +98,13 @@ fn valid_host(h: &str) -> bool {
 
 fn parse_bind(spec: &str, b: &str) -> Result<Vec<IpAddr>, SpecError> {
     match b {
-        "" | "localhost" => Ok(loopbacks()),
+        // `ssh -L` reads an empty bind address as "all interfaces"; quietly meaning loopback
+        // instead would surprise one half of the users and the other way round the other half.
+        "" => Err(err(
+            spec,
+            "bind address before the local port is empty: write localhost (loopback), '*' (all interfaces) or an IP, or leave out the colon",
+        )),
+        "localhost" => Ok(loopbacks()),
         "*" => Ok(vec![
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(Ipv6Addr::UNSPECIFIED),
@@ -283,6 +289,10 @@ mod tests {
             ("[::1:80:abc:22", "bind address"),
             (":abc:22", "local port is missing"),
             ("1:abc/:22", "target '' after '/'"),
+            (
+                ":21000:abc:22",
+                "bind address before the local port is empty",
+            ),
         ];
         for (text, want) in cases {
             let e = Spec::parse(text).expect_err(text).to_string();
