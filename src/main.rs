@@ -38,8 +38,13 @@ fn init_logging(opts: &LogOpts) {
         "warn,forward={level},forward_tunnel={level},forward_edge={level},forward_mux={level}"
     );
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Colour only for a person at a terminal: as an ssh ProxyCommand or under a supervisor,
+    // escape codes would end up in someone's terminal or log file as noise.
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match opts.log_format {
         LogFormat::Json => builder.json().init(),

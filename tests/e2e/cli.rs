@@ -159,3 +159,30 @@ fn json_logs_are_one_object_per_line() {
         );
     }
 }
+
+/// Logs to a pipe (an ssh ProxyCommand's stderr, a supervisor's log file) carry no colour
+/// escape codes; only a terminal gets colour.
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    use crate::harness::{Proc, Src};
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["--edge", "127.0.0.1", "127.0.0.1:0:abc:5432"])
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null());
+    let mut fwd = Proc::spawn("forward", cmd);
+    fwd.wait_line(Src::Stdout, "the listening line", |l| {
+        l.starts_with("forwarding")
+    });
+    fwd.signal("TERM");
+    assert!(fwd.wait_exit().success(), "{}", fwd.transcript());
+    let stderr = fwd.stderr_text();
+    assert!(
+        stderr.contains("stopping"),
+        "want the INFO line on stop:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains('\x1b'),
+        "escape codes in piped logs:\n{stderr:?}"
+    );
+}
