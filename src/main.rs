@@ -52,8 +52,45 @@ fn init_logging(opts: &LogOpts) {
     }
 }
 
+/// Help and version print as clap renders them. A usage error becomes one line, like every
+/// other error of ours: clap's message and its tip or list of possible values, without the
+/// usage block (which also lists options taken from the environment as if they were typed).
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    eprintln!("error: {}; see --help", one_line(&e.render().to_string()));
+    std::process::exit(2);
+}
+
+fn one_line(rendered: &str) -> String {
+    let (mut parts, mut tips): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    for line in rendered.lines() {
+        let t = line.trim();
+        if t.starts_with("Usage:") || t.starts_with("For more information") {
+            break;
+        }
+        if let Some(tip) = t.strip_prefix("tip: ") {
+            tips.push(tip);
+        } else if !t.is_empty() {
+            parts.push(t.strip_prefix("error: ").unwrap_or(t));
+        }
+    }
+    let mut line = parts.join(" ");
+    for tip in tips {
+        line.push_str(&format!(" ({tip})"));
+    }
+    line
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     init_logging(&cli.log);
     let threads = cli.threads.map(usize::from).unwrap_or(match cli.command {
         Some(Command::Edge(_)) | Some(Command::Demo(_)) => 0,

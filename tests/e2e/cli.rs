@@ -43,6 +43,14 @@ fn assert_rejected(args: &[&str], codes: &[i32], needles: &[&str]) {
             o.stderr
         );
     }
+    if o.code == 2 {
+        let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(
+            lines.len() == 1 && lines[0].starts_with("error: "),
+            "forward {args:?}: a usage error should be one `error: ` line:\n{}",
+            o.stderr
+        );
+    }
     if o.code == 1 {
         assert!(
             o.stderr.lines().any(|l| l.starts_with("error: ")),
@@ -77,13 +85,19 @@ fn malformed_specs_name_the_bad_part() {
 
 #[test]
 fn missing_spec_is_a_usage_error() {
-    assert_rejected(&[], &[1, 2], &["SPEC"]);
+    assert_rejected(&[], &[2], &["SPEC"]);
 }
 
 #[test]
 fn bad_flag_values_are_usage_errors() {
     assert_rejected(&["--grace", "soon", "0:vm1:80"], &[2], &["--grace"]);
     assert_rejected(&["--no-such-flag", "0:vm1:80"], &[2], &["--no-such-flag"]);
+    assert_rejected(
+        &["--log-format", "xml", "0:vm1:80"],
+        &[2],
+        &["--log-format", "possible values: text, json"],
+    );
+    assert_rejected(&["-v", "-q", "0:vm1:80"], &[2], &["cannot be used with"]);
     assert_rejected(&["--threads", "0", "0:vm1:80"], &[2], &["--threads", "0"]);
     assert_rejected(
         &["agent", "--threads", "many"],
