@@ -59,16 +59,34 @@ pub enum TokenError {
 
 /// A rough strength estimate: hex strings carry 4 bits a character, base64-like 6, anything
 /// else 8 (raw bytes). Enough to refuse `secret` and `1234` without rejecting real tokens.
+/// A token that repeats itself is as strong as one repetition (`passwordpassword…`), and one
+/// made of a handful of characters (`000…0`) is judged by how many it uses: the agent listens
+/// on a public port, so a long but guessable token must not pass for a strong one.
 fn estimated_bits(s: &str) -> usize {
-    if s.chars().all(|c| c.is_ascii_hexdigit()) {
-        s.len() * 4
-    } else if s
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "+/=-_".contains(c))
+    let chars: Vec<char> = s.chars().collect();
+    let per_char = if chars.iter().all(|c| c.is_ascii_hexdigit()) {
+        4
+    } else if chars
+        .iter()
+        .all(|c| c.is_ascii_alphanumeric() || "+/=-_".contains(*c))
     {
-        s.len() * 6
+        6
     } else {
-        s.len() * 8
+        8
+    };
+    let period = (1..=chars.len())
+        .find(|&p| chars.iter().enumerate().all(|(i, c)| *c == chars[i % p]))
+        .unwrap_or(0);
+    let bits = period * per_char;
+    let mut distinct = chars.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    // 32 random hex digits use fewer than 8 of the 16 about once in 10^7 draws.
+    if distinct.len() < 8 {
+        let by_alphabet = chars.len() as f64 * (distinct.len() as f64).log2();
+        bits.min(by_alphabet as usize)
+    } else {
+        bits
     }
 }
 
@@ -96,6 +114,9 @@ impl Token {
                 path: path.display().to_string(),
                 cause,
             })?;
+            if let Some(warning) = loose_permissions(path) {
+                tracing::warn!("{warning}");
+            }
             return Self::new(&text, &path.display().to_string());
         }
         match std::env::var(TOKEN_ENV) {
@@ -124,6 +145,20 @@ impl Token {
     pub fn verify(&self, challenge: &[u8], host: &str, port: u16, proof: &[u8]) -> bool {
         hmac::verify(&self.0, &Self::message(challenge, host, port), proof).is_ok()
     }
+}
+
+/// Whether other users of this machine can read the token file, worded as a warning; as ssh
+/// does for private keys, but only a warning: refusing would break set-ups that work today.
+pub fn loose_permissions(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "token file {} can be read by other users (mode {:o}); run chmod 600 on it",
+            path.display(),
+            mode & 0o777
+        )
+    })
 }
 
 /// A fresh random challenge.
@@ -177,13 +212,47 @@ mod tests {
 
     #[test]
     fn weak_tokens_are_refused_and_never_printed() {
-        for weak in ["secret", "1234", "0123456789abcdef", "short-token-here"] {
+        for weak in [
+            "secret",
+            "1234",
+            "0123456789abcdef",
+            "short-token-here",
+            "00000000000000000000000000000000",
+            "passwordpasswordpasswordpassword",
+            "0123456789abcdef0123456789abcdef",
+            &"a".repeat(64),
+            &"ab".repeat(40),
+        ] {
             let e = Token::new(weak, "VERS_AUTH_TOKEN").unwrap_err().to_string();
             assert!(e.contains("at least 128 bits"), "{e}");
             assert!(!e.contains(weak), "the token leaked into {e}");
         }
+        // Real ones: `openssl rand -hex 16`, `openssl rand -base64 24`, a long passphrase.
+        for strong in [
+            "3f1c9a0e7b2d48c6a5e19f0b7d3c2a81",
+            "9b7e3a51c0d24f68e1a7b3c95d02f4e6",
+            "q2T8vXk1ZpL0s9Hc4RmN7bYw3JfA6dGe",
+            "correct horse battery staple and a long saddle",
+        ] {
+            Token::new(strong, "test").unwrap_or_else(|e| panic!("{strong}: {e}"));
+        }
         let t = Token::new(GOOD, "x").unwrap();
         assert!(!format!("{t:?}").contains(GOOD));
+    }
+
+    #[test]
+    fn token_files_readable_by_others_are_flagged() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("forward-token-{}", std::process::id()));
+        std::fs::write(&path, GOOD).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let w = loose_permissions(&path).expect("0644 is flagged");
+        assert!(w.contains("mode 644") && w.contains("chmod 600"), "{w}");
+        assert!(!w.contains(GOOD), "the token leaked into {w}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(loose_permissions(&path), None);
+        assert!(Token::load(Some(&path)).is_ok());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub const TOKEN_HEX: &str = "5f1c2e3d4a5b6c7d8e9fa0b1c2d3e4f5061728394a5b6c7d8e9fa0b1c2d3e4f5";
 /// A different, equally strong secret.
 pub const OTHER_TOKEN_HEX: &str =
-    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    "9c41e07a2bd35f86c1e94a7d0b3f52e8a6d17c04f9b25e3a8c60d1f47b92e5a3";
 
 /// Generous deadline for anything that should happen "soon" on a loaded 2-core machine.
 pub const PATIENCE: Duration = Duration::from_secs(60);
