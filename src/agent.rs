@@ -136,6 +136,11 @@ pub struct Connectors<'a> {
 impl<'a> Connectors<'a> {
     /// Loads the token (and TLS config) once for every forward of the process.
     pub fn new(client: &'a ClientOpts, opts: &'a AgentClientOpts, port: u16) -> Result<Self> {
+        if opts.agent_pin.is_some() && !matches!(opts.transport, Transport::Quic) {
+            anyhow::bail!(
+                "--agent-pin applies to --transport quic only; the tls carrier is verified against the CA (--ca-file)"
+            );
+        }
         let tls = match opts.transport {
             Transport::Tls => Some(run::tls_config(client)?),
             Transport::Tcp | Transport::Quic => None,

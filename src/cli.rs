@@ -78,7 +78,7 @@ pub struct Cli {
 pub struct AgentClientOpts {
     /// Use the agent listening on this port of the VM (one carrier per VM, zero round trips per
     /// connection) instead of one TLS connection per local connection.
-    #[arg(long, value_name = "PORT")]
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub agent: Option<u16>,
 
     /// Carrier to the agent: tls (through the edge, or to an agent with its own certificate),
@@ -92,7 +92,7 @@ pub struct AgentClientOpts {
 
     /// With --transport quic: trust exactly the agent certificate with this SPKI pin (printed by
     /// `forward agent --quic`), instead of CA verification.
-    #[arg(long, value_name = "sha256:BASE64", requires = "agent")]
+    #[arg(long, value_name = "sha256:BASE64", requires = "agent", value_parser = pin)]
     pub agent_pin: Option<String>,
 }
 
@@ -111,11 +111,11 @@ pub enum Transport {
 #[derive(Debug, Clone, Args)]
 pub struct ClientOpts {
     /// Domain appended to VM ids.
-    #[arg(long, env = "FORWARD_DOMAIN", default_value = "vm.vers.sh")]
+    #[arg(long, env = "FORWARD_DOMAIN", default_value = "vm.vers.sh", value_parser = domain)]
     pub domain: String,
 
     /// Connect to ADDR instead of resolving the host name (TLS name and port unchanged).
-    #[arg(long, env = "FORWARD_EDGE", value_name = "ADDR")]
+    #[arg(long, env = "FORWARD_EDGE", value_name = "ADDR", value_parser = edge)]
     pub edge: Option<String>,
 
     /// Extra trusted root certificates (PEM), in addition to the OS trust store.
@@ -123,7 +123,7 @@ pub struct ClientOpts {
     pub ca_file: Option<PathBuf>,
 
     /// Give up on a TCP connect or TLS handshake after this long.
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_timeout: u64,
 }
 
@@ -231,4 +231,72 @@ pub struct AgentArgs {
     /// so its pin survives restarts.
     #[arg(long, value_name = "DIR", env = "FORWARD_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+}
+
+/// `--edge`: an address or name without a port (the port is the SPEC's, as at Vers).
+fn edge(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty; give the edge's IP or host name (or unset FORWARD_EDGE)".into());
+    }
+    let host_port = t.rsplit_once(':').is_some_and(|(h, p)| {
+        !h.is_empty() && p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']'))
+    });
+    if host_port {
+        return Err(format!(
+            "'{t}' has a port; --edge takes only the address (the port is the SPEC's remote port), e.g. 127.0.0.1"
+        ));
+    }
+    Ok(t.to_owned())
+}
+
+/// `--domain`: a DNS suffix, without leading or trailing dots.
+fn domain(s: &str) -> Result<String, String> {
+    let t = s.trim().trim_matches('.');
+    if t.is_empty() {
+        return Err("empty; give the domain VM ids live under, e.g. vm.vers.sh".into());
+    }
+    Ok(t.to_owned())
+}
+
+/// `--agent-pin`: checked when typed, not when the first connection needs it.
+fn pin(s: &str) -> Result<String, String> {
+    s.parse::<forward_tunnel::quic::SpkiPin>()
+        .map(|_| s.trim().to_owned())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edge_addresses() {
+        for ok in [
+            "127.0.0.1",
+            "::1",
+            "[::1]",
+            "edge.example.com",
+            "2001:db8::7",
+        ] {
+            assert_eq!(edge(ok).as_deref(), Ok(ok), "{ok}");
+        }
+        for (bad, want) in [
+            ("127.0.0.1:443", "has a port"),
+            ("[::1]:443", "has a port"),
+            ("edge.example.com:443", "has a port"),
+            ("", "empty"),
+            ("  ", "empty"),
+        ] {
+            let e = edge(bad).unwrap_err();
+            assert!(e.contains(want), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn domains() {
+        assert_eq!(domain("vm.test.").as_deref(), Ok("vm.test"));
+        assert!(domain("").unwrap_err().contains("empty"));
+        assert!(domain(".").unwrap_err().contains("empty"));
+    }
 }

@@ -98,6 +98,38 @@ fn bad_flag_values_are_usage_errors() {
         &["--log-format", "possible values: text, json"],
     );
     assert_rejected(&["-v", "-q", "0:vm1:80"], &[2], &["cannot be used with"]);
+    assert_rejected(
+        &["--edge", "127.0.0.1:443", "0:vm1:80"],
+        &[2],
+        &["--edge", "has a port"],
+    );
+    assert_rejected(&["--edge", "", "0:vm1:80"], &[2], &["--edge", "empty"]);
+    assert_rejected(&["--domain", ".", "0:vm1:80"], &[2], &["--domain", "empty"]);
+    assert_rejected(
+        &["--connect-timeout", "0", "0:vm1:80"],
+        &[2],
+        &["--connect-timeout"],
+    );
+    assert_rejected(&["--agent", "0", "0:vm1:80"], &[2], &["--agent <PORT>"]);
+    assert_rejected(
+        &[
+            "--agent",
+            "9",
+            "--transport",
+            "quic",
+            "--agent-pin",
+            "sha256:AAAA",
+            "0:vm1:80",
+        ],
+        &[2],
+        &["--agent-pin", "32 bytes"],
+    );
+    let pin = "sha256:h/DgM4e2qTt5fJrrUbxuwDz5QK0O/6cad0FqsOyhoWU=";
+    assert_rejected(
+        &["--agent", "9", "--agent-pin", pin, "0:vm1:80"],
+        &[1],
+        &["--agent-pin applies to --transport quic only"],
+    );
     assert_rejected(&["--threads", "0", "0:vm1:80"], &[2], &["--threads", "0"]);
     assert_rejected(
         &["agent", "--threads", "many"],

@@ -150,6 +150,8 @@ impl Stack {
                 .map(|_| format!("{:02x}", rand::random::<u8>()))
                 .collect();
             std::fs::write(&token_file, token).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         let mut args: Vec<OsString> = vec![
             "agent".into(),
