@@ -179,8 +179,15 @@ pub async fn serve_all<C: Connector>(
     out.flush()?;
     drop(out);
     signals.recv().await;
-    tracing::info!("stopping: no new connections");
-    let reset = life.shutdown(grace).await;
+    tracing::info!("stopping: no new connections (a second Ctrl-C resets open ones at once)");
+    // As with most servers, an impatient second signal means "now", not "after the grace".
+    let reset = tokio::select! {
+        reset = life.shutdown(grace) => reset,
+        _ = signals.recv() => {
+            tracing::info!("second signal: resetting open connections now");
+            life.shutdown(Duration::ZERO).await
+        }
+    };
     for t in tasks {
         t.await?;
     }

@@ -10,6 +10,7 @@ use crate::stack::{Stack, Transport};
 
 per_transport!(sigterm_drains_open_connection);
 per_transport!(sigterm_exits_after_grace);
+per_transport!(second_signal_skips_the_grace: direct, agent_tls);
 
 /// Asserts a clean exit 0. Death by SIGTERM itself means the signal arrived before forward had
 /// installed its handler, although it had already printed its `forwarding` lines (readiness):
@@ -106,4 +107,38 @@ fn sigterm_exits_after_grace(t: Transport) {
         "a connection cut at the end of the grace period must be reset, not cleanly closed",
     );
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
+
+/// A second Ctrl-C does not wait out the grace period: open connections are reset at once.
+fn second_signal_skips_the_grace(t: Transport) {
+    let backend = Backend::echo();
+    let stack = Stack::start(t, &[backend.port]);
+    let mut fwd = stack.forward(
+        &["--grace", "120"],
+        &[format!("127.0.0.1:0:{}", stack.target(backend.port))],
+        1,
+    );
+    let mut open = fwd.local().connect();
+    open.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).unwrap();
+
+    fwd.proc.signal("INT");
+    fwd.proc
+        .wait_line(crate::harness::Src::Stderr, "the stopping line", |l| {
+            l.contains("stopping")
+        });
+    let second = Instant::now();
+    fwd.proc.signal("INT");
+    assert_clean_exit(fwd.proc.wait_exit());
+    assert!(
+        second.elapsed() < Duration::from_secs(60),
+        "forward waited {:?} after the second signal (grace 120 s)",
+        second.elapsed()
+    );
+    let mut rest = Vec::new();
+    let err = open
+        .read_to_end(&mut rest)
+        .expect_err("a connection cut by the second signal must be reset, not cleanly closed");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
 }
