@@ -199,8 +199,8 @@ pub struct DemoArgs {
 /// `forward agent`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Address to listen on; [::] takes IPv4 too.
-    #[arg(long, default_value = "[::]:9999", value_name = "ADDR")]
+    /// Address to listen on; [::] takes IPv4 too; a bare port means [::]:PORT.
+    #[arg(long, default_value = "[::]:9999", value_name = "ADDR", value_parser = listen_addr)]
     pub listen: std::net::SocketAddr,
 
     /// File holding the token (default: env VERS_AUTH_TOKEN); at least 128 bits.
@@ -250,6 +250,17 @@ fn edge(s: &str) -> Result<String, String> {
     Ok(t.to_owned())
 }
 
+/// `forward agent --listen`: IP:PORT, or a bare port on every interface, both families.
+fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    let t = s.trim();
+    if let Ok(port) = t.trim_start_matches(':').parse::<u16>() {
+        return Ok((std::net::Ipv6Addr::UNSPECIFIED, port).into());
+    }
+    t.parse().map_err(|_| {
+        format!("'{t}' is not IP:PORT or a port, e.g. [::]:9999, 127.0.0.1:9999 or 9999")
+    })
+}
+
 /// `--domain`: a DNS suffix, without leading or trailing dots.
 fn domain(s: &str) -> Result<String, String> {
     let t = s.trim().trim_matches('.');
@@ -291,6 +302,21 @@ mod tests {
             let e = edge(bad).unwrap_err();
             assert!(e.contains(want), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let any = |p| std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, p));
+        assert_eq!(listen_addr("9999"), Ok(any(9999)));
+        assert_eq!(listen_addr(":9999"), Ok(any(9999)));
+        assert_eq!(
+            listen_addr("127.0.0.1:1"),
+            Ok("127.0.0.1:1".parse().unwrap())
+        );
+        assert_eq!(listen_addr("[::1]:2"), Ok("[::1]:2".parse().unwrap()));
+        assert!(listen_addr("localhost:9999")
+            .unwrap_err()
+            .contains("IP:PORT"));
     }
 
     #[test]

@@ -223,10 +223,11 @@ impl Agent {
 }
 
 async fn respond<S: AsyncWrite + Unpin>(s: &mut S, status: &str, body: &str) {
-    if s.write_all(upgrade::simple(status, body).as_bytes())
-        .await
-        .is_ok()
-    {
+    respond_raw(s, &upgrade::simple(status, body)).await;
+}
+
+async fn respond_raw<S: AsyncWrite + Unpin>(s: &mut S, response: &str) {
+    if s.write_all(response.as_bytes()).await.is_ok() {
         let _ = s.shutdown().await;
     }
 }
@@ -267,6 +268,12 @@ async fn serve_conn<S>(
     match (head.first.as_str(), head.second.as_str()) {
         ("GET", "/health") => {
             respond(&mut s, "200 OK", "ok\n").await;
+            return;
+        }
+        // Load balancers and `curl -I` probe with HEAD: the same answer without its body.
+        ("HEAD", "/health") => {
+            let full = upgrade::simple("200 OK", "ok\n");
+            respond_raw(&mut s, full.trim_end_matches("ok\n")).await;
             return;
         }
         ("GET", upgrade::TUNNEL_PATH) if head.is_upgrade() => {}

@@ -55,6 +55,14 @@ pub enum TlsConfigError {
         /// What went wrong.
         detail: String,
     },
+    /// `--tls-key` is not the key of `--tls-cert`.
+    #[error("the private key in {key} does not belong to the certificate in {cert}; pass the key the certificate was issued for")]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
     /// rustls refused the protocol configuration (should not happen with the ring provider).
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
@@ -196,11 +204,51 @@ pub fn server_config_from_files(
     if certs.is_empty() {
         return Err(bad("certificate", cert, "no CERTIFICATE block".into()));
     }
-    let key =
+    let key_der =
         PrivateKeyDer::from_pem_file(key).map_err(|e| bad("private key", key, e.to_string()))?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_single_cert(certs, key_der)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => TlsConfigError::KeyMismatch {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+            },
+            other => TlsConfigError::Rustls(other),
+        })?;
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_of_another_certificate_is_named_as_such() {
+        let dir = std::env::temp_dir().join(format!("forward-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["agent.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let (cert_path, key_path, other_path) =
+            (dir.join("c.pem"), dir.join("k.pem"), dir.join("o.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        std::fs::write(&other_path, other.serialize_pem()).unwrap();
+
+        assert!(server_config_from_files(&cert_path, &key_path).is_ok());
+        let e = server_config_from_files(&cert_path, &other_path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("does not belong to the certificate") && e.contains("o.pem"),
+            "{e}"
+        );
+        assert_eq!(e.matches("KeyMismatch").count(), 0, "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

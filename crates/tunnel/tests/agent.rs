@@ -229,6 +229,13 @@ async fn health_answers_without_auth_and_other_paths_are_404() {
     let answer = http(agent.addr, b"GET /health HTTP/1.1\r\nHost: vm\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("ok\n"), "{answer}");
+    let head = http(agent.addr, b"HEAD /health HTTP/1.1\r\nHost: vm\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("Content-Length: 3\r\n"), "{head}");
+    assert!(
+        head.ends_with("\r\n\r\n"),
+        "HEAD answered with a body: {head:?}"
+    );
     for req in [
         &b"GET / HTTP/1.1\r\nHost: vm\r\n\r\n"[..],
         b"GET /metrics HTTP/1.1\r\n\r\n",
