@@ -44,7 +44,9 @@ pub struct Cli {
     #[command(flatten)]
     pub client: ClientOpts,
 
-    /// Do a TLS handshake with every target before listening; exit 1 if one fails.
+    /// Before listening, check every target and exit 1 if one fails: direct mode does the TLS
+    /// handshake with the edge; agent mode also authenticates and has the agent reach the
+    /// target (nothing listening, or outside --allow, fails; the service sees one connection).
     #[arg(long)]
     pub check: bool,
 

@@ -17,6 +17,7 @@ per_transport!(agent_killed_then_back: agent_tls, agent_tcp, quic);
 per_transport!(ipv4_only_service_is_reachable: agent_tls, agent_tcp, quic);
 per_transport!(thousand_streams_one_stalled: agent_tls, agent_tcp, quic);
 per_transport!(wrong_pin_is_rejected: quic);
+per_transport!(check_reaches_the_target: agent_tls, agent_tcp, quic);
 per_transport!(silent_and_garbage_connections_do_not_disturb: agent_tcp);
 
 fn agent_addr(stack: &Stack) -> SocketAddr {
@@ -325,4 +326,45 @@ fn wrong_pin_is_rejected(t: Transport) {
         Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
         other => panic!("want a reset through a carrier with the wrong pin, got {other:?}"),
     }
+}
+
+/// `--check` in agent mode goes as far as the target: a port with nothing behind it and a host
+/// outside `--allow` fail with the agent's reason; a live service passes and is then served.
+fn check_reaches_the_target(t: Transport) {
+    let backend = Backend::echo();
+    let stack = Stack::start(t, &[backend.port]);
+    let closed = {
+        let l = std::net::TcpListener::bind("[::1]:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let check = |spec: String| {
+        let mut cmd = Command::new(forward_bin());
+        cmd.args(stack.client_args()).arg("--check").arg(&spec);
+        let (st, out, err) = run("forward --check", cmd);
+        (st.code(), out, err)
+    };
+
+    let (code, out, err) = check(format!("127.0.0.1:0:{}", stack.target(closed)));
+    assert_eq!(code, Some(1), "nothing listens on {closed}:\n{out}{err}");
+    assert!(err.contains("refused"), "{err}");
+    assert!(
+        !out.contains("forwarding"),
+        "listened after a failed check:\n{out}"
+    );
+
+    let (code, out, err) = check(format!("127.0.0.1:0:{}/192.0.2.1:22", crate::stack::VM));
+    assert_eq!(code, Some(1), "192.0.2.1 is not allowed:\n{out}{err}");
+    assert!(err.contains("not allowed"), "{err}");
+
+    let spec = format!("127.0.0.1:0:{}", stack.target(backend.port));
+    let mut args = stack.client_args();
+    args.push("--check".into());
+    args.push(spec.into());
+    let fwd = crate::stack::Forward::start(args, 1, t);
+    assert!(
+        fwd.proc.stderr_text().contains("check ok"),
+        "{}",
+        fwd.proc.transcript()
+    );
+    echo_exchange(fwd.local().connect(), rand::random(), 1 << 16);
 }

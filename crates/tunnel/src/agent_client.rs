@@ -362,17 +362,35 @@ impl Connector for AgentConnector {
         }
     }
 
+    /// The carrier, the token, and then the target: a stream is opened and the agent must
+    /// reach the target (`OPEN_OK`), so a port with nothing behind it or one outside `--allow`
+    /// fails the check with the agent's reason. The target sees one connection that closes.
     async fn check(&self) -> Result<(), DialError> {
         let carrier = self.link.carrier().await?;
-        match tokio::time::timeout(self.link.config.timeout, carrier.wait_authed()).await {
+        let timeout = self.link.config.timeout;
+        match tokio::time::timeout(timeout, carrier.wait_authed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => {
+                return Err(DialError::Agent(format!(
+                    "{}: {reason}",
+                    self.link.describe()
+                )))
+            }
+            Err(_) => {
+                return Err(DialError::Agent(format!(
+                    "{}: no answer to AUTH",
+                    self.link.describe()
+                )))
+            }
+        }
+        let mut stream = self.connect().await?;
+        let reached = tokio::time::timeout(timeout, stream.opened()).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        match reached {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(reason)) => Err(DialError::Agent(format!(
-                "{}: {reason}",
-                self.link.describe()
-            ))),
+            Ok(Err(e)) => Err(DialError::Agent(e.to_string())),
             Err(_) => Err(DialError::Agent(format!(
-                "{}: no answer to AUTH",
-                self.link.describe()
+                "the agent did not report reaching the target within {timeout:?}"
             ))),
         }
     }

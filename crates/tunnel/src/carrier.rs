@@ -42,6 +42,9 @@ const FLUSH_GRACE: Duration = Duration::from_secs(5);
 struct StreamSlot {
     read: Option<Waker>,
     write: Option<Waker>,
+    /// Client: the agent reached the target (`OPEN_OK`), and who waits for that.
+    open_ok: bool,
+    open: Option<Waker>,
     reset: Option<ResetCode>,
     got_fin: bool,
     sent_fin: bool,
@@ -313,10 +316,10 @@ impl Carrier {
 
 fn wake_all(g: &mut Inner) {
     for slot in g.slots.values_mut() {
-        if let Some(w) = slot.read.take() {
-            w.wake();
-        }
-        if let Some(w) = slot.write.take() {
+        for w in [slot.read.take(), slot.write.take(), slot.open.take()]
+            .into_iter()
+            .flatten()
+        {
             w.wake();
         }
     }
@@ -340,10 +343,10 @@ fn dispatch(g: &mut Inner, state: &Notify) {
             Event::Reset { id, code } => {
                 if let Some(s) = g.slots.get_mut(&id) {
                     s.reset = Some(code);
-                    if let Some(w) = s.read.take() {
-                        w.wake();
-                    }
-                    if let Some(w) = s.write.take() {
+                    for w in [s.read.take(), s.write.take(), s.open.take()]
+                        .into_iter()
+                        .flatten()
+                    {
                         w.wake();
                     }
                 }
@@ -381,7 +384,14 @@ fn dispatch(g: &mut Inner, state: &Notify) {
                 wake_all(g);
                 state_changed = true;
             }
-            Event::OpenOk(_) => {}
+            Event::OpenOk(id) => {
+                if let Some(s) = g.slots.get_mut(&id) {
+                    s.open_ok = true;
+                    if let Some(w) = s.open.take() {
+                        w.wake();
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -638,6 +648,32 @@ impl MuxStream {
             g.session.stream_buffered(self.id)?,
             g.session.stream_window(self.id)?,
         ))
+    }
+}
+
+impl MuxStream {
+    /// Client: waits until the agent reached the target (`OPEN_OK`), or says why it could not
+    /// (the stream's reset), or the carrier dies. Data needs no such wait; `--check` does.
+    pub async fn opened(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            let mut g = self.carrier.lock();
+            let dead = g.dead.clone();
+            let Some(slot) = g.slots.get_mut(&self.id) else {
+                return Poll::Ready(Err(dead_error(dead.as_deref().unwrap_or("stream gone"))));
+            };
+            if slot.open_ok {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(code) = slot.reset {
+                return Poll::Ready(Err(reset_error(code)));
+            }
+            if let Some(d) = dead {
+                return Poll::Ready(Err(dead_error(&d)));
+            }
+            slot.open = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 }
 

@@ -342,6 +342,11 @@ impl QuicCarrier {
         }))
     }
 
+    /// How long a connect, or an answer the agent owes, may take.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// `host:port` of the agent.
     pub fn describe(&self) -> String {
         if self.host.contains(':') {
@@ -771,11 +776,26 @@ impl Connector for QuicConnector {
             .map_err(|e| DialError::Agent(e.to_string()))
     }
 
+    /// The connection, the token, and then the target. QUIC has no `OPEN_OK`: the stream is
+    /// opened and ended at once, and the agent either refuses it (a reset naming why: nothing
+    /// listening, not allowed) or relays the end to the target, whose close or first bytes
+    /// come back. A target that stays silent after our end counts as reached: the agent has
+    /// dialled it, or it would have said so.
     async fn check(&self) -> Result<(), DialError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         self.carrier
             .check()
             .await
-            .map_err(|e| DialError::Agent(e.to_string()))
+            .map_err(|e| DialError::Agent(e.to_string()))?;
+        let mut stream = self.connect().await?;
+        let fail = |e: std::io::Error| DialError::Agent(e.to_string());
+        stream.shutdown().await.map_err(fail)?;
+        let mut buf = [0u8; 512];
+        let wait = self.carrier.connect_timeout();
+        match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+            Ok(Err(e)) => Err(fail(e)),
+            Ok(Ok(_)) | Err(_) => Ok(()),
+        }
     }
 
     fn describe(&self) -> String {
