@@ -177,7 +177,8 @@ pub enum Command {
 /// `forward stdio`.
 #[derive(Debug, Args)]
 pub struct StdioArgs {
-    /// Target as HOST:PORT; HOST is a VM id or a host name.
+    /// Target as HOST:PORT; HOST is a VM id or a host name. With --agent, VM/HOST:PORT has the
+    /// agent on VM dial HOST (as in a SPEC).
     #[arg(value_name = "HOST:PORT")]
     pub target: String,
 

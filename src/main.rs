@@ -166,13 +166,37 @@ async fn forward(cli: Cli) -> Result<i32> {
 }
 
 async fn stdio(args: cli::StdioArgs) -> Result<i32> {
-    let (host, port) = run::parse_host_port(&args.target)?;
+    // `vm/target:port`, as in a SPEC: the agent on the VM dials `target`.
+    let (host, via, port) = match args.target.split_once('/') {
+        Some((vm, rest)) => {
+            let (target, port) = run::parse_host_port(rest)?;
+            let ok = spec::valid_host(&target) || target.parse::<std::net::IpAddr>().is_ok();
+            if vm.is_empty() || !ok {
+                anyhow::bail!(
+                    "invalid target '{}': expected VM/HOST:PORT, e.g. abc123/10.0.0.5:22",
+                    args.target
+                );
+            }
+            (vm.to_owned(), Some(target), port)
+        }
+        None => {
+            let (host, port) = run::parse_host_port(&args.target)?;
+            (host, None, port)
+        }
+    };
     if let Some(agent_port) = args.agent.agent {
+        let via = agent::via_host(via.as_deref()).to_owned();
         let mut make = agent::Connectors::new(&args.client, &args.agent, agent_port)?;
         return match args.agent.transport {
-            cli::Transport::Quic => stdio_via(make.quic(&host, "", port)?).await,
-            _ => stdio_via(make.mux(&host, "", port)?).await,
+            cli::Transport::Quic => stdio_via(make.quic(&host, &via, port)?).await,
+            _ => stdio_via(make.mux(&host, &via, port)?).await,
         };
+    }
+    if via.is_some() {
+        anyhow::bail!(
+            "'{}': 'vm/target' reaches another host from the VM and needs the agent (--agent PORT)",
+            args.target
+        );
     }
     let tls = run::tls_config(&args.client)?;
     stdio_via(run::direct_connector(&host, port, &args.client, tls)?).await

@@ -81,7 +81,7 @@ fn rsplit_colon(s: &str) -> Option<(&str, &str)> {
     None
 }
 
-fn valid_host(h: &str) -> bool {
+pub fn valid_host(h: &str) -> bool {
     if let Some(inner) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
         return inner.parse::<Ipv6Addr>().is_ok();
     }

@@ -10,15 +10,38 @@ use crate::net::{drain, hex, Backend, Payload};
 use crate::stack::{Stack, Transport};
 
 per_transport!(stdio_pipes_bytes_both_ways);
+per_transport!(stdio_reaches_another_host_through_the_agent: agent_tls, quic);
 
 fn stdio_pipes_bytes_both_ways(t: Transport) {
     let backend = Backend::echo();
     let stack = Stack::start(t, &[backend.port]);
+    let target = stack.target(backend.port);
+    pipe_through_stdio(&stack, &backend, &target);
+}
 
+/// `forward stdio --agent P vm/HOST:PORT`, as in a SPEC: the agent dials HOST (here the VM's
+/// IPv4 loopback, which the edge could not reach).
+fn stdio_reaches_another_host_through_the_agent(t: Transport) {
+    let backend = Backend::echo_on("127.0.0.1:0");
+    let stack = Stack::start(t, &[]);
+    let target = format!("{}/127.0.0.1:{}", crate::stack::VM, backend.port);
+    pipe_through_stdio(&stack, &backend, &target);
+}
+
+#[test]
+fn stdio_via_target_needs_the_agent() {
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["stdio", "--edge", "127.0.0.1", "vm1/10.0.0.5:22"]);
+    let (st, _out, err) = crate::harness::run("forward stdio vm/target", cmd);
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(err.contains("needs the agent (--agent PORT)"), "{err}");
+}
+
+fn pipe_through_stdio(stack: &Stack, backend: &Backend, target: &str) {
     let mut cmd = Command::new(forward_bin());
     cmd.arg("stdio")
         .args(stack.client_args())
-        .arg(stack.target(backend.port))
+        .arg(target)
         .stdin(Stdio::piped());
     let (mut proc, mut stdout) = Proc::spawn_raw_stdout("forward stdio", cmd);
     let mut stdin = proc.take_stdin();
