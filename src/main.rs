@@ -103,6 +103,7 @@ fn main() {
     if threads > 1 {
         builder.worker_threads(threads);
     }
+    let json_logs = matches!(cli.log.log_format, LogFormat::Json);
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -113,7 +114,12 @@ fn main() {
     let code = match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // A log shipper reading JSON gets the reason we exit as JSON too.
+            if json_logs {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             1
         }
     };

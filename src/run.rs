@@ -157,7 +157,7 @@ pub async fn serve_all<C: Connector>(
                 .check()
                 .await
                 .with_context(|| format!("check of {} failed", f.connector.describe()))?;
-            eprintln!("check ok: {}", f.connector.describe());
+            tracing::info!("check ok: {}", f.connector.describe());
         }
     }
     let mut signals = Signals::install()?;

@@ -232,3 +232,30 @@ fn logs_to_a_pipe_have_no_colour_codes() {
         "escape codes in piped logs:\n{stderr:?}"
     );
 }
+
+/// With `--log-format json` the final error is a JSON object too, so a log shipper sees why
+/// the process exited.
+#[test]
+fn json_mode_reports_the_fatal_error_as_json() {
+    let o = forward(&[
+        "--log-format",
+        "json",
+        "--ca-file",
+        "/nonexistent/ca.pem",
+        "0:vm1:80",
+    ]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not JSON: {line}"
+        );
+    }
+    let last = lines.last().unwrap();
+    assert!(
+        last.contains("\"level\":\"ERROR\"") && last.contains("/nonexistent/ca.pem"),
+        "{last}"
+    );
+}

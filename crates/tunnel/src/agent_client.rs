@@ -149,7 +149,7 @@ impl AgentLink {
         if let (Some(at), Some(err)) = (st.last_attempt, &st.last_error) {
             if at.elapsed() < USER_RETRY {
                 return Err(DialError::Agent(format!(
-                    "{} is unreachable: {err}",
+                    "{}: the last attempt failed moments ago: {err}",
                     self.describe()
                 )));
             }
@@ -279,7 +279,13 @@ async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
     }
     let reason = carrier.closed().await;
     let Some(l) = link.upgrade() else { return };
-    tracing::warn!(link = %l.describe(), %reason, "carrier lost; open connections were reset, reconnecting");
+    match carrier.streams_cut() {
+        // A drained or idle carrier going away loses nothing: not worth a warning.
+        0 => tracing::info!(link = %l.describe(), %reason, "carrier closed, reconnecting"),
+        cut => {
+            tracing::warn!(link = %l.describe(), %reason, cut, "carrier lost; its open connections were reset, reconnecting")
+        }
+    }
     let mut failures = {
         let mut st = l.state.lock().await;
         st.retire(&carrier);

@@ -54,6 +54,8 @@ struct Inner {
     session: Session,
     slots: HashMap<StreamId, StreamSlot>,
     dead: Option<String>,
+    /// Streams still open when the carrier died: they were reset.
+    cut: usize,
     going_away: bool,
     authed: bool,
     auth_request: Option<Vec<u8>>,
@@ -117,6 +119,7 @@ impl Carrier {
                 session,
                 slots: HashMap::new(),
                 dead: None,
+                cut: 0,
                 going_away: false,
                 authed: false,
                 auth_request: None,
@@ -208,6 +211,11 @@ impl Carrier {
             }
             notified.await;
         }
+    }
+
+    /// How many streams were still open when the carrier died (they were reset).
+    pub fn streams_cut(&self) -> usize {
+        self.lock().cut
     }
 
     /// Resolves when the carrier is dead.
@@ -303,7 +311,7 @@ impl Carrier {
             tracing::debug!(carrier = %self.label, %reason, "carrier ended");
             // Record the real cause first: close_now's own Closed event would otherwise name
             // it "closed locally: internal error".
-            g.dead = Some(reason.clone());
+            g.die(reason.clone());
             g.session.close_now(ErrorCode::Internal, &reason);
             dispatch(&mut g, &self.state);
             wake_all(&mut g);
@@ -311,6 +319,20 @@ impl Carrier {
         drop(g);
         self.state.notify_waiters();
         self.tx.notify_one();
+    }
+}
+
+impl Inner {
+    /// Records the first cause of death, and how many streams it cut.
+    fn die(&mut self, reason: String) {
+        if self.dead.is_none() {
+            self.cut = self
+                .slots
+                .values()
+                .filter(|s| !(s.got_fin && s.sent_fin) && s.reset.is_none())
+                .count();
+            self.dead = Some(reason);
+        }
     }
 }
 
@@ -369,18 +391,19 @@ fn dispatch(g: &mut Inner, state: &Notify) {
                 state_changed = true;
             }
             Event::AuthFailed => {
-                g.dead = Some(CloseReason::AuthRejected.to_string());
+                g.die(CloseReason::AuthRejected.to_string());
                 state_changed = true;
             }
             Event::GoAway { reason, code, .. } => {
-                tracing::info!(%code, %reason, "peer is going away: new connections use a new carrier");
+                // A drain often ends in a second GOAWAY; once is news, twice is noise.
+                if !g.going_away {
+                    tracing::info!(%code, %reason, "peer is going away: new connections use a new carrier");
+                }
                 g.going_away = true;
                 state_changed = true;
             }
             Event::Closed { reason } => {
-                if g.dead.is_none() {
-                    g.dead = Some(reason.to_string());
-                }
+                g.die(reason.to_string());
                 wake_all(g);
                 state_changed = true;
             }
