@@ -12,9 +12,9 @@ Examples:
   forward 0:abc123:80                      pick a free local port and print it
   forward '[::1]:8080:abc123:80'           listen on ::1 only (default: 127.0.0.1 and ::1)
   forward /tmp/pg.sock:abc123:5432         a Unix socket as the local side
-  forward --check 5432:abc123:5432         verify TLS to every target first, exit 1 on failure
-  forward --agent 9999 5432:abc123:5432    through `forward agent` on the VM (token in VERS_AUTH_TOKEN)
-  forward --agent 9999 5433:abc123/db.internal:5432   the agent dials db.internal from the VM
+  forward --check 5432:abc123:5432         check every target first, exit 1 on failure
+  forward --agent 9999 5432:abc123:5432    via `forward agent` on the VM (token: VERS_AUTH_TOKEN)
+  forward --agent 9999 5433:abc123/db.internal:5432   the agent dials db.internal
   forward --agent 9999 --transport quic --agent-pin sha256:... --edge 203.0.113.7 5432:abc123:5432
   ssh -o ProxyCommand='forward stdio %h:443' root@abc123.vm.vers.sh
   forward demo                             local edge + services, end to end, no Vers account
@@ -84,7 +84,8 @@ pub struct AgentClientOpts {
     pub agent: Option<u16>,
 
     /// Carrier to the agent: tls (through the edge, or to an agent with its own certificate),
-    /// tcp (plain TCP straight to the agent, trusted networks only).
+    /// tcp (plain TCP straight to the agent, trusted networks only), quic (UDP straight to
+    /// `forward agent --quic`).
     #[arg(long, value_enum, default_value_t = Transport::Tls, requires = "agent")]
     pub transport: Transport,
 
@@ -159,7 +160,7 @@ pub enum LogFormat {
 pub enum Command {
     /// Relay stdin/stdout over TLS to HOST:PORT (for ssh ProxyCommand).
     #[command(
-        after_help = "Examples:\n  ssh -o ProxyCommand='forward stdio %h:%p' -p 443 root@abc123.vm.vers.sh\n  ssh -o ProxyCommand='forward stdio --agent 9999 %h:22' root@abc123.vm.vers.sh   (sshd via the agent)"
+        after_help = "Examples:\n  ssh -o ProxyCommand='forward stdio %h:%p' -p 443 root@abc123.vm.vers.sh\n  ssh -o ProxyCommand='forward stdio --agent 9999 %h:22' root@abc123.vm.vers.sh   (via the agent)\n  forward stdio --agent 9999 abc123/10.0.0.5:22   (the agent dials 10.0.0.5)"
     )]
     Stdio(StdioArgs),
     /// Run a local imitation of the Vers edge (tests, demo, benchmarks).
