@@ -37,7 +37,16 @@ fn init_logging(opts: &LogOpts) {
     let default = format!(
         "warn,forward={level},forward_tunnel={level},forward_edge={level},forward_mux={level}"
     );
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let (filter, bad_filter) = match EnvFilter::try_from_default_env() {
+        Ok(f) => (f, None),
+        Err(e) => (
+            EnvFilter::new(default),
+            std::env::var("RUST_LOG")
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| format!("RUST_LOG='{v}' is not a valid filter ({e}); using -v/-q levels")),
+        ),
+    };
     // Colour only for a person at a terminal: as an ssh ProxyCommand or under a supervisor,
     // escape codes would end up in someone's terminal or log file as noise.
     use std::io::IsTerminal;
@@ -49,6 +58,9 @@ fn init_logging(opts: &LogOpts) {
     match opts.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+    if let Some(warning) = bad_filter {
+        tracing::warn!("{warning}");
     }
 }
 

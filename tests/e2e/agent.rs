@@ -360,11 +360,10 @@ fn check_reaches_the_target(t: Transport) {
     let mut args = stack.client_args();
     args.push("--check".into());
     args.push(spec.into());
-    let fwd = crate::stack::Forward::start(args, 1, t);
-    assert!(
-        fwd.proc.stderr_text().contains("check ok"),
-        "{}",
-        fwd.proc.transcript()
-    );
+    let mut fwd = crate::stack::Forward::start(args, 1, t);
+    fwd.proc
+        .wait_line(crate::harness::Src::Stderr, "check ok", |l| {
+            l.contains("check ok")
+        });
     echo_exchange(fwd.local().connect(), rand::random(), 1 << 16);
 }

@@ -324,6 +324,8 @@ impl AgentConnector {
     pub fn new(link: Arc<AgentLink>, target: Target) -> Self {
         let t = if target.host.is_empty() {
             format!("localhost:{}", target.port)
+        } else if target.host.contains(':') {
+            format!("[{}]:{}", target.host, target.port)
         } else {
             format!("{}:{}", target.host, target.port)
         };
