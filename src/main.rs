@@ -25,8 +25,11 @@ use cli::{Cli, Command, LogFormat, LogOpts};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use spec::Spec;
 
-fn init_logging(opts: &LogOpts) {
+/// `quiet` lowers the default by one notch: `forward stdio` runs as an ssh ProxyCommand, whose
+/// stderr lands in the user's terminal at every login, so only problems belong there.
+fn init_logging(opts: &LogOpts, quiet: bool) {
     let level = match (opts.verbose, opts.quiet) {
+        (0, 0) if quiet => "warn",
         (0, 0) => "info",
         (1, _) => "debug",
         (v, _) if v >= 2 => "trace",
@@ -103,7 +106,7 @@ fn one_line(rendered: &str) -> String {
 
 fn main() {
     let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
-    init_logging(&cli.log);
+    init_logging(&cli.log, matches!(cli.command, Some(Command::Stdio(_))));
     let threads = cli.threads.map(usize::from).unwrap_or(match cli.command {
         Some(Command::Edge(_)) | Some(Command::Demo(_)) => 0,
         _ => 1,

@@ -42,6 +42,7 @@ fn pipe_through_stdio(stack: &Stack, backend: &Backend, target: &str) {
     cmd.arg("stdio")
         .args(stack.client_args())
         .arg(target)
+        .env_remove("RUST_LOG")
         .stdin(Stdio::piped());
     let (mut proc, mut stdout) = Proc::spawn_raw_stdout("forward stdio", cmd);
     let mut stdin = proc.take_stdin();
@@ -64,6 +65,9 @@ fn pipe_through_stdio(stack: &Stack, backend: &Backend, target: &str) {
 
     let status = proc.wait_exit();
     assert!(status.success(), "forward stdio exited with {status}");
+    // As a ProxyCommand its stderr is the user's terminal: silent unless something is wrong.
+    let stderr = proc.stderr_text();
+    assert!(stderr.trim().is_empty(), "forward stdio logged:\n{stderr}");
     let r = backend.next_report();
     assert_eq!(r.note, "eof");
     assert_eq!(hex(&r.hash), hex(&sent));
