@@ -78,7 +78,12 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         return Ok(QuicCert::load(cert, key)?);
     }
-    let dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let dir = match args.state_dir.clone().or_else(default_state_dir) {
+        Some(d) => d,
+        None => anyhow::bail!(
+            "no place for the generated QUIC certificate: HOME is not set; pass --state-dir DIR (or FORWARD_STATE_DIR)"
+        ),
+    };
     let (cert_path, key_path) = (dir.join("quic-cert.pem"), dir.join("quic-key.pem"));
     if cert_path.exists() && key_path.exists() {
         return Ok(QuicCert::load(&cert_path, &key_path)?);
@@ -92,8 +97,12 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
         .collect();
     let cert = QuicCert::generate(&names)?;
     let (cert_pem, key_pem) = cert.to_pem();
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating the state directory {}", dir.display()))?;
+    std::fs::create_dir_all(&dir).with_context(|| {
+        format!(
+            "creating the state directory {} (choose another with --state-dir)",
+            dir.display()
+        )
+    })?;
     write_private(&key_path, key_pem.as_bytes())?;
     std::fs::write(&cert_path, cert_pem)
         .with_context(|| format!("writing {}", cert_path.display()))?;
@@ -101,10 +110,11 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
     Ok(cert)
 }
 
-fn default_state_dir() -> PathBuf {
+/// `~/.forward`; never a directory relative to wherever a supervisor happened to start us.
+fn default_state_dir() -> Option<PathBuf> {
     std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
         .map(|h| PathBuf::from(h).join(".forward"))
-        .unwrap_or_else(|| PathBuf::from(".forward"))
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<()> {

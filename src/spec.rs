@@ -180,6 +180,12 @@ impl Spec {
             }
         }
         let local = if local_text.contains('/') {
+            if let Some((bind, _)) = local_text.split_once(":/") {
+                return Err(err(
+                    text,
+                    format!("a Unix socket path takes no bind address: drop '{bind}:'"),
+                ));
+            }
             LocalSide::Unix(PathBuf::from(local_text))
         } else {
             match rsplit_colon(local_text) {
@@ -292,6 +298,10 @@ mod tests {
             (
                 ":21000:abc:22",
                 "bind address before the local port is empty",
+            ),
+            (
+                "[::1]:/tmp/x.sock:abc:22",
+                "a Unix socket path takes no bind address",
             ),
         ];
         for (text, want) in cases {
