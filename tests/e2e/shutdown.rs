@@ -5,8 +5,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::harness::TIMEOUT;
-use crate::net::{echo_exchange, Backend, Local};
-use crate::stack::{Stack, Transport};
+use crate::net::{echo_exchange, Backend, Conn, Local};
+use crate::stack::{Forward, Stack, Transport};
 
 per_transport!(sigterm_drains_open_connection);
 per_transport!(sigterm_exits_after_grace);
@@ -84,45 +84,43 @@ fn sigterm_drains_open_connection(t: Transport) {
     assert!(ours, "the service never saw our connection complete");
 }
 
-fn sigterm_exits_after_grace(t: Transport) {
+/// A forward with `--grace SECS` and one connection through it that is open and idle.
+fn one_idle_connection(t: Transport, grace: &str) -> (Backend, Stack, Forward, Conn) {
     let backend = Backend::echo();
     let stack = Stack::start(t, &[backend.port]);
-    let mut fwd = stack.forward(
-        &["--grace", "1"],
+    let fwd = stack.forward(
+        &["--grace", grace],
         &[format!("127.0.0.1:0:{}", stack.target(backend.port))],
         1,
     );
-    let mut idle = fwd.local().connect();
-    idle.write_all(b"x").unwrap();
+    let mut conn = fwd.local().connect();
+    conn.write_all(b"x").unwrap();
     let mut one = [0u8; 1];
-    idle.read_exact(&mut one).unwrap();
+    conn.read_exact(&mut one).unwrap();
+    (backend, stack, fwd, conn)
+}
 
+/// The connection forward gave up on is reset, not closed as if it had finished.
+fn assert_reset(mut conn: Conn, why: &str) {
+    let mut rest = Vec::new();
+    let err = conn.read_to_end(&mut rest).expect_err(why);
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+}
+
+fn sigterm_exits_after_grace(t: Transport) {
+    let (_backend, _stack, mut fwd, idle) = one_idle_connection(t, "1");
     fwd.proc.signal("TERM");
     // The idle connection never ends by itself: forward must give up on it after the grace period.
     assert_clean_exit(fwd.proc.wait_exit());
-    // ...and the connection it gave up on is reset, not closed as if it had finished.
-    let mut rest = Vec::new();
-    let end = idle.read_to_end(&mut rest);
-    let err = end.expect_err(
+    assert_reset(
+        idle,
         "a connection cut at the end of the grace period must be reset, not cleanly closed",
     );
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
 
 /// A second Ctrl-C does not wait out the grace period: open connections are reset at once.
 fn second_signal_skips_the_grace(t: Transport) {
-    let backend = Backend::echo();
-    let stack = Stack::start(t, &[backend.port]);
-    let mut fwd = stack.forward(
-        &["--grace", "120"],
-        &[format!("127.0.0.1:0:{}", stack.target(backend.port))],
-        1,
-    );
-    let mut open = fwd.local().connect();
-    open.write_all(b"x").unwrap();
-    let mut one = [0u8; 1];
-    open.read_exact(&mut one).unwrap();
-
+    let (_backend, _stack, mut fwd, open) = one_idle_connection(t, "120");
     fwd.proc.signal("INT");
     fwd.proc
         .wait_line(crate::harness::Src::Stderr, "the stopping line", |l| {
@@ -136,9 +134,8 @@ fn second_signal_skips_the_grace(t: Transport) {
         "forward waited {:?} after the second signal (grace 120 s)",
         second.elapsed()
     );
-    let mut rest = Vec::new();
-    let err = open
-        .read_to_end(&mut rest)
-        .expect_err("a connection cut by the second signal must be reset, not cleanly closed");
-    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    assert_reset(
+        open,
+        "a connection cut by the second signal must be reset, not cleanly closed",
+    );
 }
