@@ -14,16 +14,17 @@
 //! The session's `poll_transmit` is round-robin between streams, so the writer is fair.
 //! When the carrier dies every stream gets a reset error, never a clean EOF.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use forward_mux::{
-    CloseReason, ErrorCode, Event, ReadOutcome, ResetCode, Session, StreamError, StreamId, Target,
-    Transmit,
+    CloseReason, ErrorCode, Event, ReadChunk, ReadOutcome, ResetCode, Session, StreamError,
+    StreamId, Target, Transmit,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, Notify};
@@ -710,6 +711,41 @@ fn stream_error(g: &Inner, id: StreamId, e: StreamError) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, e.to_string())
 }
 
+impl MuxStream {
+    /// What a read that found no bytes says: an error if the stream was reset or the carrier
+    /// died, else `Pending` with the waker kept for the next `Readable`.
+    fn read_blocked(&self, g: &mut Inner, cx: &mut Context<'_>) -> Poll<io::Error> {
+        if let Some(code) = g.slots.get(&self.id).and_then(|s| s.reset) {
+            return Poll::Ready(reset_error(code));
+        }
+        if let Some(d) = &g.dead {
+            return Poll::Ready(dead_error(d));
+        }
+        if let Some(s) = g.slots.get_mut(&self.id) {
+            s.read = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// A read on a stream the session no longer knows: EOF again after a clean end both ways,
+    /// else the reason.
+    fn read_gone(&self, g: &Inner, e: StreamError) -> Option<io::Error> {
+        if g.slots.get(&self.id).is_some_and(|s| s.got_fin) {
+            return None;
+        }
+        Some(stream_error(g, self.id, e))
+    }
+
+    /// Bytes were taken: the credit they free may be worth a window update.
+    fn after_take(&self, g: MutexGuard<'_, Inner>) {
+        let notify = g.session.wants_transmit();
+        drop(g);
+        if notify {
+            self.carrier.tx.notify_one();
+        }
+    }
+}
+
 impl AsyncRead for MuxStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -717,17 +753,12 @@ impl AsyncRead for MuxStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let carrier = &this.carrier;
-        let mut g = carrier.lock();
+        let mut g = this.carrier.lock();
         let dst = buf.initialize_unfilled();
         match g.session.read(this.id, dst) {
             Ok(ReadOutcome::Data(n)) => {
                 buf.advance(n);
-                let notify = g.session.wants_transmit();
-                drop(g);
-                if notify {
-                    carrier.tx.notify_one();
-                }
+                this.after_take(g);
                 Poll::Ready(Ok(()))
             }
             Ok(ReadOutcome::Fin) => {
@@ -736,25 +767,8 @@ impl AsyncRead for MuxStream {
                 }
                 Poll::Ready(Ok(()))
             }
-            Ok(ReadOutcome::Blocked) => {
-                if let Some(code) = g.slots.get(&this.id).and_then(|s| s.reset) {
-                    return Poll::Ready(Err(reset_error(code)));
-                }
-                if let Some(d) = &g.dead {
-                    return Poll::Ready(Err(dead_error(d)));
-                }
-                if let Some(s) = g.slots.get_mut(&this.id) {
-                    s.read = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-            Err(e) => {
-                // A stream that ended cleanly both ways is gone from the session: EOF again.
-                if g.slots.get(&this.id).is_some_and(|s| s.got_fin) {
-                    return Poll::Ready(Ok(()));
-                }
-                Poll::Ready(Err(stream_error(&g, this.id, e)))
-            }
+            Ok(ReadOutcome::Blocked) => this.read_blocked(&mut g, cx).map(Err),
+            Err(e) => Poll::Ready(this.read_gone(&g, e).map_or(Ok(()), Err)),
         }
     }
 }
@@ -819,6 +833,45 @@ impl AsyncWrite for MuxStream {
 impl Endpoint for MuxStream {
     fn abort(&self) {
         self.carrier.reset(self.id, ResetCode::Cancel);
+    }
+
+    /// The received chunks themselves, not a copy of them into the relay's buffer; all that
+    /// are ready, under one lock.
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut VecDeque<Bytes>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        let mut g = self.carrier.lock();
+        let mut taken = 0;
+        let end = loop {
+            if taken == max {
+                break Poll::Ready(Ok(()));
+            }
+            match g.session.read_chunk(self.id, max - taken) {
+                Ok(ReadChunk::Data(chunk)) => {
+                    taken += chunk.len();
+                    out.push_back(chunk);
+                }
+                Ok(ReadChunk::Fin) => {
+                    if let Some(s) = g.slots.get_mut(&self.id) {
+                        s.got_fin = true;
+                    }
+                    break Poll::Ready(Ok(()));
+                }
+                Ok(ReadChunk::Blocked) => break self.read_blocked(&mut g, cx).map(Err),
+                Err(e) => break Poll::Ready(self.read_gone(&g, e).map_or(Ok(()), Err)),
+            }
+        };
+        // Bytes taken are the caller's even if the stream then failed or ended: report them
+        // first, the end comes again on the next call.
+        Some(if taken > 0 {
+            self.after_take(g);
+            Poll::Ready(Ok(taken))
+        } else {
+            end.map_ok(|()| 0)
+        })
     }
 
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {

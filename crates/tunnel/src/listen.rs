@@ -246,6 +246,22 @@ impl AsyncWrite for LocalStream {
             LocalStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
+
+    // The relay writes a mux stream's received chunks in one vectored write.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            LocalStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            LocalStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

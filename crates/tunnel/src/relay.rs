@@ -19,6 +19,7 @@
 //!
 //! Left to callers: socket options (TCP_NODELAY, keepalive), timeouts, logging with context.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -26,6 +27,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// First buffer size: small, so idle and interactive connections stay cheap.
@@ -38,6 +40,8 @@ const RESET_WATCH_MAX: Duration = Duration::from_secs(10);
 /// Read into this stack buffer until the first byte arrives, so a connection that never sends
 /// costs no heap buffer.
 const PROBE_BUF: usize = 2 * 1024;
+/// Most chunks in one vectored write (Linux takes 1024; 64 cover MAX_BUF in 4 KiB pieces).
+const MAX_IOV: usize = 64;
 
 /// A byte stream the relay can drive, plus a way to make its close abortive.
 ///
@@ -55,6 +59,18 @@ pub trait Endpoint: AsyncRead + AsyncWrite + Unpin + Send {
     /// would tax every transfer). The default never fires (pipes, stdio).
     fn poll_reset(&mut self, _cx: &mut Context<'_>) -> Poll<io::Error> {
         Poll::Pending
+    }
+
+    /// For an endpoint that holds received bytes in memory already (a mux stream): appends up
+    /// to `max` of them to `out` as they are, without a copy into the relay's buffer, and
+    /// returns how many; 0 is EOF. `None` (the default): the relay reads with `poll_read`.
+    fn poll_read_chunks(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _max: usize,
+        _out: &mut VecDeque<Bytes>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        None
     }
 }
 
@@ -125,6 +141,14 @@ impl<T: Endpoint + ?Sized> Endpoint for Box<T> {
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         (**self).poll_reset(cx)
     }
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut VecDeque<Bytes>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        (**self).poll_read_chunks(cx, max, out)
+    }
 }
 
 impl<T: Endpoint + ?Sized> Endpoint for &mut T {
@@ -133,6 +157,14 @@ impl<T: Endpoint + ?Sized> Endpoint for &mut T {
     }
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         (**self).poll_reset(cx)
+    }
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut VecDeque<Bytes>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        (**self).poll_read_chunks(cx, max, out)
     }
 }
 
@@ -485,6 +517,12 @@ struct Half {
     /// `buf[pos..end]` is read but not yet written.
     pos: usize,
     end: usize,
+    /// From a source that hands out its own chunks (`Endpoint::poll_read_chunk`): taken, not yet
+    /// written, `chunked` bytes in all. Such a source never uses `buf`.
+    chunks: VecDeque<Bytes>,
+    chunked: usize,
+    /// The source said it has no chunks to hand out: use `buf`.
+    copying: bool,
     read_eof: bool,
     need_flush: bool,
     /// The last fill used the whole buffer: grow it before the next one.
@@ -501,19 +539,23 @@ impl Half {
         dst: &mut W,
     ) -> Poll<Result<(), (Op, io::Error)>>
     where
-        R: AsyncRead + Unpin + ?Sized,
+        R: Endpoint + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
     {
         if self.done {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if self.pos == self.end && !self.read_eof {
-                match self.fill(cx, src) {
-                    Ok(()) => {}
-                    Err(e) => return Poll::Ready(Err((Op::Read, e))),
+            if self.pending() == 0 && !self.read_eof {
+                let filled = if self.copying {
+                    self.fill(cx, src)
+                } else {
+                    self.fill_chunks(cx, src)
+                };
+                if let Err(e) = filled {
+                    return Poll::Ready(Err((Op::Read, e)));
                 }
-                if self.pos == self.end && !self.read_eof {
+                if self.pending() == 0 && !self.read_eof {
                     // Nothing to write: push out what the sink buffered, then wait for the source.
                     if self.need_flush {
                         ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(|e| (Op::Write, e))?;
@@ -522,16 +564,25 @@ impl Half {
                     return Poll::Pending;
                 }
             }
-            while self.pos < self.end {
-                let n = ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[self.pos..self.end]))
-                    .map_err(|e| (Op::Write, e))?;
+            while self.pending() > 0 {
+                let n = if self.chunked > 0 {
+                    let mut slices = [io::IoSlice::new(&[]); MAX_IOV];
+                    let k = self.chunks.len().min(MAX_IOV);
+                    for (slice, chunk) in slices.iter_mut().zip(&self.chunks) {
+                        *slice = io::IoSlice::new(chunk);
+                    }
+                    ready!(Pin::new(&mut *dst).poll_write_vectored(cx, &slices[..k]))
+                } else {
+                    ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[self.pos..self.end]))
+                }
+                .map_err(|e| (Op::Write, e))?;
                 if n == 0 {
                     return Poll::Ready(Err((
                         Op::Write,
                         io::Error::new(io::ErrorKind::WriteZero, "sink accepted no bytes"),
                     )));
                 }
-                self.pos += n;
+                self.consume(n);
                 self.bytes += n as u64;
                 self.need_flush = true;
             }
@@ -544,6 +595,55 @@ impl Half {
                 tracing::trace!(bytes = self.bytes, "half done");
                 self.done = true;
                 return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    /// Bytes read and not yet written.
+    fn pending(&self) -> usize {
+        self.end - self.pos + self.chunked
+    }
+
+    /// `n` bytes were written.
+    fn consume(&mut self, mut n: usize) {
+        if self.chunked == 0 {
+            self.pos += n;
+            return;
+        }
+        self.chunked -= n;
+        while n > 0 {
+            let front = self.chunks.front_mut().expect("written bytes were pending");
+            if front.len() > n {
+                front.advance(n);
+                return;
+            }
+            n -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    /// Takes the chunks the source has ready, up to [`MAX_BUF`] bytes, as `fill` reads into the
+    /// buffer (called only when nothing is pending); switches to `fill` for good if the source
+    /// has no chunks to give.
+    fn fill_chunks<R: Endpoint + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+    ) -> io::Result<()> {
+        match src.poll_read_chunks(cx, MAX_BUF, &mut self.chunks) {
+            None => {
+                self.copying = true;
+                self.fill(cx, src)
+            }
+            Some(Poll::Pending) => Ok(()),
+            Some(Poll::Ready(Err(e))) => Err(e),
+            Some(Poll::Ready(Ok(0))) => {
+                self.read_eof = true;
+                Ok(())
+            }
+            Some(Poll::Ready(Ok(n))) => {
+                self.chunked += n;
+                Ok(())
             }
         }
     }
@@ -707,6 +807,83 @@ mod tests {
             }
         );
         drop((wa.await, wb.await));
+    }
+
+    /// A source that hands out its own chunks (as a mux stream does), of uneven sizes.
+    struct Chunks(VecDeque<Bytes>);
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            panic!("a chunked source is never read with poll_read")
+        }
+    }
+
+    impl AsyncWrite for Chunks {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Endpoint for Chunks {
+        /// At most three chunks a call, the last one cut at `max`.
+        fn poll_read_chunks(
+            &mut self,
+            _cx: &mut Context<'_>,
+            max: usize,
+            out: &mut VecDeque<Bytes>,
+        ) -> Option<Poll<io::Result<usize>>> {
+            let mut n = 0;
+            for _ in 0..3 {
+                let chunk = match self.0.front_mut() {
+                    None => break,
+                    Some(front) if front.len() > max - n => front.split_to(max - n),
+                    Some(_) => self.0.pop_front().unwrap(),
+                };
+                n += chunk.len();
+                out.push_back(chunk);
+                if n == max {
+                    break;
+                }
+            }
+            Some(Poll::Ready(Ok(n)))
+        }
+    }
+
+    /// Chunks go out whole or in pieces (a sink that takes 777 bytes at a time) and arrive in
+    /// order, every byte once; the other direction still reads with `poll_read`.
+    #[tokio::test]
+    async fn chunks_from_the_source_arrive_intact_through_partial_writes() {
+        let data = pattern(3 * 1024 * 1024 + 11, 3);
+        let mut chunks = VecDeque::new();
+        let (mut at, mut size) = (0, 1);
+        while at < data.len() {
+            let n = size.min(data.len() - at);
+            chunks.push_back(Bytes::copy_from_slice(&data[at..at + n]));
+            at += n;
+            size = size * 7 % 70_001 + 1;
+        }
+        let (near, mut far) = tokio::io::duplex(777);
+        let relay = tokio::spawn(relay(Chunks(chunks), near));
+        let (got, end) = timed(read_all(&mut far)).await;
+        end.unwrap();
+        far.shutdown().await.unwrap();
+        assert_eq!(sha256(&got), sha256(&data));
+        let stats = timed(relay).await.unwrap().unwrap();
+        assert_eq!(stats.a_to_b, data.len() as u64);
     }
 
     /// A relay whose side a sent "request" and half-closed, which b has read up to the EOF.

@@ -161,6 +161,15 @@ impl Endpoint for Killable {
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         self.inner.poll_reset(cx)
     }
+
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut std::collections::VecDeque<bytes::Bytes>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        self.inner.poll_read_chunks(cx, max, out)
+    }
 }
 
 impl AsyncRead for Killable {
@@ -196,5 +205,20 @@ impl AsyncWrite for Killable {
         let this = self.get_mut();
         this.check()?;
         Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+
+    // Without these the relay's vectored writes of mux chunks became one write per chunk.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
