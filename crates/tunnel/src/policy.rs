@@ -15,7 +15,7 @@ use crate::dial::tune_tcp;
 
 /// A malformed `--allow` pattern.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid --allow pattern '{0}': expected HOST:PORT, e.g. db.internal:5432, 10.0.0.5:*, *.internal:443 or *:*")]
+#[error("invalid --allow pattern '{0}': expected HOST:PORT with one host name or IP (no ranges), e.g. db.internal:5432, 10.0.0.5:*, *.internal:443 or *:*")]
 pub struct PolicyError(String);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +63,16 @@ fn is_loopback_name(host: &str) -> bool {
         || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// A DNS name: dot-separated labels of letters, digits, '-' and '_'.
+fn is_name(h: &str) -> bool {
+    h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
 impl TargetPolicy {
     /// Parses `--allow` patterns.
     pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<Self, PolicyError> {
@@ -79,9 +89,15 @@ impl TargetPolicy {
             let host = match host {
                 "" => return Err(bad()),
                 "*" => HostPattern::Any,
-                h if h.starts_with("*.") => HostPattern::Suffix(h[1..].to_ascii_lowercase()),
-                h if h.contains('*') => return Err(bad()),
-                h => HostPattern::Exact(h.to_ascii_lowercase()),
+                h if h.starts_with("*.") && is_name(&h[2..]) => {
+                    HostPattern::Suffix(h[1..].to_ascii_lowercase())
+                }
+                // Anything else must be one host: `10.0.0.0/8` or `http://db` would be taken for
+                // a name no target ever has, and the allowance would silently never apply.
+                h if is_name(h) || h.parse::<IpAddr>().is_ok() => {
+                    HostPattern::Exact(h.to_ascii_lowercase())
+                }
+                _ => return Err(bad()),
             };
             allow.push(Allow { host, port });
         }
@@ -197,7 +213,18 @@ mod tests {
 
     #[test]
     fn bad_patterns() {
-        for bad in ["db", ":80", "db:0", "db:x", "a*b:1"] {
+        for bad in [
+            "db",
+            ":80",
+            "db:0",
+            "db:x",
+            "a*b:1",
+            "10.0.0.0/8:5432",
+            "a b:5432",
+            "http://x:5432",
+            "*.:443",
+            "db..internal:1",
+        ] {
             let e = TargetPolicy::new(&[bad]).unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains("HOST:PORT"), "{e}");
         }
