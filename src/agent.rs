@@ -50,7 +50,8 @@ pub async fn serve(args: AgentArgs) -> Result<i32> {
             q.pin(),
             q.pin()
         );
-        Some(tokio::spawn(q.run(stop.child_token())))
+        let closer = q.closer();
+        Some((tokio::spawn(q.run(stop.child_token())), closer))
     } else {
         None
     };
@@ -62,11 +63,22 @@ pub async fn serve(args: AgentArgs) -> Result<i32> {
             "plain TCP, TLS ends at the edge"
         }
     );
-    let task = tokio::spawn(agent.run(stop.clone(), drain));
+    let mut task = tokio::spawn(agent.run(stop.clone(), drain));
     signals.recv().await;
     stop.cancel();
-    task.await.context("agent task")?;
-    if let Some(q) = quic {
+    // As the client does: a second signal does not wait out the drain. Exiting closes every
+    // carrier, and clients reset the streams of a carrier that breaks.
+    tokio::select! {
+        done = &mut task => done.context("agent task")?,
+        _ = signals.recv() => {
+            tracing::warn!("second signal: exiting now, open streams are cut");
+            if let Some((_, closer)) = &quic {
+                closer.close_now().await;
+            }
+            return Ok(0);
+        }
+    }
+    if let Some((q, _)) = quic {
         q.await.context("quic agent task")??;
     }
     Ok(0)

@@ -18,6 +18,7 @@ per_transport!(ipv4_only_service_is_reachable: agent_tls, agent_tcp, quic);
 per_transport!(thousand_streams_one_stalled: agent_tls, agent_tcp, quic);
 per_transport!(wrong_pin_is_rejected: quic);
 per_transport!(check_reaches_the_target: agent_tls, agent_tcp, quic);
+per_transport!(agent_second_signal_cuts_the_drain: agent_tls, quic);
 per_transport!(silent_and_garbage_connections_do_not_disturb: agent_tcp);
 
 fn agent_addr(stack: &Stack) -> SocketAddr {
@@ -366,4 +367,44 @@ fn check_reaches_the_target(t: Transport) {
             l.contains("check ok")
         });
     echo_exchange(fwd.local().connect(), rand::random(), 1 << 16);
+}
+
+/// SIGTERM makes the agent drain (30 s by default); a second one ends it at once, and the
+/// client resets the streams of the carrier that broke.
+fn agent_second_signal_cuts_the_drain(t: Transport) {
+    use crate::harness::Src;
+    let backend = Backend::echo();
+    let mut stack = Stack::start(t, &[backend.port]);
+    let fwd = stack.forward_to(backend.port);
+    let mut open = fwd.local().connect();
+    open.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).unwrap();
+
+    let agent = stack.agent_proc_mut();
+    agent.signal("TERM");
+    agent.wait_line(Src::Stderr, "the drain line", |l| l.contains("draining"));
+    let second = Instant::now();
+    agent.signal("TERM");
+    let status = agent.wait_exit();
+    assert!(
+        status.success(),
+        "agent exit after the second signal: {status}"
+    );
+    assert!(
+        second.elapsed() < Duration::from_secs(15),
+        "the agent drained on for {:?} after the second signal",
+        second.elapsed()
+    );
+    let mut rest = Vec::new();
+    let err = open
+        .read_to_end(&mut rest)
+        .expect_err("a stream cut by the agent's exit must be reset, not cleanly closed");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    // Told, not found out at an idle timeout (QUIC: 30 s).
+    assert!(
+        second.elapsed() < Duration::from_secs(15),
+        "the client learned of the agent's exit only after {:?}",
+        second.elapsed()
+    );
 }

@@ -204,6 +204,11 @@ impl Stack {
         self.agent.as_ref().expect("this transport has no agent")
     }
 
+    /// The agent process, to signal it (agent transports only).
+    pub fn agent_proc_mut(&mut self) -> &mut Proc {
+        self.agent.as_mut().expect("this transport has no agent")
+    }
+
     /// SIGKILLs the agent (the edge, if any, stays up).
     pub fn kill_agent(&mut self) {
         self.agent

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use agent::{serve, QuicAgent, QuicAgentConfig};
+pub use agent::{serve, QuicAgent, QuicAgentConfig, QuicCloser};
 pub use cert::{QuicCert, SpkiPin};
 pub use client::{client_config, AgentVerify, QuicCarrier, QuicCarrierConfig, QuicConnector};
 pub use stream::QuicStream;
