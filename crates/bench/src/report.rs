@@ -547,7 +547,7 @@ impl Report {
         let _ = writeln!(w, "\n## Scale: idle connections held open\n");
         let _ = writeln!(
             w,
-            "Resident memory (VmRSS) of the path's processes before and after opening the connections; \
+            "Resident memory (VmRSS) of the path's processes, started afresh for this phase, before and after opening the connections; \
              per connection = the difference / connections opened.\n"
         );
         let _ = writeln!(w, "| path | opened | RSS before MiB | RSS after MiB | KiB per conn (all) | KiB per conn (client) | KiB per conn (PSS, all) | note |\n|---|---:|---:|---:|---:|---:|---:|---|");

@@ -185,6 +185,24 @@ pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Repor
             }
             if round + 1 == s.rounds && s.scale > 0 {
                 live.status(format!("{}: scale", kind.name()));
+                // Fresh processes: ones that just ran bulk transfers hold freed buffers that
+                // new connections reuse, which made the "before" figure too high and the cost
+                // per connection too low (QUIC came out negative in a quick run).
+                path.shutdown().await;
+                let tag = format!("scale-{}", kind.name());
+                path = match unless_stopped(stop, paths::start(kind, env, None, &tag)).await {
+                    None => break 'rounds,
+                    Some(Ok(p)) => p,
+                    Some(Err(e)) => {
+                        live.line(format!(
+                            "skip {} scale: failed to start: {e:#}",
+                            kind.name()
+                        ));
+                        live.step_done();
+                        live.step_done();
+                        continue;
+                    }
+                };
                 let Some(sc) = unless_stopped(stop, scale(&mut path, s, &live)).await else {
                     break 'rounds;
                 };
