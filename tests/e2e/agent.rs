@@ -19,6 +19,7 @@ per_transport!(thousand_streams_one_stalled: agent_tls, agent_tcp, quic);
 per_transport!(wrong_pin_is_rejected: quic);
 per_transport!(check_reaches_the_target: agent_tls, agent_tcp, quic);
 per_transport!(agent_second_signal_cuts_the_drain: agent_tls, quic);
+per_transport!(burst_of_clients_beyond_the_unauthenticated_cap: agent_tls, agent_tcp);
 per_transport!(silent_and_garbage_connections_do_not_disturb: agent_tcp);
 
 fn agent_addr(stack: &Stack) -> SocketAddr {
@@ -406,5 +407,51 @@ fn agent_second_signal_cuts_the_drain(t: Transport) {
         second.elapsed() < Duration::from_secs(15),
         "the client learned of the agent's exit only after {:?}",
         second.elapsed()
+    );
+}
+
+/// 100 `forward stdio` processes at once, each with its own carrier: more than the agent's 64
+/// unauthenticated connections (DESIGN.md), so it drops the oldest. Clients retry a carrier
+/// dropped before authentication, and every one gets its bytes through.
+fn burst_of_clients_beyond_the_unauthenticated_cap(t: Transport) {
+    use std::process::Stdio;
+    const N: usize = 100;
+    let backend = Backend::echo();
+    let stack = Stack::start(t, &[backend.port]);
+    let target = stack.target(backend.port);
+    let children: Vec<_> = (0..N)
+        .map(|i| {
+            let mut cmd = Command::new(forward_bin());
+            cmd.arg("stdio")
+                .args(stack.client_args())
+                .arg(&target)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = cmd.spawn().expect("spawn forward stdio");
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(format!("client {i}\n").as_bytes()).unwrap();
+            drop(stdin);
+            (i, child)
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for (i, child) in children {
+        let out = child.wait_with_output().unwrap();
+        let want = format!("client {i}\n");
+        if !out.status.success() || out.stdout != want.as_bytes() {
+            failed.push(format!(
+                "client {i}: {} stdout {:?} stderr {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {N} clients failed:\n{}",
+        failed.len(),
+        failed.join("\n")
     );
 }

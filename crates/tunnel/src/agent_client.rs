@@ -10,10 +10,11 @@
 //!                                                carrier are reset, never cleanly closed)
 //! ```
 
+use std::io;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use forward_mux::{Session, StreamError, Target};
+use forward_mux::{CloseReason, Session, StreamError, Target};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -101,8 +102,29 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A user's connection may trigger an attempt this soon after the previous one, backoff or not.
 const USER_RETRY: Duration = Duration::from_secs(1);
 
+/// How one attempt at a carrier ended, when not with an authenticated one.
+enum Attempt {
+    /// The agent dropped it before authentication (over its limit): worth another try.
+    Dropped(DialError),
+    /// Anything else: report it.
+    Failed(DialError),
+}
+
+impl From<DialError> for Attempt {
+    fn from(e: DialError) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+/// First pause before another try at a carrier the agent dropped before authentication.
+const DROPPED_RETRY_BASE: Duration = Duration::from_millis(50);
+
 fn jittered(failures: u32) -> Duration {
-    let exp = BACKOFF_BASE
+    jittered_from(BACKOFF_BASE, failures)
+}
+
+fn jittered_from(base: Duration, failures: u32) -> Duration {
+    let exp = base
         .saturating_mul(1u32 << failures.min(8))
         .min(BACKOFF_MAX);
     let mut r = [0u8; 2];
@@ -189,23 +211,68 @@ impl AgentLink {
         Ok(c)
     }
 
+    /// A new authenticated carrier. The agent holds at most 64 connections that have not
+    /// authenticated yet and drops the oldest beyond that (DESIGN.md), so a burst of clients
+    /// (100 `forward stdio` ProxyCommands at once) loses some carriers before their AUTH_OK.
+    /// Such a loss is retried, with jittered pauses, until the connect timeout; a refused
+    /// connection or token is not. Streams go only on an authenticated carrier, which is what
+    /// makes the retry safe: nothing of theirs was sent yet. The price is one round trip on the
+    /// first connection of a carrier; later ones still cost none.
     async fn establish(&self) -> Result<Arc<Carrier>, DialError> {
+        let deadline = Instant::now() + self.config.timeout;
+        let mut attempt = 0u32;
+        loop {
+            match self.establish_once(deadline).await {
+                Ok(c) => return Ok(c),
+                Err(Attempt::Dropped(e)) => {
+                    let pause = jittered_from(DROPPED_RETRY_BASE, attempt);
+                    if Instant::now() + pause >= deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(link = %self.describe(), error = %e, ?pause, "agent dropped the carrier before authentication; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(pause).await;
+                }
+                Err(Attempt::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn establish_once(&self, deadline: Instant) -> Result<Arc<Carrier>, Attempt> {
         let c = &self.config;
         let tcp = connect_tcp(&c.host, c.edge.as_deref(), c.port, c.timeout).await?;
         let label = format!("{}:{}", c.host, c.port);
-        match &c.transport {
-            CarrierTransport::Tcp => self.upgrade(tcp, label).await,
+        let carrier = match &c.transport {
+            CarrierTransport::Tcp => self.upgrade(tcp, label).await?,
             CarrierTransport::Tls(tls) => {
                 let name = ServerName::try_from(c.host.clone())
                     .map_err(|_| DialError::BadName(c.host.clone()))?;
                 let connector = tokio_rustls::TlsConnector::from(tls.clone());
                 let stream = tls_handshake(&connector, name, &c.host, tcp, c.timeout).await?;
-                self.upgrade(stream, label).await
+                self.upgrade(stream, label).await?
             }
+        };
+        let who = self.describe();
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, carrier.wait_authed()).await {
+            Ok(Ok(())) => {
+                tracing::info!(link = %who, "carrier up");
+                Ok(carrier)
+            }
+            Ok(Err(reason)) if reason == CloseReason::AuthRejected.to_string() => {
+                Err(Attempt::Failed(DialError::Agent(format!("{who}: {reason}"))))
+            }
+            Ok(Err(reason)) => Err(Attempt::Dropped(DialError::Agent(format!(
+                "{who}: the agent closed the carrier before authentication ({reason}); it may be overloaded"
+            )))),
+            Err(_) => Err(Attempt::Failed(DialError::Agent(format!(
+                "{who}: no answer to AUTH within {:?}",
+                self.config.timeout
+            )))),
         }
     }
 
-    async fn upgrade<S>(&self, mut s: S, label: String) -> Result<Arc<Carrier>, DialError>
+    async fn upgrade<S>(&self, mut s: S, label: String) -> Result<Arc<Carrier>, Attempt>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -218,17 +285,29 @@ impl AgentLink {
         };
         let (head, leftover) = match tokio::time::timeout(c.timeout, exchange).await {
             Ok(Ok(x)) => x,
+            // An agent over its limit of waiting connections drops the oldest without a word.
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                return Err(Attempt::Dropped(DialError::Agent(format!(
+                    "{who}: upgrade failed: {e} (is `forward agent` listening on port {}, and not overloaded?)",
+                    c.port
+                ))))
+            }
             Ok(Err(e)) => {
-                return Err(DialError::Agent(format!(
+                return Err(Attempt::Failed(DialError::Agent(format!(
                     "{who}: upgrade failed: {e} (is `forward agent` listening on port {}?)",
                     c.port
-                )))
+                ))))
             }
             Err(_) => {
-                return Err(DialError::Agent(format!(
+                return Err(Attempt::Failed(DialError::Agent(format!(
                     "{who}: no answer to the upgrade within {:?}",
                     c.timeout
-                )))
+                ))))
             }
         };
         let parsed = Head::parse(&head);
@@ -240,18 +319,17 @@ impl AgentLink {
             .filter(|ch| ch.len() == auth::CHALLENGE_LEN);
         let Some(challenge) = challenge else {
             let first = head.lines().next().unwrap_or("").to_owned();
-            return Err(DialError::Agent(format!(
+            return Err(Attempt::Failed(DialError::Agent(format!(
                 "{who}: answered '{first}' instead of the forward-mux upgrade; is `forward agent` listening on port {}?",
                 c.port
-            )));
+            ))));
         };
         let proof = c.token.prove(&challenge, &c.host, c.port);
         let session = Session::client(c.mux.clone(), std::time::Instant::now());
         let (carrier, _) = Carrier::start(s, session, leftover, label);
         carrier
             .send_auth(&proof)
-            .map_err(|e| DialError::Agent(format!("{who}: {e}")))?;
-        tracing::info!(link = %who, "carrier up");
+            .map_err(|e| Attempt::Failed(DialError::Agent(format!("{who}: {e}"))))?;
         Ok(carrier)
     }
 }
