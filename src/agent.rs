@@ -97,8 +97,27 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
         ),
     };
     let (cert_path, key_path) = (dir.join("quic-cert.pem"), dir.join("quic-key.pem"));
-    if cert_path.exists() && key_path.exists() {
-        return Ok(QuicCert::load(&cert_path, &key_path)?);
+    match (cert_path.exists(), key_path.exists()) {
+        (true, true) => {
+            if let Some(w) = forward_tunnel::auth::loose_permissions(&key_path, "QUIC key") {
+                tracing::warn!("{w}");
+            }
+            return Ok(QuicCert::load(&cert_path, &key_path)?);
+        }
+        // A new certificate would change the pin every client was given: never silently.
+        (true, false) | (false, true) => {
+            let (have, missing) = if cert_path.exists() {
+                (&cert_path, &key_path)
+            } else {
+                (&key_path, &cert_path)
+            };
+            anyhow::bail!(
+                "found {} but not {}; restore it, or remove both to generate a new certificate (clients then need the new --agent-pin)",
+                have.display(),
+                missing.display()
+            );
+        }
+        (false, false) => {}
     }
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())

@@ -455,3 +455,43 @@ fn burst_of_clients_beyond_the_unauthenticated_cap(t: Transport) {
         failed.join("\n")
     );
 }
+
+/// The QUIC certificate's pin is what clients were given: a state directory that lost its key
+/// is an error to fix, never a reason to make a new certificate quietly.
+#[test]
+fn quic_state_dir_with_a_lost_key_is_refused() {
+    let dir = TempDir::new("agent-state");
+    let token = dir.join("token");
+    std::fs::write(&token, "9c41e07a2bd35f86c1e94a7d0b3f52e8a6d17c04f9b25e3a").unwrap();
+    let state = dir.join("state");
+    let agent = |name: &str| {
+        let mut cmd = Command::new(forward_bin());
+        cmd.args(["agent", "--listen", "[::1]:0", "--quic", "--token-file"])
+            .arg(&token)
+            .arg("--state-dir")
+            .arg(&state);
+        run(name, cmd)
+    };
+    // First start generates the pair; the agent then runs until stopped, so stop it.
+    let mut first = Command::new(forward_bin());
+    first
+        .args(["agent", "--listen", "[::1]:0", "--quic", "--token-file"])
+        .arg(&token)
+        .arg("--state-dir")
+        .arg(&state);
+    let mut p = crate::harness::Proc::spawn("agent", first);
+    p.wait_line(crate::harness::Src::Stdout, "the pin", |l| {
+        l.contains("sha256:")
+    });
+    p.signal("TERM");
+    assert!(p.wait_exit().success());
+    std::fs::remove_file(state.join("quic-key.pem")).unwrap();
+
+    let (st, out, err) = agent("agent without its key");
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("but not") && err.contains("quic-key.pem") && err.contains("--agent-pin"),
+        "{err}"
+    );
+    assert!(!state.join("quic-key.pem").exists(), "a new key was made");
+}

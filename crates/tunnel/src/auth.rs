@@ -114,7 +114,7 @@ impl Token {
                 path: path.display().to_string(),
                 cause,
             })?;
-            if let Some(warning) = loose_permissions(path) {
+            if let Some(warning) = loose_permissions(path, "token file") {
                 tracing::warn!("{warning}");
             }
             return Self::new(&text, &path.display().to_string());
@@ -147,14 +147,15 @@ impl Token {
     }
 }
 
-/// Whether other users of this machine can read the token file, worded as a warning; as ssh
-/// does for private keys, but only a warning: refusing would break set-ups that work today.
-pub fn loose_permissions(path: &Path) -> Option<String> {
+/// Whether other users of this machine can read a secret file (`what`: "token file"), worded
+/// as a warning; as ssh does for private keys, but only a warning: refusing would break
+/// set-ups that work today.
+pub fn loose_permissions(path: &Path, what: &str) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path).ok()?.permissions().mode();
     (mode & 0o077 != 0).then(|| {
         format!(
-            "token file {} can be read by other users (mode {:o}); run chmod 600 on it",
+            "{what} {} can be read by other users (mode {:o}); run chmod 600 on it",
             path.display(),
             mode & 0o777
         )
@@ -246,11 +247,11 @@ mod tests {
         let path = std::env::temp_dir().join(format!("forward-token-{}", std::process::id()));
         std::fs::write(&path, GOOD).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let w = loose_permissions(&path).expect("0644 is flagged");
+        let w = loose_permissions(&path, "token file").expect("0644 is flagged");
         assert!(w.contains("mode 644") && w.contains("chmod 600"), "{w}");
         assert!(!w.contains(GOOD), "the token leaked into {w}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(loose_permissions(&path), None);
+        assert_eq!(loose_permissions(&path, "token file"), None);
         assert!(Token::load(Some(&path)).is_ok());
         std::fs::remove_file(&path).unwrap();
     }
