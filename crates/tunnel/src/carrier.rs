@@ -875,19 +875,10 @@ impl Endpoint for MuxStream {
     }
 
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        // What a blocked read says: the read side has ended, so its waker slot is free for the
+        // trait's contract; the relay itself looks again on its reset-watch timer.
         let mut g = self.carrier.lock();
-        if let Some(code) = g.slots.get(&self.id).and_then(|s| s.reset) {
-            return Poll::Ready(reset_error(code));
-        }
-        if let Some(d) = &g.dead {
-            return Poll::Ready(dead_error(d));
-        }
-        // The read side has ended, so its waker slot is free for the trait's contract; the relay
-        // itself looks again on its reset-watch timer.
-        if let Some(s) = g.slots.get_mut(&self.id) {
-            s.read = Some(cx.waker().clone());
-        }
-        Poll::Pending
+        self.read_blocked(&mut g, cx)
     }
 }
 
