@@ -12,7 +12,7 @@ mod spec;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -227,9 +227,13 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
     let remote = connector.connect().await?;
     // Shutting stdout down only flushes it; the process exit closes fd 1.
     let stdio = forward_tunnel::relay::Joined::new(tokio::io::stdin(), tokio::io::stdout());
-    let stats = forward_tunnel::relay(stdio, remote)
-        .await
-        .with_context(|| format!("relay to {}", connector.describe()))?;
+    let stats = forward_tunnel::relay(stdio, remote).await.map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {}",
+            connector.describe(),
+            e.describe("stdin/stdout", "remote")
+        )
+    })?;
     tracing::debug!(up = stats.a_to_b, down = stats.b_to_a, "stdio relay done");
     Ok(0)
 }

@@ -80,7 +80,7 @@ fn wrong_ca_is_rejected(t: Transport) {
 
     let args = with_ca(stack.client_args(), &other_ca);
     let spec = format!("127.0.0.1:0:{}", stack.target(backend.port));
-    assert_check_fails(&args, &spec, &[VM_FQDN, "certificate"]);
+    assert_check_fails(&args, &spec, &[VM_FQDN, "certificate", "--ca-file"]);
     assert_data_connection_reset(args, &spec, t);
 }
 

@@ -162,7 +162,7 @@ pub fn describe_handshake_error(host: &str, err: &io::Error) -> String {
         .and_then(|e| e.downcast_ref::<rustls::Error>());
     match inner {
         Some(E::InvalidCertificate(CertificateError::UnknownIssuer)) => format!(
-            "certificate of {host} is not trusted (unknown issuer); if this is a private edge pass its CA with --ca-file"
+            "certificate of {host} is not trusted (unknown issuer); if it comes from a private CA (a local edge, an agent's own --tls-cert), pass that CA with --ca-file"
         ),
         Some(E::InvalidCertificate(CertificateError::NotValidForName))
         | Some(E::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => format!(
