@@ -223,6 +223,16 @@ impl<'a> Connectors<'a> {
         Ok(AgentConnector::new(link, Target::new(via, rport)?))
     }
 
+    /// Ends every carrier and QUIC connection cleanly, for an orderly exit.
+    pub async fn close(&self) {
+        for link in self.links.values() {
+            link.close("client exiting").await;
+        }
+        for carrier in self.quic.values() {
+            carrier.close().await;
+        }
+    }
+
     /// A connector over QUIC.
     pub fn quic(&mut self, host: &str, via: &str, rport: u16) -> Result<QuicConnector> {
         let host = crate::spec::host_name(host, &self.client.domain);

@@ -167,12 +167,16 @@ async fn forward(cli: Cli) -> Result<i32> {
     if let Some(port) = cli.agent.agent {
         let mut make = agent::Connectors::new(&cli.client, &cli.agent, port)?;
         let via = |s: &Spec| agent::via_host(s.via_target.as_deref()).to_owned();
-        if cli.agent.transport == cli::Transport::Quic {
+        let served = if cli.agent.transport == cli::Transport::Quic {
             let forwards = agent::bind_all(&specs, |s| make.quic(&s.host, &via(s), s.rport))?;
-            return run::serve_all(forwards, cli.check, grace).await;
-        }
-        let forwards = agent::bind_all(&specs, |s| make.mux(&s.host, &via(s), s.rport))?;
-        return run::serve_all(forwards, cli.check, grace).await;
+            run::serve_all(forwards, cli.check, grace).await
+        } else {
+            let forwards = agent::bind_all(&specs, |s| make.mux(&s.host, &via(s), s.rport))?;
+            run::serve_all(forwards, cli.check, grace).await
+        };
+        // Leave as a client, not as a reset in the agent's log.
+        make.close().await;
+        return served;
     }
     let tls = run::tls_config(&cli.client)?;
     let mut forwards = Vec::new();
@@ -208,10 +212,12 @@ async fn stdio(args: cli::StdioArgs) -> Result<i32> {
     if let Some(agent_port) = args.agent.agent {
         let via = agent::via_host(via.as_deref()).to_owned();
         let mut make = agent::Connectors::new(&args.client, &args.agent, agent_port)?;
-        return match args.agent.transport {
+        let done = match args.agent.transport {
             cli::Transport::Quic => stdio_via(make.quic(&host, &via, port)?).await,
             _ => stdio_via(make.mux(&host, &via, port)?).await,
         };
+        make.close().await;
+        return done;
     }
     if via.is_some() {
         anyhow::bail!(

@@ -193,6 +193,22 @@ impl AgentLink {
         }
     }
 
+    /// Closes every carrier of the link cleanly (GOAWAY, then the end of the byte stream; a TLS
+    /// carrier sends close_notify), so the agent sees a client leave rather than a reset. Waits
+    /// briefly for the writers to put that on the wire.
+    pub async fn close(&self, reason: &str) {
+        let carriers: Vec<Arc<Carrier>> = {
+            let st = self.state.lock().await;
+            st.current.iter().chain(&st.overflow).cloned().collect()
+        };
+        for c in &carriers {
+            c.close(reason);
+        }
+        if !carriers.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// A usable carrier with room for one more stream: the current one, or an overflow carrier
     /// (reused while it has room, dropped from the list once dead).
     pub async fn carrier_with_room(self: &Arc<Self>) -> Result<Arc<Carrier>, DialError> {
