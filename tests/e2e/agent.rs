@@ -20,6 +20,7 @@ per_transport!(wrong_pin_is_rejected: quic);
 per_transport!(check_reaches_the_target: agent_tls, agent_tcp, quic);
 per_transport!(agent_second_signal_cuts_the_drain: agent_tls, quic);
 per_transport!(burst_of_clients_beyond_the_unauthenticated_cap: agent_tls, agent_tcp);
+per_transport!(client_exit_is_a_clean_goodbye: agent_tls, agent_tcp);
 per_transport!(silent_and_garbage_connections_do_not_disturb: agent_tcp);
 
 fn agent_addr(stack: &Stack) -> SocketAddr {
@@ -494,4 +495,22 @@ fn quic_state_dir_with_a_lost_key_is_refused() {
         "{err}"
     );
     assert!(!state.join("quic-key.pem").exists(), "a new key was made");
+}
+
+/// A client that exits normally says goodbye (GOAWAY, then the end of the stream): the agent
+/// logs it as such, not as a reset.
+fn client_exit_is_a_clean_goodbye(t: Transport) {
+    use crate::harness::Src;
+    let backend = Backend::echo();
+    let mut stack = Stack::start(t, &[backend.port]);
+    let mut fwd = stack.forward_to(backend.port);
+    echo_exchange(fwd.local().connect(), rand::random(), 1024);
+    fwd.proc.signal("TERM");
+    assert!(fwd.proc.wait_exit().success());
+    let agent = stack.agent_proc_mut();
+    agent.wait_line(Src::Stderr, "the agent noting the client's exit", |l| {
+        l.contains("client exiting")
+    });
+    let log = agent.stderr_text();
+    assert!(!log.contains("reset by peer"), "{log}");
 }
