@@ -468,23 +468,9 @@ impl Connector for AgentConnector {
     /// reach the target (`OPEN_OK`), so a port with nothing behind it or one outside `--allow`
     /// fails the check with the agent's reason. The target sees one connection that closes.
     async fn check(&self) -> Result<(), DialError> {
-        let carrier = self.link.carrier().await?;
+        // The link hands out authenticated carriers only (`establish`): connecting is the
+        // check of the token.
         let timeout = self.link.config.timeout;
-        match tokio::time::timeout(timeout, carrier.wait_authed()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => {
-                return Err(DialError::Agent(format!(
-                    "{}: {reason}",
-                    self.link.describe()
-                )))
-            }
-            Err(_) => {
-                return Err(DialError::Agent(format!(
-                    "{}: no answer to AUTH",
-                    self.link.describe()
-                )))
-            }
-        }
         let mut stream = self.connect().await?;
         let reached = tokio::time::timeout(timeout, stream.opened()).await;
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
