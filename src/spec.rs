@@ -85,15 +85,7 @@ pub fn valid_host(h: &str) -> bool {
     if let Some(inner) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
         return inner.parse::<Ipv6Addr>().is_ok();
     }
-    !h.is_empty()
-        && h.len() <= 253
-        && h.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
+    forward_tunnel::policy::is_name(h)
 }
 
 fn parse_bind(spec: &str, b: &str) -> Result<Vec<IpAddr>, SpecError> {

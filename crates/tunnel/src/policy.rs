@@ -63,8 +63,9 @@ fn is_loopback_name(host: &str) -> bool {
         || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// A DNS name: dot-separated labels of letters, digits, '-' and '_'.
-fn is_name(h: &str) -> bool {
+/// A DNS name: dot-separated labels of letters, digits, '-' and '_' (also how SPECs check
+/// their host names).
+pub fn is_name(h: &str) -> bool {
     h.len() <= 253
         && h.split('.').all(|l| {
             !l.is_empty()
