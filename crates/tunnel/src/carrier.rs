@@ -29,7 +29,7 @@ use forward_mux::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, Notify};
 
-use crate::relay::Endpoint;
+use crate::relay::{Endpoint, MAX_IOV};
 
 /// Largest batch the writer hands to the carrier in one write.
 const TX_BATCH: usize = 256 * 1024;
@@ -337,15 +337,20 @@ impl Inner {
     }
 }
 
-fn wake_all(g: &mut Inner) {
-    for slot in g.slots.values_mut() {
-        for w in [slot.read.take(), slot.write.take(), slot.open.take()]
+impl StreamSlot {
+    /// Wakes whoever waits on the stream (a reset or the carrier's death ends every wait).
+    fn wake(&mut self) {
+        for w in [self.read.take(), self.write.take(), self.open.take()]
             .into_iter()
             .flatten()
         {
             w.wake();
         }
     }
+}
+
+fn wake_all(g: &mut Inner) {
+    g.slots.values_mut().for_each(StreamSlot::wake);
 }
 
 /// Applies the session's events: wake streams, record auth and death.
@@ -366,12 +371,7 @@ fn dispatch(g: &mut Inner, state: &Notify) {
             Event::Reset { id, code } => {
                 if let Some(s) = g.slots.get_mut(&id) {
                     s.reset = Some(code);
-                    for w in [s.read.take(), s.write.take(), s.open.take()]
-                        .into_iter()
-                        .flatten()
-                    {
-                        w.wake();
-                    }
+                    s.wake();
                 }
             }
             Event::Opened { id, target } => {
@@ -504,9 +504,6 @@ fn read_outcome(read: io::Result<usize>) -> Result<usize, String> {
         Err(e) => Err(format!("carrier read failed: {e}")),
     }
 }
-
-/// Slices per vectored write: a 256 KiB batch of 16 KiB frames is 32 (header, payload pairs).
-const MAX_IOV: usize = 64;
 
 /// Writes all of `out`. Payloads go to the kernel (or to rustls) straight from the streams'
 /// send buffers in one vectored write; the copy into one contiguous batch cost the agent 4 % of

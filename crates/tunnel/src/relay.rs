@@ -40,8 +40,10 @@ const RESET_WATCH_MAX: Duration = Duration::from_secs(10);
 /// Read into this stack buffer until the first byte arrives, so a connection that never sends
 /// costs no heap buffer.
 const PROBE_BUF: usize = 2 * 1024;
-/// Most chunks in one vectored write (Linux takes 1024; 64 cover MAX_BUF in 4 KiB pieces).
-const MAX_IOV: usize = 64;
+/// Most slices in one vectored write, here and in the carrier's writer (Linux takes 1024): 64
+/// cover MAX_BUF in 4 KiB chunks, or a 256 KiB carrier batch of 16 KiB frames as 32 (header,
+/// payload) pairs.
+pub(crate) const MAX_IOV: usize = 64;
 
 /// A byte stream the relay can drive, plus a way to make its close abortive.
 ///
@@ -517,7 +519,7 @@ struct Half {
     /// `buf[pos..end]` is read but not yet written.
     pos: usize,
     end: usize,
-    /// From a source that hands out its own chunks (`Endpoint::poll_read_chunk`): taken, not yet
+    /// From a source that hands out its own chunks (`Endpoint::poll_read_chunks`): taken, not yet
     /// written, `chunked` bytes in all. Such a source never uses `buf`.
     chunks: VecDeque<Bytes>,
     chunked: usize,

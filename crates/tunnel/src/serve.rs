@@ -161,15 +161,6 @@ impl Endpoint for Killable {
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         self.inner.poll_reset(cx)
     }
-
-    fn poll_read_chunks(
-        &mut self,
-        cx: &mut Context<'_>,
-        max: usize,
-        out: &mut std::collections::VecDeque<bytes::Bytes>,
-    ) -> Option<Poll<io::Result<usize>>> {
-        self.inner.poll_read_chunks(cx, max, out)
-    }
 }
 
 impl AsyncRead for Killable {
