@@ -104,9 +104,10 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
             }
             return Ok(QuicCert::load(&cert_path, &key_path)?);
         }
+        (false, false) => {}
         // A new certificate would change the pin every client was given: never silently.
-        (true, false) | (false, true) => {
-            let (have, missing) = if cert_path.exists() {
+        (has_cert, _) => {
+            let (have, missing) = if has_cert {
                 (&cert_path, &key_path)
             } else {
                 (&key_path, &cert_path)
@@ -117,7 +118,6 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
                 missing.display()
             );
         }
-        (false, false) => {}
     }
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
