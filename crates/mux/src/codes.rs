@@ -156,7 +156,7 @@ impl ErrorCode {
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ErrorCode::NoError => f.write_str("no error (graceful shutdown)"),
+            ErrorCode::NoError => f.write_str("no error"),
             ErrorCode::ProtocolError => f.write_str("protocol error"),
             ErrorCode::FlowControlError => f.write_str("flow control error"),
             ErrorCode::FrameSizeError => f.write_str("malformed frame"),

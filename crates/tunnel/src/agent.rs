@@ -214,8 +214,28 @@ impl Agent {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let mut cut = 0;
         for c in &live {
-            c.close("agent shutting down");
+            let open = if c.dead_reason().is_none() {
+                c.stream_count()
+            } else {
+                0
+            };
+            cut += open;
+            c.close(if open > 0 {
+                "agent shut down: its drain time ran out"
+            } else {
+                "agent shutting down"
+            });
+        }
+        if cut > 0 {
+            tracing::warn!(
+                streams = cut,
+                ?drain,
+                "drain time ran out: open streams were reset"
+            );
+        } else {
+            tracing::info!("drained: every stream had finished");
         }
         // Give the writers a moment to put GOAWAY and close_notify on the wire.
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -58,6 +58,9 @@ struct Inner {
     /// Streams still open when the carrier died: they were reset.
     cut: usize,
     going_away: bool,
+    /// The last reason the peer gave in a GOAWAY: a carrier it then closes died for that reason,
+    /// which says more than "closed" (an agent whose drain time ran out says so).
+    peer_goaway: Option<String>,
     authed: bool,
     auth_request: Option<Vec<u8>>,
     opened: Option<mpsc::UnboundedSender<(StreamId, Target)>>,
@@ -122,6 +125,7 @@ impl Carrier {
                 dead: None,
                 cut: 0,
                 going_away: false,
+                peer_goaway: None,
                 authed: false,
                 auth_request: None,
                 opened,
@@ -325,8 +329,11 @@ impl Carrier {
 
 impl Inner {
     /// Records the first cause of death, and how many streams it cut.
-    fn die(&mut self, reason: String) {
+    fn die(&mut self, mut reason: String) {
         if self.dead.is_none() {
+            if let Some(said) = &self.peer_goaway {
+                reason = format!("{reason} (it had said: {said})");
+            }
             self.cut = self
                 .slots
                 .values()
@@ -401,6 +408,9 @@ fn dispatch(g: &mut Inner, state: &Notify) {
                     tracing::info!(%code, %reason, "peer is going away: new connections use a new carrier");
                 }
                 g.going_away = true;
+                if !reason.is_empty() {
+                    g.peer_goaway = Some(reason);
+                }
                 state_changed = true;
             }
             Event::Closed { reason } => {
