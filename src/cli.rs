@@ -45,8 +45,9 @@ pub struct Cli {
     pub client: ClientOpts,
 
     /// Before listening, check every target and exit 1 if one fails: direct mode does the TLS
-    /// handshake with the edge; agent mode also authenticates and has the agent reach the
-    /// target (nothing listening, or outside --allow, fails; the service sees one connection).
+    /// handshake with the edge and fails if the edge then hangs up (nothing on that VM port);
+    /// agent mode also authenticates and has the agent reach the target (nothing listening, or
+    /// outside --allow, fails). The service sees one connection that closes.
     #[arg(long)]
     pub check: bool,
 

@@ -152,10 +152,18 @@ pub async fn serve_all<C: Connector>(
     grace: Duration,
 ) -> Result<i32> {
     if check {
-        for f in &forwards {
-            f.connector
-                .check()
+        // At once, not one after another: a direct check listens a moment after its handshake.
+        let checks: Vec<_> = forwards
+            .iter()
+            .map(|f| {
+                let c = f.connector.clone();
+                tokio::spawn(async move { c.check().await })
+            })
+            .collect();
+        for (f, check) in forwards.iter().zip(checks) {
+            check
                 .await
+                .context("check task")?
                 .with_context(|| format!("check of {} failed", f.connector.describe()))?;
             tracing::info!("check ok: {}", f.connector.describe());
         }

@@ -133,3 +133,41 @@ fn edge_of_another_domain_is_rejected(t: Transport) {
     assert_check_fails(&args, &spec, &[VM_FQDN]);
     assert_data_connection_reset(args, &spec, t);
 }
+
+/// The mistake every Vers user makes once: a service bound to 127.0.0.1 (or 0.0.0.0) only. The
+/// edge dials the VM over IPv6, finds nothing and hangs up right after the TLS handshake, which
+/// alone would pass. `--check` must fail and point at the listener; a port with a listener must
+/// still pass; and a connection's warning must give the same hint.
+#[test]
+fn direct_check_names_a_vm_port_without_a_listener() {
+    use std::io::Write;
+
+    use crate::harness::Src;
+
+    let v4_only = Backend::echo_on("127.0.0.1:0");
+    let live = Backend::echo();
+    let stack = Stack::start(Transport::Direct, &[v4_only.port, live.port]);
+    let spec = format!("127.0.0.1:0:{}", stack.target(v4_only.port));
+    let port = format!("port {}", stack.rport(v4_only.port));
+    assert_check_fails(&stack.client_args(), &spec, &[VM_FQDN, &port, ":: (IPv6)"]);
+
+    let ok = stack.forward(
+        &["--check"],
+        &[format!("127.0.0.1:0:{}", stack.target(live.port))],
+        1,
+    );
+    drop(ok);
+
+    let mut fwd = stack.forward(&[], &[spec], 1);
+    let mut conn = fwd.local().connect();
+    let _ = conn.write_all(b"anyone there?");
+    let mut buf = [0u8; 64];
+    match conn.read(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("want a reset from a VM port without a listener, got {other:?}"),
+    }
+    fwd.proc
+        .wait_line(Src::Stderr, "the hint in the warning", |l| {
+            l.contains("connection failed") && l.contains(&port) && l.contains(":: (IPv6)")
+        });
+}

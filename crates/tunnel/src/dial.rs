@@ -98,6 +98,20 @@ pub trait Connector: Send + Sync + 'static {
     fn check(&self) -> impl Future<Output = Result<(), DialError>> + Send;
     /// What this connector reaches, for the `forwarding A -> B (mode)` line.
     fn describe(&self) -> String;
+    /// A hint for a remote stream that failed before a single byte came back: what the user
+    /// should look at. `None` when the failure already says it.
+    fn hint_no_answer(&self) -> Option<String> {
+        None
+    }
+}
+
+/// What an edge that hangs up on a fresh connection most likely means: the VM port has no
+/// listener the edge can reach (it dials the VM over IPv6).
+fn no_listener_hint(port: u16) -> String {
+    format!(
+        "is a service listening on port {port} of the VM, on :: (IPv6)? The edge cannot reach \
+         one bound only to 0.0.0.0"
+    )
 }
 
 /// Socket options every TCP connection of ours gets.
@@ -259,7 +273,22 @@ impl Connector for DirectConnector {
     }
 
     async fn check(&self) -> Result<(), DialError> {
+        let started = std::time::Instant::now();
         let mut tls = self.open().await?;
+        // The edge dials the VM only after the handshake and hangs up when that fails, so a
+        // handshake alone passes for a port with nothing behind it. Listen a little: a hang-up
+        // within about one more round trip is the answer; silence (a server that waits for its
+        // client) or bytes (one that speaks first) mean the port answered.
+        let wait = (started.elapsed() * 2).clamp(CHECK_LISTEN_MIN, CHECK_LISTEN_MAX);
+        let mut byte = [0u8; 1];
+        let heard = tokio::time::timeout(wait, tokio::io::AsyncReadExt::read(&mut tls, &mut byte));
+        if let Ok(Ok(0) | Err(_)) = heard.await {
+            return Err(DialError::Tls(format!(
+                "{} accepted TLS, then closed the connection before any reply: {}",
+                self.remote.host,
+                no_listener_hint(self.remote.port)
+            )));
+        }
         // Close politely so the edge sees close_notify, not a truncation.
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
         Ok(())
@@ -268,4 +297,13 @@ impl Connector for DirectConnector {
     fn describe(&self) -> String {
         format!("{} (direct)", self.remote)
     }
+
+    fn hint_no_answer(&self) -> Option<String> {
+        Some(no_listener_hint(self.remote.port))
+    }
 }
+
+/// How long a direct `--check` listens after the handshake for the edge to hang up: twice the
+/// time the TCP and TLS handshakes took, within these bounds.
+const CHECK_LISTEN_MIN: Duration = Duration::from_millis(250);
+const CHECK_LISTEN_MAX: Duration = Duration::from_secs(3);

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::dial::Connector;
 use crate::listen::{Listener, LocalStream};
-use crate::relay::{relay, Endpoint};
+use crate::relay::{relay, Direction, Endpoint, RelayError};
 
 /// Shared lifecycle of all forwards of a process.
 #[derive(Clone, Default)]
@@ -112,9 +112,21 @@ async fn handle<C: Connector>(
             }
         };
         tracing::debug!("connected");
-        relay(local, remote)
-            .await
-            .map_err(|e| e.describe("local", "remote"))
+        relay(local, remote).await.map_err(|e| {
+            let mut text = e.describe("local", "remote");
+            // Reading from it or writing to it: both are how an edge's hang-up shows.
+            let remote_failed = matches!(
+                (&e, e.direction()),
+                (RelayError::Read { .. }, Direction::BToA)
+                    | (RelayError::Write { .. }, Direction::AToB)
+            );
+            if remote_failed && e.stats().b_to_a == 0 {
+                if let Some(hint) = connector.hint_no_answer() {
+                    text = format!("{text}; it hung up before any reply: {hint}");
+                }
+            }
+            text
+        })
     };
     tokio::pin!(work);
     tokio::select! {
