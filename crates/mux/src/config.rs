@@ -40,6 +40,10 @@ pub struct Config {
     /// Auto-tuning lets a stream window reach `delivery rate × (2 × minimum RTT + this)`: the
     /// queue it may always build, however short the path (1 ms).
     pub tune_queue_floor: Duration,
+    /// The same for a stream with company (another stream carried data lately): its window
+    /// reaches `rate × (1.5 × minimum RTT + this)` (250 µs). Smaller, because that queue is
+    /// what the other stream's bytes wait behind.
+    pub shared_queue_floor: Duration,
     /// Declare the carrier dead after this long without receiving anything (45 s).
     pub idle_timeout: Duration,
     /// Server: close a carrier that has not been authenticated after this long (10 s).
@@ -63,6 +67,7 @@ impl Default for Config {
             keepalive_interval: Duration::from_secs(15),
             rtt_probe_interval: Duration::from_secs(1),
             tune_queue_floor: Duration::from_millis(1),
+            shared_queue_floor: Duration::from_micros(250),
             idle_timeout: Duration::from_secs(45),
             auth_timeout: Duration::from_secs(10),
         }

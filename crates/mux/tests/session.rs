@@ -285,6 +285,40 @@ fn a_stream_with_company_keeps_a_smaller_window() {
 }
 
 #[test]
+fn on_a_sub_millisecond_path_company_shrinks_the_queue_floor() {
+    // 100 µs RTT at 1.5 GB/s (loopback at 12 Gbit/s): the BDP is 150 KB, and the queue floor
+    // sets the window. Alone it may queue a millisecond (wakeups, not the path, set the pace);
+    // beside another stream only a quarter of that, because the other stream waits behind it.
+    let rate = 1_500_000_000;
+    let (_, alone) = bulk_upload(Duration::from_micros(50), |p| p.set_rate(rate), 7, 64 << 20);
+    let (p, shared) = bulk_upload(
+        Duration::from_micros(50),
+        |p| {
+            p.set_rate(rate);
+            let chat = p.open(22);
+            p.client.send(chat, b"ls\n", false);
+        },
+        7,
+        64 << 20,
+    );
+    assert_eq!(
+        p.server.received.len(),
+        2,
+        "both streams reached the server"
+    );
+    assert!(
+        alone >= 1_400_000,
+        "window alone {alone}: want about rate x (2 x RTT + 1 ms) = 1.8 MB"
+    );
+    // (The measured rate and RTT run a little above the link's, as in the test above.)
+    assert!(
+        shared <= 800_000 && u64::from(shared) * 2 <= u64::from(alone),
+        "window with company {shared}, alone {alone}: want about rate x (1.5 x RTT + 0.25 ms) \
+         = 0.6 MB, and at most half the window alone"
+    );
+}
+
+#[test]
 fn window_stays_fixed_without_auto_tune() {
     let config = Config {
         auto_tune: false,
