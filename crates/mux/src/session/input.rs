@@ -269,8 +269,7 @@ impl Session {
             }
         }
         if len > 0 {
-            s.recv_buffered += len;
-            s.recv_chunks.push_back(payload);
+            s.push_received(payload);
         }
         if fin {
             s.recv = RecvState::FinReceived;

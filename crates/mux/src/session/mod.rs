@@ -223,6 +223,7 @@ impl Session {
             .map(|s| {
                 s.send_buf.capacity()
                     + s.recv_chunks.capacity() * std::mem::size_of::<bytes::Bytes>()
+                    + s.recv_tail.capacity().saturating_sub(s.recv_tail.len())
                     + s.recv_buffered
             })
             .sum();
