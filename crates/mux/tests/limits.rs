@@ -501,6 +501,29 @@ fn peer_goaway_with_an_error_closes_the_session() {
 }
 
 #[test]
+fn a_goaway_reason_cannot_forge_log_lines() {
+    let now = Instant::now();
+    let mut c = Session::client(Config::default(), now);
+    c.send_auth(b"proof").unwrap();
+    let goaway = Frame::GoAway {
+        last_id: 0,
+        code: ErrorCode::NoError,
+        reason: "bye\n2026-01-01T00:00:00Z  INFO carrier authenticated \u{1b}[32m".into(),
+    };
+    c.handle_input(now, &wire(&[Frame::AuthOk, goaway]))
+        .unwrap();
+    let reason = events(&mut c)
+        .into_iter()
+        .find_map(|e| match e {
+            Event::GoAway { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .expect("a GoAway event");
+    assert!(!reason.chars().any(char::is_control), "{reason:?}");
+    assert!(reason.starts_with("bye\\n2026"), "{reason:?}");
+}
+
+#[test]
 fn resets_of_established_streams_are_not_rate_limited() {
     let (mut s, now) = authed_server(Config::default());
     for i in 0..300u32 {

@@ -22,10 +22,22 @@ pub const CHALLENGE_HEADER: &str = "forward-challenge";
 
 /// Reads up to the blank line ending an HTTP head. Returns the head and whatever followed it.
 pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(String, Vec<u8>)> {
-    let mut buf = Vec::with_capacity(1024);
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
+        // A TLS ClientHello (a client that expected the agent's own TLS) or other non-HTTP bytes
+        // get their answer now, not at the auth deadline.
+        if let Some(&b) = buf.first().filter(|b| !b.is_ascii_uppercase()) {
+            let tls = if b == 0x16 { ": a TLS handshake" } else { "" };
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not HTTP (first byte 0x{b:02x}{tls})"),
+            ));
+        }
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if end + 4 > MAX_HEAD {
+                return Err(too_long());
+            }
             let rest = buf.split_off(end + 4);
             let head = String::from_utf8(buf).map_err(|_| {
                 io::Error::new(io::ErrorKind::InvalidData, "HTTP head is not UTF-8")
@@ -33,10 +45,7 @@ pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(String, V
             return Ok((head, rest));
         }
         if buf.len() > MAX_HEAD {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "HTTP head longer than 8 KiB",
-            ));
+            return Err(too_long());
         }
         let n = r.read(&mut chunk).await?;
         if n == 0 {
@@ -47,6 +56,10 @@ pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(String, V
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+fn too_long() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "HTTP head longer than 8 KiB")
 }
 
 /// A parsed head: first line split in three, headers with lower-case names.
@@ -63,6 +76,15 @@ pub struct Head {
 impl Head {
     /// Parses a head read by [`read_head`]; `None` if it is not HTTP.
     pub fn parse(text: &str) -> Option<Head> {
+        // No control characters but tab (RFC 9110 field values): a bare LF or an escape sequence
+        // in a header we log would let a stranger forge log lines.
+        if text
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n'))
+            || text.split("\r\n").any(|l| l.contains(['\r', '\n']))
+        {
+            return None;
+        }
         let mut lines = text.split("\r\n");
         let mut first = lines.next()?.splitn(3, ' ');
         let a = first.next()?.to_owned();
@@ -168,7 +190,41 @@ mod tests {
         let (head, rest) = read_head(&mut data.as_slice()).await.unwrap();
         assert_eq!(rest, vec![1, 2]);
         assert_eq!(Head::parse(&head).unwrap().second, "101");
-        let long = vec![b'a'; MAX_HEAD + 2000];
+        let long = vec![b'A'; MAX_HEAD + 2000];
         assert!(read_head(&mut long.as_slice()).await.is_err());
+        // The limit holds for a head that ends inside the last read, too.
+        let mut ends_late = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        ends_late.resize(MAX_HEAD + 500, b'a');
+        ends_late.extend_from_slice(b"\r\n\r\n");
+        let e = read_head(&mut ends_late.as_slice()).await.unwrap_err();
+        assert!(e.to_string().contains("8 KiB"), "{e}");
+        let at_limit = {
+            let mut h = b"GET / HTTP/1.1\r\nX: ".to_vec();
+            h.resize(MAX_HEAD - 4, b'a');
+            h.extend_from_slice(b"\r\n\r\n");
+            h
+        };
+        assert!(read_head(&mut at_limit.as_slice()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn non_http_bytes_are_refused_at_once() {
+        // The start of a TLS ClientHello: no CRLFCRLF would ever come.
+        let hello = [0x16u8, 0x03, 0x01, 0x02, 0x00];
+        let e = read_head(&mut hello.as_slice()).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not HTTP (first byte 0x16: a TLS handshake)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn control_characters_in_a_head_are_refused() {
+        let forged = "GET /x HTTP/1.1\r\nHost: evil\n2026-01-01 INFO forged\r\n";
+        assert!(Head::parse(forged).is_none());
+        assert!(Head::parse("GET /x HTTP/1.1\r\nHost: a\x1b[31mb\r\n").is_none());
+        assert!(Head::parse("GET /x HTTP/1.1\r\nHost: a\rb\r\n").is_none());
+        assert!(Head::parse("GET /x HTTP/1.1\r\nX-A:\tb\r\n").is_some());
     }
 }

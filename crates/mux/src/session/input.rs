@@ -391,6 +391,13 @@ impl Session {
     }
 
     fn on_goaway(&mut self, last_id: StreamId, code: ErrorCode, reason: String) {
+        // The peer's words end up in our logs and errors: a line feed or an escape sequence
+        // there could forge log lines, so control characters arrive escaped.
+        let reason = if reason.chars().any(char::is_control) {
+            reason.escape_default().to_string()
+        } else {
+            reason
+        };
         tracing::debug!(last_id, %code, %reason, "peer sent GOAWAY");
         self.events.push_back(Event::GoAway {
             last_id,
