@@ -5,6 +5,10 @@
 //! user out for good. Here a newcomer over the cap evicts the *oldest* unauthenticated
 //! connection instead: a real client authenticates within a round trip or two of connecting,
 //! so to keep it out a flood must open `cap` connections per round trip, not 64 per deadline.
+//! And a connection that has sent its upgrade request goes after every one that has not: a
+//! flood of bare connections (9,000 a second from one script evicted every real client in a
+//! review) then cannot touch a client waiting for its AUTH verdict; it must complete HTTP
+//! upgrades as fast.
 //!
 //! ```text
 //! accept ──admit()──▶ Slot ──(authenticated)──▶ settle() ─▶ leaves the queue
@@ -27,7 +31,15 @@ pub(crate) struct Admission {
 #[derive(Debug, Default)]
 struct Inner {
     next_id: u64,
-    queue: VecDeque<(u64, CancellationToken)>,
+    queue: VecDeque<Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    evicted: CancellationToken,
+    /// The upgrade request arrived: evicted only when no connection without one is left.
+    upgraded: bool,
 }
 
 /// One unauthenticated connection's place in the queue; leaves it when dropped or settled.
@@ -46,21 +58,27 @@ impl Admission {
         })
     }
 
-    /// Takes a place for a new connection, evicting the oldest one when the queue is full.
-    /// Returns whether someone was evicted.
+    /// Takes a place for a new connection, evicting one when the queue is full: the oldest
+    /// that has not sent its upgrade request, else the oldest. Returns whether someone was
+    /// evicted.
     pub(crate) fn admit(self: &Arc<Self>) -> (Slot, bool) {
         let mut inner = self.lock();
         let mut evicted = false;
         while inner.queue.len() >= self.cap {
-            if let Some((_, token)) = inner.queue.pop_front() {
-                token.cancel();
+            let victim = inner.queue.iter().position(|e| !e.upgraded).unwrap_or(0);
+            if let Some(e) = inner.queue.remove(victim) {
+                e.evicted.cancel();
                 evicted = true;
             }
         }
         let id = inner.next_id;
         inner.next_id += 1;
         let token = CancellationToken::new();
-        inner.queue.push_back((id, token.clone()));
+        inner.queue.push_back(Entry {
+            id,
+            evicted: token.clone(),
+            upgraded: false,
+        });
         let slot = Slot {
             id,
             evicted: token,
@@ -79,9 +97,15 @@ impl Admission {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn mark_upgraded(&self, id: u64) {
+        if let Some(e) = self.lock().queue.iter_mut().find(|e| e.id == id) {
+            e.upgraded = true;
+        }
+    }
+
     fn remove(&self, id: u64) -> bool {
         let mut inner = self.lock();
-        match inner.queue.iter().position(|(i, _)| *i == id) {
+        match inner.queue.iter().position(|e| e.id == id) {
             Some(at) => {
                 inner.queue.remove(at);
                 true
@@ -101,6 +125,11 @@ impl Slot {
             _ = self.evicted.cancelled() => None,
             out = work => Some(out),
         }
+    }
+
+    /// The connection sent its upgrade request: it now goes after those that have not.
+    pub(crate) fn upgraded(&self) {
+        self.admission.mark_upgraded(self.id);
     }
 
     /// Leaves the queue for good because the connection authenticated. `false` when it was
@@ -137,6 +166,35 @@ mod tests {
         assert_eq!(a.waiting(), 1);
         drop(third);
         assert_eq!(a.waiting(), 0);
+    }
+
+    #[test]
+    fn upgraded_connections_are_evicted_last() {
+        let a = Admission::new(3);
+        let (client, _) = a.admit();
+        client.upgraded();
+        // A flood of bare connections churns among itself.
+        let mut flood = Vec::new();
+        for _ in 0..100 {
+            flood.push(a.admit().0);
+        }
+        assert!(
+            !client.evicted.is_cancelled(),
+            "the upgraded client was evicted"
+        );
+        assert_eq!(
+            flood.iter().filter(|s| !s.evicted.is_cancelled()).count(),
+            2
+        );
+        assert!(client.settle());
+        // With only upgraded ones waiting, the oldest of them goes.
+        let b = Admission::new(2);
+        let (first, _) = b.admit();
+        let (second, _) = b.admit();
+        first.upgraded();
+        second.upgraded();
+        let (_third, evicted) = b.admit();
+        assert!(evicted && first.evicted.is_cancelled() && !second.evicted.is_cancelled());
     }
 
     #[test]

@@ -136,6 +136,10 @@ impl Agent {
     pub async fn run(self, stop: CancellationToken, drain: Duration) {
         let admission = Admission::new(self.config.max_unauthenticated);
         loop {
+            // Let the connections accepted so far read their requests before the next accept:
+            // otherwise, on one thread, a backlog of a flood's connections is accepted in one go
+            // and evicts a real client's before its task has looked at the request it sent.
+            tokio::task::yield_now().await;
             let (tcp, peer) = tokio::select! {
                 _ = stop.cancelled() => break,
                 r = self.listener.accept() => match r {
@@ -149,8 +153,14 @@ impl Agent {
             };
             let (slot, evicted) = admission.admit();
             if evicted {
-                // Debug, not warn: a flood would otherwise write a line per connection.
-                tracing::debug!(%peer, "unauthenticated cap reached: closing the oldest waiting connection");
+                // One line per interval: a flood would otherwise write one per connection.
+                if let Some(more) = EVICTIONS.pass() {
+                    tracing::warn!(
+                        not_logged = more,
+                        "too many unauthenticated connections: closing the oldest waiting ones \
+                         (a flood, or a burst of clients)"
+                    );
+                }
             }
             let config = self.config.clone();
             let carriers = self.carriers.clone();
@@ -169,7 +179,9 @@ impl Agent {
                                 acceptor.accept(ReadAhead::new(tcp)),
                             );
                             let Some(done) = slot.unless_evicted(handshake).await else {
-                                tracing::info!("evicted by newer connections before finishing TLS");
+                                tracing::debug!(
+                                    "evicted by newer connections before finishing TLS"
+                                );
                                 return;
                             };
                             match done {
@@ -177,8 +189,8 @@ impl Agent {
                                     s.get_mut().1.set_buffer_limit(Some(TLS_WRITE_AHEAD));
                                     serve_conn(s, peer, accepted, config, carriers, slot).await
                                 }
-                                Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake failed"),
-                                Err(_) => tracing::info!("TLS handshake timed out"),
+                                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!("TLS handshake timed out"),
                             }
                         }
                         None => serve_conn(tcp, peer, accepted, config, carriers, slot).await,
@@ -242,6 +254,38 @@ impl Agent {
     }
 }
 
+/// Events a stranger can cause at will get one log line per [`LOG_EVERY`]; the line says how
+/// many like it were left out since the last one.
+struct Throttle(Mutex<(Option<Instant>, u64)>);
+
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+static EVICTIONS: Throttle = Throttle::new();
+static AUTH_FAILURES: Throttle = Throttle::new();
+
+impl Throttle {
+    const fn new() -> Self {
+        Throttle(Mutex::new((None, 0)))
+    }
+
+    /// `Some(left_out)` when this event may be logged.
+    fn pass(&self) -> Option<u64> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match g.0 {
+            Some(last) if now.duration_since(last) < LOG_EVERY => {
+                g.1 += 1;
+                None
+            }
+            _ => {
+                let left_out = g.1;
+                *g = (Some(now), 0);
+                Some(left_out)
+            }
+        }
+    }
+}
+
 async fn respond<S: AsyncWrite + Unpin>(s: &mut S, status: &str, body: &str) {
     respond_raw(s, &upgrade::simple(status, body)).await;
 }
@@ -265,23 +309,23 @@ async fn serve_conn<S>(
     let left = config.auth_timeout.saturating_sub(started.elapsed());
     let read = tokio::time::timeout(left, upgrade::read_head(&mut s));
     let Some(read) = slot.unless_evicted(read).await else {
-        tracing::info!("evicted by newer connections before sending a request");
+        tracing::debug!("evicted by newer connections before sending a request");
         return;
     };
     let (head, leftover) = match read {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
-            tracing::info!(error = %e, "not a valid HTTP request; closing");
+            tracing::debug!(error = %e, "not a valid HTTP request; closing");
             respond(&mut s, "400 Bad Request", "bad request\n").await;
             return;
         }
         Err(_) => {
-            tracing::info!("no request within the auth deadline; closing");
+            tracing::debug!("no request within the auth deadline; closing");
             return;
         }
     };
     let Some(head) = Head::parse(&head) else {
-        tracing::info!("not an HTTP request; closing");
+        tracing::debug!("not an HTTP request; closing");
         respond(&mut s, "400 Bad Request", "bad request\n").await;
         return;
     };
@@ -307,13 +351,14 @@ async fn serve_conn<S>(
             return;
         }
     }
+    slot.upgraded();
     let (host, port) = upgrade::split_host(head.header("host").unwrap_or(""));
     let challenge = auth::challenge();
     if let Err(e) = s
         .write_all(upgrade::switching(&auth::to_hex(&challenge)).as_bytes())
         .await
     {
-        tracing::info!(error = %e, "client left during the upgrade");
+        tracing::debug!(error = %e, "client left during the upgrade");
         return;
     }
     let mut mux = config.mux.clone();
@@ -325,17 +370,17 @@ async fn serve_conn<S>(
     let proof = match slot.unless_evicted(carrier.wait_auth_request()).await {
         Some(Ok(p)) => p,
         Some(Err(reason)) => {
-            tracing::info!(%reason, "carrier closed before authenticating");
+            tracing::debug!(%reason, "carrier closed before authenticating");
             return;
         }
         None => {
-            tracing::info!("evicted by newer connections before authenticating");
+            tracing::debug!("evicted by newer connections before authenticating");
             carrier.close("evicted: too many unauthenticated connections");
             return;
         }
     };
     if !slot.settle() {
-        tracing::info!("evicted by newer connections while authenticating");
+        tracing::debug!("evicted by newer connections while authenticating");
         carrier.close("evicted: too many unauthenticated connections");
         return;
     }
@@ -343,7 +388,14 @@ async fn serve_conn<S>(
     carrier.decide_auth(ok);
     if !ok {
         // One uniform reply on the wire; the detail stays in our log.
-        tracing::warn!(%host, port, "authentication failed (wrong token, or a replayed proof)");
+        if let Some(more) = AUTH_FAILURES.pass() {
+            tracing::warn!(
+                %host,
+                port,
+                not_logged = more,
+                "authentication failed (wrong token, or a replayed proof)"
+            );
+        }
         return;
     }
     tracing::info!(%host, port, "carrier authenticated");
