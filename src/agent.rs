@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use forward_mux::Target;
 use forward_tunnel::agent::{Agent, AgentConfig};
 use forward_tunnel::agent_client::{AgentConnector, AgentLink, CarrierTransport, LinkConfig};
-use forward_tunnel::auth::Token;
+use forward_tunnel::auth::{AgentNames, Token};
 use forward_tunnel::policy::TargetPolicy;
 use forward_tunnel::quic::{
     AgentVerify, QuicAgent, QuicAgentConfig, QuicCarrier, QuicCarrierConfig, QuicCert,
@@ -28,8 +28,10 @@ pub async fn serve(args: AgentArgs) -> Result<i32> {
     let token = Token::load(args.token_file.as_deref())?;
     let policy = TargetPolicy::new(&args.allow)?;
     let drain = Duration::from_secs(args.drain);
+    let names = AgentNames::new(&args.names);
     let mut config = AgentConfig::new(args.listen, token.clone());
     config.policy = policy.clone();
+    config.names = names.clone();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(forward_tunnel::tls::server_config_from_files(cert, key)?);
     }
@@ -42,6 +44,7 @@ pub async fn serve(args: AgentArgs) -> Result<i32> {
         let mut qc = QuicAgentConfig::new(addr.port(), cert, token);
         qc.listen = std::net::SocketAddr::new(args.listen.ip(), addr.port());
         qc.policy = policy;
+        qc.names = names;
         qc.grace = drain;
         let q = QuicAgent::bind(qc)?;
         println!(

@@ -169,7 +169,7 @@ pub enum Command {
     Edge(forward_edge::EdgeArgs),
     /// Run the agent on the VM: one authenticated carrier per client, streams dialled VM-side.
     #[command(
-        after_help = "Examples:\n  VERS_AUTH_TOKEN=$(openssl rand -hex 32) forward agent            # [::]:9999, loopback targets\n  forward agent --token-file /etc/forward.token --allow db.internal:5432\n  then on the laptop: VERS_AUTH_TOKEN=... forward --agent 9999 5432:<vm>:5432"
+        after_help = "Examples:\n  VERS_AUTH_TOKEN=$(openssl rand -hex 32) forward agent            # [::]:9999, loopback targets\n  forward agent --token-file /etc/forward.token --allow db.internal:5432\n  forward agent --name abc123.vm.vers.sh   # refuse proofs made for other names\n  then on the laptop: VERS_AUTH_TOKEN=... forward --agent 9999 5432:<vm>:5432"
     )]
     Agent(AgentArgs),
     /// Start a local edge and services and forward to them end to end: no Vers account needed.
@@ -215,6 +215,12 @@ pub struct AgentArgs {
     /// Also allow targets beyond the VM's loopback: HOST:PORT, `*` wildcards, `*.suffix`.
     #[arg(long, value_name = "HOST:PORT")]
     pub allow: Vec<String>,
+
+    /// A host name clients reach this agent by, e.g. abc123.vm.vers.sh (repeatable): proofs
+    /// made for any other name are refused, so a client tricked into authenticating elsewhere
+    /// cannot be relayed here. Without it any name passes: then give each VM its own token.
+    #[arg(long = "name", value_name = "HOST", value_parser = agent_name)]
+    pub names: Vec<String>,
 
     /// Serve TLS with this certificate chain (PEM), for use without an edge in front.
     #[arg(long, value_name = "PEM", requires = "tls_key")]
@@ -329,5 +335,17 @@ mod tests {
         assert_eq!(domain("vm.test.").as_deref(), Ok("vm.test"));
         assert!(domain("").unwrap_err().contains("empty"));
         assert!(domain(".").unwrap_err().contains("empty"));
+    }
+}
+
+/// `forward agent --name`: a DNS name, as clients dial it.
+fn agent_name(s: &str) -> Result<String, String> {
+    let n = s.trim_end_matches('.');
+    if forward_tunnel::policy::is_name(n) {
+        Ok(n.to_owned())
+    } else {
+        Err(format!(
+            "'{s}' is not a host name; give the name clients dial, e.g. abc123.vm.vers.sh"
+        ))
     }
 }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::admission::{Admission, Slot};
-use crate::auth::{self, Token};
+use crate::auth::{self, AgentNames, Token};
 use crate::carrier::Carrier;
 use crate::dial::{tune_tcp, TLS_WRITE_AHEAD};
 use crate::policy::{DialRefusal, TargetPolicy};
@@ -51,6 +51,8 @@ pub struct AgentConfig {
     /// Connections allowed to be unauthenticated at once; a newcomer over the cap closes the
     /// oldest of them.
     pub max_unauthenticated: usize,
+    /// The names proofs must be made for (empty: any).
+    pub names: AgentNames,
 }
 
 impl AgentConfig {
@@ -65,6 +67,7 @@ impl AgentConfig {
             dial_timeout: Duration::from_secs(10),
             auth_timeout: Duration::from_secs(10),
             max_unauthenticated: 64,
+            names: AgentNames::default(),
         }
     }
 }
@@ -384,17 +387,28 @@ async fn serve_conn<S>(
         carrier.close("evicted: too many unauthenticated connections");
         return;
     }
-    let ok = config.token.verify(&challenge, &host, port, &proof);
+    let named = config.names.admits(&host);
+    let ok = named && config.token.verify(&challenge, &host, port, &proof);
     carrier.decide_auth(ok);
     if !ok {
         // One uniform reply on the wire; the detail stays in our log.
         if let Some(more) = AUTH_FAILURES.pass() {
-            tracing::warn!(
-                %host,
-                port,
-                not_logged = more,
-                "authentication failed (wrong token, or a replayed proof)"
-            );
+            if named {
+                tracing::warn!(
+                    %host,
+                    port,
+                    not_logged = more,
+                    "authentication failed (wrong token, or a replayed proof)"
+                );
+            } else {
+                tracing::warn!(
+                    %host,
+                    names = %config.names.list(),
+                    not_logged = more,
+                    "authentication refused: the client dialled a name not in --name \
+                     (a client pointed elsewhere, or a relayed proof)"
+                );
+            }
         }
         return;
     }

@@ -7,7 +7,10 @@
 //!
 //! The token never crosses the wire, a captured proof is useless against another challenge,
 //! and the agent compares in constant time (`ring::hmac::verify`). Host and port are what the
-//! client dialled (sent as the HTTP `Host` header), so a proof is also bound to that name.
+//! client dialled (sent as the HTTP `Host` header; QUIC: the SNI and the agent's port), so a
+//! proof is bound to that name, but the agent can only hold it to its own names if it is told
+//! them ([`AgentNames`], `forward agent --name`). Without that, a party a client was tricked
+//! into authenticating with could relay the proof to another agent that shares the token.
 
 use std::fmt;
 use std::path::Path;
@@ -191,6 +194,17 @@ pub fn from_hex(s: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn agent_names_admit_only_their_own() {
+        let any = AgentNames::default();
+        assert!(any.admits("whatever.example") && any.admits(""));
+        let mine = AgentNames::new(&["abc123.vm.vers.sh", "Other.Example."]);
+        assert!(mine.admits("ABC123.vm.vers.sh."));
+        assert!(mine.admits("other.example"));
+        assert!(!mine.admits("evil.vm.vers.sh"));
+        assert!(!mine.admits(""));
+    }
+
     const GOOD: &str = "00112233445566778899aabbccddeeff";
 
     #[test]
@@ -263,4 +277,31 @@ mod tests {
         assert!(from_hex("abc").is_none());
         assert!(from_hex("zz").is_none());
     }
+}
+
+/// The host names an agent answers to (`forward agent --name`): a proof made for any other
+/// name is refused, so one relayed from a client that was made to dial another host (or
+/// another agent sharing the token) gets nowhere. Empty: every name passes.
+#[derive(Debug, Clone, Default)]
+pub struct AgentNames(Vec<String>);
+
+impl AgentNames {
+    /// Names as typed; compared without case and without a trailing dot.
+    pub fn new<S: AsRef<str>>(names: &[S]) -> Self {
+        AgentNames(names.iter().map(|n| normal_name(n.as_ref())).collect())
+    }
+
+    /// Whether a proof made for `host` may be checked at all.
+    pub fn admits(&self, host: &str) -> bool {
+        self.0.is_empty() || self.0.contains(&normal_name(host))
+    }
+
+    /// The names, for a log line.
+    pub fn list(&self) -> String {
+        self.0.join(", ")
+    }
+}
+
+fn normal_name(n: &str) -> String {
+    n.trim_end_matches('.').to_ascii_lowercase()
 }

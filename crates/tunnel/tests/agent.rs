@@ -20,7 +20,7 @@ use forward_mux::frame::{FrameType, Header};
 use forward_mux::{ErrorCode, Frame};
 use forward_tunnel::agent::{Agent, AgentConfig};
 use forward_tunnel::agent_client::{AgentLink, CarrierTransport};
-use forward_tunnel::auth::Token;
+use forward_tunnel::auth::{AgentNames, Token};
 use forward_tunnel::{relay, Connector};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -189,6 +189,32 @@ fn missing_unreadable_and_weak_tokens_are_refused_without_leaking_them() {
         assert!(e.contains("no token") && e.contains("--token-file"), "{e}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_names_refuses_proofs_made_for_another_name() {
+    // The agent answers to vm1.vm.test only. A client that dialled vm2.vm.test made its proof
+    // for that name: refused, as one relayed from vm2's client by a party in the middle would
+    // be (both agents share the token).
+    let agent = start_agent(|c| c.names = AgentNames::new(&["vm1.vm.test"]));
+    let echo = echo_server("[::1]:0").await;
+    let dial = |name: &str| {
+        let mut config = link_config(agent.addr, token());
+        config.host = name.to_owned();
+        config.edge = Some(agent.addr.ip().to_string());
+        AgentLink::new(config)
+    };
+    let own = dial("VM1.vm.test.");
+    echo_round_trip(&connector(&own, "", echo.port()), 5, 100_000)
+        .await
+        .expect("a proof for the agent's own name");
+    let other = dial("vm2.vm.test");
+    let e = connector(&other, "", echo.port())
+        .check()
+        .await
+        .expect_err("a proof for another name")
+        .to_string();
+    assert!(e.contains("authentication rejected"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

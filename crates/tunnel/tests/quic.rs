@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use forward_tunnel::auth::Token;
+use forward_tunnel::auth::{AgentNames, Token};
 use forward_tunnel::quic::{
     client_config, code, encode_target, AgentVerify, QuicAgent, QuicAgentConfig, QuicCarrier,
     QuicCarrierConfig, QuicCert, QuicConnector, SpkiPin, ALPN, AUTH_HELLO,
@@ -217,6 +217,35 @@ async fn wrong_token_is_rejected_while_a_good_client_keeps_working() {
     .await
     .unwrap();
     assert_eq!(got, b"new");
+}
+
+#[tokio::test]
+async fn an_agent_with_names_refuses_proofs_made_for_another_name() {
+    // The agent answers to NAME only. A client that dialled another name (SNI) made its proof
+    // for that name: refused, as a proof relayed from another agent's client would be.
+    let cert = QuicCert::generate(&[NAME.into(), "other.vm.test".into()]).unwrap();
+    let mut config = QuicAgentConfig::new(0, cert, token(TOKEN));
+    config.listen = v6();
+    config.names = AgentNames::new(&[NAME]);
+    let agent = QuicAgent::bind(config).unwrap();
+    let (addr, pin) = (agent.local_addr(), agent.pin());
+    let stop = CancellationToken::new();
+    tokio::spawn(agent.run(stop.clone()));
+    let dial = |name: &str| {
+        let mut c = QuicCarrierConfig::new(name, addr.port(), AgentVerify::Pin(pin), token(TOKEN));
+        c.edge = Some(addr.ip().to_string());
+        c.bind = v6();
+        QuicCarrier::new(c).unwrap()
+    };
+    timed(dial(NAME).check())
+        .await
+        .expect("the agent's own name");
+    let e = timed(dial("other.vm.test").check())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("same token"), "{e}");
+    stop.cancel();
 }
 
 #[tokio::test]

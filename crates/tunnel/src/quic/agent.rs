@@ -16,7 +16,7 @@ use super::{
     close, code, is_loopback, proof_host, read_target, transport, HeaderError, QuicCert, QuicError,
     QuicStream, ALPN, AUTH_HELLO, AUTH_TIMEOUT, MAX_STREAMS, MAX_UNAUTHENTICATED,
 };
-use crate::auth::{challenge, Token, CHALLENGE_LEN};
+use crate::auth::{challenge, AgentNames, Token, CHALLENGE_LEN};
 use crate::policy::{DialRefusal, TargetPolicy};
 use crate::relay::{relay, Endpoint};
 
@@ -48,6 +48,8 @@ pub struct QuicAgentConfig {
     /// opens another connection. (The agent grants up to 1/7 more, as quinn holds back part
     /// of the credit of closed streams.)
     pub max_streams: u32,
+    /// The names (SNI) proofs must be made for (empty: any).
+    pub names: AgentNames,
 }
 
 impl QuicAgentConfig {
@@ -62,12 +64,14 @@ impl QuicAgentConfig {
             dial_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(10),
             max_streams: MAX_STREAMS,
+            names: AgentNames::default(),
         }
     }
 }
 
 struct Shared {
     token: Token,
+    names: AgentNames,
     policy: TargetPolicy,
     dial_timeout: Duration,
     port: u16,
@@ -195,6 +199,7 @@ impl QuicAgent {
             grace: config.grace,
             shared: Arc::new(Shared {
                 token: config.token,
+                names: config.names,
                 policy: config.policy,
                 dial_timeout: config.dial_timeout,
                 port: local.port(),
@@ -395,7 +400,16 @@ async fn authenticate(
         let mut proof = [0u8; 32];
         recv.read_exact(&mut proof).await.map_err(|e| lost(&e))?;
         debug_assert_eq!(ch.len(), CHALLENGE_LEN);
-        let ok = shared.token.verify(&ch, host, shared.port, &proof);
+        let named = shared.names.admits(host);
+        if !named {
+            tracing::warn!(
+                sni = %host,
+                names = %shared.names.list(),
+                "the client dialled a name not in --name (a client pointed elsewhere, or a \
+                 relayed proof)"
+            );
+        }
+        let ok = named && shared.token.verify(&ch, host, shared.port, &proof);
         send.write_all(&[u8::from(ok)])
             .await
             .map_err(|e| lost(&e))?;
