@@ -288,6 +288,18 @@ fn pin(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `forward agent --name`: a DNS name, as clients dial it.
+fn agent_name(s: &str) -> Result<String, String> {
+    let n = s.trim_end_matches('.');
+    if forward_tunnel::policy::is_name(n) {
+        Ok(n.to_owned())
+    } else {
+        Err(format!(
+            "'{s}' is not a host name; give the name clients dial, e.g. abc123.vm.vers.sh"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,17 +347,5 @@ mod tests {
         assert_eq!(domain("vm.test.").as_deref(), Ok("vm.test"));
         assert!(domain("").unwrap_err().contains("empty"));
         assert!(domain(".").unwrap_err().contains("empty"));
-    }
-}
-
-/// `forward agent --name`: a DNS name, as clients dial it.
-fn agent_name(s: &str) -> Result<String, String> {
-    let n = s.trim_end_matches('.');
-    if forward_tunnel::policy::is_name(n) {
-        Ok(n.to_owned())
-    } else {
-        Err(format!(
-            "'{s}' is not a host name; give the name clients dial, e.g. abc123.vm.vers.sh"
-        ))
     }
 }

@@ -190,6 +190,33 @@ pub fn from_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// The host names an agent answers to (`forward agent --name`): a proof made for any other
+/// name is refused, so one relayed from a client that was made to dial another host (or
+/// another agent sharing the token) gets nowhere. Empty: every name passes.
+#[derive(Debug, Clone, Default)]
+pub struct AgentNames(Vec<String>);
+
+impl AgentNames {
+    /// Names as typed; compared without case and without a trailing dot.
+    pub fn new<S: AsRef<str>>(names: &[S]) -> Self {
+        AgentNames(names.iter().map(|n| normal_name(n.as_ref())).collect())
+    }
+
+    /// Whether a proof made for `host` may be checked at all.
+    pub fn admits(&self, host: &str) -> bool {
+        self.0.is_empty() || self.0.contains(&normal_name(host))
+    }
+
+    /// The names, for a log line.
+    pub fn list(&self) -> String {
+        self.0.join(", ")
+    }
+}
+
+fn normal_name(n: &str) -> String {
+    n.trim_end_matches('.').to_ascii_lowercase()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,31 +304,4 @@ mod tests {
         assert!(from_hex("abc").is_none());
         assert!(from_hex("zz").is_none());
     }
-}
-
-/// The host names an agent answers to (`forward agent --name`): a proof made for any other
-/// name is refused, so one relayed from a client that was made to dial another host (or
-/// another agent sharing the token) gets nowhere. Empty: every name passes.
-#[derive(Debug, Clone, Default)]
-pub struct AgentNames(Vec<String>);
-
-impl AgentNames {
-    /// Names as typed; compared without case and without a trailing dot.
-    pub fn new<S: AsRef<str>>(names: &[S]) -> Self {
-        AgentNames(names.iter().map(|n| normal_name(n.as_ref())).collect())
-    }
-
-    /// Whether a proof made for `host` may be checked at all.
-    pub fn admits(&self, host: &str) -> bool {
-        self.0.is_empty() || self.0.contains(&normal_name(host))
-    }
-
-    /// The names, for a log line.
-    pub fn list(&self) -> String {
-        self.0.join(", ")
-    }
-}
-
-fn normal_name(n: &str) -> String {
-    n.trim_end_matches('.').to_ascii_lowercase()
 }
