@@ -62,9 +62,12 @@ pub enum TokenError {
 
 /// A rough strength estimate: hex strings carry 4 bits a character, base64-like 6, anything
 /// else 8 (raw bytes). Enough to refuse `secret` and `1234` without rejecting real tokens.
-/// A token that repeats itself is as strong as one repetition (`passwordpassword…`), and one
-/// made of a handful of characters (`000…0`) is judged by how many it uses: the agent listens
-/// on a public port, so a long but guessable token must not pass for a strong one.
+/// A token that repeats itself is as strong as one repetition (`passwordpassword…`), nearly
+/// so as one repetition plus its differences, one that mostly counts up or down (`abcd…`) as
+/// the characters that break the runs, and one made of a handful of characters (`000…0`) is
+/// judged by how many it uses: the agent listens on a public port, so a long but guessable
+/// token must not pass for a strong one. A heuristic against mistakes, not a proof of
+/// randomness: generate tokens with `openssl rand -hex 32`.
 fn estimated_bits(s: &str) -> usize {
     let chars: Vec<char> = s.chars().collect();
     let per_char = if chars.iter().all(|c| c.is_ascii_hexdigit()) {
@@ -77,10 +80,30 @@ fn estimated_bits(s: &str) -> usize {
     } else {
         8
     };
-    let period = (1..=chars.len())
+    let n = chars.len();
+    // A period shows only when it repeats at least once: with any longer "period", a token
+    // that merely ends as it starts (1 in 16 random hex tokens) lost bits it has.
+    let period = (1..=n / 2)
         .find(|&p| chars.iter().enumerate().all(|(i, c)| *c == chars[i % p]))
-        .unwrap_or(0);
-    let bits = period * per_char;
+        .unwrap_or(n);
+    // Nearly periodic (`passwordpasswordpasswordpassword1`): one period plus what differs. Only
+    // when three in four characters repeat the one a period back: random text matches about
+    // one in its alphabet's size, and a fair 32-digit hex token must keep its 128 bits.
+    let near = (1..=n / 2)
+        .filter_map(|p| {
+            let differ = (p..n).filter(|&i| chars[i] != chars[i - p]).count();
+            (differ * 4 <= n - p).then_some(p + differ)
+        })
+        .min()
+        .unwrap_or(n);
+    // Mostly runs (`abcdefghijklmnopqrstuvwxyz012345`): a step of one tells nothing new.
+    let stepped = (1..n)
+        .filter(|&i| {
+            (i64::from(u32::from(chars[i])) - i64::from(u32::from(chars[i - 1]))).abs() == 1
+        })
+        .count();
+    let novel = if stepped * 2 > n { n - stepped } else { n };
+    let bits = period.min(near).min(novel) * per_char;
     let mut distinct = chars.clone();
     distinct.sort_unstable();
     distinct.dedup();
@@ -264,6 +287,10 @@ mod tests {
             "0123456789abcdef0123456789abcdef",
             &"a".repeat(64),
             &"ab".repeat(40),
+            // From a review: nearly periodic, and runs.
+            "passwordpasswordpasswordpassword1",
+            "abcdefghabcdefghabcdefghabcdefghi",
+            "abcdefghijklmnopqrstuvwxyz012345",
         ] {
             let e = Token::new(weak, "VERS_AUTH_TOKEN").unwrap_err().to_string();
             assert!(e.contains("at least 128 bits"), "{e}");
@@ -280,6 +307,25 @@ mod tests {
         }
         let t = Token::new(GOOD, "x").unwrap();
         assert!(!format!("{t:?}").contains(GOOD));
+    }
+
+    #[test]
+    fn random_tokens_of_128_bits_always_pass() {
+        // The strength rules must not refuse what `openssl rand -hex 16` or `-base64 24` gives.
+        let rng = SystemRandom::new();
+        for _ in 0..20_000 {
+            let mut b = [0u8; 16];
+            rng.fill(&mut b).unwrap();
+            let hex = to_hex(&b);
+            Token::new(&hex, "test").unwrap_or_else(|e| panic!("{hex}: {e}"));
+        }
+        const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        for _ in 0..20_000 {
+            let mut b = [0u8; 32];
+            rng.fill(&mut b).unwrap();
+            let text: String = b.iter().map(|x| B64[usize::from(x % 64)] as char).collect();
+            Token::new(&text, "test").unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
     }
 
     #[test]
