@@ -217,28 +217,29 @@ fn read_chunk_hands_out_received_frames_without_copying() {
         Frame::Data {
             id: 1,
             fin: false,
-            payload: b"hello ".to_vec().into(),
+            payload: vec![b'a'; 2000].into(),
         },
         Frame::Data {
             id: 1,
             fin: true,
-            payload: b"world".to_vec().into(),
+            payload: vec![b'b'; 1500].into(),
         },
     ];
     s.handle_input(now, &wire(&frames)).unwrap();
     s.accept(1).unwrap();
     use forward_mux::ReadChunk;
+    // Frames of 1 KiB and more come out as they arrived (small ones are stored together).
     assert_eq!(
         s.read_chunk(1, 4).unwrap(),
-        ReadChunk::Data(b"hell".to_vec().into())
+        ReadChunk::Data(vec![b'a'; 4].into())
     );
     assert_eq!(
-        s.read_chunk(1, 100).unwrap(),
-        ReadChunk::Data(b"o ".to_vec().into())
+        s.read_chunk(1, 1 << 20).unwrap(),
+        ReadChunk::Data(vec![b'a'; 1996].into())
     );
     assert_eq!(
-        s.read_chunk(1, 100).unwrap(),
-        ReadChunk::Data(b"world".to_vec().into())
+        s.read_chunk(1, 1 << 20).unwrap(),
+        ReadChunk::Data(vec![b'b'; 1500].into())
     );
     assert_eq!(s.read_chunk(1, 100).unwrap(), ReadChunk::Fin);
     let evs = events(&mut s);
