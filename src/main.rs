@@ -230,10 +230,30 @@ async fn stdio(args: cli::StdioArgs) -> Result<i32> {
 }
 
 async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // ssh sends its ProxyCommand SIGHUP as it exits, right after writing its last message
+    // (the disconnect) and closing the pipe. Dying there lost that message and cut the
+    // connection: sshd logged a reset instead of "disconnected by user".
+    let mut hangup = signal(SignalKind::hangup())
+        .map_err(|e| anyhow::anyhow!("installing the SIGHUP handler: {e}"))?;
     let remote = connector.connect().await?;
     // Shutting stdout down only flushes it; the process exit closes fd 1.
     let stdio = forward_tunnel::relay::Joined::new(tokio::io::stdin(), tokio::io::stdout());
-    let stats = forward_tunnel::relay(stdio, remote).await.map_err(|e| {
+    let relay = forward_tunnel::relay(stdio, remote);
+    tokio::pin!(relay);
+    let done = tokio::select! {
+        done = &mut relay => done,
+        _ = hangup.recv() => {
+            // What stdin still holds goes up, then the end of the stream; then we leave, with
+            // or without the remote's answer (nobody reads stdout any more).
+            tracing::debug!("SIGHUP: sending what stdin still holds, then exiting");
+            // Errors now (stdout has no reader) concern nobody: the user has left.
+            let end = tokio::time::timeout(HANGUP_GRACE, &mut relay).await;
+            tracing::debug!(?end, "stdio relay after SIGHUP");
+            return Ok(0);
+        }
+    };
+    let stats = done.map_err(|e| {
         anyhow::anyhow!(
             "{}: {}",
             connector.describe(),
@@ -243,3 +263,6 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
     tracing::debug!(up = stats.a_to_b, down = stats.b_to_a, "stdio relay done");
     Ok(0)
 }
+
+/// How long `forward stdio` goes on after SIGHUP for the bytes already written to it.
+const HANGUP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);

@@ -11,6 +11,7 @@ use crate::stack::{Stack, Transport};
 
 per_transport!(stdio_pipes_bytes_both_ways);
 per_transport!(stdio_reaches_another_host_through_the_agent: agent_tls, quic);
+per_transport!(sighup_from_ssh_still_delivers_what_stdin_held);
 
 fn stdio_pipes_bytes_both_ways(t: Transport) {
     let backend = Backend::echo();
@@ -70,5 +71,64 @@ fn pipe_through_stdio(stack: &Stack, backend: &Backend, target: &str) {
     assert!(stderr.trim().is_empty(), "forward stdio logged:\n{stderr}");
     let r = backend.next_report();
     assert_eq!(r.note, "eof");
+    assert_eq!(hex(&r.hash), hex(&sent));
+}
+
+/// What ssh does to its ProxyCommand when it exits: write its last message (the disconnect),
+/// close both pipes, send SIGHUP. The bytes already in the pipe must still reach the service,
+/// followed by a clean end, and forward must exit 0.
+fn sighup_from_ssh_still_delivers_what_stdin_held(t: Transport) {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+
+    // A service that only reads, and reports how its input ended.
+    let backend = Backend::start(|mut sock, tx| {
+        let mut h = Sha256::new();
+        let mut buf = vec![0; 64 * 1024];
+        let mut total = 0;
+        let note = loop {
+            match sock.read(&mut buf) {
+                Ok(0) => break "eof".to_string(),
+                Ok(n) => {
+                    h.update(&buf[..n]);
+                    total += n;
+                }
+                Err(e) => break format!("read error: {e}"),
+            }
+        };
+        let _ = tx.send(crate::net::Report {
+            received: total,
+            hash: h.finalize().into(),
+            note,
+        });
+        // Like sshd, answer the end only later: forward is still running when SIGHUP comes.
+        thread::sleep(std::time::Duration::from_millis(500));
+    });
+    let stack = Stack::start(t, &[backend.port]);
+    let mut cmd = Command::new(forward_bin());
+    cmd.arg("stdio")
+        .args(stack.client_args())
+        .arg(stack.target(backend.port))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped());
+    let (mut proc, stdout) = Proc::spawn_raw_stdout("forward stdio", cmd);
+    let mut stdin = proc.take_stdin();
+    let seed = rand::random();
+    let len = 1024 * 1024 + 7;
+    let sent = Payload::new(seed, len)
+        .send(&mut stdin)
+        .expect("write to forward's stdin");
+    // The pipe still holds the tail of it when ssh hangs up.
+    drop(stdin);
+    drop(stdout);
+    proc.signal("HUP");
+    let status = proc.wait_exit();
+    assert!(
+        status.success(),
+        "forward stdio exited with {status} after SIGHUP"
+    );
+    let r = backend.next_report();
+    assert_eq!(r.note, "eof", "the service saw {r:?}");
+    assert_eq!(r.received, len);
     assert_eq!(hex(&r.hash), hex(&sent));
 }
