@@ -32,6 +32,7 @@ pub async fn serve(args: AgentArgs) -> Result<i32> {
     let mut config = AgentConfig::new(args.listen, token.clone());
     config.policy = policy.clone();
     config.names = names.clone();
+    config.mux.idle_timeout = Duration::from_secs(args.idle_timeout);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(forward_tunnel::tls::server_config_from_files(cert, key)?);
     }

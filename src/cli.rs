@@ -216,6 +216,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub allow: Vec<String>,
 
+    /// Close a carrier after this long without a byte from its client. Long, so that a
+    /// client's open connections survive its laptop's sleep; a client closes a carrier it
+    /// hears nothing from after 45 s itself. (QUIC: 30 s, negotiated.)
+    #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = idle_secs)]
+    pub idle_timeout: u64,
+
     /// A host name clients reach this agent by, e.g. abc123.vm.vers.sh (repeatable): proofs
     /// made for any other name are refused, so a client tricked into authenticating elsewhere
     /// cannot be relayed here. Without it any name passes: then give each VM its own token.
@@ -297,6 +303,17 @@ fn agent_name(s: &str) -> Result<String, String> {
         Err(format!(
             "'{s}' is not a host name; give the name clients dial, e.g. abc123.vm.vers.sh"
         ))
+    }
+}
+
+/// `forward agent --idle-timeout`: whole seconds, at least 30: an idle client pings every
+/// 15 s, and a shorter timeout would close healthy idle carriers.
+fn idle_secs(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n >= 30 => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds of at least 30 (idle clients ping every 15 s)"
+        )),
     }
 }
 

@@ -541,22 +541,38 @@ async fn write_transmit<W: AsyncWrite + Unpin>(w: &mut W, out: &mut Transmit) ->
 
 async fn write_loop<W: AsyncWrite + Unpin>(carrier: Arc<Carrier>, mut w: W) {
     let mut out = Transmit::new();
+    let mut yielded = false;
     loop {
-        let (deadline, closed) = {
+        let step = {
             let mut g = carrier.lock();
             let now = Instant::now();
-            if g.session.poll_timeout().is_some_and(|t| t <= now) {
-                g.session.handle_timeout(now);
-            }
-            loop {
-                let room = TX_BATCH - out.len();
-                if room == 0 || g.session.poll_transmit_chunks(now, &mut out, room) == 0 {
-                    break;
+            let due = g.session.poll_timeout().is_some_and(|t| t <= now);
+            if due && !yielded {
+                None
+            } else {
+                if due {
+                    g.session.handle_timeout(now);
                 }
+                loop {
+                    let room = TX_BATCH - out.len();
+                    if room == 0 || g.session.poll_transmit_chunks(now, &mut out, room) == 0 {
+                        break;
+                    }
+                }
+                dispatch(&mut g, &carrier.state);
+                Some((g.session.poll_timeout(), g.session.is_closed()))
             }
-            dispatch(&mut g, &carrier.state);
-            (g.session.poll_timeout(), g.session.is_closed())
         };
+        let Some((deadline, closed)) = step else {
+            // After a process stood still (a suspended laptop, SIGSTOP), a due timer may be the
+            // first thing we see, before the runtime has looked at the sockets: the keepalives
+            // waiting there were ignored and a live carrier declared dead. A yielded task
+            // resumes after the runtime polled for I/O, so the reader takes them in first.
+            yielded = true;
+            tokio::task::yield_now().await;
+            continue;
+        };
+        yielded = false;
         if !out.is_empty() {
             let write = async {
                 write_transmit(&mut w, &mut out).await?;

@@ -326,6 +326,52 @@ async fn own_tls_carries_streams_health_and_refuses_wrong_tokens() {
         .expect("TLS client unaffected");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_paused_longer_than_its_idle_timeout_keeps_a_live_carrier() {
+    // A suspended laptop or SIGSTOP: the client's runtime stands still while the agent goes
+    // on sending keepalives. When it runs again, its idle timer has expired, but the peer's
+    // bytes are waiting in the socket: the carrier is alive and its streams must go on.
+    let agent = start_agent(|c| c.mux.keepalive_interval = Duration::from_millis(200));
+    let echo = echo_server("[::1]:0").await;
+    let addr = agent.addr;
+    let port = echo.port();
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut config = link_config(addr, token());
+            config.mux.idle_timeout = Duration::from_millis(1500);
+            let link = AgentLink::new(config);
+            let mut s = connector(&link, "", port)
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            s.write_all(b"before").await.map_err(|e| e.to_string())?;
+            let mut six = [0u8; 6];
+            s.read_exact(&mut six).await.map_err(|e| e.to_string())?;
+            // The whole runtime stops, timers and sockets alike, as in SIGSTOP.
+            std::thread::sleep(Duration::from_secs(3));
+            s.write_all(b"after!").await.map_err(|e| e.to_string())?;
+            s.read_exact(&mut six)
+                .await
+                .map_err(|e| format!("after the pause: {e}"))?;
+            if &six != b"after!" {
+                return Err(format!("echo after the pause: {six:?}"));
+            }
+            Ok::<_, String>(())
+        })
+    });
+    let outcome = within("the paused client", async {
+        tokio::task::spawn_blocking(move || client.join().unwrap())
+            .await
+            .unwrap()
+    })
+    .await;
+    outcome.expect("the carrier outlived the pause");
+}
+
 // ----- 6. agent killed --------------------------------------------------------------------------
 
 /// An agent on its own runtime, so killing it drops every socket it holds at once.
