@@ -69,6 +69,8 @@ struct LinkState {
     failures: u32,
     last_attempt: Option<Instant>,
     last_error: Option<String>,
+    /// `close` was called: carriers that end now are not lost, and nothing reconnects.
+    closing: bool,
 }
 
 impl LinkState {
@@ -145,6 +147,7 @@ impl AgentLink {
                 failures: 0,
                 last_attempt: None,
                 last_error: None,
+                closing: false,
             }),
         })
     }
@@ -198,7 +201,8 @@ impl AgentLink {
     /// briefly for the writers to put that on the wire.
     pub async fn close(&self, reason: &str) {
         let carriers: Vec<Arc<Carrier>> = {
-            let st = self.state.lock().await;
+            let mut st = self.state.lock().await;
+            st.closing = true;
             st.current.iter().chain(&st.overflow).cloned().collect()
         };
         for c in &carriers {
@@ -365,26 +369,43 @@ fn watch(
 async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
     if carrier.wait_authed().await.is_ok() {
         let Some(l) = link.upgrade() else { return };
-        let mut st = l.state.lock().await;
-        if st.failures > 0 {
-            tracing::info!(link = %l.describe(), "carrier re-established");
-        }
-        st.failures = 0;
+        // "carrier up" already said it, whether first or after failures.
+        l.state.lock().await.failures = 0;
     }
     let reason = carrier.closed().await;
     let Some(l) = link.upgrade() else { return };
+    let (mut failures, current, closing) = {
+        let mut st = l.state.lock().await;
+        let current = st
+            .current
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, &carrier));
+        st.retire(&carrier);
+        (st.failures, current, st.closing)
+    };
+    // Only the loss of the current carrier leads to a reconnect; an older one (drained after
+    // a GOAWAY, an overflow carrier) or one we closed on exit just ends.
+    let next = if closing {
+        ""
+    } else if current {
+        ", reconnecting"
+    } else {
+        " (another carrier is in use)"
+    };
     match carrier.streams_cut() {
         // A drained or idle carrier going away loses nothing: not worth a warning.
-        0 => tracing::info!(link = %l.describe(), %reason, "carrier closed, reconnecting"),
-        cut => {
-            tracing::warn!(link = %l.describe(), %reason, cut, "carrier lost; its open connections were reset, reconnecting")
-        }
+        0 if closing => tracing::debug!(link = %l.describe(), %reason, "carrier closed"),
+        0 => tracing::info!(link = %l.describe(), %reason, "carrier closed{next}"),
+        cut => tracing::warn!(
+            link = %l.describe(),
+            %reason,
+            cut,
+            "carrier lost; its open connections were reset{next}"
+        ),
     }
-    let mut failures = {
-        let mut st = l.state.lock().await;
-        st.retire(&carrier);
-        st.failures
-    };
+    if closing || !current {
+        return;
+    }
     drop(carrier);
     drop(l);
     loop {
