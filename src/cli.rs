@@ -11,7 +11,7 @@ Examples:
   forward 8080:abc123:3000 5433:abc123:5432   several forwards in one process
   forward 0:abc123:80                      pick a free local port and print it
   forward '[::1]:8080:abc123:80'           listen on ::1 only (default: 127.0.0.1 and ::1)
-  forward /tmp/pg.sock:abc123:5432         a Unix socket as the local side
+  forward /tmp/pg/.s.PGSQL.5432:abc123:5432   a Unix socket (psql -h /tmp/pg)
   forward --check 5432:abc123:5432         check every target first, exit 1 on failure
   forward --agent 9999 5432:abc123:5432    via `forward agent` on the VM (token: VERS_AUTH_TOKEN)
   forward --agent 9999 5433:abc123/db.internal:5432   the agent dials db.internal
