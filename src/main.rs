@@ -163,6 +163,13 @@ async fn forward(cli: Cli) -> Result<i32> {
         .iter()
         .map(|s| Spec::parse(s))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some((a, b, shared)) = spec::first_clash(&specs) {
+        anyhow::bail!(
+            "forward specs '{}' and '{}' both listen on {shared}; give each its own",
+            a.text,
+            b.text
+        );
+    }
     let grace = Duration::from_secs(cli.grace);
     if let Some(port) = cli.agent.agent {
         let mut make = agent::Connectors::new(&cli.client, &cli.agent, port)?;

@@ -201,6 +201,35 @@ impl Spec {
     }
 }
 
+/// The first two SPECs that would listen on the same local address, as "what they share":
+/// binding would fail on the second with "already in use", which blames some other program.
+pub fn first_clash(specs: &[Spec]) -> Option<(&Spec, &Spec, String)> {
+    for (i, a) in specs.iter().enumerate() {
+        for b in &specs[i + 1..] {
+            let shared = match (&a.local, &b.local) {
+                (LocalSide::Unix(x), LocalSide::Unix(y)) if x == y => {
+                    Some(format!("socket {}", x.display()))
+                }
+                (LocalSide::Tcp { addrs: x, port: p }, LocalSide::Tcp { addrs: y, port: q })
+                    if p == q && *p != 0 =>
+                {
+                    // An unspecified address (0.0.0.0, ::) takes the port on every address.
+                    let meet = x.iter().any(|u| {
+                        y.iter()
+                            .any(|v| u == v || u.is_unspecified() || v.is_unspecified())
+                    });
+                    meet.then(|| format!("local port {p}"))
+                }
+                _ => None,
+            };
+            if let Some(shared) = shared {
+                return Some((a, b, shared));
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +330,30 @@ mod tests {
             assert!(e.contains(want), "{text:?}: {e:?} should contain {want:?}");
             assert!(e.starts_with("invalid forward spec"), "{e}");
         }
+    }
+
+    #[test]
+    fn specs_that_would_share_a_local_address_are_found() {
+        let parse = |texts: &[&str]| -> Vec<Spec> {
+            texts.iter().map(|t| Spec::parse(t).unwrap()).collect()
+        };
+        let clash = |texts: &[&str]| {
+            first_clash(&parse(texts)).map(|(a, b, what)| (a.text.clone(), b.text.clone(), what))
+        };
+        assert_eq!(
+            clash(&["5432:abc:5432", "6000:abc:22", "5432:abc:22"]),
+            Some((
+                "5432:abc:5432".into(),
+                "5432:abc:22".into(),
+                "local port 5432".into()
+            ))
+        );
+        assert!(clash(&["0.0.0.0:80:abc:80", "127.0.0.1:80:abc:81"]).is_some());
+        assert!(clash(&["/tmp/a.sock:abc:1", "/tmp/a.sock:abc:2"]).is_some());
+        // Different addresses, port 0 and different paths are fine.
+        assert_eq!(clash(&["127.0.0.1:80:abc:80", "[::1]:80:abc:81"]), None);
+        assert_eq!(clash(&["0:abc:80", "0:abc:81"]), None);
+        assert_eq!(clash(&["/tmp/a.sock:abc:1", "/tmp/b.sock:abc:1"]), None);
     }
 
     #[test]

@@ -164,6 +164,15 @@ fn local_port_in_use() {
 }
 
 #[test]
+fn two_specs_on_one_local_port_are_named_before_anything_listens() {
+    assert_rejected(
+        &["--edge", "127.0.0.1", "24546:vm1:5432", "6000:vm1:22", "24546:vm1:22"],
+        &[1],
+        &["'24546:vm1:5432'", "'24546:vm1:22'", "local port 24546"],
+    );
+}
+
+#[test]
 fn check_reports_refused_edge() {
     // A port nothing listens on: bound a moment ago, now closed.
     let port = {
