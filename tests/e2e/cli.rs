@@ -166,7 +166,13 @@ fn local_port_in_use() {
 #[test]
 fn two_specs_on_one_local_port_are_named_before_anything_listens() {
     assert_rejected(
-        &["--edge", "127.0.0.1", "24546:vm1:5432", "6000:vm1:22", "24546:vm1:22"],
+        &[
+            "--edge",
+            "127.0.0.1",
+            "24546:vm1:5432",
+            "6000:vm1:22",
+            "24546:vm1:22",
+        ],
         &[1],
         &["'24546:vm1:5432'", "'24546:vm1:22'", "local port 24546"],
     );

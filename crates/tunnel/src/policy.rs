@@ -155,11 +155,16 @@ impl TargetPolicy {
             shown.clone(),
             io::Error::new(io::ErrorKind::NotFound, "no address"),
         );
-        for addr in addrs {
+        for (i, addr) in addrs.iter().enumerate() {
             match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => {
                     if let Err(e) = tune_tcp(&s) {
                         tracing::debug!(error = %e, "could not tune target socket");
+                    }
+                    // After a refusal on ::1, 127.0.0.1 may be another program on the same
+                    // port: name what answered, for whoever wonders why the service is odd.
+                    if i > 0 {
+                        tracing::debug!(target = %shown, %addr, "dialled after earlier addresses failed");
                     }
                     return Ok(s);
                 }

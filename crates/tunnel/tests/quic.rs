@@ -517,7 +517,10 @@ async fn ipv4_only_backend_and_ipv4_agent() {
     let a = agent_with(v4(), QuicCert::generate(&[]).unwrap(), Duration::ZERO);
     let port = echo(v4()).await;
     let c = QuicConnector::new(carrier(&a), "localhost", port).unwrap();
-    assert_eq!(c.describe(), format!("{NAME}:{port} (agent quic)"));
+    assert_eq!(
+        c.describe(),
+        format!("{NAME} localhost:{port} (agent quic)")
+    );
     timed(c.check()).await.unwrap();
     let got = timed(round_trip(
         timed(c.connect()).await.unwrap(),

@@ -745,13 +745,16 @@ impl QuicConnector {
     ) -> Result<Self, QuicError> {
         let header = encode_target(target_host, target_port)?;
         let shown = format_target(target_host, target_port);
-        let describe = if is_vm_loopback(target_host) {
-            let host = carrier.describe();
-            let host = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
-            format!("{host}:{target_port} (agent quic)")
+        // As the TCP carriers show a forward: `VM TARGET (agent quic)`.
+        let agent = carrier.describe();
+        let vm = agent.rsplit_once(':').map_or(agent.as_str(), |(h, _)| h);
+        let vm = vm.trim_start_matches('[').trim_end_matches(']');
+        let target = if is_vm_loopback(target_host) {
+            format!("localhost:{target_port}")
         } else {
-            format!("{shown} via {} (agent quic)", carrier.describe())
+            shown.clone()
         };
+        let describe = format!("{vm} {target} (agent quic)");
         Ok(Self {
             carrier,
             header: header.into(),
