@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use rand::{rngs::StdRng, RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -248,6 +249,33 @@ pub struct Report {
     pub note: String,
 }
 
+/// Reads until the client's end, hashing; with `echo`, writes every byte back.
+fn take_all(sock: &mut TcpStream, echo: bool) -> Report {
+    let mut h = Sha256::new();
+    let mut buf = vec![0; CHUNK];
+    let mut total = 0;
+    let note = loop {
+        match sock.read(&mut buf) {
+            Ok(0) => break "eof".to_string(),
+            Ok(n) => {
+                h.update(&buf[..n]);
+                total += n;
+                if echo {
+                    if let Err(e) = sock.write_all(&buf[..n]) {
+                        break format!("write error: {e}");
+                    }
+                }
+            }
+            Err(e) => break format!("read error: {e}"),
+        }
+    };
+    Report {
+        received: total,
+        hash: h.finalize().into(),
+        note,
+    }
+}
+
 /// A "VM service" on [::1]:0: each accepted connection runs the handler on its own thread; the
 /// handler reports what it saw through the returned channel.
 pub struct Backend {
@@ -294,28 +322,18 @@ impl Backend {
 
     pub fn echo_on(addr: &str) -> Backend {
         Backend::start_on(addr, |mut sock, tx| {
-            let mut h = Sha256::new();
-            let mut buf = vec![0; CHUNK];
-            let mut total = 0;
-            let note = loop {
-                match sock.read(&mut buf) {
-                    Ok(0) => break "eof".to_string(),
-                    Ok(n) => {
-                        h.update(&buf[..n]);
-                        total += n;
-                        if let Err(e) = sock.write_all(&buf[..n]) {
-                            break format!("write error: {e}");
-                        }
-                    }
-                    Err(e) => break format!("read error: {e}"),
-                }
-            };
+            let report = take_all(&mut sock, true);
             let _ = sock.shutdown(Shutdown::Write);
-            let _ = tx.send(Report {
-                received: total,
-                hash: h.finalize().into(),
-                note,
-            });
+            let _ = tx.send(report);
+        })
+    }
+
+    /// Reads to the end and reports, sending nothing; closes only `hold` after the client's
+    /// end (like a server that answers a goodbye late).
+    pub fn sink(hold: Duration) -> Backend {
+        Backend::start(move |mut sock, tx| {
+            let _ = tx.send(take_all(&mut sock, false));
+            thread::sleep(hold);
         })
     }
 

@@ -78,32 +78,8 @@ fn pipe_through_stdio(stack: &Stack, backend: &Backend, target: &str) {
 /// close both pipes, send SIGHUP. The bytes already in the pipe must still reach the service,
 /// followed by a clean end, and forward must exit 0.
 fn sighup_from_ssh_still_delivers_what_stdin_held(t: Transport) {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-
-    // A service that only reads, and reports how its input ended.
-    let backend = Backend::start(|mut sock, tx| {
-        let mut h = Sha256::new();
-        let mut buf = vec![0; 64 * 1024];
-        let mut total = 0;
-        let note = loop {
-            match sock.read(&mut buf) {
-                Ok(0) => break "eof".to_string(),
-                Ok(n) => {
-                    h.update(&buf[..n]);
-                    total += n;
-                }
-                Err(e) => break format!("read error: {e}"),
-            }
-        };
-        let _ = tx.send(crate::net::Report {
-            received: total,
-            hash: h.finalize().into(),
-            note,
-        });
-        // Like sshd, answer the end only later: forward is still running when SIGHUP comes.
-        thread::sleep(std::time::Duration::from_millis(500));
-    });
+    // Like sshd, it answers the goodbye only later: forward is still running at SIGHUP.
+    let backend = Backend::sink(std::time::Duration::from_millis(500));
     let stack = Stack::start(t, &[backend.port]);
     let mut cmd = Command::new(forward_bin());
     cmd.arg("stdio")

@@ -247,26 +247,18 @@ fn window_stops_growing_at_the_path_bandwidth_delay_product() {
     assert!(took < Duration::from_millis(1500), "64 MiB took {took:?}");
 }
 
-#[test]
-fn a_stream_with_company_keeps_a_smaller_window() {
-    // 20 ms RTT at 100 MiB/s (BDP 2 MiB). Alone, a bulk stream's window may hold 2 x BDP; while
-    // another open stream is in use, 1.5 x: what a window holds beyond the BDP is queue that
-    // the other stream's bytes wait in.
-    let (_, alone) = bulk_upload(
-        Duration::from_millis(10),
-        |p| p.set_rate(100 << 20),
-        6,
-        64 << 20,
-    );
-    // The other stream opens first (queued until auth) and stays open.
+/// A bulk upload's final window alone, and beside an open stream that carried a few bytes
+/// (opened first, queued until auth), on a link of this one-way delay and rate.
+fn alone_and_with_company(one_way: Duration, rate: u64, seed: u64) -> (u32, u32) {
+    let (_, alone) = bulk_upload(one_way, |p| p.set_rate(rate), seed, 64 << 20);
     let (p, shared) = bulk_upload(
-        Duration::from_millis(10),
+        one_way,
         |p| {
-            p.set_rate(100 << 20);
+            p.set_rate(rate);
             let chat = p.open(22);
             p.client.send(chat, b"ls\n", false);
         },
-        6,
+        seed,
         64 << 20,
     );
     assert_eq!(
@@ -274,6 +266,15 @@ fn a_stream_with_company_keeps_a_smaller_window() {
         2,
         "both streams reached the server"
     );
+    (alone, shared)
+}
+
+#[test]
+fn a_stream_with_company_keeps_a_smaller_window() {
+    // 20 ms RTT at 100 MiB/s (BDP 2 MiB). Alone, a bulk stream's window may hold 2 x BDP; while
+    // another open stream is in use, 1.5 x: what a window holds beyond the BDP is queue that
+    // the other stream's bytes wait in.
+    let (alone, shared) = alone_and_with_company(Duration::from_millis(10), 100 << 20, 6);
     assert!(
         shared >= 2 << 20,
         "window with company {shared} is below the BDP: the link would idle"
@@ -289,23 +290,7 @@ fn on_a_sub_millisecond_path_company_shrinks_the_queue_floor() {
     // 100 µs RTT at 1.5 GB/s (loopback at 12 Gbit/s): the BDP is 150 KB, and the queue floor
     // sets the window. Alone it may queue a millisecond (wakeups, not the path, set the pace);
     // beside another stream only a quarter of that, because the other stream waits behind it.
-    let rate = 1_500_000_000;
-    let (_, alone) = bulk_upload(Duration::from_micros(50), |p| p.set_rate(rate), 7, 64 << 20);
-    let (p, shared) = bulk_upload(
-        Duration::from_micros(50),
-        |p| {
-            p.set_rate(rate);
-            let chat = p.open(22);
-            p.client.send(chat, b"ls\n", false);
-        },
-        7,
-        64 << 20,
-    );
-    assert_eq!(
-        p.server.received.len(),
-        2,
-        "both streams reached the server"
-    );
+    let (alone, shared) = alone_and_with_company(Duration::from_micros(50), 1_500_000_000, 7);
     assert!(
         alone >= 1_400_000,
         "window alone {alone}: want about rate x (2 x RTT + 1 ms) = 1.8 MB"
