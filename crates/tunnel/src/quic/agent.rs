@@ -328,6 +328,7 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: C
             return;
         }
     };
+    super::fit_window(&conn);
     let hd = conn
         .handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok());

@@ -621,6 +621,7 @@ impl QuicCarrier {
                 port: self.port,
             });
         }
+        super::fit_window(&conn);
         Ok(conn)
     }
 
