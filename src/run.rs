@@ -189,18 +189,18 @@ pub async fn serve_all<C: Connector>(
     signals.recv().await;
     tracing::info!("stopping: no new connections (a second Ctrl-C resets open ones at once)");
     // As with most servers, an impatient second signal means "now", not "after the grace".
-    let reset = tokio::select! {
-        reset = life.shutdown(grace) => reset,
+    let (reset, when) = tokio::select! {
+        reset = life.shutdown(grace) => (reset, "after the grace period"),
         _ = signals.recv() => {
             tracing::info!("second signal: resetting open connections now");
-            life.shutdown(Duration::ZERO).await
+            (life.shutdown(Duration::ZERO).await, "at the second signal")
         }
     };
     for t in tasks {
         t.await?;
     }
     if reset > 0 {
-        tracing::warn!(reset, "connections were reset after the grace period");
+        tracing::warn!(reset, "connections were reset {when}");
     }
     Ok(0)
 }

@@ -43,7 +43,7 @@ impl Lifecycle {
         self.stop.cancel();
         self.tracker.close();
         let open = self.tracker.len();
-        if open > 0 {
+        if open > 0 && !grace.is_zero() {
             tracing::info!(open, ?grace, "waiting for open connections to finish");
         }
         if tokio::time::timeout(grace, self.tracker.wait())
@@ -53,7 +53,9 @@ impl Lifecycle {
             return 0;
         }
         let left = self.tracker.len();
-        tracing::warn!(left, "grace period over, resetting connections still open");
+        if !grace.is_zero() {
+            tracing::warn!(left, "grace period over, resetting connections still open");
+        }
         self.abort.cancel();
         self.tracker.wait().await;
         left
