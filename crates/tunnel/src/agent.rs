@@ -443,11 +443,15 @@ async fn open_stream(
     target: Target,
     config: Arc<AgentConfig>,
 ) {
-    let tcp = match config
+    let dial = config
         .policy
-        .dial(&target.host, target.port, config.dial_timeout)
-        .await
-    {
+        .dial(&target.host, target.port, config.dial_timeout);
+    // A dial outlives nothing it was for: when the carrier ends, pending ones stop.
+    let dialled = tokio::select! {
+        d = dial => d,
+        _ = carrier.closed() => return,
+    };
+    let tcp = match dialled {
         Ok(t) => t,
         Err(refusal) => {
             let code = match &refusal {
