@@ -104,6 +104,7 @@ async fn handle<C: Connector>(
         inner: local,
         killed: killed.clone(),
     };
+    let started = std::time::Instant::now();
     let work = async {
         let remote = match connector.connect().await {
             Ok(r) => r,
@@ -113,7 +114,7 @@ async fn handle<C: Connector>(
                 return Err(e.to_string());
             }
         };
-        tracing::debug!("connected");
+        tracing::debug!(after = ?started.elapsed(), "connected");
         relay(local, remote).await.map_err(|e| {
             let mut text = e.describe("local", "remote");
             // Reading from it or writing to it: both are how an edge's hang-up shows.
@@ -133,7 +134,12 @@ async fn handle<C: Connector>(
     tokio::pin!(work);
     tokio::select! {
         r = &mut work => match r {
-            Ok(stats) => tracing::debug!(up = stats.a_to_b, down = stats.b_to_a, "closed"),
+            Ok(stats) => tracing::debug!(
+                up = stats.a_to_b,
+                down = stats.b_to_a,
+                lasted = ?started.elapsed(),
+                "closed"
+            ),
             Err(e) => tracing::warn!(forward = %label, "connection failed: {e}"),
         },
         _ = abort.cancelled() => {
