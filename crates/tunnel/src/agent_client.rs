@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use crate::auth::{self, Token};
 use crate::carrier::{Carrier, MuxStream};
 use crate::dial::{connect_tcp, tls_handshake, Connector, DialError};
+use crate::policy::Shown;
 use crate::upgrade::{self, Head};
 
 /// How the carrier reaches the agent.
@@ -74,12 +75,13 @@ struct LinkState {
 }
 
 impl LinkState {
-    /// Forgets `c` if it is the current carrier. One that never authenticated (wrong token, or
-    /// cut during AUTH) counts as a failed attempt: otherwise a wrong token reconnected five
-    /// times a second forever, and every local connection dialled again at once.
-    fn retire(&mut self, c: &Arc<Carrier>) {
+    /// Forgets `c` if it is the current carrier, and says whether it was. One that never
+    /// authenticated (wrong token, or cut during AUTH) counts as a failed attempt: otherwise a
+    /// wrong token reconnected five times a second forever, and every local connection
+    /// dialled again at once.
+    fn retire(&mut self, c: &Arc<Carrier>) -> bool {
         if !self.current.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, c)) {
-            return;
+            return false;
         }
         self.current = None;
         if !c.is_authenticated() {
@@ -90,6 +92,7 @@ impl LinkState {
                     .unwrap_or_else(|| "carrier closed before authenticating".into()),
             );
         }
+        true
     }
 }
 
@@ -376,11 +379,7 @@ async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
     let Some(l) = link.upgrade() else { return };
     let (mut failures, current, closing) = {
         let mut st = l.state.lock().await;
-        let current = st
-            .current
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, &carrier));
-        st.retire(&carrier);
+        let current = st.retire(&carrier);
         (st.failures, current, st.closing)
     };
     // Only the loss of the current carrier leads to a reconnect; an older one (drained after
@@ -437,17 +436,10 @@ pub struct AgentConnector {
 impl AgentConnector {
     /// `target` is what the agent dials on the VM; an empty host means its loopback.
     pub fn new(link: Arc<AgentLink>, target: Target) -> Self {
-        let t = if target.host.is_empty() {
-            format!("localhost:{}", target.port)
-        } else if target.host.contains(':') {
-            format!("[{}]:{}", target.host, target.port)
-        } else {
-            format!("{}:{}", target.host, target.port)
-        };
         let shown = format!(
             "{} {} (agent {})",
             link.config.host,
-            t,
+            Shown(&target.host, target.port),
             link.config.transport.name()
         );
         Self {

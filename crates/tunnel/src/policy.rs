@@ -179,7 +179,9 @@ impl TargetPolicy {
     }
 }
 
-struct Shown<'a>(&'a str, u16);
+/// A target as the logs and the `forwarding` lines show it: `localhost:PORT` for the VM's own
+/// loopback (an empty host), IPv6 literals in brackets.
+pub(crate) struct Shown<'a>(pub(crate) &'a str, pub(crate) u16);
 
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

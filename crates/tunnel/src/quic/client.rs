@@ -24,6 +24,7 @@ use super::{
 };
 use crate::auth::{Token, CHALLENGE_LEN};
 use crate::dial::{Connector, DialError};
+use crate::policy::Shown;
 
 /// First reconnect delay; doubles per failure up to [`BACKOFF_MAX`], then jittered.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
@@ -452,7 +453,7 @@ impl QuicCarrier {
     /// Opens a stream to `host:port` on the agent's side, writing the target header at once.
     pub async fn open(&self, host: &str, port: u16) -> Result<QuicStream, QuicError> {
         let header = encode_target(host, port)?;
-        let shown: Arc<str> = format_target(host, port).into();
+        let shown: Arc<str> = Shown(host, port).to_string().into();
         self.open_with(&header, shown).await
     }
 
@@ -705,22 +706,6 @@ impl QuicCarrier {
     }
 }
 
-fn format_target(host: &str, port: u16) -> String {
-    match host {
-        "" => format!("localhost:{port}"),
-        h if h.contains(':') && !h.starts_with('[') => format!("[{h}]:{port}"),
-        h => format!("{h}:{port}"),
-    }
-}
-
-fn is_vm_loopback(host: &str) -> bool {
-    let h = host.trim_start_matches('[').trim_end_matches(']');
-    h.is_empty()
-        || h.eq_ignore_ascii_case("localhost")
-        || h.parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 /// A forward through a QUIC agent: one stream per local connection to one target on the
 /// agent's side. Clone it or build several over the same [`QuicCarrier`].
 #[derive(Clone)]
@@ -745,17 +730,12 @@ impl QuicConnector {
         target_port: u16,
     ) -> Result<Self, QuicError> {
         let header = encode_target(target_host, target_port)?;
-        let shown = format_target(target_host, target_port);
+        let shown = Shown(target_host, target_port).to_string();
         // As the TCP carriers show a forward: `VM TARGET (agent quic)`.
         let agent = carrier.describe();
         let vm = agent.rsplit_once(':').map_or(agent.as_str(), |(h, _)| h);
         let vm = vm.trim_start_matches('[').trim_end_matches(']');
-        let target = if is_vm_loopback(target_host) {
-            format!("localhost:{target_port}")
-        } else {
-            shown.clone()
-        };
-        let describe = format!("{vm} {target} (agent quic)");
+        let describe = format!("{vm} {shown} (agent quic)");
         Ok(Self {
             carrier,
             header: header.into(),

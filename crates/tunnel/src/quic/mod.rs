@@ -231,9 +231,10 @@ const MAX_UDP_PAYLOAD: u16 = 65527;
 /// bottleneck, 64 MiB of credit sat queued ahead of every other stream's bytes: a 1-byte round
 /// trip beside a bulk download took 11-12 ms p50 / 23-28 ms p99 on loopback. With 2 MiB for
 /// the whole connection: 2.6-2.7 / 5.6-7.4 ms, throughput unchanged within the noise, half the
-/// peak memory; 1 MiB cost a fifth of the throughput. The path is judged by the handshake's round trip, not by the address: a
-/// loopback peer can be a relay in front of a long path (the benchmark's WAN emulation is
-/// one, where a 2 MiB *stream* window held 1 Gbit/s at 100 ms to 14 %).
+/// peak memory; 1 MiB cost a fifth of the throughput. The path is judged by the handshake's
+/// round trip, not by the address: a loopback peer can be a relay in front of a long path
+/// (the benchmark's WAN emulation is one, where a 2 MiB *stream* window held 1 Gbit/s at
+/// 100 ms to 14 %).
 pub(crate) fn fit_window(conn: &quinn::Connection) {
     if conn.rtt() < SHORT_PATH_RTT {
         conn.set_receive_window(quinn::VarInt::from_u32(SHORT_PATH_WINDOW));
