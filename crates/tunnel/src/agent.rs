@@ -446,10 +446,15 @@ async fn open_stream(
     let dial = config
         .policy
         .dial(&target.host, target.port, config.dial_timeout);
-    // A dial outlives nothing it was for: when the carrier ends, pending ones stop.
+    // A dial outlives nothing it was for: when the client resets the stream or the carrier
+    // ends, it stops, so the target never sees a connection opened only to be closed.
     let dialled = tokio::select! {
         d = dial => d,
-        _ = carrier.closed() => return,
+        _ = carrier.abandoned(id) => {
+            carrier.reset(id, ResetCode::Cancel);
+            tracing::debug!("stream reset by the client while dialling: dial abandoned");
+            return;
+        }
     };
     let tcp = match dialled {
         Ok(t) => t,

@@ -270,7 +270,10 @@ impl Carrier {
     /// Server: accepts an opened stream after its target was dialled.
     pub fn accept(self: &Arc<Self>, id: StreamId) -> Result<MuxStream, StreamError> {
         let mut g = self.lock();
-        g.session.accept(id)?;
+        if let Err(e) = g.session.accept(id) {
+            g.slots.remove(&id);
+            return Err(e);
+        }
         g.slots.insert(id, StreamSlot::default());
         dispatch(&mut g, &self.state);
         drop(g);
@@ -279,6 +282,25 @@ impl Carrier {
             id,
             carrier: self.clone(),
         })
+    }
+
+    /// Server: completes when the peer reset an opened stream that is not accepted yet, or the
+    /// carrier ended, so a dial nobody waits for stops. Nothing else completes it.
+    pub async fn abandoned(&self, id: StreamId) {
+        std::future::poll_fn(|cx| {
+            let mut g = self.lock();
+            if g.dead.is_some() {
+                return Poll::Ready(());
+            }
+            match g.slots.get_mut(&id) {
+                Some(slot) if slot.reset.is_none() => {
+                    slot.open = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                _ => Poll::Ready(()),
+            }
+        })
+        .await
     }
 
     /// Resets a stream (refused target, local error).
@@ -388,6 +410,9 @@ fn dispatch(g: &mut Inner, state: &Notify) {
                 };
                 if refused {
                     let _ = g.session.reset(id, ResetCode::Refused);
+                } else {
+                    // Holds the peer's reset of a stream still being dialled (`abandoned`).
+                    g.slots.insert(id, StreamSlot::default());
                 }
             }
             Event::AuthRequest(p) => {

@@ -6,6 +6,8 @@
 //! Bytes are compared by SHA-256; nothing asserts a duration (deadlines are generous and only
 //! bound how long a broken build takes to fail).
 
+#[path = "agent/full_queue.rs"]
+mod full_queue;
 #[path = "agent/malformed.rs"]
 mod malformed;
 #[path = "agent/support.rs"]
@@ -741,6 +743,30 @@ async fn ipv4_only_service_is_reachable_and_other_hosts_are_not_allowed() {
     echo_round_trip(&connector(&link, "", v4.port()), 42, 1000)
         .await
         .expect("the carrier survives refusals");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_while_its_target_is_dialled_stops_the_dial() {
+    // The client gives up while the agent's dial waits on a target that drops SYNs: the
+    // target must then never see a connection opened only to be closed.
+    let agent = start_agent(|c| c.dial_timeout = Duration::from_secs(20));
+    let (target, _fillers) = full_queue::full_listener().await;
+    let port = target.local_addr().unwrap().port();
+    let link = AgentLink::new(link_config(agent.addr, token()));
+    let mut s = connector(&link, "127.0.0.1", port).connect().await.unwrap();
+    s.write_all(b"never delivered").await.unwrap();
+    // Long enough for the agent's dial to start and for its SYN to be dropped.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    full_queue::assert_no_late_connection(&target).await;
+    echo_round_trip(
+        &connector(&link, "", echo_server("[::1]:0").await.port()),
+        7,
+        1000,
+    )
+    .await
+    .expect("the carrier serves on");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+#[path = "agent/full_queue.rs"]
+mod full_queue;
 mod quic_support;
 use quic_support::{echo, pattern, round_trip, sha, v4, v6, NAME, TOKEN};
 
@@ -171,6 +173,29 @@ async fn refused_and_forbidden_targets_read_as_errors_not_eof() {
     let e = timed(s.read_to_end(&mut buf)).await.unwrap_err();
     assert!(e.to_string().contains("not allowed"), "{e}");
     assert!(e.to_string().contains("10.1.2.3:80"), "{e}");
+}
+
+#[tokio::test]
+async fn a_stream_reset_while_its_target_is_dialled_stops_the_dial() {
+    let a = agent();
+    let c = carrier(&a);
+    let (target, _fillers) = full_queue::full_listener().await;
+    let port = target.local_addr().unwrap().port();
+    let mut s = timed(c.open("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"never delivered").await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    full_queue::assert_no_late_connection(&target).await;
+    let port = echo(v6()).await;
+    let s = timed(c.open("localhost", port)).await.unwrap();
+    let got = timed(round_trip(s, pattern(1000, 3))).await.unwrap();
+    assert_eq!(
+        sha(&got),
+        sha(&pattern(1000, 3)),
+        "the connection serves on"
+    );
 }
 
 #[tokio::test]

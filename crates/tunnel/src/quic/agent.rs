@@ -501,7 +501,17 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, shared: Arc<S
     } else {
         format!("{host}:{port}").into()
     };
-    let tcp = match shared.policy.dial(&host, port, shared.dial_timeout).await {
+    // The client's reset arrives as STOP_SENDING: the dial stops, so the target never sees a
+    // connection opened only to be closed. A lost connection ends `stopped` too.
+    let stopped = send.stopped();
+    let dialled = tokio::select! {
+        d = shared.policy.dial(&host, port, shared.dial_timeout) => d,
+        _ = stopped => {
+            tracing::debug!(target = %shown, "stream reset by the client while dialling: dial abandoned");
+            return;
+        }
+    };
+    let tcp = match dialled {
         Ok(t) => t,
         Err(refusal) => {
             let c = match refusal {
