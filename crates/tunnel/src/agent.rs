@@ -29,6 +29,7 @@ use crate::dial::{tune_tcp, TLS_WRITE_AHEAD};
 use crate::policy::{DialRefusal, TargetPolicy};
 use crate::readahead::ReadAhead;
 use crate::relay::relay;
+use crate::throttle::Throttle;
 use crate::upgrade::{self, Head};
 
 /// Everything the agent needs.
@@ -257,37 +258,8 @@ impl Agent {
     }
 }
 
-/// Events a stranger can cause at will get one log line per [`LOG_EVERY`]; the line says how
-/// many like it were left out since the last one.
-struct Throttle(Mutex<(Option<Instant>, u64)>);
-
-const LOG_EVERY: Duration = Duration::from_secs(10);
-
 static EVICTIONS: Throttle = Throttle::new();
 static AUTH_FAILURES: Throttle = Throttle::new();
-
-impl Throttle {
-    const fn new() -> Self {
-        Throttle(Mutex::new((None, 0)))
-    }
-
-    /// `Some(left_out)` when this event may be logged.
-    fn pass(&self) -> Option<u64> {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        match g.0 {
-            Some(last) if now.duration_since(last) < LOG_EVERY => {
-                g.1 += 1;
-                None
-            }
-            _ => {
-                let left_out = g.1;
-                *g = (Some(now), 0);
-                Some(left_out)
-            }
-        }
-    }
-}
 
 async fn respond<S: AsyncWrite + Unpin>(s: &mut S, status: &str, body: &str) {
     respond_raw(s, &upgrade::simple(status, body)).await;

@@ -22,6 +22,7 @@ pub mod policy;
 pub mod readahead;
 pub mod relay;
 pub mod serve;
+mod throttle;
 pub mod tls;
 pub mod upgrade;
 

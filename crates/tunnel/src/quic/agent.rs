@@ -19,6 +19,11 @@ use super::{
 use crate::auth::{challenge, AgentNames, Token, CHALLENGE_LEN};
 use crate::policy::{DialRefusal, TargetPolicy};
 use crate::relay::{relay, Endpoint};
+use crate::throttle::Throttle;
+
+static REFUSALS: Throttle = Throttle::new();
+static AUTH_FAILURES: Throttle = Throttle::new();
+static NAME_REFUSALS: Throttle = Throttle::new();
 
 /// How long a new stream may take to deliver its target header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -241,7 +246,14 @@ impl QuicAgent {
             let Some(incoming) = incoming else { break };
             let remote = incoming.remote_address();
             if self.shared.unauthenticated.load(Ordering::Relaxed) >= MAX_UNAUTHENTICATED {
-                tracing::warn!(%remote, "refusing QUIC connection: {MAX_UNAUTHENTICATED} are already authenticating");
+                if let Some(more) = REFUSALS.pass() {
+                    tracing::warn!(
+                        %remote,
+                        not_logged = more,
+                        "refusing QUIC connections: {MAX_UNAUTHENTICATED} are already \
+                         authenticating (a flood, or a burst of clients)"
+                    );
+                }
                 incoming.refuse();
                 continue;
             }
@@ -320,11 +332,12 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: C
     let conn = match tokio::time::timeout(AUTH_TIMEOUT, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            tracing::info!(error = %e, "QUIC handshake failed (wrong ALPN, or the client does not trust this certificate?)");
+            // Anyone can cause this at will; a real client says why on its side (pin, ALPN).
+            tracing::debug!(error = %e, "QUIC handshake failed (wrong ALPN, or the client does not trust this certificate?)");
             return;
         }
         Err(_) => {
-            tracing::info!("QUIC handshake timed out");
+            tracing::debug!("QUIC handshake timed out");
             return;
         }
     };
@@ -337,7 +350,7 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: C
         None => (None, None),
     };
     if alpn.as_deref() != Some(ALPN) {
-        tracing::warn!("QUIC client without ALPN forward-mux/1: closed");
+        tracing::debug!("QUIC client without ALPN forward-mux/1: closed");
         conn.close(
             VarInt::from_u32(close::PROTOCOL),
             b"ALPN forward-mux/1 required",
@@ -351,7 +364,9 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: C
             tracing::info!(sni = %host, "QUIC client authenticated");
         }
         Err((c, reason)) => {
-            tracing::warn!(sni = %host, "QUIC client rejected: {reason}");
+            if let Some(more) = AUTH_FAILURES.pass() {
+                tracing::warn!(sni = %host, not_logged = more, "QUIC client rejected: {reason}");
+            }
             conn.close(VarInt::from_u32(c), reason.as_bytes());
             return;
         }
@@ -403,12 +418,15 @@ async fn authenticate(
         debug_assert_eq!(ch.len(), CHALLENGE_LEN);
         let named = shared.names.admits(host);
         if !named {
-            tracing::warn!(
-                sni = %host,
-                names = %shared.names.list(),
-                "the client dialled a name not in --name (a client pointed elsewhere, or a \
-                 relayed proof)"
-            );
+            if let Some(more) = NAME_REFUSALS.pass() {
+                tracing::warn!(
+                    sni = %host,
+                    names = %shared.names.list(),
+                    not_logged = more,
+                    "the client dialled a name not in --name (a client pointed elsewhere, or a \
+                     relayed proof)"
+                );
+            }
         }
         let ok = named && shared.token.verify(&ch, host, shared.port, &proof);
         send.write_all(&[u8::from(ok)])
