@@ -171,15 +171,16 @@ async fn forward(cli: Cli) -> Result<i32> {
         );
     }
     let grace = Duration::from_secs(cli.grace);
+    let json = matches!(cli.log.log_format, LogFormat::Json);
     if let Some(port) = cli.agent.agent {
         let mut make = agent::Connectors::new(&cli.client, &cli.agent, port)?;
         let via = |s: &Spec| agent::via_host(s.via_target.as_deref()).to_owned();
         let served = if cli.agent.transport == cli::Transport::Quic {
             let forwards = agent::bind_all(&specs, |s| make.quic(&s.host, &via(s), s.rport))?;
-            run::serve_all(forwards, cli.check, grace).await
+            run::serve_all(forwards, cli.check, grace, json).await
         } else {
             let forwards = agent::bind_all(&specs, |s| make.mux(&s.host, &via(s), s.rport))?;
-            run::serve_all(forwards, cli.check, grace).await
+            run::serve_all(forwards, cli.check, grace, json).await
         };
         // Leave as a client, not as a reset in the agent's log.
         make.close().await;
@@ -194,7 +195,7 @@ async fn forward(cli: Cli) -> Result<i32> {
             connector: Arc::new(connector),
         });
     }
-    run::serve_all(forwards, cli.check, grace).await
+    run::serve_all(forwards, cli.check, grace, json).await
 }
 
 async fn stdio(args: cli::StdioArgs) -> Result<i32> {

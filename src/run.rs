@@ -144,12 +144,25 @@ fn family_unavailable(e: &forward_tunnel::ListenError) -> bool {
     }
 }
 
+/// The line that says a listener is up: text for people, one JSON object for a script or a
+/// log shipper (`--log-format json`), which needs the real port when 0 was asked and should
+/// not have to parse prose. A Unix socket path may hold any character; JSON escapes it.
+fn announce(out: &mut impl Write, json: bool, listen: &str, to: &str) -> std::io::Result<()> {
+    if json {
+        let line = serde_json::json!({ "forwarding": { "listen": listen, "to": to } });
+        writeln!(out, "{line}")
+    } else {
+        writeln!(out, "forwarding {listen} -> {to}")
+    }
+}
+
 /// Checks (if asked), prints the start-up lines, serves until SIGINT/SIGTERM, then stops
 /// gracefully. Returns the process exit code.
 pub async fn serve_all<C: Connector>(
     forwards: Vec<Bound<C>>,
     check: bool,
     grace: Duration,
+    json: bool,
 ) -> Result<i32> {
     if check {
         // At once, not one after another: a direct check listens a moment after its handshake.
@@ -175,7 +188,7 @@ pub async fn serve_all<C: Connector>(
     for f in forwards {
         let label: Arc<str> = f.connector.describe().into();
         for (listener, addr) in f.listeners {
-            writeln!(out, "forwarding {addr} -> {label}")?;
+            announce(&mut out, json, &addr.to_string(), &label)?;
             tasks.push(tokio::spawn(serve(
                 listener,
                 f.connector.clone(),

@@ -193,22 +193,39 @@ fn check_reports_refused_edge() {
     );
 }
 
-/// `--log-format json`: every log line on stderr is one JSON object (for log shippers), while
-/// stdout keeps the plain `forwarding` lines.
+/// `--log-format json`: every log line on stderr is one JSON object (for log shippers), and so
+/// is each `forwarding` line on stdout (for scripts), with the real port and any Unix path intact.
 #[test]
 fn json_logs_are_one_object_per_line() {
-    use crate::net::{echo_exchange, Backend};
+    use crate::net::{echo_exchange, Backend, Local};
     use crate::stack::{Stack, Transport};
 
     let backend = Backend::echo();
     let stack = Stack::start(Transport::Direct, &[backend.port]);
+    let dir = TempDir::new("json-lines");
+    let sock = dir.join("a \"quoted\" name.sock");
     let mut fwd = stack.forward(
         &["--log-format", "json", "-v"],
-        &[format!("127.0.0.1:0:{}", stack.target(backend.port))],
-        1,
+        &[
+            format!("127.0.0.1:0:{}", stack.target(backend.port)),
+            format!("{}:{}", sock.display(), stack.target(backend.port)),
+        ],
+        2,
     );
-    echo_exchange(fwd.local().connect(), rand::random(), 1024);
-    backend.next_report();
+    assert!(
+        fwd.proc
+            .stdout_text()
+            .lines()
+            .all(|l| l.starts_with("{\"forwarding\":")),
+        "{}",
+        fwd.proc.transcript()
+    );
+    assert!(matches!(fwd.locals[0], Local::Tcp(a) if a.port() != 0));
+    assert_eq!(fwd.locals[1], Local::Unix(sock.clone()));
+    for local in &fwd.locals {
+        echo_exchange(local.connect(), rand::random(), 1024);
+        backend.next_report();
+    }
     fwd.proc.signal("TERM");
     assert!(fwd.proc.wait_exit().success());
     let stderr = fwd.proc.stderr_text();

@@ -314,15 +314,30 @@ impl Forward {
     pub fn start(args: Vec<OsString>, listeners: usize, transport: Transport) -> Forward {
         let mut proc = Proc::forward("forward", args);
         let lines = proc.wait_lines(Src::Stdout, listeners, "`forwarding ...` lines", |l| {
-            l.starts_with("forwarding ")
+            l.starts_with("forwarding ") || l.starts_with("{\"forwarding\":")
         });
         let locals = lines
             .iter()
             .map(|l| {
-                let (local, rest) = l
-                    .trim_start_matches("forwarding ")
-                    .split_once(" -> ")
-                    .unwrap_or_else(|| panic!("unexpected line {l:?}"));
+                let (local, rest) = if l.starts_with('{') {
+                    // `--log-format json`: {"forwarding":{"listen":ADDR,"to":LABEL}}
+                    let v: serde_json::Value =
+                        serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
+                    let f = &v["forwarding"];
+                    let field = |k: &str| -> String {
+                        f[k].as_str()
+                            .unwrap_or_else(|| panic!("no string {k} in {l:?}"))
+                            .to_owned()
+                    };
+                    (field("listen"), field("to"))
+                } else {
+                    let (a, b) = l
+                        .trim_start_matches("forwarding ")
+                        .split_once(" -> ")
+                        .unwrap_or_else(|| panic!("unexpected line {l:?}"));
+                    (a.to_owned(), b.to_owned())
+                };
+                let (local, rest) = (local.as_str(), rest.as_str());
                 assert!(
                     rest.ends_with(&format!("({})", transport.mode_label())),
                     "forwarding line {l:?} should end with ({})",
