@@ -139,3 +139,34 @@ fn second_signal_skips_the_grace(t: Transport) {
         "a connection cut by the second signal must be reset, not cleanly closed",
     );
 }
+
+/// A connection whose dial is still running when the grace period ends (here: an edge that
+/// accepts TCP and never answers the TLS handshake) is reset too, never closed cleanly.
+#[test]
+fn a_connection_still_dialling_at_the_end_of_the_grace_is_reset() {
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = mute.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    thread::spawn(move || {
+        for s in mute.incoming().flatten() {
+            keep.lock().unwrap().push(s);
+        }
+    });
+    let args = ["--edge", "127.0.0.1", "--grace", "1"]
+        .iter()
+        .map(std::ffi::OsString::from)
+        .chain([format!("127.0.0.1:0:vm1:{port}").into()])
+        .collect();
+    let mut fwd = Forward::start(args, 1, Transport::Direct);
+    let conn = fwd.local().connect();
+    // The dial has reached the mute edge.
+    let deadline = Instant::now() + TIMEOUT;
+    while held.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "forward never dialled the edge");
+        thread::sleep(Duration::from_millis(20));
+    }
+    fwd.proc.signal("TERM");
+    assert_clean_exit(fwd.proc.wait_exit());
+    assert_reset(conn, "a connection given up while dialling must be reset");
+}

@@ -173,6 +173,16 @@ impl Killable {
     }
 }
 
+impl Drop for Killable {
+    fn drop(&mut self) {
+        // Dropped after the grace period with its dial still running (the relay that would
+        // have reset it never started): the local client must see a reset, not a clean end.
+        if self.killed.load(Ordering::Relaxed) {
+            self.inner.abort();
+        }
+    }
+}
+
 impl Endpoint for Killable {
     fn abort(&self) {
         self.inner.abort();
