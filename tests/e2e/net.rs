@@ -337,6 +337,15 @@ impl Backend {
         })
     }
 
+    /// Ends its own direction at once (FIN before a byte), then reads to the end and reports:
+    /// a client's upload then outlives every answer, as in a log shipper or `ssh host cat > f`.
+    pub fn half_closing_sink() -> Backend {
+        Backend::start(|mut sock, tx| {
+            let _ = sock.shutdown(Shutdown::Write);
+            let _ = tx.send(take_all(&mut sock, false));
+        })
+    }
+
     pub fn next_report(&self) -> Report {
         self.reports
             .recv_timeout(TIMEOUT)

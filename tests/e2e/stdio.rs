@@ -12,6 +12,7 @@ use crate::stack::{Stack, Transport};
 per_transport!(stdio_pipes_bytes_both_ways);
 per_transport!(stdio_reaches_another_host_through_the_agent: agent_tls, quic);
 per_transport!(sighup_from_ssh_still_delivers_what_stdin_held);
+per_transport!(an_upload_that_outlives_the_answer_arrives_whole_before_exit);
 
 fn stdio_pipes_bytes_both_ways(t: Transport) {
     let backend = Backend::echo();
@@ -106,5 +107,44 @@ fn sighup_from_ssh_still_delivers_what_stdin_held(t: Transport) {
     let r = backend.next_report();
     assert_eq!(r.note, "eof", "the service saw {r:?}");
     assert_eq!(r.received, len);
+    assert_eq!(hex(&r.hash), hex(&sent));
+}
+
+/// The service ends its direction first; the upload is still in flight when stdout ends and
+/// stdin reaches EOF. `forward stdio` exits right after that, and every byte must reach the
+/// service first, with a clean end: before the fix, an agent client closed its carrier with
+/// part of the upload still queued (2-3 MiB of 20 lost, exit code 0).
+fn an_upload_that_outlives_the_answer_arrives_whole_before_exit(t: Transport) {
+    let backend = Backend::half_closing_sink();
+    let stack = Stack::start(t, &[backend.port]);
+    let mut cmd = Command::new(forward_bin());
+    cmd.arg("stdio")
+        .args(stack.client_args())
+        .arg(stack.target(backend.port))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped());
+    let (mut proc, mut stdout) = Proc::spawn_raw_stdout("forward stdio", cmd);
+    let mut stdin = proc.take_stdin();
+    let seed = rand::random();
+    let len = 20 * 1024 * 1024 + 5;
+    let up = thread::spawn(move || {
+        let h = Payload::new(seed, len)
+            .send(&mut stdin)
+            .expect("write to forward's stdin");
+        drop(stdin);
+        h
+    });
+    let (n, _) = drain(&mut stdout).unwrap_or_else(|(e, n)| panic!("stdout failed after {n}: {e}"));
+    assert_eq!(n, 0, "the service sent nothing");
+    let sent = up.join().unwrap();
+    let status = proc.wait_exit();
+    assert!(status.success(), "forward stdio exited with {status}");
+    let r = backend.next_report();
+    assert_eq!(
+        (r.received, r.note.as_str()),
+        (len, "eof"),
+        "{}",
+        proc.stderr_text()
+    );
     assert_eq!(hex(&r.hash), hex(&sent));
 }

@@ -603,3 +603,49 @@ fn tiny_data_frames_cost_about_their_size_in_memory() {
     assert_eq!(got.len(), sent.len());
     assert!(got == sent, "bytes came out of order");
 }
+
+#[test]
+fn a_close_keeps_streams_the_peer_finished_readable_and_drops_the_others() {
+    use forward_mux::{ReadOutcome, StreamError};
+    let (mut s, now) = authed_server(Config::default());
+    let fin = |id: u32, body: &[u8]| Frame::Data {
+        id,
+        fin: true,
+        payload: Bytes::copy_from_slice(body),
+    };
+    s.handle_input(now, &wire(&[open(1), open(3), open(5)]))
+        .unwrap();
+    for id in [1, 3] {
+        s.accept(id).unwrap();
+    }
+    // 1: whole (FIN). 3: mid-transfer. 5: whole, but never accepted (its dial still ran).
+    s.handle_input(
+        now,
+        &wire(&[fin(1, b"complete"), data(3, 100), fin(5, b"x")]),
+    )
+    .unwrap();
+    s.write(1, b"unsent answer").unwrap();
+    s.close_now(ErrorCode::NoError, "carrier ended");
+    assert!(s.is_complete_after_close(1));
+    assert!(!s.is_complete_after_close(3) && !s.is_complete_after_close(5));
+
+    let mut buf = [0u8; 64];
+    assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(8));
+    assert_eq!(&buf[..8], b"complete");
+    assert!(matches!(
+        s.write(1, b"more"),
+        Err(StreamError::SessionClosed)
+    ));
+    assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Fin);
+    assert!(!s.is_complete_after_close(1), "read to its end, then gone");
+    for id in [3, 5] {
+        assert!(matches!(
+            s.read(id, &mut buf),
+            Err(StreamError::SessionClosed)
+        ));
+    }
+    // Nothing more leaves after the final GOAWAY: no window update for bytes read late.
+    let out = drain(&mut s, now);
+    assert!(matches!(out.last(), Some(Frame::GoAway { .. })), "{out:?}");
+    assert_eq!(drain(&mut s, now), Vec::<Frame>::new());
+}

@@ -102,6 +102,9 @@ pub struct AgentLink {
     state: tokio::sync::Mutex<LinkState>,
 }
 
+/// How long a closing client waits for bytes its streams queued (uploads whose `FIN` is
+/// queued but not sent) before it closes its carriers anyway.
+pub const CLOSE_FLUSH: Duration = Duration::from_secs(3);
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A user's connection may trigger an attempt this soon after the previous one, backoff or not.
@@ -165,8 +168,15 @@ impl AgentLink {
         )
     }
 
-    /// A usable carrier: the current one, or a new one.
+    /// A usable carrier: the current one, or a new one. Within a second of a failed attempt
+    /// a user's connection gets that failure instead of another attempt.
     pub async fn carrier(self: &Arc<Self>) -> Result<Arc<Carrier>, DialError> {
+        self.carrier_or_attempt(false).await
+    }
+
+    /// `forced`: the reconnect watcher, which paces its attempts by its own backoff; the
+    /// one-second guard would make it count (and log) an attempt it never made.
+    async fn carrier_or_attempt(self: &Arc<Self>, forced: bool) -> Result<Arc<Carrier>, DialError> {
         let mut st = self.state.lock().await;
         if let Some(c) = st.current.clone() {
             if c.is_usable() {
@@ -174,7 +184,7 @@ impl AgentLink {
             }
             st.retire(&c);
         }
-        if let (Some(at), Some(err)) = (st.last_attempt, &st.last_error) {
+        if let (Some(at), Some(err), false) = (st.last_attempt, &st.last_error, forced) {
             if at.elapsed() < USER_RETRY {
                 return Err(DialError::Agent(format!(
                     "{}: the last attempt failed moments ago: {err}",
@@ -199,17 +209,19 @@ impl AgentLink {
         }
     }
 
-    /// Closes every carrier of the link cleanly (GOAWAY, then the end of the byte stream; a TLS
-    /// carrier sends close_notify), so the agent sees a client leave rather than a reset. Waits
-    /// briefly for the writers to put that on the wire.
+    /// Closes every carrier of the link cleanly (GOAWAY, what streams still queue, then the end
+    /// of the byte stream; a TLS carrier sends close_notify), so the agent sees a client leave
+    /// rather than a reset and gets every upload whole. Waits at most [`CLOSE_FLUSH`] for the
+    /// queued bytes, then briefly for the writers to put the end on the wire.
     pub async fn close(&self, reason: &str) {
         let carriers: Vec<Arc<Carrier>> = {
             let mut st = self.state.lock().await;
             st.closing = true;
             st.current.iter().chain(&st.overflow).cloned().collect()
         };
+        let deadline = tokio::time::Instant::now() + CLOSE_FLUSH;
         for c in &carriers {
-            c.close(reason);
+            c.close_flushed(reason, deadline).await;
         }
         if !carriers.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -416,7 +428,7 @@ async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
                 return;
             }
         }
-        match l.carrier().await {
+        match l.carrier_or_attempt(true).await {
             Ok(_) => return,
             Err(e) => {
                 failures += 1;

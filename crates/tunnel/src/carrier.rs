@@ -323,6 +323,31 @@ impl Carrier {
         self.tx.notify_one();
     }
 
+    /// Closes without losing what the streams queued: GOAWAY, then a wait until every queued
+    /// byte and `FIN` has left (credit permitting) or `deadline` passes, then [`Carrier::close`].
+    /// The peer keeps the streams it received whole; a stream still sending at the deadline is
+    /// reset. A client that exits right after its last upload "finished" needs this: `finish`
+    /// only queues the `FIN`.
+    pub async fn close_flushed(&self, reason: &str, deadline: tokio::time::Instant) {
+        self.go_away(reason);
+        loop {
+            {
+                let g = self.lock();
+                if g.dead.is_some() || !g.session.has_unsent() {
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::debug!(carrier = %self.label, "closing with bytes still queued: their streams are reset");
+                break;
+            }
+            // The writer moves bytes as credit comes back; a short poll keeps this simple and
+            // runs only once, at exit.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.close(reason);
+    }
+
     /// Closes at once; every open stream is reset.
     pub fn close(&self, reason: &str) {
         let mut g = self.lock();
@@ -336,10 +361,11 @@ impl Carrier {
         let mut g = self.lock();
         if g.dead.is_none() {
             tracing::debug!(carrier = %self.label, %reason, "carrier ended");
-            // Record the real cause first: close_now's own Closed event would otherwise name
-            // it "closed locally: internal error".
-            g.die(reason.clone());
+            // Close first, so `die` sees which streams outlive the close complete; its Closed
+            // event is dispatched after `die` recorded the real cause, which it would otherwise
+            // name "closed locally: internal error".
             g.session.close_now(ErrorCode::Internal, &reason);
+            g.die(reason.clone());
             dispatch(&mut g, &self.state);
             wake_all(&mut g);
         }
@@ -356,10 +382,15 @@ impl Inner {
             if let Some(said) = &self.peer_goaway {
                 reason = format!("{reason} (it had said: {said})");
             }
+            let session = &self.session;
             self.cut = self
                 .slots
-                .values()
-                .filter(|s| !(s.got_fin && s.sent_fin) && s.reset.is_none())
+                .iter()
+                .filter(|(id, s)| {
+                    !(s.got_fin && s.sent_fin)
+                        && s.reset.is_none()
+                        && !session.is_complete_after_close(**id)
+                })
                 .count();
             self.dead = Some(reason);
         }
@@ -430,7 +461,11 @@ fn dispatch(g: &mut Inner, state: &Notify) {
             Event::GoAway { reason, code, .. } => {
                 // A drain often ends in a second GOAWAY; once is news, twice is noise.
                 if !g.going_away {
-                    tracing::info!(%code, %reason, "peer is going away: new connections use a new carrier");
+                    if g.session.role() == forward_mux::Role::Server {
+                        tracing::debug!(%code, %reason, "the client is leaving");
+                    } else {
+                        tracing::info!(%code, %reason, "peer is going away: new connections use a new carrier");
+                    }
                 }
                 g.going_away = true;
                 if !reason.is_empty() {
@@ -938,12 +973,16 @@ impl Drop for MuxStream {
             .get(&self.id)
             .is_none_or(|s| s.got_fin && s.sent_fin && s.reset.is_none());
         g.slots.remove(&self.id);
-        if !clean && g.dead.is_none() {
+        if !clean {
+            // On a dead carrier this only frees what a stream kept readable after the close.
             if let Err(e) = g.session.reset(self.id, ResetCode::Cancel) {
                 tracing::trace!(stream = self.id, error = %e, "reset on drop");
             }
+            let alive = g.dead.is_none();
             drop(g);
-            self.carrier.tx.notify_one();
+            if alive {
+                self.carrier.tx.notify_one();
+            }
         }
     }
 }

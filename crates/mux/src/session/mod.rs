@@ -234,6 +234,18 @@ impl Session {
             + self.events.capacity() * std::mem::size_of::<Event>()
     }
 
+    /// Whether streams still hold bytes or a `FIN` that has not gone into `poll_transmit`
+    /// (waiting for credit, or for the writer), or control frames are queued. A carrier that
+    /// closes before this is false loses them.
+    pub fn has_unsent(&self) -> bool {
+        self.ctrl_pos < self.ctrl.len()
+            || !self.deferred_opens.is_empty()
+            || self
+                .streams
+                .values()
+                .any(|s| !s.send_buf.is_empty() || s.send == SendState::FinQueued)
+    }
+
     /// Whether the session is authenticated (client: `AUTH_OK` received; server: `auth_accept` called).
     pub fn is_authenticated(&self) -> bool {
         self.auth == Auth::Done
@@ -451,8 +463,10 @@ impl Session {
     ///
     /// Call this only when the bytes can be handed on (the local socket is writable): the credit for
     /// them is returned to the peer here, so a stream whose local reader stalls stops only itself.
+    /// After the session closed, a stream whose peer had finished still reads to its end
+    /// ([`Session::is_complete_after_close`]).
     pub fn read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<ReadOutcome, StreamError> {
-        let s = self.stream_mut(id)?;
+        let s = self.readable_mut(id)?;
         if s.recv_buffered == 0 || buf.is_empty() {
             return Ok(self.read_empty(id, buf.is_empty()));
         }
@@ -464,7 +478,7 @@ impl Session {
     /// Like [`Session::read`] but hands out the next received chunk (at most `max` bytes) without
     /// copying it.
     pub fn read_chunk(&mut self, id: StreamId, max: usize) -> Result<ReadChunk, StreamError> {
-        let s = self.stream_mut(id)?;
+        let s = self.readable_mut(id)?;
         if s.recv_buffered == 0 || max == 0 {
             return Ok(match self.read_empty(id, max == 0) {
                 ReadOutcome::Fin => ReadChunk::Fin,
@@ -501,6 +515,10 @@ impl Session {
     /// Abort stream `id` with `code`: buffered bytes are dropped both ways and `RST` is sent. A server
     /// refuses a pending stream this way (e.g. [`ResetCode::Refused`]).
     pub fn reset(&mut self, id: StreamId, code: ResetCode) -> Result<(), StreamError> {
+        if self.closed.is_some() && self.streams.remove(&id).is_some() {
+            // A finished stream kept readable after the close: nothing left to tell the peer.
+            return Ok(());
+        }
         self.stream_mut(id)?;
         let stream = self.remove_stream(id).expect("stream exists");
         if stream.open_sent {
@@ -536,6 +554,22 @@ impl Session {
             Role::Server => self.max_peer_id,
             Role::Client => 0,
         }
+    }
+
+    /// Whether stream `id` outlived the session's close because its peer had sent all of it
+    /// (FIN included): it reads to its end instead of failing.
+    pub fn is_complete_after_close(&self, id: StreamId) -> bool {
+        self.closed.is_some() && self.streams.contains_key(&id)
+    }
+
+    /// Like `stream_mut`, and after the close also the streams kept readable.
+    fn readable_mut(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
+        if self.closed.is_some() && !self.streams.contains_key(&id) {
+            return Err(StreamError::SessionClosed);
+        }
+        self.streams
+            .get_mut(&id)
+            .ok_or(StreamError::UnknownStream(id))
     }
 
     fn stream_mut(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
@@ -614,7 +648,16 @@ impl Session {
             let last = self.last_processed();
             frame::encode_goaway(&mut self.ctrl, last, code, &detail);
         }
-        self.streams.clear();
+        // A stream whose peer had sent everything, FIN included, lost nothing: its bytes stay
+        // readable, so a drain that ends the carrier right after the last FIN (or a carrier
+        // that breaks then) does not turn a complete transfer into a reset. Its send half ends
+        // here: writing fails as on any closed session.
+        self.streams
+            .retain(|_, s| s.accepted && s.recv == RecvState::FinReceived);
+        for s in self.streams.values_mut() {
+            s.send = SendState::FinSent;
+            s.send_buf = bytes::BytesMut::new();
+        }
         self.ready.clear();
         self.deferred_opens.clear();
         self.pending_opens = 0;
