@@ -243,7 +243,14 @@ impl AgentLink {
         let c = self.establish().await?;
         tracing::debug!(link = %self.describe(), carriers = st.overflow.len() + 2, "opened an overflow carrier");
         st.overflow.push(c.clone());
+        tokio::spawn(reap_overflow(Arc::downgrade(self), c.clone()));
         Ok(c)
+    }
+
+    /// How many carriers the link holds now: the current one (if any) and the overflow ones.
+    pub async fn carrier_count(&self) -> usize {
+        let st = self.state.lock().await;
+        usize::from(st.current.is_some()) + st.overflow.len()
     }
 
     /// A new authenticated carrier. The agent holds at most 64 connections that have not
@@ -300,10 +307,14 @@ impl AgentLink {
             Ok(Err(reason)) => Err(Attempt::Dropped(DialError::Agent(format!(
                 "{who}: the agent closed the carrier before authentication ({reason}); it may be overloaded"
             )))),
-            Err(_) => Err(Attempt::Failed(DialError::Agent(format!(
-                "{who}: no answer to AUTH within {:?}",
-                self.config.timeout
-            )))),
+            Err(_) => {
+                // Given up on: its tasks and socket must not live on until its idle timeout.
+                carrier.close("no answer to AUTH");
+                Err(Attempt::Failed(DialError::Agent(format!(
+                    "{who}: no answer to AUTH within {:?}",
+                    self.config.timeout
+                ))))
+            }
         }
     }
 
@@ -379,6 +390,53 @@ fn watch(
     carrier: Arc<Carrier>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(watch_inner(link, carrier))
+}
+
+/// An overflow carrier that carried no stream for this long is closed, as QUIC's overflow
+/// connections are: after a burst past 1024 connections, the extra carriers would otherwise
+/// stay (and keep pinging) for the life of the process.
+const OVERFLOW_IDLE: Duration = Duration::from_secs(10);
+
+/// Closes `c` once it has been idle for [`OVERFLOW_IDLE`], and forgets it once it is dead.
+async fn reap_overflow(link: Weak<AgentLink>, c: Arc<Carrier>) {
+    let mut idle_looks = 0;
+    loop {
+        tokio::select! {
+            _ = c.closed() => break,
+            _ = tokio::time::sleep(OVERFLOW_IDLE / 2) => {}
+        }
+        idle_looks = if c.stream_count() == 0 {
+            idle_looks + 1
+        } else {
+            0
+        };
+        if idle_looks < 2 {
+            continue;
+        }
+        let Some(l) = link.upgrade() else { return };
+        l.state
+            .lock()
+            .await
+            .overflow
+            .retain(|x| !Arc::ptr_eq(x, &c));
+        drop(l);
+        // A connection that took this carrier just before may still open on it: GOAWAY makes
+        // that open fail over to another carrier, and one that got in first drains.
+        c.go_away("idle overflow carrier");
+        while c.stream_count() > 0 && c.is_alive() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        c.close("idle overflow carrier");
+        tracing::debug!("closed an idle overflow carrier");
+        return;
+    }
+    if let Some(l) = link.upgrade() {
+        l.state
+            .lock()
+            .await
+            .overflow
+            .retain(|x| !Arc::ptr_eq(x, &c));
+    }
 }
 
 async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {

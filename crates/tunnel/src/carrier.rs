@@ -155,6 +155,11 @@ impl Carrier {
         self.lock().dead.clone()
     }
 
+    /// Not dead yet (it may be draining).
+    pub fn is_alive(&self) -> bool {
+        self.lock().dead.is_none()
+    }
+
     /// Usable for new streams: alive, authenticated (client) or not, and not draining.
     pub fn is_usable(&self) -> bool {
         let g = self.lock();

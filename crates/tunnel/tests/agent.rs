@@ -770,6 +770,44 @@ async fn a_stream_reset_while_its_target_is_dialled_stops_the_dial() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_stream_cap_use_overflow_carriers_that_close_when_idle() {
+    use forward_tunnel::Connector;
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let mut config = link_config(agent.addr, token());
+    config.mux.max_concurrent_streams = 4;
+    let link = AgentLink::new(config);
+    let c = connector(&link, "", echo.port());
+    // Ten connections held open at once need three carriers of four streams.
+    let mut open = Vec::new();
+    for i in 0..10u64 {
+        let mut s = within("a connection", c.connect()).await.unwrap();
+        let data = pattern(i, 1000);
+        s.write_all(&data).await.unwrap();
+        let mut back = vec![0u8; data.len()];
+        within("the echo", s.read_exact(&mut back)).await.unwrap();
+        assert_eq!(sha256(&back), sha256(&data), "connection {i}");
+        open.push(s);
+    }
+    assert_eq!(link.carrier_count().await, 3);
+    for mut s in open {
+        s.shutdown().await.unwrap();
+        let (rest, end) = within("the end", drain(&mut s)).await;
+        assert!(rest.is_empty() && end.is_ok(), "{end:?}");
+    }
+    // Idle overflow carriers go (after 5-10 s); the current one stays for the next user.
+    within("the idle overflow carriers to close", async {
+        while link.carrier_count().await > 1 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    echo_round_trip(&c, 99, 10_000)
+        .await
+        .expect("the link serves on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_reached_by_an_ipv6_literal_authenticates() {
     // The proof covers the host the client dialled; an IPv6 literal must survive the Host
     // header intact for the agent to check it.
