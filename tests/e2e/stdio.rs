@@ -2,7 +2,7 @@
 //! process exits 0 once both directions have ended.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::thread;
 
 use crate::harness::{forward_bin, Proc};
@@ -39,15 +39,21 @@ fn stdio_via_target_needs_the_agent() {
     assert!(err.contains("needs the agent (--agent PORT)"), "{err}");
 }
 
-fn pipe_through_stdio(stack: &Stack, backend: &Backend, target: &str) {
+/// `forward stdio TARGET` with piped stdin and stdout, as ssh runs a ProxyCommand.
+fn spawn_stdio(stack: &Stack, target: &str) -> (Proc, ChildStdout, ChildStdin) {
     let mut cmd = Command::new(forward_bin());
     cmd.arg("stdio")
         .args(stack.client_args())
         .arg(target)
         .env_remove("RUST_LOG")
         .stdin(Stdio::piped());
-    let (mut proc, mut stdout) = Proc::spawn_raw_stdout("forward stdio", cmd);
-    let mut stdin = proc.take_stdin();
+    let (mut proc, stdout) = Proc::spawn_raw_stdout("forward stdio", cmd);
+    let stdin = proc.take_stdin();
+    (proc, stdout, stdin)
+}
+
+fn pipe_through_stdio(stack: &Stack, backend: &Backend, target: &str) {
+    let (mut proc, mut stdout, mut stdin) = spawn_stdio(stack, target);
 
     let seed = rand::random();
     let len = 8 * 1024 * 1024 + 3;
@@ -82,14 +88,7 @@ fn sighup_from_ssh_still_delivers_what_stdin_held(t: Transport) {
     // Like sshd, it answers the goodbye only later: forward is still running at SIGHUP.
     let backend = Backend::sink(std::time::Duration::from_millis(500));
     let stack = Stack::start(t, &[backend.port]);
-    let mut cmd = Command::new(forward_bin());
-    cmd.arg("stdio")
-        .args(stack.client_args())
-        .arg(stack.target(backend.port))
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped());
-    let (mut proc, stdout) = Proc::spawn_raw_stdout("forward stdio", cmd);
-    let mut stdin = proc.take_stdin();
+    let (mut proc, stdout, mut stdin) = spawn_stdio(&stack, &stack.target(backend.port));
     let seed = rand::random();
     let len = 1024 * 1024 + 7;
     let sent = Payload::new(seed, len)
@@ -117,14 +116,7 @@ fn sighup_from_ssh_still_delivers_what_stdin_held(t: Transport) {
 fn an_upload_that_outlives_the_answer_arrives_whole_before_exit(t: Transport) {
     let backend = Backend::half_closing_sink();
     let stack = Stack::start(t, &[backend.port]);
-    let mut cmd = Command::new(forward_bin());
-    cmd.arg("stdio")
-        .args(stack.client_args())
-        .arg(stack.target(backend.port))
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped());
-    let (mut proc, mut stdout) = Proc::spawn_raw_stdout("forward stdio", cmd);
-    let mut stdin = proc.take_stdin();
+    let (mut proc, mut stdout, mut stdin) = spawn_stdio(&stack, &stack.target(backend.port));
     let seed = rand::random();
     let len = 20 * 1024 * 1024 + 5;
     let up = thread::spawn(move || {
