@@ -126,7 +126,8 @@ pub struct ClientOpts {
     #[arg(long, env = "FORWARD_CA_FILE", value_name = "PEM")]
     pub ca_file: Option<PathBuf>,
 
-    /// Give up on a TCP connect or TLS handshake after this long.
+    /// Give up on a TCP connect (each address; a name's addresses are raced 250 ms apart), a
+    /// TLS handshake, or the agent's answer after this long.
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_timeout: u64,
 }

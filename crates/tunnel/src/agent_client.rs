@@ -264,7 +264,7 @@ impl AgentLink {
         let deadline = Instant::now() + self.config.timeout;
         let mut attempt = 0u32;
         loop {
-            match self.establish_once(deadline).await {
+            match self.establish_once().await {
                 Ok(c) => return Ok(c),
                 Err(Attempt::Dropped(e)) => {
                     let pause = jittered_from(DROPPED_RETRY_BASE, attempt);
@@ -280,7 +280,7 @@ impl AgentLink {
         }
     }
 
-    async fn establish_once(&self, deadline: Instant) -> Result<Arc<Carrier>, Attempt> {
+    async fn establish_once(&self) -> Result<Arc<Carrier>, Attempt> {
         let c = &self.config;
         let tcp = connect_tcp(&c.host, c.edge.as_deref(), c.port, c.timeout).await?;
         let label = format!("{}:{}", c.host, c.port);
@@ -295,8 +295,11 @@ impl AgentLink {
             }
         };
         let who = self.describe();
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, carrier.wait_authed()).await {
+        // The agent gets the whole timeout for its answer, whatever the connect took: a slow
+        // connect (a dead address tried first) once left this wait nothing, and a carrier that
+        // had reached a healthy agent was given up as "no answer to AUTH". The connect timeout
+        // bounds the retries of dropped carriers (`establish`), not this one attempt.
+        match tokio::time::timeout(c.timeout, carrier.wait_authed()).await {
             Ok(Ok(())) => {
                 tracing::info!(link = %who, "carrier up");
                 Ok(carrier)

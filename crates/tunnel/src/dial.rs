@@ -4,6 +4,7 @@
 //! [`DirectConnector`] is direct mode: TCP to the edge (or `--edge`), then TLS with SNI = the
 //! host name, verified. The agent carriers implement the same trait elsewhere.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -66,6 +67,14 @@ pub enum DialError {
         addr: SocketAddr,
         /// What the OS said.
         cause: io::Error,
+    },
+    /// Several addresses, and none answered: what each one said.
+    #[error("cannot connect to {host} at any of its addresses: {tried}")]
+    AllAddresses {
+        /// The name being reached.
+        host: String,
+        /// Every address tried and its failure, `; `-separated.
+        tried: String,
     },
     /// No TCP connection within the deadline.
     #[error("connecting to {host} at {addr} timed out after {after:?}")]
@@ -148,42 +157,156 @@ pub async fn resolve(
     Ok(addrs)
 }
 
-/// Resolves `host` (or the `--edge` override) and connects to the first address that answers.
+/// How long an attempt on one address runs alone before the next address is tried beside it
+/// (RFC 8305's "Connection Attempt Delay"): a name whose IPv6 address is dead (a broken tunnel,
+/// hotel Wi-Fi) costs 250 ms, not the whole connect timeout, on every connection.
+pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// The order to try addresses in: the resolver's first, then alternating address families
+/// (RFC 8305 §4), so one dead family is not tried over and over before the other.
+pub fn interleave(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first() else {
+        return Vec::new();
+    };
+    let (mut same, mut other): (std::collections::VecDeque<_>, std::collections::VecDeque<_>) =
+        addrs.iter().partition(|a| a.is_ipv6() == first.is_ipv6());
+    let mut out = Vec::with_capacity(addrs.len());
+    loop {
+        match (same.pop_front(), other.pop_front()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b).copied()),
+        }
+    }
+}
+
+/// Happy Eyeballs, simplified: attempts on `addrs` (in [`interleave`] order) start
+/// [`ATTEMPT_DELAY`] apart, or at once when the one before fails; the first success wins and
+/// the others are dropped. An error `fatal` says no other address can fix ends the race.
+/// Otherwise every address's error comes back, in the order tried.
+pub async fn race<T, E, Fut>(
+    addrs: &[SocketAddr],
+    mut attempt: impl FnMut(SocketAddr) -> Fut,
+    fatal: impl Fn(&E) -> bool,
+) -> Result<T, Vec<(SocketAddr, E)>>
+where
+    Fut: Future<Output = Result<T, E>>,
+{
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let order = interleave(addrs);
+    let mut running = FuturesUnordered::new();
+    let mut next = 0;
+    let mut failed = Vec::new();
+    loop {
+        // Every turn of the loop follows a start, a failure or the delay: each starts the next.
+        if let Some(&addr) = order.get(next) {
+            let f = attempt(addr);
+            running.push(async move { (addr, f.await) });
+            next += 1;
+        }
+        let more = next < order.len();
+        let stagger = async {
+            if more {
+                tokio::time::sleep(ATTEMPT_DELAY).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            done = running.next() => match done {
+                Some((_, Ok(t))) => return Ok(t),
+                Some((addr, Err(e))) => {
+                    let stop = fatal(&e);
+                    failed.push((addr, e));
+                    if stop || (running.is_empty() && !more) {
+                        return Err(failed);
+                    }
+                }
+                None => return Err(failed),
+            },
+            _ = stagger => {}
+        }
+    }
+}
+
+/// Resolves `host` (or the `--edge` override) and connects to the first address that answers,
+/// racing them ([`race`]). `timeout` bounds each attempt.
 pub async fn connect_tcp(
     host: &str,
     edge: Option<&str>,
     port: u16,
     timeout: Duration,
 ) -> Result<TcpStream, DialError> {
-    let addrs = resolve(host, edge, port).await?;
-    let mut last = None;
-    for addr in &addrs {
-        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => {
-                if let Err(e) = tune_tcp(&stream) {
-                    tracing::debug!(error = %e, "could not tune TCP socket");
-                }
-                return Ok(stream);
-            }
-            Ok(Err(cause)) => {
-                last = Some(DialError::Connect {
-                    host: host.to_owned(),
-                    addr: *addr,
-                    cause,
-                })
-            }
-            Err(_) => {
-                last = Some(DialError::Timeout {
-                    host: host.to_owned(),
-                    addr: *addr,
-                    after: timeout,
-                })
-            }
+    let mut addrs = resolve(host, edge, port).await?;
+    // The address that answered last time goes first: with a dead IPv6 address, only the
+    // first connection to a name pays the attempt delay.
+    let key = (edge.unwrap_or(host).to_owned(), port);
+    let cached = lock_winners().get(&key).copied();
+    if let Some(w) = cached {
+        if let Some(i) = addrs.iter().position(|a| *a == w) {
+            addrs[..=i].rotate_right(1);
         }
     }
-    Err(last.unwrap_or(DialError::NoAddress {
-        host: edge.unwrap_or(host).to_owned(),
-    }))
+    let stream = connect_addrs(host, &addrs, timeout).await?;
+    if addrs.len() > 1 {
+        if let Ok(peer) = stream.peer_addr() {
+            lock_winners().insert(key, peer);
+        }
+    }
+    Ok(stream)
+}
+
+/// The address of each (name, port) that answered last, for [`connect_tcp`].
+fn lock_winners() -> std::sync::MutexGuard<'static, HashMap<(String, u16), SocketAddr>> {
+    static WINNERS: std::sync::OnceLock<std::sync::Mutex<HashMap<(String, u16), SocketAddr>>> =
+        std::sync::OnceLock::new();
+    WINNERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// [`connect_tcp`] after the lookup; `host` names the remote end in errors.
+pub(crate) async fn connect_addrs(
+    host: &str,
+    addrs: &[SocketAddr],
+    timeout: Duration,
+) -> Result<TcpStream, DialError> {
+    let attempt = |addr: SocketAddr| async move {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(cause)) => Err(DialError::Connect {
+                host: host.to_owned(),
+                addr,
+                cause,
+            }),
+            Err(_) => Err(DialError::Timeout {
+                host: host.to_owned(),
+                addr,
+                after: timeout,
+            }),
+        }
+    };
+    match race(addrs, attempt, |_| false).await {
+        Ok(stream) => {
+            if let Err(e) = tune_tcp(&stream) {
+                tracing::debug!(error = %e, "could not tune TCP socket");
+            }
+            Ok(stream)
+        }
+        Err(mut failed) if failed.len() == 1 => Err(failed.remove(0).1),
+        Err(failed) => Err(DialError::AllAddresses {
+            host: host.to_owned(),
+            tried: failed
+                .iter()
+                .map(|(addr, e)| match e {
+                    DialError::Connect { cause, .. } => format!("{addr}: {cause}"),
+                    DialError::Timeout { after, .. } => format!("{addr} timed out after {after:?}"),
+                    other => format!("{addr}: {other}"),
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        }),
+    }
 }
 
 /// Ciphertext rustls may queue before a write waits for the socket. rustls' default, 64 KiB,
@@ -307,3 +430,116 @@ impl Connector for DirectConnector {
 /// time the TCP and TLS handshakes took, within these bounds.
 const CHECK_LISTEN_MIN: Duration = Duration::from_millis(250);
 const CHECK_LISTEN_MAX: Duration = Duration::from_secs(3);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn addresses_alternate_families_starting_with_the_resolvers_first() {
+        let got = interleave(&[a("[::1]:1"), a("[::2]:1"), a("10.0.0.1:1"), a("10.0.0.2:1")]);
+        assert_eq!(
+            got,
+            [a("[::1]:1"), a("10.0.0.1:1"), a("[::2]:1"), a("10.0.0.2:1")]
+        );
+        let got = interleave(&[a("10.0.0.1:1"), a("[::1]:1"), a("[::2]:1")]);
+        assert_eq!(got, [a("10.0.0.1:1"), a("[::1]:1"), a("[::2]:1")]);
+    }
+
+    /// What each address does in a simulated race: answer after a delay, or fail after one.
+    fn behave(
+        script: &'static [(&'static str, u64, bool)],
+    ) -> impl FnMut(SocketAddr) -> std::pin::Pin<Box<dyn Future<Output = Result<SocketAddr, String>>>>
+    {
+        move |addr| {
+            let (_, ms, ok) = *script
+                .iter()
+                .find(|(s, _, _)| a(s) == addr)
+                .expect("scripted address");
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if ok {
+                    Ok(addr)
+                } else {
+                    Err(format!("{addr} failed"))
+                }
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_first_address_costs_one_attempt_delay_not_its_timeout() {
+        const SCRIPT: &[(&str, u64, bool)] =
+            &[("[::1]:1", 10_000, false), ("10.0.0.1:1", 20, true)];
+        let t0 = tokio::time::Instant::now();
+        let won = race(&[a("[::1]:1"), a("10.0.0.1:1")], behave(SCRIPT), |_| false).await;
+        assert_eq!(won, Ok(a("10.0.0.1:1")));
+        assert_eq!(t0.elapsed(), ATTEMPT_DELAY + Duration::from_millis(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_starts_the_next_address_at_once_and_all_failures_are_reported() {
+        const SCRIPT: &[(&str, u64, bool)] = &[
+            ("[::1]:1", 5, false),
+            ("10.0.0.1:1", 5, false),
+            ("[::2]:1", 5, false),
+        ];
+        let t0 = tokio::time::Instant::now();
+        let addrs = [a("[::1]:1"), a("[::2]:1"), a("10.0.0.1:1")];
+        let failed = race(&addrs, behave(SCRIPT), |_| false).await.unwrap_err();
+        let order: Vec<_> = failed.iter().map(|(addr, _)| *addr).collect();
+        assert_eq!(order, [a("[::1]:1"), a("10.0.0.1:1"), a("[::2]:1")]);
+        assert_eq!(t0.elapsed(), Duration::from_millis(15));
+    }
+
+    #[tokio::test]
+    async fn a_dead_address_first_does_not_hold_up_a_live_one_over_real_sockets() {
+        // Dead: a listener whose accept queue is full drops SYNs, so a connect to it waits.
+        let dead = tokio::net::TcpSocket::new_v4().unwrap();
+        dead.bind(a("127.0.0.1:0")).unwrap();
+        let dead = dead.listen(1).unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        while let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(dead_addr)).await
+        {
+            fillers.push(s);
+        }
+        let live = tokio::net::TcpListener::bind(a("[::1]:0")).await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        // With the dead address tried alone first, this took the whole 60 s timeout.
+        let s = tokio::time::timeout(
+            Duration::from_secs(20),
+            connect_addrs("test", &[dead_addr, live_addr], Duration::from_secs(60)),
+        )
+        .await
+        .expect("the live address was not tried beside the dead one")
+        .unwrap();
+        assert_eq!(s.peer_addr().unwrap(), live_addr);
+
+        // Both dead: one error that names each address and what it said.
+        drop(live);
+        let e = connect_addrs("test", &[dead_addr, live_addr], Duration::from_millis(500))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{dead_addr} timed out after 500ms"))
+                && e.contains(&format!("{live_addr}: Connection refused")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fatal_error_ends_the_race_without_trying_the_rest() {
+        const SCRIPT: &[(&str, u64, bool)] = &[("[::1]:1", 5, false), ("10.0.0.1:1", 5, true)];
+        let failed = race(&[a("[::1]:1"), a("10.0.0.1:1")], behave(SCRIPT), |_| true)
+            .await
+            .unwrap_err();
+        assert_eq!(failed.len(), 1);
+    }
+}

@@ -550,33 +550,42 @@ impl QuicCarrier {
         let dial = self.edge.as_deref().unwrap_or(&self.host);
         let addrs = crate::dial::resolve(&self.host, self.edge.as_deref(), self.port).await?;
         let ipv6_socket = self.endpoint.local_addr()?.is_ipv6();
-        let mut last = None;
-        for addr in addrs {
-            // A socket bound to an IPv4 address cannot send to an IPv6 one.
-            if addr.is_ipv6() && !ipv6_socket {
-                continue;
-            }
-            match self.handshake(addr).await {
-                Ok(conn) => {
-                    self.authenticate(&conn, addr).await?;
-                    tracing::info!(agent = %self.describe(), %addr, "QUIC connection authenticated");
-                    return Ok(conn);
-                }
-                // Retrying another address cannot fix a certificate or protocol problem.
-                Err(
-                    e @ (QuicError::PinMismatch { .. }
+        // A socket bound to an IPv4 address cannot send to an IPv6 one.
+        let usable: Vec<SocketAddr> = addrs
+            .into_iter()
+            .filter(|a| ipv6_socket || a.is_ipv4())
+            .collect();
+        // Addresses are raced as for TCP: QUIC ignores "port unreachable", so an agent that
+        // listens on IPv4 only behind a dual-stack name cost a whole timeout per connection.
+        // Retrying another address cannot fix a certificate or protocol problem.
+        let fatal = |e: &QuicError| {
+            matches!(
+                e,
+                QuicError::PinMismatch { .. }
                     | QuicError::Untrusted { .. }
-                    | QuicError::WrongAlpn { .. }),
-                ) => return Err(e),
-                Err(e) => last = Some(e),
-            }
-        }
-        // Every address was of a family this socket cannot reach.
-        Err(
-            last.unwrap_or(QuicError::Resolve(crate::dial::DialError::NoAddress {
-                host: dial.to_owned(),
-            })),
+                    | QuicError::WrongAlpn { .. }
+            )
+        };
+        let (conn, addr) = match crate::dial::race(
+            &usable,
+            |addr| async move { self.handshake(addr).await.map(|c| (c, addr)) },
+            fatal,
         )
+        .await
+        {
+            Ok(won) => won,
+            // Every address was of a family this socket cannot reach.
+            Err(failed) => {
+                return Err(failed.into_iter().next_back().map(|(_, e)| e).unwrap_or(
+                    QuicError::Resolve(crate::dial::DialError::NoAddress {
+                        host: dial.to_owned(),
+                    }),
+                ))
+            }
+        };
+        self.authenticate(&conn, addr).await?;
+        tracing::info!(agent = %self.describe(), %addr, "QUIC connection authenticated");
+        Ok(conn)
     }
 
     async fn handshake(&self, addr: SocketAddr) -> Result<quinn::Connection, QuicError> {
