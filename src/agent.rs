@@ -227,6 +227,20 @@ impl<'a> Connectors<'a> {
         Ok(AgentConnector::new(link, Target::new(via, rport)?))
     }
 
+    /// `forward stdio`: every link serves one connection ([`AgentLink::serve_one_connection`]).
+    pub fn mux_for_one_connection(
+        &mut self,
+        host: &str,
+        via: &str,
+        rport: u16,
+    ) -> Result<AgentConnector> {
+        let c = self.mux(host, via, rport)?;
+        for link in self.links.values() {
+            link.serve_one_connection();
+        }
+        Ok(c)
+    }
+
     /// Ends every carrier and QUIC connection cleanly, for an orderly exit.
     pub async fn close(&self) {
         for link in self.links.values() {

@@ -222,7 +222,7 @@ async fn stdio(args: cli::StdioArgs) -> Result<i32> {
         let mut make = agent::Connectors::new(&args.client, &args.agent, agent_port)?;
         let done = match args.agent.transport {
             cli::Transport::Quic => stdio_via(make.quic(&host, &via, port)?).await,
-            _ => stdio_via(make.mux(&host, &via, port)?).await,
+            _ => stdio_via(make.mux_for_one_connection(&host, &via, port)?).await,
         };
         make.close().await;
         return done;

@@ -13,6 +13,7 @@ per_transport!(stdio_pipes_bytes_both_ways);
 per_transport!(stdio_reaches_another_host_through_the_agent: agent_tls, quic);
 per_transport!(sighup_from_ssh_still_delivers_what_stdin_held);
 per_transport!(an_upload_that_outlives_the_answer_arrives_whole_before_exit);
+per_transport!(a_lost_path_ends_stdio_with_one_error_line: direct, agent_tls, agent_tcp);
 
 fn stdio_pipes_bytes_both_ways(t: Transport) {
     let backend = Backend::echo();
@@ -139,4 +140,24 @@ fn an_upload_that_outlives_the_answer_arrives_whole_before_exit(t: Transport) {
         proc.stderr_text()
     );
     assert_eq!(hex(&r.hash), hex(&sent));
+}
+
+/// The path dies under a session: `forward stdio` exits 1 with one `error:` line on stderr
+/// (ssh prints it on the user's terminal), not a "reconnecting" warning before it.
+fn a_lost_path_ends_stdio_with_one_error_line(t: Transport) {
+    let backend = Backend::echo();
+    let mut stack = Stack::start(t, &[backend.port]);
+    let (mut proc, mut stdout, mut stdin) = spawn_stdio(&stack, &stack.target(backend.port));
+    stdin.write_all(b"ping").unwrap();
+    let mut four = [0u8; 4];
+    std::io::Read::read_exact(&mut stdout, &mut four).unwrap();
+    assert_eq!(&four, b"ping");
+    stack.kill_carrier();
+    let status = proc.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", proc.transcript());
+    let stderr = proc.stderr_text();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "want one line:\n{stderr}");
+    assert!(lines[0].starts_with("error:"), "{stderr}");
+    drop(stdin);
 }

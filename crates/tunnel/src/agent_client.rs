@@ -100,6 +100,8 @@ impl LinkState {
 pub struct AgentLink {
     config: LinkConfig,
     state: tokio::sync::Mutex<LinkState>,
+    /// See [`AgentLink::serve_one_connection`].
+    one_connection: std::sync::atomic::AtomicBool,
 }
 
 /// How long a closing client waits for bytes its streams queued (uploads whose `FIN` is
@@ -155,7 +157,16 @@ impl AgentLink {
                 last_error: None,
                 closing: false,
             }),
+            one_connection: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The link serves one connection and ends with it (`forward stdio`): a lost carrier is
+    /// that connection's error, which its caller reports once; nothing reconnects, and the
+    /// loss is not announced a second time as "reconnecting".
+    pub fn serve_one_connection(&self) {
+        self.one_connection
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `host:port (agent tls)`, for messages.
@@ -455,6 +466,10 @@ async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
         let current = st.retire(&carrier);
         (st.failures, current, st.closing)
     };
+    if l.one_connection.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::debug!(link = %l.describe(), %reason, "carrier ended");
+        return;
+    }
     // Only the loss of the current carrier leads to a reconnect; an older one (drained after
     // a GOAWAY, an overflow carrier) or one we closed on exit just ends.
     let next = if closing {
