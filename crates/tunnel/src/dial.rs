@@ -123,6 +123,13 @@ fn no_listener_hint(port: u16) -> String {
     )
 }
 
+/// A connection of ours to the edge or an agent whose sent bytes stay unacknowledged this long
+/// is reset (TCP_USER_TIMEOUT): a path that died silently under a direct connection (or
+/// `forward stdio`) otherwise lingered for the kernel's ~15 minutes of retransmissions, and a
+/// quiet one for 2 minutes of keepalives. The same 45 s as a silent agent carrier; a suspended
+/// laptop's clock stands still, so sleeping does not count.
+pub const PATH_DEAD_AFTER: Duration = Duration::from_secs(45);
+
 /// Socket options every TCP connection of ours gets.
 pub fn tune_tcp(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
@@ -288,7 +295,9 @@ pub(crate) async fn connect_addrs(
     };
     match race(addrs, attempt, |_| false).await {
         Ok(stream) => {
-            if let Err(e) = tune_tcp(&stream) {
+            let tuned = tune_tcp(&stream)
+                .and_then(|()| SockRef::from(&stream).set_tcp_user_timeout(Some(PATH_DEAD_AFTER)));
+            if let Err(e) = tuned {
                 tracing::debug!(error = %e, "could not tune TCP socket");
             }
             Ok(stream)
@@ -532,6 +541,20 @@ mod tests {
                 && e.contains(&format!("{live_addr}: Connection refused")),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn connections_to_the_edge_give_up_on_a_dead_path_after_45_s() {
+        let l = tokio::net::TcpListener::bind(a("127.0.0.1:0"))
+            .await
+            .unwrap();
+        let port = l.local_addr().unwrap().port();
+        let s = connect_tcp("127.0.0.1", None, port, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let sock = SockRef::from(&s);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(PATH_DEAD_AFTER));
+        assert!(sock.tcp_nodelay().unwrap() && sock.keepalive().unwrap());
     }
 
     #[tokio::test(start_paused = true)]
