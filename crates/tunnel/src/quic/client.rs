@@ -423,8 +423,9 @@ impl QuicCarrier {
                     tracing::info!(agent = %self.describe(), "agent is shutting down; new streams go to a new connection");
                     st.primary = None;
                 }
+                // Its loss was logged when it happened (`report_loss`).
                 Some(why) => {
-                    tracing::info!(agent = %self.describe(), reason = %why, "QUIC connection lost; reconnecting");
+                    tracing::debug!(agent = %self.describe(), reason = %why, "reconnecting after a lost QUIC connection");
                     st.primary = None;
                 }
             }
@@ -436,6 +437,7 @@ impl QuicCarrier {
             Ok(c) => {
                 st.failures = 0;
                 st.retry_at = None;
+                tokio::spawn(report_loss(c.clone(), self.describe()));
                 let link = Link::new(c, false, self.overflow_idle);
                 st.primary = Some(link.clone());
                 Ok(link)
@@ -793,5 +795,30 @@ impl Connector for QuicConnector {
 
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+}
+
+/// Logs the loss of a primary connection when it happens, not when the next local connection
+/// finds it gone (that could be minutes later, about an outage long over). The next local
+/// connection reconnects.
+async fn report_loss(conn: quinn::Connection, agent: String) {
+    use quinn::ConnectionError as E;
+    match conn.closed().await {
+        E::LocallyClosed => {}
+        E::ApplicationClosed(c) => tracing::info!(
+            %agent,
+            reason = %String::from_utf8_lossy(&c.reason),
+            "the agent closed the QUIC connection; the next connection opens a new one"
+        ),
+        E::TimedOut => tracing::warn!(
+            %agent,
+            "QUIC connection lost: nothing heard from the agent for 30 s; the next connection \
+             reconnects"
+        ),
+        why => tracing::warn!(
+            %agent,
+            reason = %why,
+            "QUIC connection lost; the next connection reconnects"
+        ),
     }
 }
