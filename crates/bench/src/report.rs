@@ -467,7 +467,8 @@ impl Report {
         let _ = writeln!(w, "\n## Throughput (Gbit/s)\n");
         let _ = writeln!(
             w,
-            "×N = parallel streams. CPU is utime+stime of the path's processes (forward, edge, agent, \
+            "×N = parallel streams, their bytes over the wall time from the first one's first byte to the \
+             last one's end. CPU is utime+stime of the path's processes (forward, edge, agent, \
              peers and their children) during the bulk workloads, in % of one core per Gbit/s: all / client side only. \
              Best peer by download ×1: {}.\n",
             best.as_ref().map(|b| b.0.as_str()).unwrap_or("none measured")
