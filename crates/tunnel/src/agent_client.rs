@@ -414,9 +414,9 @@ const OVERFLOW_IDLE: Duration = Duration::from_secs(10);
 /// Closes `c` once it has been idle for [`OVERFLOW_IDLE`], and forgets it once it is dead.
 async fn reap_overflow(link: Weak<AgentLink>, c: Arc<Carrier>) {
     let mut idle_looks = 0;
-    loop {
+    let idle = loop {
         tokio::select! {
-            _ = c.closed() => break,
+            _ = c.closed() => break false,
             _ = tokio::time::sleep(OVERFLOW_IDLE / 2) => {}
         }
         idle_looks = if c.stream_count() == 0 {
@@ -424,33 +424,29 @@ async fn reap_overflow(link: Weak<AgentLink>, c: Arc<Carrier>) {
         } else {
             0
         };
-        if idle_looks < 2 {
-            continue;
+        if idle_looks >= 2 {
+            break true;
         }
-        let Some(l) = link.upgrade() else { return };
-        l.state
-            .lock()
-            .await
-            .overflow
-            .retain(|x| !Arc::ptr_eq(x, &c));
-        drop(l);
-        // A connection that took this carrier just before may still open on it: GOAWAY makes
-        // that open fail over to another carrier, and one that got in first drains.
-        c.go_away("idle overflow carrier");
-        while c.stream_count() > 0 && c.is_alive() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        c.close("idle overflow carrier");
-        tracing::debug!("closed an idle overflow carrier");
+    };
+    // Out of the list first, so no new connection picks it while it closes.
+    let Some(l) = link.upgrade() else { return };
+    l.state
+        .lock()
+        .await
+        .overflow
+        .retain(|x| !Arc::ptr_eq(x, &c));
+    drop(l);
+    if !idle {
         return;
     }
-    if let Some(l) = link.upgrade() {
-        l.state
-            .lock()
-            .await
-            .overflow
-            .retain(|x| !Arc::ptr_eq(x, &c));
+    // A connection that took this carrier just before may still open on it: GOAWAY makes
+    // that open fail over to another carrier, and one that got in first drains.
+    c.go_away("idle overflow carrier");
+    while c.stream_count() > 0 && c.is_alive() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    c.close("idle overflow carrier");
+    tracing::debug!("closed an idle overflow carrier");
 }
 
 async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {

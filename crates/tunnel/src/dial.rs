@@ -141,7 +141,9 @@ pub fn tune_tcp(stream: &TcpStream) -> io::Result<()> {
 }
 
 /// Resolves the name a connection dials: the `--edge` override when given, else `host`
-/// (IPv6 literals may be bracketed). Shared by the TCP dialers and the QUIC carrier.
+/// (IPv6 literals may be bracketed). Shared by the TCP dialers and the QUIC carrier. The
+/// address that answered last time ([`remember_answer`]) comes first: with a dead IPv6
+/// address, only the first connection to a name pays the [`race`]'s attempt delay.
 pub async fn resolve(
     host: &str,
     edge: Option<&str>,
@@ -149,7 +151,7 @@ pub async fn resolve(
 ) -> Result<Vec<SocketAddr>, DialError> {
     let dial_host = edge.unwrap_or(host);
     let lookup = dial_host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((lookup, port))
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((lookup, port))
         .await
         .map_err(|cause| DialError::Resolve {
             host: dial_host.to_owned(),
@@ -161,7 +163,28 @@ pub async fn resolve(
             host: dial_host.to_owned(),
         });
     }
+    if addrs.len() > 1 {
+        let answered = lock_answers().get(&(dial_host.to_owned(), port)).copied();
+        if let Some(i) = answered.and_then(|w| addrs.iter().position(|a| *a == w)) {
+            addrs[..=i].rotate_right(1);
+        }
+    }
     Ok(addrs)
+}
+
+/// Records that `addr`, one of several [`resolve`] gave for this name and port, answered.
+pub fn remember_answer(host: &str, edge: Option<&str>, port: u16, addr: SocketAddr) {
+    lock_answers().insert((edge.unwrap_or(host).to_owned(), port), addr);
+}
+
+/// The address of each (dialled name, port) that answered last.
+fn lock_answers() -> std::sync::MutexGuard<'static, HashMap<(String, u16), SocketAddr>> {
+    static ANSWERS: std::sync::OnceLock<std::sync::Mutex<HashMap<(String, u16), SocketAddr>>> =
+        std::sync::OnceLock::new();
+    ANSWERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
 }
 
 /// How long an attempt on one address runs alone before the next address is tried beside it
@@ -243,33 +266,14 @@ pub async fn connect_tcp(
     port: u16,
     timeout: Duration,
 ) -> Result<TcpStream, DialError> {
-    let mut addrs = resolve(host, edge, port).await?;
-    // The address that answered last time goes first: with a dead IPv6 address, only the
-    // first connection to a name pays the attempt delay.
-    let key = (edge.unwrap_or(host).to_owned(), port);
-    let cached = lock_winners().get(&key).copied();
-    if let Some(w) = cached {
-        if let Some(i) = addrs.iter().position(|a| *a == w) {
-            addrs[..=i].rotate_right(1);
-        }
-    }
+    let addrs = resolve(host, edge, port).await?;
     let stream = connect_addrs(host, &addrs, timeout).await?;
     if addrs.len() > 1 {
         if let Ok(peer) = stream.peer_addr() {
-            lock_winners().insert(key, peer);
+            remember_answer(host, edge, port, peer);
         }
     }
     Ok(stream)
-}
-
-/// The address of each (name, port) that answered last, for [`connect_tcp`].
-fn lock_winners() -> std::sync::MutexGuard<'static, HashMap<(String, u16), SocketAddr>> {
-    static WINNERS: std::sync::OnceLock<std::sync::Mutex<HashMap<(String, u16), SocketAddr>>> =
-        std::sync::OnceLock::new();
-    WINNERS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
 }
 
 /// [`connect_tcp`] after the lookup; `host` names the remote end in errors.

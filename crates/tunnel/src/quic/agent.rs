@@ -17,7 +17,7 @@ use super::{
     QuicStream, ALPN, AUTH_HELLO, AUTH_TIMEOUT, MAX_STREAMS, MAX_UNAUTHENTICATED,
 };
 use crate::auth::{challenge, AgentNames, Token, CHALLENGE_LEN};
-use crate::policy::{DialRefusal, TargetPolicy};
+use crate::policy::{DialRefusal, Shown, TargetPolicy};
 use crate::relay::{relay, Endpoint};
 use crate::throttle::Throttle;
 
@@ -512,13 +512,7 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, shared: Arc<S
         }
     };
     let (host, port) = target;
-    let shown: Arc<str> = if host.contains(':') {
-        format!("[{host}]:{port}").into()
-    } else if host.is_empty() {
-        format!("localhost:{port}").into()
-    } else {
-        format!("{host}:{port}").into()
-    };
+    let shown: Arc<str> = Shown(&host, port).to_string().into();
     // The client's reset arrives as STOP_SENDING: the dial stops, so the target never sees a
     // connection opened only to be closed. A lost connection ends `stopped` too.
     let stopped = send.stopped();

@@ -588,6 +588,9 @@ impl QuicCarrier {
                 ))
             }
         };
+        if usable.len() > 1 {
+            crate::dial::remember_answer(&self.host, self.edge.as_deref(), self.port, addr);
+        }
         self.authenticate(&conn, addr).await?;
         tracing::info!(agent = %self.describe(), %addr, "QUIC connection authenticated");
         Ok(conn)
