@@ -1,6 +1,7 @@
 //! What the session tells its driver.
 
 use std::fmt;
+use std::time::Duration;
 
 use crate::codes::{ErrorCode, ResetCode};
 use crate::frame::{StreamId, Target};
@@ -75,6 +76,14 @@ pub enum CloseReason {
     },
     /// Nothing received for the idle timeout: the carrier is dead.
     Timeout,
+    /// A probe ([`crate::Session::probe`]) went unanswered: nothing received for `silent`, the
+    /// last `waited` of it after a `PING`.
+    Unanswered {
+        /// How long nothing had arrived when the session gave up.
+        silent: Duration,
+        /// How long the probe waited.
+        waited: Duration,
+    },
     /// Server: the client did not authenticate in time.
     AuthTimeout,
     /// Authentication was rejected.
@@ -100,6 +109,12 @@ impl fmt::Display for CloseReason {
             }
             CloseReason::Timeout => f.write_str(
                 "carrier timed out: nothing received from the peer (is it still alive?)",
+            ),
+            CloseReason::Unanswered { silent, waited } => write!(
+                f,
+                "carrier timed out: nothing received from the peer for {:.1}s, no answer to a ping within {:.1}s (is it still alive?)",
+                silent.as_secs_f64(),
+                waited.as_secs_f64()
             ),
             CloseReason::AuthTimeout => f.write_str("client did not authenticate in time"),
             CloseReason::AuthRejected => {

@@ -393,6 +393,70 @@ fn silent_carrier_is_declared_dead_after_45_seconds() {
 }
 
 #[test]
+fn a_probe_of_a_dead_carrier_gives_up_after_its_wait_not_the_idle_timeout() {
+    let mut p = Pair::new(Config::default());
+    p.auth(GOOD_TOKEN);
+    let id = p.open(80);
+    assert!(p.run_until(SECOND, |p| p.client.events.contains(&Event::OpenOk(id))));
+    p.cut = true;
+    // 20 s of silence: past the 15 s keepalive (whose PING got no answer), well before 45 s.
+    assert!(!p.run_until(20 * SECOND, |p| p.client.closed.is_some()));
+    assert!(p.client.session.silent_for(p.now) >= 20 * SECOND);
+    let probed_at = p.now;
+    p.client.session.probe(p.now, 3 * SECOND);
+    assert!(p.client.session.is_probing());
+    assert!(p.run_until(60 * SECOND, |p| p.client.closed.is_some()));
+    assert_eq!(
+        p.now - probed_at,
+        3 * SECOND,
+        "dead when the probe's wait ran out"
+    );
+    let reason = p.client.closed.clone().unwrap();
+    assert!(
+        matches!(reason, CloseReason::Unanswered { silent, waited }
+            if waited == 3 * SECOND && silent >= 23 * SECOND),
+        "{reason:?}"
+    );
+    let text = reason.to_string();
+    assert!(
+        text.contains("timed out") && text.contains("no answer to a ping within 3.0s"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_probe_of_a_live_carrier_ends_with_the_answer_and_keeps_it() {
+    let mut p = Pair::with(
+        Config::default(),
+        Config::default(),
+        Duration::from_millis(50),
+    );
+    p.record_client_wire = true;
+    p.auth(GOOD_TOKEN);
+    let id = p.open(80);
+    assert!(p.run_until(SECOND, |p| p.client.events.contains(&Event::OpenOk(id))));
+    // Quiet for 10 s (no keepalive yet), then a probe: its PING is answered one RTT later.
+    p.run_until(10 * SECOND, |_| false);
+    let pings = client_pings(&p);
+    let probed_at = p.now;
+    p.client.session.probe(p.now, 2 * SECOND);
+    assert!(p.run_until(SECOND, |p| !p.client.session.is_probing()));
+    assert_eq!(client_pings(&p), pings + 1, "the probe sent one PING");
+    let answered = p.now - probed_at;
+    assert!(
+        answered < Duration::from_millis(150),
+        "answered after {answered:?} (RTT 100 ms)"
+    );
+    assert!(
+        !p.run_until(5 * SECOND, |p| p.client.closed.is_some()),
+        "no close after an answered probe"
+    );
+    p.client.send(id, b"after the probe", true);
+    assert!(p.run_until(SECOND, |p| p.client.fins.contains(&id)));
+    assert_eq!(p.client.received[&id], b"after the probe");
+}
+
+#[test]
 fn keepalive_pings_keep_an_idle_carrier_alive() {
     let mut p = Pair::new(Config::default());
     p.auth(GOOD_TOKEN);

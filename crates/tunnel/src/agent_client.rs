@@ -111,6 +111,10 @@ const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A user's connection may trigger an attempt this soon after the previous one, backoff or not.
 const USER_RETRY: Duration = Duration::from_secs(1);
+/// A live peer is heard from at least every keepalive interval (its PING, or the answer to
+/// ours); this much longer (a slow round trip) and a carrier is pinged before it gets a new
+/// stream.
+const SILENCE_MARGIN: Duration = Duration::from_secs(2);
 
 /// How one attempt at a carrier ended, when not with an authenticated one.
 enum Attempt {
@@ -544,6 +548,22 @@ impl Connector for AgentConnector {
         loop {
             attempt += 1;
             let carrier = self.link.carrier_with_room().await?;
+            // A carrier silent for longer than a keepalive round is pinged first: if the path
+            // died, this connection moves to a new carrier after `--connect-timeout` instead
+            // of waiting out the idle timeout on the dead one.
+            let silence = self.link.config.mux.keepalive_interval + SILENCE_MARGIN;
+            if let Err(reason) = carrier
+                .confirm_alive(silence, self.link.config.timeout)
+                .await
+            {
+                if attempt < 3 {
+                    continue;
+                }
+                return Err(DialError::Agent(format!(
+                    "{}: {reason}",
+                    self.link.describe()
+                )));
+            }
             match carrier.open(self.target.clone()) {
                 Ok(s) => return Ok(s),
                 Err(

@@ -160,10 +160,51 @@ impl Carrier {
         self.lock().dead.is_none()
     }
 
-    /// Usable for new streams: alive, authenticated (client) or not, and not draining.
+    /// Usable for new streams: alive, authenticated (client) or not, and not draining. A
+    /// session that closed is not, though its writer may still be flushing the last frames.
     pub fn is_usable(&self) -> bool {
         let g = self.lock();
-        g.dead.is_none() && !g.going_away
+        g.dead.is_none() && !g.going_away && !g.session.is_closed()
+    }
+
+    /// Client: before a new stream is trusted to this carrier, makes sure it is alive. One that
+    /// has heard nothing for longer than `silence` (a live peer answers keepalives well within
+    /// it) is pinged, and this waits up to `within` for any byte from the peer; if none comes,
+    /// the carrier is declared dead (its streams are reset, as they would be at the idle
+    /// timeout) and the reason is returned. Without this, a connection made while the path is
+    /// silently dead would wait for the idle timeout (45 s) before being reset.
+    pub async fn confirm_alive(&self, silence: Duration, within: Duration) -> Result<(), String> {
+        let started = Instant::now();
+        {
+            let mut g = self.lock();
+            if let Some(d) = &g.dead {
+                return Err(d.clone());
+            }
+            if g.session.silent_for(started) <= silence {
+                return Ok(());
+            }
+            g.session.probe(started, within);
+            tracing::debug!(carrier = %self.label, silent = ?g.session.silent_for(started), "silent carrier: pinging it before use");
+        }
+        // The writer sends the PING and arms its timer for the probe's deadline.
+        self.tx.notify_one();
+        loop {
+            let notified = self.state.notified();
+            {
+                let g = self.lock();
+                if let Some(reason) = g
+                    .dead
+                    .clone()
+                    .or_else(|| g.session.close_reason().map(|r| r.to_string()))
+                {
+                    return Err(reason);
+                }
+                if !g.session.is_probing() {
+                    return Ok(());
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Client: the agent accepted our proof. Server: we accepted the client's.
@@ -521,8 +562,13 @@ async fn read_loop<R: AsyncRead + Unpin>(carrier: Arc<Carrier>, mut r: R, leftov
         }
         if n > 0 {
             let mut g = carrier.lock();
+            let probing = g.session.is_probing();
             let res = g.session.handle_input(Instant::now(), &buf[..n]);
             dispatch(&mut g, &carrier.state);
+            if probing {
+                // Whoever waits in `confirm_alive` learns the carrier answered.
+                carrier.state.notify_waiters();
+            }
             let dead = g.session.is_closed();
             drop(g);
             carrier.tx.notify_one();

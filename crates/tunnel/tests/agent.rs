@@ -603,6 +603,50 @@ async fn silent_carrier_is_declared_dead_even_while_writes_are_stuck() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_while_the_carrier_is_silently_dead_moves_to_a_new_one() {
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let proxy = Proxy::start(agent.addr).await;
+    let mut cfg = link_config(proxy.addr, token());
+    cfg.mux.keepalive_interval = Duration::from_millis(300);
+    // Far beyond the test's patience: only the probe can get the new connection through.
+    cfg.mux.idle_timeout = Duration::from_secs(600);
+    cfg.timeout = Duration::from_secs(1);
+    let link = AgentLink::new(cfg);
+    let c = connector(&link, "", echo.port());
+    let mut old = c.connect().await.unwrap();
+    old.write_all(b"ping").await.unwrap();
+    let mut four = [0u8; 4];
+    old.read_exact(&mut four).await.unwrap();
+    assert_eq!(&four, b"ping");
+
+    proxy.freeze();
+    // Silent for longer than a keepalive interval and the margin (2.3 s here): suspect.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    proxy.thaw();
+    let mut new = within("a connection over a silently dead carrier", c.connect())
+        .await
+        .expect("opened on a new carrier");
+    within("the echo on the new carrier", async {
+        new.write_all(b"pong").await.unwrap();
+        new.read_exact(&mut four).await.unwrap();
+    })
+    .await;
+    assert_eq!(&four, b"pong");
+    assert_eq!(proxy.clients.lock().unwrap().len(), 2, "a second carrier");
+
+    // The dead carrier's stream was reset, naming why.
+    let (rest, end) = within("the old stream to end", drain(&mut old)).await;
+    assert!(rest.is_empty());
+    let e = end.expect_err("a stream of a dead carrier is reset");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    assert!(
+        e.to_string().contains("no answer to a ping within 1.0s"),
+        "{e}"
+    );
+}
+
 // ----- 8. silent unauthenticated flood ------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,7 @@ impl Session {
         self.now = now;
         if !data.is_empty() {
             self.last_recv = now;
+            self.probe = None;
         }
         let mut input = data;
         let mut decoder = std::mem::take(&mut self.decoder);

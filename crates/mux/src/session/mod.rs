@@ -107,6 +107,9 @@ pub struct Session {
     recent: [Option<(StreamId, Instant)>; 2],
     /// Outstanding ping: opaque value and when it left (None until transmitted).
     ping_out: Option<(u64, Option<Instant>)>,
+    /// A liveness probe (see [`Session::probe`]): when it started, and by when something must
+    /// have arrived.
+    probe: Option<(Instant, Instant)>,
     ping_counter: u64,
     rtt: Option<Duration>,
     min_rtt: Option<Duration>,
@@ -149,6 +152,7 @@ impl Session {
             received_at_ping: 0,
             recent: [None, None],
             ping_out: None,
+            probe: None,
             ping_counter: 0,
             rtt: None,
             min_rtt: None,
@@ -244,6 +248,35 @@ impl Session {
                 .streams
                 .values()
                 .any(|s| !s.send_buf.is_empty() || s.send == SendState::FinQueued)
+    }
+
+    /// How long nothing has arrived from the peer, as of `now`.
+    pub fn silent_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last_recv)
+    }
+
+    /// Asks the peer to show it is alive: a `PING` goes out (unless one is already waiting for
+    /// its answer), and if nothing at all arrives within `within`, the session closes with
+    /// [`CloseReason::Unanswered`]. Any byte received ends the probe. A probe already running
+    /// keeps its deadline.
+    ///
+    /// The idle timeout alone declares a silent carrier dead only after a long wait (it must
+    /// not kill a carrier that is merely quiet); a driver about to trust a carrier that has been
+    /// silent for longer than a keepalive interval with new work can ask this sooner.
+    pub fn probe(&mut self, now: Instant, within: Duration) {
+        if self.closed.is_some() || self.probe.is_some() {
+            return;
+        }
+        self.now = now;
+        self.probe = Some((now, now + within));
+        if self.ping_out.is_none() {
+            self.queue_ping();
+        }
+    }
+
+    /// Whether a probe waits for an answer.
+    pub fn is_probing(&self) -> bool {
+        self.probe.is_some()
     }
 
     /// Whether the session is authenticated (client: `AUTH_OK` received; server: `auth_accept` called).

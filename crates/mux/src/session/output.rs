@@ -225,6 +225,9 @@ impl Session {
             return None;
         }
         let mut t = self.last_recv + self.config.idle_timeout;
+        if let Some((_, deadline)) = self.probe {
+            t = t.min(deadline);
+        }
         if self.role == Role::Server && self.auth != Auth::Done {
             t = t.min(self.created + self.config.auth_timeout);
         }
@@ -247,6 +250,14 @@ impl Session {
         if now >= self.last_recv + self.config.idle_timeout {
             self.close(CloseReason::Timeout, None);
             return;
+        }
+        if let Some((started, deadline)) = self.probe {
+            if now >= deadline {
+                let silent = now.saturating_duration_since(self.last_recv);
+                let waited = deadline.saturating_duration_since(started);
+                self.close(CloseReason::Unanswered { silent, waited }, None);
+                return;
+            }
         }
         if self.role == Role::Server
             && self.auth != Auth::Done

@@ -252,6 +252,11 @@ impl Proxy {
     pub fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
     }
+
+    /// New connections flow again; a direction that went silent while frozen stays silent.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
 }
 
 async fn pump<R, W>(
