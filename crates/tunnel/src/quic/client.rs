@@ -579,14 +579,7 @@ impl QuicCarrier {
         .await
         {
             Ok(won) => won,
-            // Every address was of a family this socket cannot reach.
-            Err(failed) => {
-                return Err(failed.into_iter().next_back().map(|(_, e)| e).unwrap_or(
-                    QuicError::Resolve(crate::dial::DialError::NoAddress {
-                        host: dial.to_owned(),
-                    }),
-                ))
-            }
+            Err(failed) => return Err(race_lost(&self.host, self.port, dial, failed, fatal)),
         };
         if usable.len() > 1 {
             crate::dial::remember_answer(&self.host, self.edge.as_deref(), self.port, addr);
@@ -826,5 +819,102 @@ async fn report_loss(conn: quinn::Connection, agent: String) {
             reason = %why,
             "QUIC connection lost; the next connection reconnects"
         ),
+    }
+}
+
+/// The error of an address race nobody won: the fatal error that ended it, the one address's
+/// error, or every address and what it said. None at all: every address was of a family the
+/// socket cannot reach.
+fn race_lost(
+    host: &str,
+    port: u16,
+    dial: &str,
+    mut failed: Vec<(SocketAddr, QuicError)>,
+    fatal: impl Fn(&QuicError) -> bool,
+) -> QuicError {
+    if failed.len() > 1 && !failed.last().is_some_and(|(_, e)| fatal(e)) {
+        let tried = failed
+            .iter()
+            .map(|(addr, e)| match e {
+                QuicError::Timeout { after, .. } => format!("{addr}: no answer within {after:?}"),
+                QuicError::Connection { reason, .. } => format!("{addr}: {reason}"),
+                other => format!("{addr}: {other}"),
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        return QuicError::AllAddresses {
+            host: host.to_owned(),
+            port,
+            tried,
+        };
+    }
+    failed.pop().map(|(_, e)| e).unwrap_or_else(|| {
+        QuicError::Resolve(crate::dial::DialError::NoAddress {
+            host: dial.to_owned(),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout(addr: &str) -> (SocketAddr, QuicError) {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let e = QuicError::Timeout {
+            host: "vm.example".into(),
+            addr,
+            after: Duration::from_secs(2),
+        };
+        (addr, e)
+    }
+
+    #[test]
+    fn a_lost_race_names_every_address_unless_one_error_settles_it() {
+        let never = |_: &QuicError| false;
+        let e = race_lost(
+            "vm.example",
+            9999,
+            "vm.example",
+            vec![timeout("[2001:db8::1]:9999"), timeout("192.0.2.1:9999")],
+            never,
+        )
+        .to_string();
+        assert_eq!(
+            e,
+            "no QUIC answer from agent vm.example at any of its addresses ([2001:db8::1]:9999: \
+             no answer within 2s; 192.0.2.1:9999: no answer within 2s); is `forward agent \
+             --quic` running there and UDP port 9999 reachable?"
+        );
+
+        // One address: its own error, with its own advice.
+        let e = race_lost(
+            "vm.example",
+            9999,
+            "vm.example",
+            vec![timeout("192.0.2.1:9999")],
+            never,
+        );
+        assert!(matches!(e, QuicError::Timeout { .. }), "{e}");
+
+        // A fatal error (a wrong pin) ends the race: it alone is the answer.
+        let pin = QuicError::PinMismatch {
+            got: "sha256:x".into(),
+        };
+        let e = race_lost(
+            "vm.example",
+            9999,
+            "vm.example",
+            vec![
+                timeout("[2001:db8::1]:9999"),
+                ("192.0.2.1:9999".parse().unwrap(), pin),
+            ],
+            |e| matches!(e, QuicError::PinMismatch { .. }),
+        );
+        assert!(matches!(e, QuicError::PinMismatch { .. }), "{e}");
+
+        // Nothing tried at all.
+        let e = race_lost("vm.example", 9999, "10.0.0.1", Vec::new(), never).to_string();
+        assert!(e.contains("10.0.0.1"), "{e}");
     }
 }

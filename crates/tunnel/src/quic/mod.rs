@@ -159,6 +159,16 @@ pub enum QuicError {
         /// The deadline.
         after: Duration,
     },
+    /// Several addresses, and none answered: what each one said.
+    #[error("no QUIC answer from agent {host} at any of its addresses ({tried}); is `forward agent --quic` running there and UDP port {port} reachable?")]
+    AllAddresses {
+        /// The agent host.
+        host: String,
+        /// Its UDP port.
+        port: u16,
+        /// Every address tried and its failure, `; `-separated.
+        tried: String,
+    },
     /// The agent's name could not be resolved to a usable address.
     #[error(transparent)]
     Resolve(#[from] crate::dial::DialError),
