@@ -48,7 +48,7 @@ pub async fn serve(args: AgentArgs) -> Result<i32> {
         qc.names = names;
         qc.grace = drain;
         let q = QuicAgent::bind(qc)?;
-        println!(
+        crate::say::say!(
             "quic agent listening on udp {} pin {} (clients: --transport quic --agent-pin {})",
             q.local_addr(),
             q.pin(),
@@ -59,7 +59,7 @@ pub async fn serve(args: AgentArgs) -> Result<i32> {
     } else {
         None
     };
-    println!(
+    crate::say::say!(
         "agent listening on {addr} ({}; GET /health open, tunnel needs the token)",
         if tls {
             "TLS"

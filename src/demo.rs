@@ -67,7 +67,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         )?);
         let label: Arc<str> = forward_tunnel::Connector::describe(&*connector).into();
         for (listener, addr) in listeners {
-            println!("forwarding {addr} -> {label}");
+            crate::say::say!("forwarding {addr} -> {label}");
             if let forward_tunnel::LocalAddr::Tcp(sa) = addr {
                 if sa.is_ipv4() {
                     local_ports.push(sa.port());
@@ -82,27 +82,27 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         }
     }
     let (echo_local, http_local) = (local_ports[0], local_ports[1]);
-    println!(
+    crate::say::say!(
         "\nlocal edge on {} (TLS for *.{}, CA {}), services on [::1] (IPv6 only)",
         edge.addr(),
         edge.domain(),
         ca_path.display()
     );
-    println!("try:\n  curl http://localhost:{http_local}/\n  nc localhost {echo_local}      (type a line, it comes back)\n");
+    crate::say::say!("try:\n  curl http://localhost:{http_local}/\n  nc localhost {echo_local}      (type a line, it comes back)\n");
 
     let report = self_check(echo_local, http_local).await;
     let code = match report {
         Ok(line) => {
-            println!("self-check ok: {line}");
+            crate::say::say!("self-check ok: {line}");
             0
         }
         Err(e) => {
-            println!("self-check FAILED: {e:#}");
+            crate::say::say!("self-check FAILED: {e:#}");
             1
         }
     };
     if !args.once && code == 0 {
-        println!("serving until Ctrl-C");
+        crate::say::say!("serving until Ctrl-C");
         signals.recv().await;
     }
     life.shutdown(Duration::from_secs(2)).await;

@@ -7,6 +7,7 @@ mod agent;
 mod cli;
 mod demo;
 mod run;
+mod say;
 mod spec;
 
 use std::sync::Arc;

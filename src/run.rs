@@ -1,7 +1,6 @@
 //! Turns parsed arguments into running forwards: connectors, listeners, the start-up lines,
 //! signal handling and the graceful stop.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,12 +146,12 @@ fn family_unavailable(e: &forward_tunnel::ListenError) -> bool {
 /// The line that says a listener is up: text for people, one JSON object for a script or a
 /// log shipper (`--log-format json`), which needs the real port when 0 was asked and should
 /// not have to parse prose. A Unix socket path may hold any character; JSON escapes it.
-fn announce(out: &mut impl Write, json: bool, listen: &str, to: &str) -> std::io::Result<()> {
+fn announce(json: bool, listen: &str, to: &str) {
     if json {
         let line = serde_json::json!({ "forwarding": { "listen": listen, "to": to } });
-        writeln!(out, "{line}")
+        crate::say::say!("{line}");
     } else {
-        writeln!(out, "forwarding {listen} -> {to}")
+        crate::say::say!("forwarding {listen} -> {to}");
     }
 }
 
@@ -183,12 +182,11 @@ pub async fn serve_all<C: Connector>(
     }
     let mut signals = Signals::install()?;
     let life = Lifecycle::default();
-    let mut out = std::io::stdout().lock();
     let mut tasks = Vec::new();
     for f in forwards {
         let label: Arc<str> = f.connector.describe().into();
         for (listener, addr) in f.listeners {
-            announce(&mut out, json, &addr.to_string(), &label)?;
+            announce(json, &addr.to_string(), &label);
             tasks.push(tokio::spawn(serve(
                 listener,
                 f.connector.clone(),
@@ -197,8 +195,6 @@ pub async fn serve_all<C: Connector>(
             )));
         }
     }
-    out.flush()?;
-    drop(out);
     signals.recv().await;
     tracing::info!("stopping: no new connections (a second Ctrl-C resets open ones at once)");
     // As with most servers, an impatient second signal means "now", not "after the grace".

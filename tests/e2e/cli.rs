@@ -291,3 +291,47 @@ fn json_mode_reports_the_fatal_error_as_json() {
         "{last}"
     );
 }
+
+/// The README's way to learn a picked port, `forward 0:vm:PORT | head -1`, closes stdout after
+/// the first line: the other start-up lines hit a closed pipe, and the forwards must go on.
+#[test]
+fn a_closed_stdout_does_not_stop_the_forwards() {
+    use std::io::{BufRead, BufReader};
+
+    use crate::harness::Proc;
+    use crate::net::{echo_exchange, Backend, Local};
+    use crate::stack::{Stack, Transport};
+
+    let backend = Backend::echo();
+    let stack = Stack::start(Transport::Direct, &[backend.port]);
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(stack.client_args()).env("RUST_LOG", "info");
+    // Three specs, two listeners each: five more lines after the first.
+    for _ in 0..3 {
+        cmd.arg(format!("0:{}", stack.target(backend.port)));
+    }
+    let (mut fwd, stdout) = Proc::spawn_raw_stdout("forward, stdout read once", cmd);
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).unwrap();
+    // `head -1` exits here: the reader is dropped with the pipe.
+    let local = first
+        .trim_start_matches("forwarding ")
+        .split_once(" -> ")
+        .and_then(|(l, _)| Local::parse(l))
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        fwd.try_status().is_none(),
+        "forward exited after its stdout closed: {}",
+        fwd.transcript()
+    );
+    echo_exchange(local.connect(), 7, 1 << 20);
+    fwd.signal("INT");
+    let st = fwd.wait_exit();
+    assert!(st.success(), "{st}: {}", fwd.transcript());
+    assert!(
+        !fwd.stderr_text().contains("panicked"),
+        "{}",
+        fwd.transcript()
+    );
+}

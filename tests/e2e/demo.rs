@@ -50,3 +50,42 @@ fn demo_serves_until_interrupted() {
     let st = demo.wait_exit();
     assert!(st.success(), "forward demo after Ctrl-C: {st}");
 }
+
+/// `forward demo | head -2`: the demo's report meets a closed pipe; it must neither panic nor
+/// stop serving (it used `println!`, which panics there, and left its CA file behind).
+#[test]
+fn demo_survives_a_closed_stdout() {
+    use std::io::{BufRead, BufReader};
+
+    let mut cmd = Command::new(forward_bin());
+    cmd.arg("demo").env("RUST_LOG", "info");
+    let (mut demo, stdout) = Proc::spawn_raw_stdout("forward demo, stdout read once", cmd);
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).unwrap();
+    let echo_port: u16 = first
+        .trim_start_matches("forwarding ")
+        .split_once(" -> ")
+        .and_then(|(l, _)| l.rsplit(':').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+    // The self-check runs with stdout gone; then the demo serves until Ctrl-C.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        demo.try_status().is_none(),
+        "the demo exited: {}",
+        demo.transcript()
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", echo_port)).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(b"still serving\n").unwrap();
+    let mut back = [0u8; 14];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"still serving\n");
+    demo.signal("INT");
+    let st = demo.wait_exit();
+    assert!(st.success(), "{st}: {}", demo.transcript());
+    assert!(
+        !demo.stderr_text().contains("panicked"),
+        "{}",
+        demo.transcript()
+    );
+}

@@ -81,18 +81,18 @@ pub async fn run(args: EdgeArgs) -> Result<(), EdgeError> {
         }
     };
     for l in edge.listeners() {
-        println!(
+        say(format_args!(
             "edge listening on {} -> {} (*.{})",
             l.addr,
             l.vm,
             edge.domain()
-        );
+        ));
     }
-    println!(
+    say(format_args!(
         "edge CA: {} (trust it with: forward --ca-file {})",
         ca_path.display(),
         ca_path.display()
-    );
+    ));
     tokio::select! {
         _ = int.recv() => {}
         _ = term.recv() => {}
@@ -102,4 +102,16 @@ pub async fn run(args: EdgeArgs) -> Result<(), EdgeError> {
         let _ = std::fs::remove_file(&ca_path);
     }
     Ok(())
+}
+
+/// Writes a start-up line to stdout. A reader that went away (`forward-edge ... | head -1`)
+/// must not stop the edge or panic, as `println!` does on a closed pipe: a failed write is
+/// dropped.
+fn say(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
 }
