@@ -77,6 +77,44 @@ fn health_answers_without_auth() {
     );
 }
 
+/// A stranger's garbage after the upgrade closes its carrier; fifty strangers must not write
+/// fifty warnings (protocol.md: what anyone can cause is logged once per 10 s, with a count).
+#[test]
+fn garbage_from_strangers_is_logged_once_per_interval() {
+    const STRANGERS: usize = 50;
+    let stack = Stack::start(Transport::AgentTcp, &[]);
+    for _ in 0..STRANGERS {
+        let mut s = TcpStream::connect(agent_addr(&stack)).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.write_all(
+            b"GET /v1/tunnel HTTP/1.1\r\nHost: vm1\r\nConnection: Upgrade\r\nUpgrade: forward-mux/1\r\n\r\n",
+        )
+        .unwrap();
+        // The 101 and its challenge, then garbage where AUTH belongs; the agent closes.
+        let mut answer = Vec::new();
+        let _ = s.write_all(&[0xff; 64]);
+        let _ = s.read_to_end(&mut answer);
+        assert!(
+            answer.starts_with(b"HTTP/1.1 101"),
+            "{:?}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    let log = stack.agent_proc().stderr_text();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    assert!(
+        !warnings.is_empty() && warnings.len() <= 2,
+        "{} warnings for {STRANGERS} strangers:\n{}",
+        warnings.len(),
+        warnings.join("\n")
+    );
+    assert!(
+        warnings[0].contains("carrier closed before authenticating"),
+        "{}",
+        warnings[0]
+    );
+}
+
 /// A client with another token is refused (`--check` exits 1 naming authentication) and the agent
 /// keeps serving the right client.
 fn wrong_token_is_rejected(t: Transport) {

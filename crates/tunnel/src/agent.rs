@@ -260,6 +260,7 @@ impl Agent {
 
 static EVICTIONS: Throttle = Throttle::new();
 static AUTH_FAILURES: Throttle = Throttle::new();
+static STRANGERS: Throttle = Throttle::new();
 
 async fn respond<S: AsyncWrite + Unpin>(s: &mut S, status: &str, body: &str) {
     respond_raw(s, &upgrade::simple(status, body)).await;
@@ -345,7 +346,13 @@ async fn serve_conn<S>(
     let proof = match slot.unless_evicted(carrier.wait_auth_request()).await {
         Some(Ok(p)) => p,
         Some(Err(reason)) => {
-            tracing::debug!(%reason, "carrier closed before authenticating");
+            // Anyone can do this, so it is logged like a failed authentication: one line per
+            // 10 s, with a count of the rest.
+            if let Some(more) = STRANGERS.pass() {
+                tracing::warn!(%peer, not_logged = more, "carrier closed before authenticating: {reason}");
+            } else {
+                tracing::debug!(%reason, "carrier closed before authenticating");
+            }
             return;
         }
         None => {

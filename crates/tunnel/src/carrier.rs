@@ -573,7 +573,13 @@ async fn read_loop<R: AsyncRead + Unpin>(carrier: Arc<Carrier>, mut r: R, leftov
             drop(g);
             carrier.tx.notify_one();
             if let Err(e) = res {
-                tracing::warn!(carrier = %carrier.label, error = %e, "closing carrier: protocol error");
+                // Before authentication the peer is anyone on the internet: its garbage must not
+                // fill the log (the agent reports such carriers, throttled, when they end).
+                if carrier.is_authenticated() {
+                    tracing::warn!(carrier = %carrier.label, error = %e, "closing carrier: protocol error");
+                } else {
+                    tracing::debug!(carrier = %carrier.label, error = %e, "closing an unauthenticated carrier: protocol error");
+                }
             }
             if dead {
                 // Let the writer flush the GOAWAY; the reader has nothing more to do.
