@@ -118,7 +118,7 @@ impl fmt::Display for CloseReason {
             ),
             CloseReason::AuthTimeout => f.write_str("client did not authenticate in time"),
             CloseReason::AuthRejected => {
-                f.write_str("authentication rejected (check that both sides use the same token)")
+                f.write_str("authentication rejected (check that both sides use the same token, and that the agent answers to the name dialled: its --name)")
             }
             CloseReason::Local { code } => write!(f, "closed locally: {code}"),
         }

@@ -210,6 +210,19 @@ async fn wrong_pin_is_rejected_naming_the_real_pin() {
     timed(carrier(&a).check()).await.unwrap();
 }
 
+/// The refusal races the agent dropping the connection (a stateless reset can arrive before
+/// the close): every wrong-token check must still say why, not "connection lost".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_wrong_token_check_names_the_token() {
+    let a = agent();
+    for i in 0..12 {
+        let bad = carrier_with(&a, AgentVerify::Pin(a.pin), OTHER_TOKEN);
+        let e = timed(bad.check()).await.unwrap_err().to_string();
+        assert!(e.contains("use the same token"), "check {i}: {e}");
+        assert!(e.contains("--name"), "check {i}: {e}");
+    }
+}
+
 #[tokio::test]
 async fn wrong_token_is_rejected_while_a_good_client_keeps_working() {
     let a = agent();

@@ -694,11 +694,17 @@ impl QuicCarrier {
             Ok::<bool, Box<dyn std::error::Error + Send + Sync>>(verdict[0] == 1)
         };
         let outcome = tokio::time::timeout(self.connect_timeout, exchange).await;
-        let closed_for_auth = matches!(
-            conn.close_reason(),
-            Some(quinn::ConnectionError::ApplicationClosed(ref a))
-                if a.error_code == quinn::VarInt::from_u32(close::AUTH_FAILED)
-        );
+        // The agent closes a rejected connection with AUTH_FAILED, but the client's next packet
+        // can meet the agent after it dropped the connection, and the stateless reset that
+        // answers it can arrive first: a reset in the middle of the exchange is the same refusal
+        // (1 in 2 wrong-token checks on loopback said only "connection lost").
+        let closed_for_auth = match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(a)) => {
+                a.error_code == quinn::VarInt::from_u32(close::AUTH_FAILED)
+            }
+            Some(quinn::ConnectionError::Reset) => true,
+            _ => false,
+        };
         match outcome {
             Ok(Ok(true)) => Ok(()),
             Ok(Ok(false)) => Err(rejected()),

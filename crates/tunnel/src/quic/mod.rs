@@ -141,7 +141,7 @@ pub enum QuicError {
     },
     /// The agent refused the proof.
     #[error(
-        "agent {host}:{port} rejected authentication: check that both sides use the same token"
+        "agent {host}:{port} rejected authentication: check that both sides use the same token, and that the agent answers to {host} (its --name)"
     )]
     AuthRejected {
         /// The agent host.
