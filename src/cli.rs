@@ -214,7 +214,7 @@ pub struct AgentArgs {
     pub token_file: Option<PathBuf>,
 
     /// Also allow targets beyond the VM's loopback: HOST:PORT, `*` wildcards, `*.suffix`.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", value_parser = allow)]
     pub allow: Vec<String>,
 
     /// Close a carrier after this long without a byte from its client. Long, so that a
@@ -255,7 +255,7 @@ pub struct AgentArgs {
 fn edge(s: &str) -> Result<String, String> {
     let t = s.trim();
     if t.is_empty() {
-        return Err("empty; give the edge's IP or host name (or unset FORWARD_EDGE)".into());
+        return Err("empty; give the edge's IP or host name".into());
     }
     let host_port = t.rsplit_once(':').is_some_and(|(h, p)| {
         !h.is_empty() && p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']'))
@@ -285,7 +285,24 @@ fn domain(s: &str) -> Result<String, String> {
     if t.is_empty() {
         return Err("empty; give the domain VM ids live under, e.g. vm.vers.sh".into());
     }
+    if !forward_tunnel::policy::is_name(t) {
+        return Err(
+            "not a DNS domain (dot-separated labels of letters, digits and '-'), e.g. vm.vers.sh"
+                .into(),
+        );
+    }
     Ok(t.to_owned())
+}
+
+/// `forward agent --allow`: checked when typed, so a typo is a usage error (exit 2).
+fn allow(s: &str) -> Result<String, String> {
+    forward_tunnel::policy::TargetPolicy::new(&[s])
+        .map(|_| s.to_owned())
+        .map_err(|_| {
+            "expected HOST:PORT with one host name or IP (no ranges), e.g. db.internal:5432, \
+             10.0.0.5:*, *.internal:443 or *:*"
+                .into()
+        })
 }
 
 /// `--agent-pin`: checked when typed, not when the first connection needs it.
@@ -365,5 +382,28 @@ mod tests {
         assert_eq!(domain("vm.test.").as_deref(), Ok("vm.test"));
         assert!(domain("").unwrap_err().contains("empty"));
         assert!(domain(".").unwrap_err().contains("empty"));
+        assert!(domain("bad domain")
+            .unwrap_err()
+            .contains("not a DNS domain"));
+        assert!(domain("vm/x").unwrap_err().contains("not a DNS domain"));
+    }
+
+    #[test]
+    fn allow_patterns_are_checked_when_typed() {
+        for good in [
+            "db.internal:5432",
+            "10.0.0.5:*",
+            "*.internal:443",
+            "*:*",
+            "[::1]:22",
+        ] {
+            assert_eq!(allow(good).as_deref(), Ok(good), "{good}");
+        }
+        for bad in ["db", "bad host:22", "10.0.0.0/8:22", "db:0", ""] {
+            assert!(
+                allow(bad).unwrap_err().contains("expected HOST:PORT"),
+                "{bad}"
+            );
+        }
     }
 }

@@ -105,7 +105,23 @@ fn one_line(rendered: &str) -> String {
     line
 }
 
+/// Our environment variables that are set but empty count as unset, as in most tools: clap
+/// would otherwise read `FORWARD_CA_FILE=` as `--ca-file ''` and name a flag nobody typed.
+const ENV_FLAGS: [&str; 5] = [
+    "FORWARD_THREADS",
+    "FORWARD_DOMAIN",
+    "FORWARD_EDGE",
+    "FORWARD_CA_FILE",
+    "FORWARD_STATE_DIR",
+];
+
 fn main() {
+    for var in ENV_FLAGS {
+        if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
+            // Before any thread exists: nothing else reads the environment yet.
+            std::env::remove_var(var);
+        }
+    }
     let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     init_logging(&cli.log, matches!(cli.command, Some(Command::Stdio(_))));
     let threads = cli.threads.map(usize::from).unwrap_or(match cli.command {

@@ -106,6 +106,16 @@ fn bad_flag_values_are_usage_errors() {
     assert_rejected(&["--edge", "", "0:vm1:80"], &[2], &["--edge", "empty"]);
     assert_rejected(&["--domain", ".", "0:vm1:80"], &[2], &["--domain", "empty"]);
     assert_rejected(
+        &["--domain", "bad domain", "0:vm1:80"],
+        &[2],
+        &["--domain", "not a DNS domain"],
+    );
+    assert_rejected(
+        &["agent", "--listen", "[::1]:0", "--allow", "db"],
+        &[2],
+        &["--allow", "expected HOST:PORT"],
+    );
+    assert_rejected(
         &["--connect-timeout", "0", "0:vm1:80"],
         &[2],
         &["--connect-timeout"],
@@ -333,5 +343,33 @@ fn a_closed_stdout_does_not_stop_the_forwards() {
         !fwd.stderr_text().contains("panicked"),
         "{}",
         fwd.transcript()
+    );
+}
+
+/// `FORWARD_CA_FILE=` and friends set but empty are unset, not an empty flag nobody typed.
+#[test]
+fn empty_environment_variables_count_as_unset() {
+    let free = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["--check", "--connect-timeout", "2", "--edge", "127.0.0.1"])
+        .arg(format!("127.0.0.1:0:{VM}:{port}"));
+    for var in [
+        "FORWARD_THREADS",
+        "FORWARD_DOMAIN",
+        "FORWARD_EDGE",
+        "FORWARD_CA_FILE",
+        "FORWARD_STATE_DIR",
+    ] {
+        cmd.env(var, "");
+    }
+    let (st, out, err) = run("forward --check with empty FORWARD_* variables", cmd);
+    // Not a usage error about a flag: the check runs (default domain) and finds nothing there.
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(err.contains(&format!("{VM}.vm.vers.sh")), "{err}");
+    assert!(
+        !err.contains("--ca-file") && !err.contains("--threads"),
+        "{err}"
     );
 }
