@@ -373,3 +373,51 @@ fn empty_environment_variables_count_as_unset() {
         "{err}"
     );
 }
+
+/// Out of file descriptors, accept fails again and again: one warning per interval, with a
+/// count, not one per attempt (585 lines in 30 s before).
+#[test]
+fn accept_failures_are_logged_once_per_interval() {
+    use std::time::Duration;
+
+    use crate::harness::{Proc, Src};
+
+    // An "edge" that accepts and never answers TLS: every forwarded connection holds two
+    // descriptors until the handshake times out.
+    let edge = TcpListener::bind("127.0.0.1:0").unwrap();
+    let edge_port = edge.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in edge.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "ulimit -n 40 && exec {} --edge 127.0.0.1 127.0.0.1:0:{VM}:{edge_port}",
+            forward_bin()
+        ))
+        .env("RUST_LOG", "info");
+    let mut fwd = Proc::spawn("forward with 40 descriptors", cmd);
+    let line = fwd.wait_line(Src::Stdout, "the forwarding line", |l| {
+        l.starts_with("forwarding ")
+    });
+    let port: u16 = line
+        .split(" -> ")
+        .next()
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let clients: Vec<_> = (0..60)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let log = fwd.stderr_text();
+    let failures = log.lines().filter(|l| l.contains("accept failed")).count();
+    assert!(
+        (1..=2).contains(&failures),
+        "{failures} 'accept failed' lines in 3 s:\n{log}"
+    );
+    drop(clients);
+}

@@ -149,7 +149,9 @@ impl Agent {
                 r = self.listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
+                        if let Some(more) = ACCEPT_FAILURES.pass() {
+                            tracing::warn!(error = %e, not_logged = more, "accept failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -261,6 +263,7 @@ impl Agent {
 static EVICTIONS: Throttle = Throttle::new();
 static AUTH_FAILURES: Throttle = Throttle::new();
 static STRANGERS: Throttle = Throttle::new();
+static ACCEPT_FAILURES: Throttle = Throttle::new();
 
 async fn respond<S: AsyncWrite + Unpin>(s: &mut S, status: &str, body: &str) {
     respond_raw(s, &upgrade::simple(status, body)).await;
