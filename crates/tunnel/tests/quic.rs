@@ -693,6 +693,49 @@ fn a_restarted_agent_resets_the_connections_of_a_killed_one() {
     });
 }
 
+/// An agent killed and restarted while its client sat idle: the client's keepalive draws the
+/// successor's stateless reset within seconds, so the first connection the user makes after
+/// that goes out on a new QUIC connection instead of being reset on the forgotten one.
+#[test]
+fn after_an_agent_restart_the_first_new_connection_works() {
+    let main = tokio::runtime::Runtime::new().unwrap();
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cert = QuicCert::generate(&[NAME.into()]).unwrap();
+    let a = doomed.block_on(async { agent_with(v6(), cert.clone(), Duration::ZERO) });
+    let addr = a.addr;
+    let port = main.block_on(echo(v6()));
+    let c = main.block_on(async { carrier(&a) });
+    main.block_on(async {
+        let got = timed(round_trip(
+            timed(c.open("localhost", port)).await.unwrap(),
+            b"before".to_vec(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(got, b"before");
+        // Quiet: no ACK of the old agent's last packets is left to send.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    });
+    drop(doomed);
+    main.block_on(async {
+        let b = agent_with(addr, cert, Duration::ZERO);
+        // The user comes back a few seconds after the restart (one keepalive interval).
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let got = timed(round_trip(
+            timed(c.open("localhost", port)).await.unwrap(),
+            b"after restart".to_vec(),
+        ))
+        .await
+        .expect("the first connection after the restart");
+        assert_eq!(got, b"after restart");
+        b.stop.cancel();
+    });
+}
+
 #[tokio::test]
 async fn a_quic_server_with_another_alpn_is_named_as_such() {
     // Not a forward agent: some other QUIC service with the same certificate.
