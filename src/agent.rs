@@ -132,6 +132,12 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
         .collect();
     let cert = QuicCert::generate(&names)?;
     let (cert_pem, key_pem) = cert.to_pem();
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "the state directory {} exists and is not a directory; choose another with --state-dir",
+            dir.display()
+        );
+    }
     std::fs::create_dir_all(&dir).with_context(|| {
         format!(
             "creating the state directory {} (choose another with --state-dir)",
@@ -183,7 +189,7 @@ impl<'a> Connectors<'a> {
     pub fn new(client: &'a ClientOpts, opts: &'a AgentClientOpts, port: u16) -> Result<Self> {
         if opts.agent_pin.is_some() && !matches!(opts.transport, Transport::Quic) {
             anyhow::bail!(
-                "--agent-pin applies to --transport quic only; the tls carrier is verified against the CA (--ca-file)"
+                "--agent-pin applies to --transport quic only (a tls carrier is verified against the CA, --ca-file; a tcp carrier relies on the edge's TLS)"
             );
         }
         let tls = match opts.transport {

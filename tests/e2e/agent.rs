@@ -62,6 +62,31 @@ fn agent_refuses_missing_or_short_token() {
     );
 }
 
+/// Start-up mistakes on the VM side say what is wrong in one line.
+#[test]
+fn agent_start_up_errors_name_the_cause() {
+    let dir = TempDir::new("agent-startup");
+    let token = "00112233445566778899aabbccddeeff";
+    let file = dir.join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["agent", "--quic", "--listen", "[::1]:0", "--state-dir"])
+        .arg(&file)
+        .env("VERS_AUTH_TOKEN", token);
+    let (st, out, err) = run("agent with a file as --state-dir", cmd);
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(err.contains("exists and is not a directory"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // An address no interface has (TEST-NET-1): nothing is sent, the bind fails at once.
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["agent", "--listen", "192.0.2.1:0"])
+        .env("VERS_AUTH_TOKEN", token);
+    let (st, out, err) = run("agent on a foreign address", cmd);
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(err.contains("no such local address"), "{err}");
+}
+
 #[test]
 fn health_answers_without_auth() {
     let stack = Stack::start(Transport::AgentTcp, &[]);

@@ -119,6 +119,9 @@ impl Agent {
                     " (another process listens there: pick another --listen port)"
                 }
                 std::io::ErrorKind::PermissionDenied => " (ports below 1024 need root)",
+                std::io::ErrorKind::AddrNotAvailable => {
+                    " (no such local address: is that IP configured on this machine? [::] listens on all)"
+                }
                 _ => "",
             },
             cause,

@@ -361,6 +361,12 @@ impl AgentLink {
                     c.port
                 ))))
             }
+            Ok(Err(e)) if e.to_string().contains("expects TLS") => {
+                return Err(Attempt::Failed(DialError::Agent(format!(
+                    "{who}: upgrade failed: {e}: port {} speaks TLS (an edge, or an agent with --tls-cert): use --transport tls",
+                    c.port
+                ))))
+            }
             Ok(Err(e)) => {
                 return Err(Attempt::Failed(DialError::Agent(format!(
                     "{who}: upgrade failed: {e} (is `forward agent` listening on port {}?)",

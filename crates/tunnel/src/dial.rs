@@ -45,10 +45,12 @@ impl std::fmt::Display for Remote {
 #[non_exhaustive]
 pub enum DialError {
     /// DNS said no.
-    #[error("cannot resolve {host}: {cause}; check the VM id and --domain, or pass --edge ADDR")]
+    #[error("cannot resolve {host}: {cause}; {hint}")]
     Resolve {
         /// The name that failed.
         host: String,
+        /// What to check: the VM id and domain, or the `--edge` given.
+        hint: &'static str,
         /// Resolver error.
         cause: io::Error,
     },
@@ -155,6 +157,11 @@ pub async fn resolve(
         .await
         .map_err(|cause| DialError::Resolve {
             host: dial_host.to_owned(),
+            hint: if edge.is_some() {
+                "check the --edge address (or FORWARD_EDGE)"
+            } else {
+                "check the VM id and --domain, or pass --edge ADDR"
+            },
             cause,
         })?
         .collect();

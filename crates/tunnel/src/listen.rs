@@ -36,7 +36,7 @@ impl std::fmt::Display for LocalAddr {
 #[non_exhaustive]
 pub enum ListenError {
     /// Something else already listens there.
-    #[error("local address {addr} is already in use; pick another local port or stop what is listening there")]
+    #[error("local address {addr} is already in use; pick another local port (or socket path) or stop what is listening there")]
     InUse {
         /// The address asked for.
         addr: LocalAddr,
@@ -63,6 +63,14 @@ pub enum ListenError {
         /// The address asked for.
         addr: LocalAddr,
     },
+    /// A Unix socket path the OS cannot bind, and why in words.
+    #[error("cannot listen on {addr}: {why}")]
+    BadPath {
+        /// The address asked for.
+        addr: LocalAddr,
+        /// What is wrong with the path.
+        why: String,
+    },
     /// Anything else the OS said.
     #[error("cannot listen on {addr}: {cause}")]
     Other {
@@ -87,9 +95,38 @@ fn classify(addr: &LocalAddr, e: io::Error) -> ListenError {
             addr,
         },
         io::ErrorKind::AddrNotAvailable => ListenError::NotLocal { addr },
-        _ => ListenError::Other { addr, cause: e },
+        _ => match &addr {
+            LocalAddr::Unix(path) => match unix_path_problem(path, &e) {
+                Some(why) => ListenError::BadPath { addr, why },
+                None => ListenError::Other { addr, cause: e },
+            },
+            LocalAddr::Tcp(_) => ListenError::Other { addr, cause: e },
+        },
     }
 }
+
+/// What the OS's terse answer means for a socket path (the standard library calls a long one
+/// "shorter than SUN_LEN").
+fn unix_path_problem(path: &Path, e: &io::Error) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let len = path.as_os_str().as_bytes().len();
+    if len >= UNIX_PATH_MAX {
+        return Some(format!(
+            "the path is {len} bytes, and a Unix socket path must be under {UNIX_PATH_MAX}; pick a shorter one"
+        ));
+    }
+    if e.kind() == io::ErrorKind::NotFound {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+        return Some(format!(
+            "its directory {} does not exist; create it or pick another path",
+            dir.display()
+        ));
+    }
+    None
+}
+
+/// `sun_path` of `sockaddr_un` on Linux, with its terminating NUL.
+const UNIX_PATH_MAX: usize = 108;
 
 /// A bound listener.
 #[derive(Debug)]
@@ -324,5 +361,21 @@ mod tests {
         drop(live);
         assert!(!path.exists(), "socket removed on drop");
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn unbindable_socket_paths_say_why() {
+        let missing = LocalAddr::Unix(PathBuf::from("/nonexistent-forward-dir/x.sock"));
+        let e = Listener::bind(&missing).unwrap_err().to_string();
+        assert!(
+            e.contains("its directory /nonexistent-forward-dir does not exist"),
+            "{e}"
+        );
+        let long = LocalAddr::Unix(PathBuf::from(format!("/tmp/{}.sock", "x".repeat(120))));
+        let e = Listener::bind(&long).unwrap_err().to_string();
+        assert!(
+            e.contains("the path is 130 bytes") && e.contains("under 108"),
+            "{e}"
+        );
     }
 }

@@ -178,6 +178,9 @@ pub fn describe_handshake_error(host: &str, err: &io::Error) -> String {
         Some(E::AlertReceived(alert)) => format!(
             "TLS handshake with {host} refused by the peer ({alert:?}); is {host} a name the edge serves?"
         ),
+        Some(E::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => format!(
+            "TLS handshake with {host} failed: the other side does not speak TLS (a plain-TCP agent wants --transport tcp)"
+        ),
         Some(other) => format!("TLS handshake with {host} failed: {other}"),
         None if err.kind() == io::ErrorKind::UnexpectedEof => {
             format!("TLS handshake with {host} failed: the connection was closed during the handshake")

@@ -28,7 +28,11 @@ pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(String, V
         // A TLS ClientHello (a client that expected the agent's own TLS) or other non-HTTP bytes
         // get their answer now, not at the auth deadline.
         if let Some(&b) = buf.first().filter(|b| !b.is_ascii_uppercase()) {
-            let tls = if b == 0x16 { ": a TLS handshake" } else { "" };
+            let tls = match b {
+                0x16 => ": a TLS handshake",
+                0x15 => ": a TLS alert, so that side expects TLS",
+                _ => "",
+            };
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("not HTTP (first byte 0x{b:02x}{tls})"),

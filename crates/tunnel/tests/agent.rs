@@ -278,6 +278,40 @@ async fn health_answers_without_auth_and_other_paths_are_404() {
 
 // ----- TLS --------------------------------------------------------------------------------------
 
+/// The wrong `--transport` for what the port speaks names the right one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_mismatch_names_the_transport_to_use() {
+    let (server, client) = tls_pair();
+    let echo = echo_server("[::1]:0").await;
+
+    // Plain TCP to an agent with its own TLS: its alert comes back where HTTP should.
+    let tls_agent = start_agent(|c| c.tls = Some(server));
+    let link = AgentLink::new(link_config(tls_agent.addr, token()));
+    let e = connector(&link, "", echo.port())
+        .check()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("use --transport tls"), "{e}");
+
+    // TLS to a plain agent: its HTTP error page is no TLS record.
+    let plain_agent = start_agent(|_| {});
+    let mut cfg = link_config(plain_agent.addr, token());
+    cfg.host = "localhost".into();
+    cfg.edge = Some("127.0.0.1".into());
+    cfg.transport = CarrierTransport::Tls(client);
+    let link = AgentLink::new(cfg);
+    let e = connector(&link, "", echo.port())
+        .check()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("does not speak TLS") && e.contains("--transport tcp"),
+        "{e}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_tls_carries_streams_health_and_refuses_wrong_tokens() {
     let (server, client) = tls_pair();
