@@ -174,6 +174,17 @@ async fn run(cli: Cli) -> Result<i32> {
 }
 
 async fn forward(cli: Cli) -> Result<i32> {
+    // `forward --agent 9999 stdio vm:22`: git-style, options before the subcommand. clap then
+    // takes the subcommand's name for a SPEC.
+    if let Some(sub) = cli
+        .specs
+        .first()
+        .filter(|s| ["stdio", "agent", "demo"].contains(&s.as_str()))
+    {
+        anyhow::bail!(
+            "'{sub}' is a subcommand: give its options after it, e.g. forward {sub} --help"
+        );
+    }
     // Parse every spec before binding anything, so one typo does not leave half the forwards up.
     let specs = cli
         .specs

@@ -213,10 +213,14 @@ pub fn first_clash(specs: &[Spec]) -> Option<(&Spec, &Spec, String)> {
                 (LocalSide::Tcp { addrs: x, port: p }, LocalSide::Tcp { addrs: y, port: q })
                     if p == q && *p != 0 =>
                 {
-                    // An unspecified address (0.0.0.0, ::) takes the port on every address.
+                    // An unspecified address (0.0.0.0, ::) takes the port on every address of
+                    // its family; only of its family, since IPv6 listeners are bound v6-only.
                     let meet = x.iter().any(|u| {
-                        y.iter()
-                            .any(|v| u == v || u.is_unspecified() || v.is_unspecified())
+                        y.iter().any(|v| {
+                            u == v
+                                || (u.is_ipv4() == v.is_ipv4()
+                                    && (u.is_unspecified() || v.is_unspecified()))
+                        })
                     });
                     meet.then(|| format!("local port {p}"))
                 }
@@ -352,6 +356,11 @@ mod tests {
         assert!(clash(&["/tmp/a.sock:abc:1", "/tmp/a.sock:abc:2"]).is_some());
         // Different addresses, port 0 and different paths are fine.
         assert_eq!(clash(&["127.0.0.1:80:abc:80", "[::1]:80:abc:81"]), None);
+        // Each family's wildcard covers only its own family (IPv6 sockets are v6-only).
+        assert_eq!(clash(&["0.0.0.0:80:abc:80", "[::1]:80:abc:81"]), None);
+        assert_eq!(clash(&["[::]:80:abc:80", "127.0.0.1:80:abc:81"]), None);
+        assert!(clash(&["[::]:80:abc:80", "[::1]:80:abc:81"]).is_some());
+        assert!(clash(&["*:80:abc:80", "127.0.0.1:80:abc:81"]).is_some());
         assert_eq!(clash(&["0:abc:80", "0:abc:81"]), None);
         assert_eq!(clash(&["/tmp/a.sock:abc:1", "/tmp/b.sock:abc:1"]), None);
     }

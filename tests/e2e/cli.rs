@@ -421,3 +421,14 @@ fn accept_failures_are_logged_once_per_interval() {
     );
     drop(clients);
 }
+
+/// Options before the subcommand (`forward --agent 9999 stdio vm:22`) get a hint, not "invalid
+/// forward spec 'stdio'".
+#[test]
+fn options_before_a_subcommand_are_explained() {
+    assert_rejected(
+        &["--agent", "9999", "stdio", "vm1:22"],
+        &[1],
+        &["'stdio' is a subcommand", "forward stdio --help"],
+    );
+}
