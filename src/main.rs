@@ -293,7 +293,7 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
         anyhow::anyhow!(
             "{}: {}",
             connector.describe(),
-            e.describe("stdin/stdout", "remote")
+            forward_tunnel::serve::explain(&e, "stdin/stdout", &connector)
         )
     })?;
     tracing::debug!(up = stats.a_to_b, down = stats.b_to_a, "stdio relay done");

@@ -161,3 +161,36 @@ fn a_lost_path_ends_stdio_with_one_error_line(t: Transport) {
     assert!(lines[0].starts_with("error:"), "{stderr}");
     drop(stdin);
 }
+
+/// `forward stdio` (ssh's ProxyCommand) to a VM port with nothing behind it: the edge hangs up
+/// after the handshake, and the one error line says what is likely missing, as `--check` does.
+#[test]
+fn stdio_to_a_port_with_nothing_behind_it_says_so() {
+    let free = std::net::TcpListener::bind("[::1]:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let stack = Stack::start(Transport::Direct, &[port]);
+    let mut cmd = Command::new(forward_bin());
+    cmd.arg("stdio")
+        .args(stack.client_args())
+        .arg(stack.target(port))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped());
+    let (mut proc, _stdout) = Proc::spawn_raw_stdout("forward stdio to nothing", cmd);
+    let _stdin = proc.take_stdin();
+    let st = proc.wait_exit();
+    assert_eq!(st.code(), Some(1), "{}", proc.transcript());
+    let err = proc.stderr_text();
+    assert!(
+        err.contains(&format!(
+            "is a service listening on port {} of the VM",
+            stack.rport(port)
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
+}

@@ -96,6 +96,24 @@ pub async fn serve<C: Connector>(
     tracing::debug!(forward = %label, "listener closed");
 }
 
+/// A relay error between a local side (`a`, named `local`) and a connector's remote (`b`),
+/// for the log line or `forward stdio`'s error: when the remote hung up before its first byte,
+/// the connector's hint says what is likely missing (nothing listening on the VM's port).
+pub fn explain<C: Connector>(e: &RelayError, local: &str, connector: &C) -> String {
+    let text = e.describe(local, "remote");
+    // Reading from it or writing to it: both are how an edge's hang-up shows.
+    let remote_failed = matches!(
+        (e, e.direction()),
+        (RelayError::Read { .. }, Direction::BToA) | (RelayError::Write { .. }, Direction::AToB)
+    );
+    match connector.hint_no_answer() {
+        Some(hint) if remote_failed && e.stats().b_to_a == 0 => {
+            format!("{text}; it hung up before any reply: {hint}")
+        }
+        _ => text,
+    }
+}
+
 static ACCEPT_FAILURES: crate::throttle::Throttle = crate::throttle::Throttle::new();
 
 async fn handle<C: Connector>(
@@ -120,21 +138,9 @@ async fn handle<C: Connector>(
             }
         };
         tracing::debug!(after = ?started.elapsed(), "connected");
-        relay(local, remote).await.map_err(|e| {
-            let mut text = e.describe("local", "remote");
-            // Reading from it or writing to it: both are how an edge's hang-up shows.
-            let remote_failed = matches!(
-                (&e, e.direction()),
-                (RelayError::Read { .. }, Direction::BToA)
-                    | (RelayError::Write { .. }, Direction::AToB)
-            );
-            if remote_failed && e.stats().b_to_a == 0 {
-                if let Some(hint) = connector.hint_no_answer() {
-                    text = format!("{text}; it hung up before any reply: {hint}");
-                }
-            }
-            text
-        })
+        relay(local, remote)
+            .await
+            .map_err(|e| explain(&e, "local", &*connector))
     };
     tokio::pin!(work);
     tokio::select! {
