@@ -55,7 +55,9 @@ fn err(spec: &str, problem: impl Into<String>) -> SpecError {
 /// Parses a port field; `allow_zero` for the local side only.
 fn port(spec: &str, what: &str, s: &str, allow_zero: bool) -> Result<u16, SpecError> {
     let range = if allow_zero { "0-65535" } else { "1-65535" };
-    let p: u16 = s.parse().map_err(|_| {
+    // Digits only: `u16::from_str` also takes a sign ("+22").
+    let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let p: u16 = s.parse().ok().filter(|_| digits).ok_or_else(|| {
         err(
             spec,
             format!("{what} '{s}' is not a port number ({range}); {FORM}"),
@@ -101,6 +103,10 @@ fn parse_bind(spec: &str, b: &str) -> Result<Vec<IpAddr>, SpecError> {
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         ]),
+        _ if !b.is_empty() && b.bytes().all(|c| c.is_ascii_digit()) => Err(err(
+            spec,
+            format!("'{b}' stands where the bind address goes but looks like a port: one field too many? {FORM}"),
+        )),
         _ => {
             let inner = b
                 .strip_prefix('[')
@@ -316,10 +322,17 @@ mod tests {
             ("80:abc:", "remote port ''"),
             ("80::22", "host is empty"),
             ("80:a b:22", "host 'a b' is not a valid"),
+            ("80:-abc:22", "host '-abc' is not a valid"),
             ("foo:80:abc:22", "bind address 'foo'"),
             ("[::1:80:abc:22", "bind address"),
             (":abc:22", "local port is missing"),
             ("1:abc/:22", "target '' after '/'"),
+            ("+42001:abc:22", "local port '+42001' is not a port number"),
+            ("42001:abc:+22", "remote port '+22'"),
+            (
+                "42001:abc:22:33",
+                "'42001' stands where the bind address goes",
+            ),
             (
                 ":21000:abc:22",
                 "bind address before the local port is empty",

@@ -63,13 +63,15 @@ fn is_loopback_name(host: &str) -> bool {
         || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// A DNS name: dot-separated labels of letters, digits, '-' and '_' (also how SPECs check
-/// their host names).
+/// A DNS name: dot-separated labels of letters, digits, '-' and '_', no label starting or
+/// ending with '-' (also how SPECs check their host names; a TLS name must pass too).
 pub fn is_name(h: &str) -> bool {
     h.len() <= 253
         && h.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
                 && l.chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         })
