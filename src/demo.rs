@@ -25,7 +25,9 @@ const VM: &str = "demo";
 const CHECK_BYTES: usize = 1 << 20;
 
 /// Runs the demo; returns the exit code.
-pub async fn run(args: DemoArgs) -> Result<i32> {
+/// `json`: `--log-format json`, which puts the forwarding lines on stdout as JSON, as for
+/// `forward` itself; the rest of the report stays prose for a person.
+pub async fn run(args: DemoArgs, json: bool) -> Result<i32> {
     let mut signals = crate::run::Signals::install()?;
     let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0);
     let echo = TcpListener::bind(v6)
@@ -54,7 +56,11 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     for (preferred, port) in [(7007u16, echo_port), (8080, hello_port)] {
         let listeners = match crate::run::bind(&Spec::parse(&format!("{preferred}:{VM}:{port}"))?) {
             Ok(l) => l,
-            Err(_) => crate::run::bind(&Spec::parse(&format!("0:{VM}:{port}"))?)?,
+            Err(e) => {
+                // README promises these ports: say why the demo is elsewhere.
+                tracing::warn!("localhost:{preferred} is not free ({e:#}); the demo takes a free port instead (see the lines below)");
+                crate::run::bind(&Spec::parse(&format!("0:{VM}:{port}"))?)?
+            }
         };
         let connector = Arc::new(DirectConnector::new(
             Remote {
@@ -67,7 +73,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         )?);
         let label: Arc<str> = forward_tunnel::Connector::describe(&*connector).into();
         for (listener, addr) in listeners {
-            crate::say::say!("forwarding {addr} -> {label}");
+            crate::run::announce(json, &addr.to_string(), &label);
             if let forward_tunnel::LocalAddr::Tcp(sa) = addr {
                 if sa.is_ipv4() {
                     local_ports.push(sa.port());
@@ -82,9 +88,14 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         }
     }
     let (echo_local, http_local) = (local_ports[0], local_ports[1]);
+    let edge_addrs: Vec<String> = edge
+        .listeners()
+        .iter()
+        .map(|l| l.addr.to_string())
+        .collect();
     crate::say::say!(
         "\nlocal edge on {} (TLS for *.{}, CA {}), services on [::1] (IPv6 only)",
-        edge.addr(),
+        edge_addrs.join(" and "),
         edge.domain(),
         ca_path.display()
     );

@@ -81,8 +81,27 @@ fn usage_error(e: clap::Error) -> ! {
     ) {
         e.exit();
     }
-    eprintln!("error: {}; see --help", one_line(&e.render().to_string()));
+    let line = format!("{}; see --help", one_line(&e.render().to_string()));
+    if json_asked() {
+        // A script that asked for JSON parses every error line, this one too.
+        tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .init();
+        tracing::error!("{line}");
+    } else {
+        eprintln!("error: {line}");
+    }
     std::process::exit(2);
+}
+
+/// Whether the command line asked for `--log-format json`, read without clap (which just
+/// failed on it).
+fn json_asked() -> bool {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    args.windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || args.iter().any(|a| a == "--log-format=json")
 }
 
 fn one_line(rendered: &str) -> String {
@@ -167,7 +186,9 @@ async fn run(cli: Cli) -> Result<i32> {
             forward_edge::run(args).await?;
             Ok(0)
         }
-        Some(Command::Demo(args)) => demo::run(args).await,
+        Some(Command::Demo(args)) => {
+            demo::run(args, matches!(cli.log.log_format, LogFormat::Json)).await
+        }
         Some(Command::Agent(args)) => agent::serve(args).await,
         None => forward(cli).await,
     }

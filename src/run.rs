@@ -146,7 +146,7 @@ fn family_unavailable(e: &forward_tunnel::ListenError) -> bool {
 /// The line that says a listener is up: text for people, one JSON object for a script or a
 /// log shipper (`--log-format json`), which needs the real port when 0 was asked and should
 /// not have to parse prose. A Unix socket path may hold any character; JSON escapes it.
-fn announce(json: bool, listen: &str, to: &str) {
+pub(crate) fn announce(json: bool, listen: &str, to: &str) {
     if json {
         let line = serde_json::json!({ "forwarding": { "listen": listen, "to": to } });
         crate::say::say!("{line}");

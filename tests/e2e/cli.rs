@@ -300,6 +300,18 @@ fn json_mode_reports_the_fatal_error_as_json() {
         last.contains("\"level\":\"ERROR\"") && last.contains("/nonexistent/ca.pem"),
         "{last}"
     );
+
+    // A usage error too (clap failed before any logging was set up), still exit 2.
+    let o = forward(&["--log-format", "json", "--bogus", "0:vm1:80"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    let line = o.stderr.trim();
+    let v: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(v["level"], "ERROR", "{line}");
+    assert!(
+        v["fields"]["message"].as_str().unwrap().contains("--bogus"),
+        "{line}"
+    );
 }
 
 /// The README's way to learn a picked port, `forward 0:vm:PORT | head -1`, closes stdout after

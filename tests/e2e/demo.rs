@@ -89,3 +89,25 @@ fn demo_survives_a_closed_stdout() {
         demo.transcript()
     );
 }
+
+/// `--log-format json` gives the demo's forwarding lines as JSON, as for `forward` itself.
+#[test]
+fn demo_forwarding_lines_follow_the_log_format() {
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["demo", "--once", "--log-format", "json"]);
+    let (st, out, err) = run("forward demo --once --log-format json", cmd);
+    assert!(st.success(), "{st}\n{out}\n{err}");
+    let forwarding: Vec<serde_json::Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert_eq!(forwarding.len(), 4, "two forwards on two loopbacks:\n{out}");
+    for f in &forwarding {
+        assert!(
+            f["forwarding"]["listen"].is_string() && f["forwarding"]["to"].is_string(),
+            "{f}"
+        );
+    }
+    assert!(out.contains("self-check ok"), "{out}");
+}
