@@ -18,7 +18,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
@@ -31,8 +31,29 @@ async fn main() -> ExitCode {
     match forward_edge::run(cli.args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("forward-edge: {e}");
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// One line, exit 2, like `forward`'s usage errors: clap's first line without its usage block.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("error: invalid arguments");
+    eprintln!("{first}; see --help");
+    std::process::exit(2);
 }
