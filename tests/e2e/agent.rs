@@ -140,6 +140,24 @@ fn garbage_from_strangers_is_logged_once_per_interval() {
     );
 }
 
+/// An upgrade must name its host exactly once (the proof covers it): no Host, two, or a
+/// malformed one gets 400, as protocol.md says of anything else on the port.
+#[test]
+fn an_upgrade_without_one_good_host_is_a_bad_request() {
+    let stack = Stack::start(Transport::AgentTcp, &[]);
+    for hosts in ["", "Host: a:1\r\nHost: b:2\r\n", "Host: [::1:9999\r\n"] {
+        let mut s = TcpStream::connect(agent_addr(&stack)).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let req = format!(
+            "GET /v1/tunnel HTTP/1.1\r\n{hosts}Connection: Upgrade\r\nUpgrade: forward-mux/1\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{hosts:?}: {answer:?}");
+    }
+}
+
 /// A client with another token is refused (`--check` exits 1 naming authentication) and the agent
 /// keeps serving the right client.
 fn wrong_token_is_rejected(t: Transport) {

@@ -334,7 +334,16 @@ async fn serve_conn<S>(
         }
     }
     slot.upgraded();
-    let (host, port) = upgrade::split_host(head.header("host").unwrap_or(""));
+    let Some((host, port)) = head.single_host() else {
+        tracing::debug!("upgrade without exactly one well-formed Host header; closing");
+        respond(
+            &mut s,
+            "400 Bad Request",
+            "bad request: one Host header required\n",
+        )
+        .await;
+        return;
+    };
     let challenge = auth::challenge();
     if let Err(e) = s
         .write_all(upgrade::switching(&auth::to_hex(&challenge)).as_bytes())

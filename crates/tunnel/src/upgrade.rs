@@ -113,6 +113,22 @@ impl Head {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The one `Host` header, split into name and port (0 when it has none): `None` when there
+    /// is no `Host`, more than one, or one that is malformed (empty name, unbalanced bracket).
+    /// The proof covers it, so anything looser would only be answered with a challenge that
+    /// cannot succeed.
+    pub fn single_host(&self) -> Option<(String, u16)> {
+        let mut hosts = self.headers.iter().filter(|(k, _)| k == "host");
+        let (_, v) = hosts.next()?;
+        if hosts.next().is_some() {
+            return None;
+        }
+        let v = v.trim();
+        let balanced = v.starts_with('[') == v.contains(']');
+        let (host, port) = split_host(v);
+        (balanced && !host.is_empty() && !host.contains(['[', ']'])).then_some((host, port))
+    }
+
     /// Whether this asks to upgrade to our protocol.
     pub fn is_upgrade(&self) -> bool {
         self.header("upgrade")
@@ -167,6 +183,33 @@ pub fn split_host(v: &str) -> (String, u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upgrade_needs_exactly_one_well_formed_host() {
+        let head = |hosts: &str| {
+            Head::parse(&format!(
+                "GET {TUNNEL_PATH} HTTP/1.1\r\n{hosts}Upgrade: {PROTOCOL}"
+            ))
+            .unwrap()
+        };
+        assert_eq!(
+            head("Host: vm1.vm.vers.sh:9999\r\n").single_host(),
+            Some(("vm1.vm.vers.sh".into(), 9999))
+        );
+        assert_eq!(
+            head("Host: [::1]:9999\r\n").single_host(),
+            Some(("::1".into(), 9999))
+        );
+        assert_eq!(head("Host: vm1\r\n").single_host(), Some(("vm1".into(), 0)));
+        for bad in [
+            "",
+            "Host: \r\n",
+            "Host: [::1:9999\r\n",
+            "Host: a:1\r\nHost: b:2\r\n",
+        ] {
+            assert_eq!(head(bad).single_host(), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_request_and_host() {
