@@ -145,18 +145,7 @@ async fn self_check(echo_port: u16, http_port: u16) -> Result<String> {
     w.write_all(b"!").await?;
     r.read_exact(&mut one).await?;
     let connect = start.elapsed();
-    let send = payload.clone();
-    let writer = tokio::spawn(async move {
-        w.write_all(&send).await?;
-        // Round trips on the same connection, after the bulk, one byte each.
-        Ok::<_, std::io::Error>(w)
-    });
-    let mut back = vec![0u8; CHECK_BYTES];
-    r.read_exact(&mut back)
-        .await
-        .context("reading the echo back")?;
-    ensure!(back == payload, "echoed bytes differ from what was sent");
-    let mut w = writer.await??;
+    // Round trips on the same connection, one byte each.
     let mut rtts = Vec::with_capacity(200);
     for i in 0..200u32 {
         let t = Instant::now();
@@ -165,10 +154,24 @@ async fn self_check(echo_port: u16, http_port: u16) -> Result<String> {
         ensure!(one[0] == i as u8, "round-trip byte differs");
         rtts.push(t.elapsed());
     }
-    w.shutdown().await?;
-    let mut rest = Vec::new();
-    r.read_to_end(&mut rest).await?;
-    ensure!(rest.is_empty(), "echo sent bytes after the end");
+    // Then the bulk, and our end of the stream right after it: most of the echo comes back
+    // after our FIN, so a tunnel that closed both ways at the first FIN would cut it.
+    let send = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&send).await?;
+        w.shutdown().await
+    });
+    let mut back = Vec::with_capacity(CHECK_BYTES);
+    r.read_to_end(&mut back)
+        .await
+        .context("reading the echo back")?;
+    writer.await??;
+    ensure!(
+        back.len() == CHECK_BYTES,
+        "the echo ended after {} of {CHECK_BYTES} bytes (half-close not honoured?)",
+        back.len()
+    );
+    ensure!(back == payload, "echoed bytes differ from what was sent");
     rtts.sort();
     let p50 = rtts[rtts.len() / 2];
 
