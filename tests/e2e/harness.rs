@@ -256,6 +256,18 @@ impl Proc {
         self.status
     }
 
+    /// Ctrl-C, then the exit: 0, and no panic on the way.
+    pub fn interrupt_cleanly(&mut self) {
+        self.signal("INT");
+        let st = self.wait_exit();
+        assert!(st.success(), "{}: {st}: {}", self.name, self.transcript());
+        assert!(
+            !self.stderr_text().contains("panicked"),
+            "{}",
+            self.transcript()
+        );
+    }
+
     /// Waits for the child to exit; panics with its output after TIMEOUT.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + TIMEOUT;

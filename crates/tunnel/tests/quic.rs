@@ -643,11 +643,15 @@ async fn dropping_a_stream_without_shutdown_resets_the_backend() {
     assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
 }
 
-/// A killed agent sends nothing; its successor on the same port (same token) answers the old
-/// connection's packets with a stateless reset, so the client errors and reconnects at once
-/// instead of waiting for the 30 s idle timeout.
-#[test]
-fn a_restarted_agent_resets_the_connections_of_a_killed_one() {
+/// The test's runtime, and an agent on a runtime of its own: dropping that runtime kills the
+/// agent outright (its tasks and socket vanish without a word to the client). The certificate
+/// lets a successor keep the pin.
+fn killable_agent() -> (
+    tokio::runtime::Runtime,
+    tokio::runtime::Runtime,
+    QuicCert,
+    Agent,
+) {
     let main = tokio::runtime::Runtime::new().unwrap();
     let doomed = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -656,6 +660,15 @@ fn a_restarted_agent_resets_the_connections_of_a_killed_one() {
         .unwrap();
     let cert = QuicCert::generate(&[NAME.into()]).unwrap();
     let a = doomed.block_on(async { agent_with(v6(), cert.clone(), Duration::ZERO) });
+    (main, doomed, cert, a)
+}
+
+/// A killed agent sends nothing; its successor on the same port (same token) answers the old
+/// connection's packets with a stateless reset, so the client errors and reconnects at once
+/// instead of waiting for the 30 s idle timeout.
+#[test]
+fn a_restarted_agent_resets_the_connections_of_a_killed_one() {
+    let (main, doomed, cert, a) = killable_agent();
     let (addr, pin) = (a.addr, a.pin);
     let port = main.block_on(echo(v6()));
     let c = main.block_on(async { carrier(&a) });
@@ -698,14 +711,7 @@ fn a_restarted_agent_resets_the_connections_of_a_killed_one() {
 /// that goes out on a new QUIC connection instead of being reset on the forgotten one.
 #[test]
 fn after_an_agent_restart_the_first_new_connection_works() {
-    let main = tokio::runtime::Runtime::new().unwrap();
-    let doomed = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let cert = QuicCert::generate(&[NAME.into()]).unwrap();
-    let a = doomed.block_on(async { agent_with(v6(), cert.clone(), Duration::ZERO) });
+    let (main, doomed, cert, a) = killable_agent();
     let addr = a.addr;
     let port = main.block_on(echo(v6()));
     let c = main.block_on(async { carrier(&a) });
