@@ -316,17 +316,22 @@ pub(crate) async fn connect_addrs(
         Err(mut failed) if failed.len() == 1 => Err(failed.remove(0).1),
         Err(failed) => Err(DialError::AllAddresses {
             host: host.to_owned(),
-            tried: failed
-                .iter()
-                .map(|(addr, e)| match e {
-                    DialError::Connect { cause, .. } => format!("{addr}: {cause}"),
-                    DialError::Timeout { after, .. } => format!("{addr} timed out after {after:?}"),
-                    other => format!("{addr}: {other}"),
-                })
-                .collect::<Vec<_>>()
-                .join("; "),
+            tried: each_address(&failed, |e| match e {
+                DialError::Connect { cause, .. } => format!(": {cause}"),
+                DialError::Timeout { after, .. } => format!(" timed out after {after:?}"),
+                other => format!(": {other}"),
+            }),
         }),
     }
+}
+
+/// What every address of a lost [`race`] said, `; `-separated, each after its address.
+pub(crate) fn each_address<E>(failed: &[(SocketAddr, E)], said: impl Fn(&E) -> String) -> String {
+    failed
+        .iter()
+        .map(|(addr, e)| format!("{addr}{}", said(e)))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Ciphertext rustls may queue before a write waits for the socket. rustls' default, 64 KiB,

@@ -839,15 +839,11 @@ fn race_lost(
     fatal: impl Fn(&QuicError) -> bool,
 ) -> QuicError {
     if failed.len() > 1 && !failed.last().is_some_and(|(_, e)| fatal(e)) {
-        let tried = failed
-            .iter()
-            .map(|(addr, e)| match e {
-                QuicError::Timeout { after, .. } => format!("{addr}: no answer within {after:?}"),
-                QuicError::Connection { reason, .. } => format!("{addr}: {reason}"),
-                other => format!("{addr}: {other}"),
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
+        let tried = crate::dial::each_address(&failed, |e| match e {
+            QuicError::Timeout { after, .. } => format!(": no answer within {after:?}"),
+            QuicError::Connection { reason, .. } => format!(": {reason}"),
+            other => format!(": {other}"),
+        });
         return QuicError::AllAddresses {
             host: host.to_owned(),
             port,
