@@ -742,6 +742,65 @@ fn after_an_agent_restart_the_first_new_connection_works() {
     });
 }
 
+/// An agent that died and stays away: its connection falls silent. A stream opened later must
+/// not be sent into the silence for the 30 s idle timeout: the connection is given up after
+/// `--connect-timeout` and the error says the agent does not answer; once it is back, streams
+/// work again.
+#[test]
+fn a_stream_on_a_silent_connection_fails_fast_and_the_next_one_reconnects() {
+    let (main, doomed, cert, a) = killable_agent();
+    let addr = a.addr;
+    let port = main.block_on(echo(v6()));
+    let c = main.block_on(async {
+        let mut cfg =
+            QuicCarrierConfig::new(NAME, addr.port(), AgentVerify::Pin(a.pin), token(TOKEN));
+        cfg.edge = Some(addr.ip().to_string());
+        cfg.bind = v6();
+        cfg.connect_timeout = Duration::from_secs(1);
+        let c = QuicCarrier::new(cfg).unwrap();
+        let got = timed(round_trip(
+            timed(c.open("localhost", port)).await.unwrap(),
+            b"before".to_vec(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(got, b"before");
+        c
+    });
+    drop(doomed);
+    main.block_on(async {
+        // Past the 7 s a live agent never stays silent for.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let started = std::time::Instant::now();
+        let attempt = async {
+            let s = c.open("localhost", port).await?;
+            round_trip(s, b"into the silence".to_vec())
+                .await
+                .map_err(forward_tunnel::quic::QuicError::Io)
+        };
+        let e = tokio::time::timeout(Duration::from_secs(15), attempt)
+            .await
+            .expect("the stream waited for the idle timeout")
+            .expect_err("no agent there");
+        assert!(e.to_string().contains("no QUIC answer"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(15));
+
+        let b = agent_with(addr, cert, Duration::ZERO);
+        let got = timed(async {
+            loop {
+                // The failed reconnect holds off the next attempt for a moment.
+                match c.open("localhost", port).await {
+                    Ok(s) => return round_trip(s, b"after".to_vec()).await.unwrap(),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        })
+        .await;
+        assert_eq!(got, b"after");
+        b.stop.cancel();
+    });
+}
+
 #[tokio::test]
 async fn a_quic_server_with_another_alpn_is_named_as_such() {
     // Not a forward agent: some other QUIC service with the same certificate.

@@ -138,19 +138,61 @@ pub(super) struct Link {
     idle_epoch: AtomicU64,
     /// A reaper task is watching this connection.
     reaper: AtomicBool,
+    /// Datagrams received so far, and when that count last moved (see [`Link::heard`]).
+    rx: std::sync::Mutex<(u64, Instant)>,
 }
 
 impl Link {
     fn new(conn: quinn::Connection, overflow: bool, idle: Duration) -> Arc<Self> {
         Arc::new(Self {
-            conn,
             away: AtomicBool::new(false),
             streams: AtomicUsize::new(0),
             overflow,
             idle,
             idle_epoch: AtomicU64::new(0),
             reaper: AtomicBool::new(false),
+            rx: std::sync::Mutex::new((conn_rx(&conn), Instant::now())),
+            conn,
         })
+    }
+
+    /// When a datagram last arrived, as far as the samples tell ([`watch_rx`] takes one a
+    /// second). quinn keeps no such time; its count of datagrams received is enough.
+    fn heard(&self) -> Instant {
+        let now_count = conn_rx(&self.conn);
+        let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        if now_count != rx.0 {
+            *rx = (now_count, Instant::now());
+        }
+        rx.1
+    }
+
+    /// Before a new stream is trusted to this connection: one that has heard nothing for
+    /// longer than [`SILENT_AFTER`] (a live agent answers the 3 s keepalive well within it)
+    /// must hear something within `within`, or it is closed and `false` returned. Without
+    /// this, a stream opened on a connection whose path died waited for the 30 s idle timeout.
+    async fn confirm_alive(&self, within: Duration) -> bool {
+        let heard = self.heard();
+        if heard.elapsed() <= SILENT_AFTER {
+            return true;
+        }
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            tokio::time::sleep(PROBE_POLL).await;
+            if self.conn.close_reason().is_some() {
+                return false;
+            }
+            if self.heard() > heard {
+                return true;
+            }
+        }
+        let silent = heard.elapsed();
+        tracing::info!(silent = ?silent, "nothing heard from the agent over QUIC: closing the connection, the next stream opens a new one");
+        self.conn.close(
+            quinn::VarInt::from_u32(close::NORMAL),
+            b"nothing heard from the agent",
+        );
+        false
     }
 
     fn usable(&self) -> bool {
@@ -442,6 +484,7 @@ impl QuicCarrier {
                 st.retry_at = None;
                 tokio::spawn(report_loss(c.clone(), self.describe()));
                 let link = Link::new(c, false, self.overflow_idle);
+                tokio::spawn(watch_rx(Arc::downgrade(&link)));
                 st.primary = Some(link.clone());
                 Ok(link)
             }
@@ -466,6 +509,10 @@ impl QuicCarrier {
         let mut retried = false;
         loop {
             let primary = self.live().await?;
+            if !primary.confirm_alive(self.connect_timeout).await {
+                // Closed: `live` opens a new connection (or says why it cannot).
+                continue;
+            }
             let attempt = async {
                 let (lease, mut send, recv) = self.open_stream(&primary).await?;
                 send.write_all(header).await.map_err(|e| match e {
@@ -806,6 +853,30 @@ impl Connector for QuicConnector {
 /// Logs the loss of a primary connection when it happens, not when the next local connection
 /// finds it gone (that could be minutes later, about an outage long over). The next local
 /// connection reconnects.
+/// Datagrams a connection has received so far.
+fn conn_rx(conn: &quinn::Connection) -> u64 {
+    conn.stats().udp_rx.datagrams
+}
+
+/// A connection silent this long is suspect: the agent's keepalive, or its answer to ours,
+/// comes every 3 s.
+const SILENT_AFTER: Duration = Duration::from_secs(7);
+/// How often [`Link::confirm_alive`] looks for a datagram while it waits.
+const PROBE_POLL: Duration = Duration::from_millis(50);
+
+/// Samples the connection's received-datagram count once a second while it lives, so
+/// [`Link::heard`] knows roughly when the last one came.
+async fn watch_rx(link: Weak<Link>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(link) = link.upgrade() else { return };
+        if link.conn.close_reason().is_some() {
+            return;
+        }
+        link.heard();
+    }
+}
+
 async fn report_loss(conn: quinn::Connection, agent: String) {
     use quinn::ConnectionError as E;
     match conn.closed().await {
