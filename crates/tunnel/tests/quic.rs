@@ -801,6 +801,41 @@ fn a_stream_on_a_silent_connection_fails_fast_and_the_next_one_reconnects() {
     });
 }
 
+/// A lost connection is replaced in the background, as the TCP carriers' is: after an agent
+/// restart, the carrier is connected again without waiting for a local connection.
+#[test]
+fn a_lost_connection_is_redialled_in_the_background() {
+    let (main, doomed, cert, a) = killable_agent();
+    let addr = a.addr;
+    let c = main.block_on(async {
+        let c = carrier(&a);
+        timed(c.check()).await.unwrap();
+        assert!(c.connected().await);
+        // Quiet before the kill, as in `after_an_agent_restart_the_first_new_connection_works`.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        c
+    });
+    drop(doomed);
+    main.block_on(async {
+        let b = agent_with(addr, cert, Duration::ZERO);
+        // The keepalive (3 s) draws the successor's stateless reset; the redial follows.
+        let back = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if c.connected().await {
+                    return;
+                }
+            }
+        });
+        // Right after the kill the old connection still counts as up: wait for the loss first.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        back.await
+            .expect("reconnected with no local connection asking");
+        assert_eq!(c.connections().await, 1);
+        b.stop.cancel();
+    });
+}
+
 #[tokio::test]
 async fn a_quic_server_with_another_alpn_is_named_as_such() {
     // Not a forward agent: some other QUIC service with the same certificate.

@@ -327,7 +327,18 @@ pub struct QuicCarrier {
     overflow: Mutex<Vec<Arc<Link>>>,
     /// Held while an overflow connection is being established, so a burst opens one at a time.
     dialing: tokio::sync::Mutex<()>,
+    /// `close` was called: a lost connection is not redialled.
+    closing: AtomicBool,
+    /// Wakes the [`redial`] task: the primary connection was lost.
+    lost: Arc<tokio::sync::Notify>,
     me: Weak<QuicCarrier>,
+}
+
+impl Drop for QuicCarrier {
+    fn drop(&mut self) {
+        // The redial task finds nothing to upgrade and ends.
+        self.lost.notify_one();
+    }
 }
 
 impl std::fmt::Debug for QuicCarrier {
@@ -366,7 +377,8 @@ impl QuicCarrier {
             socket,
             Arc::new(super::udp::Tokio),
         )?;
-        Ok(Arc::new_cyclic(|me| Self {
+        let lost = Arc::new(tokio::sync::Notify::new());
+        let carrier = Arc::new_cyclic(|me| Self {
             host: config.host,
             edge: config.edge,
             port: config.port,
@@ -381,8 +393,12 @@ impl QuicCarrier {
             state: tokio::sync::Mutex::default(),
             overflow: Mutex::default(),
             dialing: tokio::sync::Mutex::default(),
+            closing: AtomicBool::new(false),
+            lost: lost.clone(),
             me: me.clone(),
-        }))
+        });
+        tokio::spawn(redial(Arc::downgrade(&carrier), lost));
+        Ok(carrier)
     }
 
     /// How long a connect, or an answer the agent owes, may take.
@@ -419,6 +435,7 @@ impl QuicCarrier {
     /// Closes every connection (streams still open are cut) and waits briefly for the agent
     /// to hear of it.
     pub async fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
         let primary = self.state.lock().await.primary.take();
         let overflow = std::mem::take(&mut *self.overflow_list());
         for link in primary.iter().chain(&overflow) {
@@ -435,6 +452,16 @@ impl QuicCarrier {
     /// backoff that previous failures earned. Callers queue here while a reconnect runs.
     pub async fn connection(&self) -> Result<quinn::Connection, QuicError> {
         self.live().await.map(|l| l.conn.clone())
+    }
+
+    /// Whether a primary connection is up (none yet, or a lost one not replaced: false).
+    pub async fn connected(&self) -> bool {
+        self.state
+            .lock()
+            .await
+            .primary
+            .as_ref()
+            .is_some_and(|l| l.conn.close_reason().is_none())
     }
 
     /// Connections open to the agent: the primary (if connected) and the overflow ones.
@@ -482,7 +509,7 @@ impl QuicCarrier {
             Ok(c) => {
                 st.failures = 0;
                 st.retry_at = None;
-                tokio::spawn(report_loss(c.clone(), self.describe()));
+                tokio::spawn(report_loss(c.clone(), self.describe(), self.lost.clone()));
                 let link = Link::new(c, false, self.overflow_idle);
                 tokio::spawn(watch_rx(Arc::downgrade(&link)));
                 st.primary = Some(link.clone());
@@ -877,25 +904,59 @@ async fn watch_rx(link: Weak<Link>) {
     }
 }
 
-async fn report_loss(conn: quinn::Connection, agent: String) {
+/// Logs the loss of a primary connection when it happens, and has [`redial`] replace it.
+async fn report_loss(conn: quinn::Connection, agent: String, lost: Arc<tokio::sync::Notify>) {
     use quinn::ConnectionError as E;
     match conn.closed().await {
-        E::LocallyClosed => {}
+        // Ours: `close`, a silent connection given up (the stream that did it reconnects), or
+        // an idle overflow connection.
+        E::LocallyClosed => return,
         E::ApplicationClosed(c) => tracing::info!(
             %agent,
             reason = %String::from_utf8_lossy(&c.reason),
-            "the agent closed the QUIC connection; the next connection opens a new one"
+            "the agent closed the QUIC connection; reconnecting"
         ),
         E::TimedOut => tracing::warn!(
             %agent,
-            "QUIC connection lost: nothing heard from the agent for 30 s; the next connection \
-             reconnects"
+            "QUIC connection lost: nothing heard from the agent for 30 s; reconnecting"
         ),
-        why => tracing::warn!(
-            %agent,
-            reason = %why,
-            "QUIC connection lost; the next connection reconnects"
-        ),
+        why => tracing::warn!(%agent, reason = %why, "QUIC connection lost; reconnecting"),
+    }
+    lost.notify_one();
+}
+
+/// Redials a lost primary connection in the background (as the TCP carriers' watcher does),
+/// so the next local connection finds a live one instead of paying the handshake, or learning
+/// of the loss only then. One task per carrier; it ends with the carrier.
+async fn redial(carrier: Weak<QuicCarrier>, lost: Arc<tokio::sync::Notify>) {
+    loop {
+        lost.notified().await;
+        loop {
+            let Some(c) = carrier.upgrade() else { return };
+            if c.closing.load(Ordering::Relaxed) {
+                return;
+            }
+            // Wait out the backoff without holding the state lock, so `close` is not held up.
+            let retry_at = {
+                let st = c.state.lock().await;
+                if st.primary.as_ref().is_some_and(|l| l.usable()) {
+                    break;
+                }
+                st.retry_at
+            };
+            if let Some(at) = retry_at.filter(|at| *at > Instant::now()) {
+                drop(c);
+                tokio::time::sleep_until(at).await;
+                continue;
+            }
+            match c.live().await {
+                Ok(_) => {
+                    tracing::info!(agent = %c.describe(), "QUIC connection to the agent is back");
+                    break;
+                }
+                Err(e) => tracing::warn!(agent = %c.describe(), "reconnect failed: {e}"),
+            }
+        }
     }
 }
 
