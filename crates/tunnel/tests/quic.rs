@@ -836,6 +836,30 @@ fn a_lost_connection_is_redialled_in_the_background() {
     });
 }
 
+/// Closing (Ctrl-C, the end of `forward stdio`) does not wait behind a connect in progress,
+/// which can take the whole connect timeout when the agent is gone (a background redial).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_does_not_wait_for_a_connect_in_progress() {
+    let free = std::net::UdpSocket::bind(v6()).unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let pin = QuicCert::generate(&[]).unwrap().pin().unwrap();
+    let mut cfg = QuicCarrierConfig::new(NAME, port, AgentVerify::Pin(pin), token(TOKEN));
+    cfg.edge = Some("::1".into());
+    cfg.bind = v6();
+    cfg.connect_timeout = Duration::from_secs(20);
+    let c = QuicCarrier::new(cfg).unwrap();
+    let connecting = tokio::spawn({
+        let c = c.clone();
+        async move { c.check().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(Duration::from_secs(5), c.close())
+        .await
+        .expect("close waited for the connect in progress");
+    connecting.abort();
+}
+
 #[tokio::test]
 async fn a_quic_server_with_another_alpn_is_named_as_such() {
     // Not a forward agent: some other QUIC service with the same certificate.

@@ -436,7 +436,12 @@ impl QuicCarrier {
     /// to hear of it.
     pub async fn close(&self) {
         self.closing.store(true, Ordering::Relaxed);
-        let primary = self.state.lock().await.primary.take();
+        // Not behind a (re)connect in progress, which can take the whole connect timeout: a
+        // connection it makes now is closed as it arrives (`live`).
+        let primary = match self.state.try_lock() {
+            Ok(mut st) => st.primary.take(),
+            Err(_) => None,
+        };
         let overflow = std::mem::take(&mut *self.overflow_list());
         for link in primary.iter().chain(&overflow) {
             link.conn
@@ -506,6 +511,10 @@ impl QuicCarrier {
             tokio::time::sleep_until(at).await;
         }
         match self.establish().await {
+            Ok(c) if self.closing.load(Ordering::Relaxed) => {
+                c.close(quinn::VarInt::from_u32(close::NORMAL), b"client closing");
+                Err(self.conn_error("the client is closing".into()))
+            }
             Ok(c) => {
                 st.failures = 0;
                 st.retry_at = None;
