@@ -102,6 +102,8 @@ pub struct AgentLink {
     state: tokio::sync::Mutex<LinkState>,
     /// See [`AgentLink::serve_one_connection`].
     one_connection: std::sync::atomic::AtomicBool,
+    /// Cancelled by `close`: a connect in progress gives up.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 /// How long a closing client waits for bytes its streams queued (uploads whose `FIN` is
@@ -162,6 +164,7 @@ impl AgentLink {
                 closing: false,
             }),
             one_connection: std::sync::atomic::AtomicBool::new(false),
+            closing: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -229,6 +232,7 @@ impl AgentLink {
     /// rather than a reset and gets every upload whole. Waits at most [`CLOSE_FLUSH`] for the
     /// queued bytes, then briefly for the writers to put the end on the wire.
     pub async fn close(&self, reason: &str) {
+        self.closing.cancel();
         let carriers: Vec<Arc<Carrier>> = {
             let mut st = self.state.lock().await;
             st.closing = true;
@@ -276,6 +280,18 @@ impl AgentLink {
     /// makes the retry safe: nothing of theirs was sent yet. The price is one round trip on the
     /// first connection of a carrier; later ones still cost none.
     async fn establish(&self) -> Result<Arc<Carrier>, DialError> {
+        // `close` must not wait behind a connect to a gone agent, which holds the link's lock
+        // for up to a timeout per stage (Ctrl-C during an outage).
+        tokio::select! {
+            r = self.establish_until_closed() => r,
+            _ = self.closing.cancelled() => Err(DialError::Agent(format!(
+                "{}: the client is closing",
+                self.describe()
+            ))),
+        }
+    }
+
+    async fn establish_until_closed(&self) -> Result<Arc<Carrier>, DialError> {
         let deadline = Instant::now() + self.config.timeout;
         let mut attempt = 0u32;
         loop {

@@ -681,6 +681,36 @@ async fn a_connection_made_while_the_carrier_is_silently_dead_moves_to_a_new_one
     );
 }
 
+/// Closing (Ctrl-C, the end of `forward stdio`) does not wait behind a connect in progress,
+/// which can take a timeout per stage when the agent does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_does_not_wait_for_a_connect_in_progress() {
+    // Accepts TCP and never answers the upgrade.
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = mute.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((s, _)) = mute.accept().await {
+            conns.push(s);
+        }
+    });
+    let mut cfg = link_config(addr, token());
+    cfg.timeout = Duration::from_secs(30);
+    let link = AgentLink::new(cfg);
+    let c = connector(&link, "", 1);
+    let connecting = tokio::spawn(async move { c.check().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(Duration::from_secs(5), link.close("test"))
+        .await
+        .expect("close waited for the connect in progress");
+    let e = within("the check to end", connecting)
+        .await
+        .unwrap()
+        .expect_err("no carrier");
+    assert!(e.to_string().contains("closing"), "{e}");
+    held.abort();
+}
+
 // ----- 8. silent unauthenticated flood ------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
