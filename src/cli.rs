@@ -265,6 +265,18 @@ fn edge(s: &str) -> Result<String, String> {
             "'{t}' has a port; --edge takes only the address (the port is the SPEC's remote port), e.g. 127.0.0.1"
         ));
     }
+    // What is left must be an IP (IPv6 with or without brackets) or a host name: anything
+    // else (`[::1`, `10.0.0.1:x`) would go to the resolver as a name and fail far from here.
+    let inner = t
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(t);
+    let ip = inner.parse::<std::net::IpAddr>().is_ok() && (inner == t || inner.contains(':'));
+    if !ip && !forward_tunnel::policy::is_name(t) {
+        return Err(format!(
+            "'{t}' is not an IP address or host name, e.g. 127.0.0.1, ::1 or edge.example"
+        ));
+    }
     Ok(t.to_owned())
 }
 
@@ -386,6 +398,22 @@ mod tests {
             .unwrap_err()
             .contains("not a DNS domain"));
         assert!(domain("vm/x").unwrap_err().contains("not a DNS domain"));
+    }
+
+    #[test]
+    fn edge_addresses_that_are_neither_ip_nor_name() {
+        for good in ["127.0.0.1", "::1", "[::1]", "edge.example", "localhost"] {
+            assert_eq!(edge(good).as_deref(), Ok(good), "{good}");
+        }
+        assert!(edge("127.0.0.1:443").unwrap_err().contains("has a port"));
+        for bad in ["[::1", "127.0.0.1:notaport", "a b", "[127.0.0.1]"] {
+            assert!(
+                edge(bad)
+                    .unwrap_err()
+                    .contains("not an IP address or host name"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
