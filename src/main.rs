@@ -251,7 +251,12 @@ async fn stdio(args: cli::StdioArgs) -> Result<i32> {
     // `vm/target:port`, as in a SPEC: the agent on the VM dials `target`.
     let (host, via, port) = match args.target.split_once('/') {
         Some((vm, rest)) => {
-            let (target, port) = run::parse_host_port(rest)?;
+            let (target, port) = run::parse_host_port(rest).map_err(|_| {
+                anyhow::anyhow!(
+                    "invalid target '{}': expected VM/HOST:PORT, e.g. abc123/10.0.0.5:22",
+                    args.target
+                )
+            })?;
             let ok = spec::valid_host(&target) || target.parse::<std::net::IpAddr>().is_ok();
             if vm.is_empty() || !ok {
                 anyhow::bail!(

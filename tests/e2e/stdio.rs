@@ -38,6 +38,13 @@ fn stdio_via_target_needs_the_agent() {
     let (st, _out, err) = crate::harness::run("forward stdio vm/target", cmd);
     assert_eq!(st.code(), Some(1), "{err}");
     assert!(err.contains("needs the agent (--agent PORT)"), "{err}");
+
+    // A malformed target is named whole, not only the part after the '/'.
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["stdio", "--edge", "127.0.0.1", "vm1/:22"]);
+    let (st, _out, err) = crate::harness::run("forward stdio vm/:22", cmd);
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(err.contains("invalid target 'vm1/:22'"), "{err}");
 }
 
 /// `forward stdio TARGET` with piped stdin and stdout, as ssh runs a ProxyCommand.
