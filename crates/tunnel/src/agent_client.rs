@@ -70,8 +70,6 @@ struct LinkState {
     failures: u32,
     last_attempt: Option<Instant>,
     last_error: Option<String>,
-    /// `close` was called: carriers that end now are not lost, and nothing reconnects.
-    closing: bool,
 }
 
 impl LinkState {
@@ -102,7 +100,8 @@ pub struct AgentLink {
     state: tokio::sync::Mutex<LinkState>,
     /// See [`AgentLink::serve_one_connection`].
     one_connection: std::sync::atomic::AtomicBool,
-    /// Cancelled by `close`: a connect in progress gives up.
+    /// Cancelled by `close`: a connect in progress gives up, and carriers that end now are not
+    /// lost, and nothing reconnects.
     closing: tokio_util::sync::CancellationToken,
 }
 
@@ -161,7 +160,6 @@ impl AgentLink {
                 failures: 0,
                 last_attempt: None,
                 last_error: None,
-                closing: false,
             }),
             one_connection: std::sync::atomic::AtomicBool::new(false),
             closing: tokio_util::sync::CancellationToken::new(),
@@ -234,8 +232,7 @@ impl AgentLink {
     pub async fn close(&self, reason: &str) {
         self.closing.cancel();
         let carriers: Vec<Arc<Carrier>> = {
-            let mut st = self.state.lock().await;
-            st.closing = true;
+            let st = self.state.lock().await;
             st.current.iter().chain(&st.overflow).cloned().collect()
         };
         let deadline = tokio::time::Instant::now() + CLOSE_FLUSH;
@@ -486,7 +483,7 @@ async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
     let (mut failures, current, closing) = {
         let mut st = l.state.lock().await;
         let current = st.retire(&carrier);
-        (st.failures, current, st.closing)
+        (st.failures, current, l.closing.is_cancelled())
     };
     if l.one_connection.load(std::sync::atomic::Ordering::Relaxed) {
         tracing::debug!(link = %l.describe(), %reason, "carrier ended");
@@ -520,6 +517,9 @@ async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
     loop {
         tokio::time::sleep(jittered(failures)).await;
         let Some(l) = link.upgrade() else { return };
+        if l.closing.is_cancelled() {
+            return;
+        }
         {
             let st = l.state.lock().await;
             if st.current.as_ref().is_some_and(|c| c.is_usable()) {
