@@ -192,11 +192,7 @@ impl Carrier {
             let notified = self.state.notified();
             {
                 let g = self.lock();
-                if let Some(reason) = g
-                    .dead
-                    .clone()
-                    .or_else(|| g.session.close_reason().map(|r| r.to_string()))
-                {
+                if let Some(reason) = g.end_reason() {
                     return Err(reason);
                 }
                 if !g.session.is_probing() {
@@ -422,6 +418,14 @@ impl Carrier {
 }
 
 impl Inner {
+    /// Why the carrier ended: its recorded death, or the session's close that the driver has
+    /// not turned into one yet (its writer may still be flushing the last frames).
+    fn end_reason(&self) -> Option<String> {
+        self.dead
+            .clone()
+            .or_else(|| self.session.close_reason().map(|r| r.to_string()))
+    }
+
     /// Records the first cause of death, and how many streams it cut.
     fn die(&mut self, mut reason: String) {
         if self.dead.is_none() {
@@ -754,10 +758,7 @@ async fn give_up_writing(carrier: &Carrier) -> String {
                 g.session.handle_timeout(now);
                 dispatch(&mut g, &carrier.state);
             }
-            let reason = g
-                .dead
-                .clone()
-                .or_else(|| g.session.close_reason().map(|r| r.to_string()));
+            let reason = g.end_reason();
             match reason {
                 Some(reason) => {
                     let since = *dead_since.get_or_insert_with(tokio::time::Instant::now);
