@@ -374,7 +374,7 @@ impl AgentLink {
                     c.port
                 ))))
             }
-            Ok(Err(e)) if e.to_string().contains("expects TLS") => {
+            Ok(Err(e)) if upgrade::answered_with_tls_alert(&e) => {
                 return Err(Attempt::Failed(DialError::Agent(format!(
                     "{who}: upgrade failed: {e}: port {} speaks TLS (an edge, or an agent with --tls-cert): use --transport tls",
                     c.port

@@ -20,6 +20,31 @@ pub const TUNNEL_PATH: &str = "/v1/tunnel";
 /// Header carrying the challenge.
 pub const CHALLENGE_HEADER: &str = "forward-challenge";
 
+/// What [`read_head`] fails with when the first byte cannot start an HTTP head: the byte.
+#[derive(Debug)]
+struct NotHttp(u8);
+
+impl std::fmt::Display for NotHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tls = match self.0 {
+            0x16 => ": a TLS handshake",
+            0x15 => ": a TLS alert, so that side expects TLS",
+            _ => "",
+        };
+        write!(f, "not HTTP (first byte 0x{:02x}{tls})", self.0)
+    }
+}
+
+impl std::error::Error for NotHttp {}
+
+/// Whether [`read_head`] failed on a TLS alert: the other side speaks TLS (an edge, or an
+/// agent with its own certificate) and refused our plain HTTP.
+pub fn answered_with_tls_alert(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<NotHttp>())
+        .is_some_and(|n| n.0 == 0x15)
+}
+
 /// Reads up to the blank line ending an HTTP head. Returns the head and whatever followed it.
 pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(String, Vec<u8>)> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
@@ -28,15 +53,7 @@ pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(String, V
         // A TLS ClientHello (a client that expected the agent's own TLS) or other non-HTTP bytes
         // get their answer now, not at the auth deadline.
         if let Some(&b) = buf.first().filter(|b| !b.is_ascii_uppercase()) {
-            let tls = match b {
-                0x16 => ": a TLS handshake",
-                0x15 => ": a TLS alert, so that side expects TLS",
-                _ => "",
-            };
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("not HTTP (first byte 0x{b:02x}{tls})"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, NotHttp(b)));
         }
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             if end + 4 > MAX_HEAD {
