@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command, LogFormat, LogOpts};
@@ -126,6 +126,8 @@ fn one_line(rendered: &str) -> String {
 
 /// Our environment variables that are set but empty count as unset, as in most tools: clap
 /// would otherwise read `FORWARD_CA_FILE=` as `--ca-file ''` and name a flag nobody typed.
+/// A list, because clap reads the environment when it builds the command, which is too late to
+/// clean it; a test keeps it equal to the command's `env =` names.
 const ENV_FLAGS: [&str; 5] = [
     "FORWARD_THREADS",
     "FORWARD_DOMAIN",
@@ -195,23 +197,26 @@ async fn run(cli: Cli) -> Result<i32> {
 }
 
 async fn forward(cli: Cli) -> Result<i32> {
-    // `forward --agent 9999 stdio vm:22`: git-style, options before the subcommand. clap then
-    // takes the subcommand's name for a SPEC.
-    if let Some(sub) = cli
-        .specs
-        .first()
-        .filter(|s| ["stdio", "agent", "demo"].contains(&s.as_str()))
-    {
-        anyhow::bail!(
-            "'{sub}' is a subcommand: give its options after it, e.g. forward {sub} --help"
-        );
-    }
     // Parse every spec before binding anything, so one typo does not leave half the forwards up.
     let specs = cli
         .specs
         .iter()
         .map(|s| Spec::parse(s))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            // `forward --agent 9999 stdio vm:22`: git-style, options before the subcommand.
+            // clap then takes the subcommand's name for a SPEC.
+            match cli
+                .specs
+                .first()
+                .filter(|s| Cli::command().find_subcommand(s.as_str()).is_some())
+            {
+                Some(sub) => anyhow::anyhow!(
+                    "'{sub}' is a subcommand: give its options after it, e.g. forward {sub} --help"
+                ),
+                None => e.into(),
+            }
+        })?;
     if let Some((a, b, shared)) = spec::first_clash(&specs) {
         anyhow::bail!(
             "forward specs '{}' and '{}' both listen on {shared}; give each its own",
@@ -328,3 +333,27 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
 
 /// How long `forward stdio` goes on after SIGHUP for the bytes already written to it.
 const HANGUP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_empty_variable_list_is_every_env_of_the_command() {
+        fn envs(cmd: &clap::Command, out: &mut Vec<String>) {
+            out.extend(
+                cmd.get_arguments()
+                    .filter_map(|a| a.get_env())
+                    .map(|v| v.to_string_lossy().into_owned()),
+            );
+            cmd.get_subcommands().for_each(|s| envs(s, out));
+        }
+        let mut found = Vec::new();
+        envs(&Cli::command(), &mut found);
+        found.sort();
+        found.dedup();
+        let mut listed: Vec<String> = ENV_FLAGS.iter().map(|v| v.to_string()).collect();
+        listed.sort();
+        assert_eq!(found, listed);
+    }
+}
