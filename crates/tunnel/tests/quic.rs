@@ -69,11 +69,25 @@ fn agent() -> Agent {
     )
 }
 
-fn carrier_with(agent: &Agent, verify: AgentVerify, tok: &str) -> Arc<QuicCarrier> {
+/// A carrier configuration that reaches `agent` on its address.
+fn carrier_config(agent: &Agent, verify: AgentVerify, tok: &str) -> QuicCarrierConfig {
     let mut c = QuicCarrierConfig::new(NAME, agent.addr.port(), verify, token(tok));
     c.edge = Some(agent.addr.ip().to_string());
     c.bind = if agent.addr.is_ipv6() { v6() } else { v4() };
-    QuicCarrier::new(c).unwrap()
+    c
+}
+
+fn carrier_with(agent: &Agent, verify: AgentVerify, tok: &str) -> Arc<QuicCarrier> {
+    QuicCarrier::new(carrier_config(agent, verify, tok)).unwrap()
+}
+
+/// A new stream to the echo service on `port` carries `msg` there and back.
+async fn echo_via(c: &QuicCarrier, port: u16, msg: &[u8]) {
+    let s = timed(c.open("localhost", port)).await.unwrap();
+    let got = timed(round_trip(s, msg.to_vec()))
+        .await
+        .unwrap_or_else(|e| panic!("round trip of {:?}: {e}", String::from_utf8_lossy(msg)));
+    assert_eq!(got, msg);
 }
 
 fn carrier(agent: &Agent) -> Arc<QuicCarrier> {
@@ -248,13 +262,7 @@ async fn wrong_token_is_rejected_while_a_good_client_keeps_working() {
     let mut rest = Vec::new();
     timed(s.read_to_end(&mut rest)).await.unwrap();
     assert_eq!(rest, b" after");
-    let got = timed(round_trip(
-        timed(good.open("localhost", port)).await.unwrap(),
-        b"new".to_vec(),
-    ))
-    .await
-    .unwrap();
-    assert_eq!(got, b"new");
+    echo_via(&good, port, b"new").await;
 }
 
 #[tokio::test]
@@ -303,13 +311,7 @@ async fn garbage_datagrams_do_not_stop_the_agent() {
         udp.send_to(&d, a.addr).await.unwrap();
     }
     let c = carrier(&a);
-    let got = timed(round_trip(
-        timed(c.open("localhost", port)).await.unwrap(),
-        b"still serving".to_vec(),
-    ))
-    .await
-    .unwrap();
-    assert_eq!(got, b"still serving");
+    echo_via(&c, port, b"still serving").await;
 }
 
 async fn raw_connection(
@@ -442,13 +444,7 @@ async fn bad_target_headers_are_reset_and_the_connection_goes_on() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("at most 253"), "{e}");
-    let got = timed(round_trip(
-        timed(c.open("localhost", port)).await.unwrap(),
-        b"fine".to_vec(),
-    ))
-    .await
-    .unwrap();
-    assert_eq!(got, b"fine");
+    echo_via(&c, port, b"fine").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -602,13 +598,7 @@ async fn ca_file_verification_accepts_the_right_ca_only() {
     let a = agent_with(v6(), cert, Duration::ZERO);
     let port = echo(v6()).await;
     let good = carrier_with(&a, AgentVerify::CaFile(Some(ca_file)), TOKEN);
-    let got = timed(round_trip(
-        timed(good.open("localhost", port)).await.unwrap(),
-        b"verified".to_vec(),
-    ))
-    .await
-    .unwrap();
-    assert_eq!(got, b"verified");
+    echo_via(&good, port, b"verified").await;
     let bad = carrier_with(&a, AgentVerify::CaFile(Some(other_ca)), TOKEN);
     let e = timed(bad.check()).await.unwrap_err().to_string();
     assert!(
@@ -695,13 +685,7 @@ fn a_restarted_agent_resets_the_connections_of_a_killed_one() {
             }
         };
         assert!(e.to_string().contains("reset by peer"), "{e}");
-        let got = timed(round_trip(
-            timed(c.open("localhost", port)).await.unwrap(),
-            b"after restart".to_vec(),
-        ))
-        .await
-        .unwrap();
-        assert_eq!(got, b"after restart");
+        echo_via(&c, port, b"after restart").await;
         b.stop.cancel();
     });
 }
@@ -716,13 +700,7 @@ fn after_an_agent_restart_the_first_new_connection_works() {
     let port = main.block_on(echo(v6()));
     let c = main.block_on(async { carrier(&a) });
     main.block_on(async {
-        let got = timed(round_trip(
-            timed(c.open("localhost", port)).await.unwrap(),
-            b"before".to_vec(),
-        ))
-        .await
-        .unwrap();
-        assert_eq!(got, b"before");
+        echo_via(&c, port, b"before").await;
         // Quiet: no ACK of the old agent's last packets is left to send.
         tokio::time::sleep(Duration::from_secs(1)).await;
     });
@@ -731,13 +709,7 @@ fn after_an_agent_restart_the_first_new_connection_works() {
         let b = agent_with(addr, cert, Duration::ZERO);
         // The user comes back a few seconds after the restart (one keepalive interval).
         tokio::time::sleep(Duration::from_secs(4)).await;
-        let got = timed(round_trip(
-            timed(c.open("localhost", port)).await.unwrap(),
-            b"after restart".to_vec(),
-        ))
-        .await
-        .expect("the first connection after the restart");
-        assert_eq!(got, b"after restart");
+        echo_via(&c, port, b"after restart").await;
         b.stop.cancel();
     });
 }
@@ -752,19 +724,10 @@ fn a_stream_on_a_silent_connection_fails_fast_and_the_next_one_reconnects() {
     let addr = a.addr;
     let port = main.block_on(echo(v6()));
     let c = main.block_on(async {
-        let mut cfg =
-            QuicCarrierConfig::new(NAME, addr.port(), AgentVerify::Pin(a.pin), token(TOKEN));
-        cfg.edge = Some(addr.ip().to_string());
-        cfg.bind = v6();
+        let mut cfg = carrier_config(&a, AgentVerify::Pin(a.pin), TOKEN);
         cfg.connect_timeout = Duration::from_secs(1);
         let c = QuicCarrier::new(cfg).unwrap();
-        let got = timed(round_trip(
-            timed(c.open("localhost", port)).await.unwrap(),
-            b"before".to_vec(),
-        ))
-        .await
-        .unwrap();
-        assert_eq!(got, b"before");
+        echo_via(&c, port, b"before").await;
         c
     });
     drop(doomed);
