@@ -93,7 +93,59 @@ pub enum AgentError {
 pub struct Agent {
     listener: TcpListener,
     config: Arc<AgentConfig>,
-    carriers: Arc<Mutex<Vec<Weak<Carrier>>>>,
+    carriers: Arc<Registry>,
+}
+
+/// The authenticated carriers, for the drain on stop.
+///
+/// A carrier whose client authenticates after the stop (it connected just before) is told to
+/// go away as it registers, and the drain waits for its streams too: it would otherwise serve
+/// until the process exits and then be cut without a GOAWAY.
+#[derive(Default)]
+struct Registry {
+    inner: Mutex<RegistryInner>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    carriers: Vec<Weak<Carrier>>,
+    stopping: bool,
+}
+
+const GOING_AWAY: &str = "agent shutting down";
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, carrier: &Arc<Carrier>) {
+        let mut inner = self.lock();
+        inner.carriers.retain(|w| w.strong_count() > 0);
+        inner.carriers.push(Arc::downgrade(carrier));
+        if inner.stopping {
+            carrier.go_away(GOING_AWAY);
+        }
+    }
+
+    /// Marks the agent as stopping and sends GOAWAY on every carrier; returns how many.
+    fn stop(&self) -> usize {
+        let mut inner = self.lock();
+        inner.stopping = true;
+        let live: Vec<_> = inner.carriers.iter().filter_map(Weak::upgrade).collect();
+        for c in &live {
+            c.go_away(GOING_AWAY);
+        }
+        live.len()
+    }
+
+    fn live(&self) -> Vec<Arc<Carrier>> {
+        self.lock()
+            .carriers
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
 }
 
 fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -212,23 +264,13 @@ impl Agent {
         // refusal at once and backs off, instead of waiting in the backlog for an upgrade
         // that never comes.
         drop(self.listener);
-        let live: Vec<Arc<Carrier>> = self
-            .carriers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
-        tracing::info!(
-            carriers = live.len(),
-            ?drain,
-            "stopping: GOAWAY sent, draining"
-        );
-        for c in &live {
-            c.go_away("agent shutting down");
-        }
+        let carriers = self.carriers.stop();
+        tracing::info!(carriers, ?drain, "stopping: GOAWAY sent, draining");
         let deadline = tokio::time::Instant::now() + drain;
-        while live
+        // Listed anew each time: a carrier may still authenticate (see `Registry`).
+        while self
+            .carriers
+            .live()
             .iter()
             .any(|c| c.dead_reason().is_none() && c.stream_count() > 0)
             && tokio::time::Instant::now() < deadline
@@ -236,7 +278,7 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut cut = 0;
-        for c in &live {
+        for c in &self.carriers.live() {
             let open = if c.dead_reason().is_none() {
                 c.stream_count()
             } else {
@@ -246,7 +288,7 @@ impl Agent {
             c.close(if open > 0 {
                 "agent shut down: its drain time ran out"
             } else {
-                "agent shutting down"
+                GOING_AWAY
             });
         }
         if cut > 0 {
@@ -283,7 +325,7 @@ async fn serve_conn<S>(
     peer: SocketAddr,
     started: Instant,
     config: Arc<AgentConfig>,
-    carriers: Arc<Mutex<Vec<Weak<Carrier>>>>,
+    carriers: Arc<Registry>,
     slot: Slot,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -407,11 +449,7 @@ async fn serve_conn<S>(
         return;
     }
     tracing::info!(%host, port, "carrier authenticated");
-    {
-        let mut list = carriers.lock().unwrap_or_else(|p| p.into_inner());
-        list.retain(|w| w.strong_count() > 0);
-        list.push(Arc::downgrade(&carrier));
-    }
+    carriers.register(&carrier);
     loop {
         let (id, target) = tokio::select! {
             reason = carrier.closed() => {

@@ -989,6 +989,38 @@ async fn stop_drains_open_streams_and_refuses_new_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_carrier_that_authenticates_during_the_drain_is_told_to_go_away() {
+    // Connected before the stop, authenticated after it: this carrier was not in the list the
+    // GOAWAYs went to, so it served on until the process exited and was then cut.
+    let agent = start_agent(|_| {});
+    let mut raw = Raw::upgrade(agent.addr).await;
+    agent.stop.cancel();
+    within("the agent to finish its (empty) drain", agent.done)
+        .await
+        .unwrap();
+    let proof = token().prove(
+        &raw.challenge,
+        &agent.addr.ip().to_string(),
+        agent.addr.port(),
+    );
+    raw.send(&auth_frame(&proof)).await.unwrap();
+    assert_eq!(raw.next_frame().await, Some(Frame::AuthOk));
+    let mut next = raw.next_frame().await;
+    while let Some(Frame::Ping { .. }) = next {
+        next = raw.next_frame().await;
+    }
+    match next {
+        Some(Frame::GoAway { code, reason, .. }) => {
+            assert_eq!(code, ErrorCode::NoError);
+            assert_eq!(reason, "agent shutting down");
+        }
+        other => {
+            panic!("expected a GOAWAY after authenticating to a stopping agent, got {other:?}")
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_left_at_the_end_of_the_drain_are_reset_not_closed() {
     let agent = start_agent_full(
         "127.0.0.1:0".parse().unwrap(),
