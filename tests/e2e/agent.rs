@@ -8,12 +8,13 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::harness::{forward_bin, run, TempDir, TIMEOUT};
+use crate::harness::{forward_bin, run, Src, TempDir, TIMEOUT};
 use crate::net::{echo_exchange, Backend, Local, CHUNK};
 use crate::stack::{Stack, Transport};
 
 per_transport!(wrong_token_is_rejected: agent_tls, agent_tcp, quic);
 per_transport!(agent_killed_then_back: agent_tls, agent_tcp, quic);
+per_transport!(agent_down_resets_a_new_connection_at_once: agent_tls, agent_tcp);
 per_transport!(ipv4_only_service_is_reachable: agent_tls, agent_tcp, quic);
 per_transport!(thousand_streams_one_stalled: agent_tls, agent_tcp, quic);
 per_transport!(wrong_pin_is_rejected: quic);
@@ -244,6 +245,54 @@ fn agent_killed_then_back(t: Transport) {
         );
         thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// With the agent down (the edge up, for agent-tls), a new connection is reset with the reason
+/// at once: the edge accepts and then hangs up because nothing listens behind it, and that
+/// hang-up was taken for an overloaded agent and retried until the connect timeout (6-12 s
+/// per connection at the default, while the user's psql hung).
+fn agent_down_resets_a_new_connection_at_once(t: Transport) {
+    let echo = Backend::echo();
+    let mut stack = Stack::start(t, &[]);
+    let mut fwd = stack.forward(
+        &["--connect-timeout", "60"],
+        &[format!("127.0.0.1:0:{}", stack.target(echo.port))],
+        1,
+    );
+    echo_exchange(fwd.local().connect(), 7, 1024);
+    stack.kill_agent();
+    // The old carrier is gone; the next connection needs a new one.
+    for _ in 0..2 {
+        let started = Instant::now();
+        // The reset can come before the connect call has returned.
+        let outcome = fwd.local().try_connect().and_then(|mut conn| {
+            let mut buf = [0u8; 16];
+            loop {
+                match conn.read(&mut buf) {
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            }
+        });
+        let took = started.elapsed();
+        match outcome {
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            other => panic!("want a reset with the agent down, got {other:?}"),
+        }
+        // Generous: the point is "not the 60 s connect timeout" (one new carrier attempt, and
+        // at most one redial of the lost carrier's backoff ahead of it).
+        assert!(
+            took < Duration::from_secs(15),
+            "the reset took {took:?} with the agent down"
+        );
+    }
+    // The log says why; through the edge, that the edge hung up before the agent answered.
+    let why = match t {
+        Transport::AgentTls => "closed before the agent answered",
+        _ => "connection failed",
+    };
+    fwd.proc
+        .wait_line(Src::Stderr, why, |l| l.contains("WARN") && l.contains(why));
 }
 
 /// The agent dials VM-local services itself, so a service bound to 127.0.0.1 only (unreachable

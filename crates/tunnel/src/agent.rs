@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use forward_mux::{ResetCode, Session, StreamId, Target};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -320,6 +320,19 @@ async fn respond_raw<S: AsyncWrite + Unpin>(s: &mut S, response: &str) {
     }
 }
 
+/// Tells an evicted client that the agent is busy (`503`). What it already sent is read first:
+/// closing a socket with unread bytes sends a reset, which can destroy the answer before the
+/// client reads it. Nothing more is waited for: a flood of silent connections is what evicts.
+async fn respond_busy<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    let mut sink = [0u8; 1024];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::ZERO, s.read(&mut sink)).await {
+        if n == 0 {
+            break;
+        }
+    }
+    respond(s, "503 Service Unavailable", upgrade::BUSY_BODY).await;
+}
+
 async fn serve_conn<S>(
     mut s: S,
     peer: SocketAddr,
@@ -334,6 +347,9 @@ async fn serve_conn<S>(
     let read = tokio::time::timeout(left, upgrade::read_head(&mut s));
     let Some(read) = slot.unless_evicted(read).await else {
         tracing::debug!("evicted by newer connections before sending a request");
+        // Said, not just done: a client retries a busy agent, but takes a silent hang-up for
+        // an agent that is not there (an edge in front hangs up when nothing listens).
+        respond_busy(&mut s).await;
         return;
     };
     let (head, leftover) = match read {

@@ -272,8 +272,9 @@ impl AgentLink {
     /// A new authenticated carrier. The agent holds at most 64 connections that have not
     /// authenticated yet and drops the oldest beyond that (DESIGN.md), so a burst of clients
     /// (100 `forward stdio` ProxyCommands at once) loses some carriers before their AUTH_OK.
-    /// Such a loss is retried, with jittered pauses, until the connect timeout; a refused
-    /// connection or token is not. Streams go only on an authenticated carrier, which is what
+    /// Such a loss (a `503` before the upgrade, the carrier closed after it) is retried, with
+    /// jittered pauses, until the connect timeout; a refused connection or token, or a hang-up
+    /// without a word (nothing listening behind the edge), is not. Streams go only on an authenticated carrier, which is what
     /// makes the retry safe: nothing of theirs was sent yet. The price is one round trip on the
     /// first connection of a carrier; later ones still cost none.
     async fn establish(&self) -> Result<Arc<Carrier>, DialError> {
@@ -362,15 +363,18 @@ impl AgentLink {
         };
         let (head, leftover) = match tokio::time::timeout(c.timeout, exchange).await {
             Ok(Ok(x)) => x,
-            // An agent over its limit of waiting connections drops the oldest without a word.
+            // A hang-up without an answer: nothing listens behind the edge (it accepts, then
+            // cannot reach the port), or the agent died. Not retried: an agent over its limit of
+            // waiting connections says so (`503`), and a user should not wait out the connect
+            // timeout for a port with nothing behind it (a client waited 6-12 s here).
             Ok(Err(e))
                 if matches!(
                     e.kind(),
                     io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof
                 ) =>
             {
-                return Err(Attempt::Dropped(DialError::Agent(format!(
-                    "{who}: upgrade failed: {e} (is `forward agent` listening on port {}, and not overloaded?)",
+                return Err(Attempt::Failed(DialError::Agent(format!(
+                    "{who}: the connection was closed before the agent answered ({e}); is `forward agent` running on port {} of the VM? An edge in front hangs up when nothing listens there",
                     c.port
                 ))))
             }
@@ -394,6 +398,11 @@ impl AgentLink {
             }
         };
         let parsed = Head::parse(&head);
+        if parsed.as_ref().is_some_and(|h| h.second == "503") {
+            return Err(Attempt::Dropped(DialError::Agent(format!(
+                "{who}: the agent is busy (too many connections waiting to authenticate)"
+            ))));
+        }
         let challenge = parsed
             .as_ref()
             .filter(|h| h.second == "101" && h.is_upgrade())

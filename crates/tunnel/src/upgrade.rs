@@ -175,6 +175,10 @@ pub fn switching(challenge_hex: &str) -> String {
     )
 }
 
+/// The body of the agent's `503` to a connection it evicted before the upgrade (too many
+/// unauthenticated connections): the client retries on it.
+pub const BUSY_BODY: &str = "forward agent: too many unauthenticated connections, retry\n";
+
 /// A short complete response.
 pub fn simple(status: &str, body: &str) -> String {
     format!(

@@ -739,13 +739,22 @@ async fn silent_connections_are_closed_at_the_auth_deadline() {
         .await
         .expect("round trip during the flood");
 
+    // Those past the cap of waiting connections are evicted with the agent's 503; the rest
+    // reach the deadline and get nothing.
+    let mut busy = 0;
     for w in waiters {
         let answer = within("every silent connection to end", w).await.unwrap();
-        assert!(
-            answer.is_empty(),
-            "a silent connection got an answer: {answer}"
-        );
+        if answer.ends_with(forward_tunnel::upgrade::BUSY_BODY) {
+            busy += 1;
+        } else {
+            assert!(
+                answer.is_empty(),
+                "a silent connection got an answer: {answer}"
+            );
+        }
     }
+    let cap = AgentConfig::new(agent.addr, token()).max_unauthenticated;
+    assert_eq!(busy, SILENT - cap, "evicted connections");
 
     echo_round_trip(&c, 32, 500_000)
         .await
@@ -780,9 +789,15 @@ async fn silent_flood_cannot_lock_out_a_new_client() {
     // The agent accepts in arrival order, so the oldest made room: those beyond the cap, and
     // one more for the new client.
     let evicted = SILENT - cap + 1;
+    // Each is told why, so a real client evicted this way retries instead of giving up on
+    // an agent it takes for absent.
     for (i, s) in silent.iter_mut().enumerate().take(evicted) {
         let (got, _) = within("an evicted connection to close", drain(s)).await;
-        assert!(got.is_empty(), "evicted connection {i} got bytes");
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.starts_with("HTTP/1.1 503 ") && got.ends_with(forward_tunnel::upgrade::BUSY_BODY),
+            "evicted connection {i} got {got:?}, want the agent's 503"
+        );
     }
     for (i, s) in silent.iter().enumerate().skip(evicted) {
         let mut byte = [0u8; 1];
