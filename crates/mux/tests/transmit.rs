@@ -108,43 +108,74 @@ fn updates(frames: Vec<Frame>) -> Vec<u32> {
 }
 
 #[test]
-fn credit_returns_only_when_bytes_are_read_and_at_half_the_window() {
-    // The sender still has credit (600 of 1000 sent): updates wait for half a window.
+fn credit_returns_only_when_bytes_are_read_and_at_a_quarter_of_the_window() {
+    // The sender still has credit (600 of 1000 sent): updates wait for a quarter of a window.
     let (mut s, now) = window_of_1000_with(600);
     assert!(
         updates(drain(&mut s, now)).is_empty(),
         "no credit on receipt"
     );
-    let mut buf = [0u8; 400];
-    assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(400));
+    let mut buf = [0u8; 200];
+    assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(200));
     assert!(
         updates(drain(&mut s, now)).is_empty(),
-        "less than half the window consumed"
+        "less than a quarter of the window consumed"
     );
+    assert_eq!(s.read(1, &mut buf[..100]).unwrap(), ReadOutcome::Data(100));
+    assert_eq!(updates(drain(&mut s, now)), [300]);
     assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(200));
-    assert_eq!(updates(drain(&mut s, now)), [600]);
+    assert!(updates(drain(&mut s, now)).is_empty());
+    assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(100));
+    assert_eq!(updates(drain(&mut s, now)), [300]);
     assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Blocked);
+}
+
+#[test]
+fn with_company_credit_returns_at_half_the_window() {
+    // Another stream carried data: the bulk stream's window is kept small for its sake, and
+    // credit goes back at half a window, so less of it sits in flight ahead of the other's bytes.
+    let (mut s, now) = window_of_1000_with(600);
+    let open = Frame::Open {
+        id: 3,
+        target: target(),
+    };
+    let data = Frame::Data {
+        id: 3,
+        fin: false,
+        payload: b"ls\n".to_vec().into(),
+    };
+    s.handle_input(now, &wire(&[open, data])).unwrap();
+    s.accept(3).unwrap();
+    drain(&mut s, now);
+    let mut buf = [0u8; 300];
+    assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(300));
+    assert!(
+        updates(drain(&mut s, now)).is_empty(),
+        "a quarter consumed is not enough with company"
+    );
+    assert_eq!(s.read(1, &mut buf[..200]).unwrap(), ReadOutcome::Data(200));
+    assert_eq!(updates(drain(&mut s, now)), [500]);
 }
 
 #[test]
 fn credit_returns_at_once_to_a_sender_that_used_all_of_it() {
     // The whole window arrived: the sender waits for credit, so the first read returns some,
-    // and the rest follows at half a window as usual.
+    // and the rest follows at a quarter of a window as usual.
     let (mut s, now) = window_of_1000_with(1000);
     assert!(
         updates(drain(&mut s, now)).is_empty(),
         "no credit on receipt"
     );
-    let mut buf = [0u8; 400];
-    assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(400));
-    assert_eq!(updates(drain(&mut s, now)), [400]);
-    assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(400));
+    let mut buf = [0u8; 200];
+    assert_eq!(s.read(1, &mut buf[..100]).unwrap(), ReadOutcome::Data(100));
+    assert_eq!(updates(drain(&mut s, now)), [100]);
+    assert_eq!(s.read(1, &mut buf[..100]).unwrap(), ReadOutcome::Data(100));
     assert!(
         updates(drain(&mut s, now)).is_empty(),
-        "the sender has credit again: back to half-window updates"
+        "the sender has credit again: back to quarter-window updates"
     );
     assert_eq!(s.read(1, &mut buf).unwrap(), ReadOutcome::Data(200));
-    assert_eq!(updates(drain(&mut s, now)), [600]);
+    assert_eq!(updates(drain(&mut s, now)), [300]);
 }
 
 #[test]
