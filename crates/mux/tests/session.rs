@@ -502,6 +502,89 @@ fn a_probe_of_a_live_carrier_ends_with_the_answer_and_keeps_it() {
 }
 
 #[test]
+fn a_stream_opened_just_after_the_path_died_gets_a_probe_not_the_idle_timeout() {
+    // Busy until the path dies; a stream opened at once (nothing missed yet, no keepalive
+    // due) heard nothing for `within`, then its probe's PING nothing for `within` more.
+    let mut p = Pair::with(
+        Config::default(),
+        Config::default(),
+        Duration::from_millis(50),
+    );
+    p.auth(GOOD_TOKEN);
+    let bulk = p.open(80);
+    p.client.send(bulk, &pattern(3, 1 << 20), false);
+    assert!(p.run_until(5 * SECOND, |p| p
+        .client
+        .received
+        .get(&bulk)
+        .is_some_and(|r| r.len() == 1 << 20)));
+    p.cut = true;
+    let opened_at = p.now;
+    let late = p.open(81);
+    p.client.session.expect_answer(p.now, 3 * SECOND);
+    assert!(p.run_until(60 * SECOND, |p| p.client.closed.is_some()));
+    assert_eq!(
+        p.now - opened_at,
+        6 * SECOND,
+        "three seconds for an answer, three for the probe's"
+    );
+    let reason = p.client.closed.clone().unwrap();
+    assert!(
+        matches!(reason, CloseReason::Unanswered { waited, .. } if waited == 3 * SECOND),
+        "{reason:?}"
+    );
+    assert!(p.client.resets.contains_key(&late) || !p.client.fins.contains(&late));
+}
+
+#[test]
+fn a_stream_opened_on_a_quiet_carrier_probes_it_at_once() {
+    let mut p = Pair::with(
+        Config::default(),
+        Config::default(),
+        Duration::from_millis(50),
+    );
+    p.auth(GOOD_TOKEN);
+    let id = p.open(80);
+    assert!(p.run_until(SECOND, |p| p.client.events.contains(&Event::OpenOk(id))));
+    p.run_until(5 * SECOND, |_| false);
+    p.cut = true;
+    let opened_at = p.now;
+    p.open(81);
+    p.client.session.expect_answer(p.now, 3 * SECOND);
+    assert!(p.client.session.is_probing(), "5 s quiet: probed at once");
+    assert!(p.run_until(60 * SECOND, |p| p.client.closed.is_some()));
+    assert_eq!(p.now - opened_at, 3 * SECOND);
+}
+
+#[test]
+fn a_slow_answer_on_a_live_carrier_costs_one_ping_and_no_stream() {
+    // The agent's dial takes its time (OPEN_OK withheld): the carrier answers the probe's
+    // PING, and the stream waits on, unharmed.
+    let mut p = Pair::with(
+        Config::default(),
+        Config::default(),
+        Duration::from_millis(50),
+    );
+    p.record_client_wire = true;
+    p.auth(GOOD_TOKEN);
+    let first = p.open(80);
+    assert!(p.run_until(SECOND, |p| p.client.events.contains(&Event::OpenOk(first))));
+    p.hold_opens = true;
+    let pings = client_pings(&p);
+    let slow = p.open(81);
+    p.client.session.expect_answer(p.now, 3 * SECOND);
+    assert!(!p.run_until(12 * SECOND, |p| p.client.closed.is_some()));
+    assert!(
+        client_pings(&p) <= pings + 1,
+        "at most one probe PING (none if the peer spoke first)"
+    );
+    assert!(!p.client.resets.contains_key(&slow));
+    p.client.send(first, b"still fine", true);
+    assert!(p.run_until(SECOND, |p| p.client.fins.contains(&first)));
+    assert_eq!(p.client.received[&first], b"still fine");
+}
+
+#[test]
 fn keepalive_pings_keep_an_idle_carrier_alive() {
     let mut p = Pair::new(Config::default());
     p.auth(GOOD_TOKEN);

@@ -184,8 +184,8 @@ impl AgentLink {
         )
     }
 
-    /// A usable carrier: the current one, or a new one. Within a second of a failed attempt
-    /// a user's connection gets that failure instead of another attempt.
+    /// A usable carrier: the current one, or a new one. Within a second of the end of a failed
+    /// attempt a user's connection gets that failure instead of another attempt.
     pub async fn carrier(self: &Arc<Self>) -> Result<Arc<Carrier>, DialError> {
         self.carrier_or_attempt(false).await
     }
@@ -219,6 +219,10 @@ impl AgentLink {
             }
             Err(e) => {
                 st.failures = st.failures.saturating_add(1);
+                // Dated from its end: connections that queued behind this attempt (up to a
+                // connect timeout) get its failure instead of each making one more (a second
+                // connection during an outage waited three timeouts).
+                st.last_attempt = Some(Instant::now());
                 st.last_error = Some(e.to_string());
                 Err(e)
             }
@@ -596,7 +600,10 @@ impl Connector for AgentConnector {
                 )));
             }
             match carrier.open(self.target.clone()) {
-                Ok(s) => return Ok(s),
+                Ok(s) => {
+                    carrier.expect_answer(self.link.config.timeout);
+                    return Ok(s);
+                }
                 Err(
                     StreamError::GoingAway
                     | StreamError::SessionClosed

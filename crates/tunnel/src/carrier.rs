@@ -309,6 +309,21 @@ impl Carrier {
         })
     }
 
+    /// Client: a stream was just opened on this carrier, so the agent should answer within
+    /// `within`; if it does not, the carrier is probed, and closed if not even that is
+    /// answered (see `Session::expect_answer`): a connection made just after the path died
+    /// is reset in one or two `within`, not at the idle timeout.
+    pub fn expect_answer(&self, within: Duration) {
+        let mut g = self.lock();
+        if g.dead.is_some() {
+            return;
+        }
+        g.session.expect_answer(Instant::now(), within);
+        drop(g);
+        // The writer sends a probe's PING and re-arms its timer.
+        self.tx.notify_one();
+    }
+
     /// Server: accepts an opened stream after its target was dialled.
     pub fn accept(self: &Arc<Self>, id: StreamId) -> Result<MuxStream, StreamError> {
         let mut g = self.lock();

@@ -681,6 +681,40 @@ async fn a_connection_made_while_the_carrier_is_silently_dead_moves_to_a_new_one
     );
 }
 
+/// A connection made the moment the path died (the carrier was busy, no keepalive missed yet)
+/// goes out with zero round trips on the dead carrier; hearing nothing, the carrier is probed
+/// and closed, and the connection is reset with the reason, in about two connect timeouts
+/// instead of the idle timeout (43 s in a user's test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_as_the_path_dies_is_reset_within_two_connect_timeouts() {
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let proxy = Proxy::start(agent.addr).await;
+    let mut cfg = link_config(proxy.addr, token());
+    // Far beyond the test's patience: only the answer check can end the new connection.
+    cfg.mux.idle_timeout = Duration::from_secs(600);
+    cfg.timeout = Duration::from_secs(1);
+    let link = AgentLink::new(cfg);
+    let c = connector(&link, "", echo.port());
+    let mut old = c.connect().await.unwrap();
+    old.write_all(b"ping").await.unwrap();
+    let mut four = [0u8; 4];
+    old.read_exact(&mut four).await.unwrap();
+
+    proxy.freeze();
+    let mut new = c.connect().await.expect("opened at once, zero round trips");
+    new.write_all(b"pong").await.unwrap();
+    let (got, end) = within("the new connection to end", drain(&mut new)).await;
+    assert!(got.is_empty());
+    let e = end.expect_err("a connection on a dead carrier is reset");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    assert!(
+        e.to_string().contains("no answer to a ping within 1.0s"),
+        "{e}"
+    );
+    proxy.thaw();
+}
+
 /// Closing (Ctrl-C, the end of `forward stdio`) does not wait behind a connect in progress,
 /// which can take a timeout per stage when the agent does not answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -764,6 +764,39 @@ fn a_stream_on_a_silent_connection_fails_fast_and_the_next_one_reconnects() {
     });
 }
 
+/// A stream opened the moment the agent vanished (the connection was busy a moment ago, so
+/// nothing looks silent yet) hears nothing back: the connection is closed after about
+/// `--connect-timeout` and the stream fails then, not at the 30 s idle timeout.
+#[test]
+fn a_stream_opened_as_the_agent_vanishes_fails_after_the_connect_timeout() {
+    let (main, doomed, _cert, a) = killable_agent();
+    let port = main.block_on(echo(v6()));
+    let c = main.block_on(async {
+        let mut cfg = carrier_config(&a, AgentVerify::Pin(a.pin), TOKEN);
+        cfg.connect_timeout = Duration::from_secs(2);
+        let c = QuicCarrier::new(cfg).unwrap();
+        echo_via(&c, port, b"before").await;
+        c
+    });
+    drop(doomed);
+    main.block_on(async {
+        let started = std::time::Instant::now();
+        let attempt = async {
+            let s = c.open("localhost", port).await?;
+            round_trip(s, b"into the void".to_vec())
+                .await
+                .map_err(forward_tunnel::quic::QuicError::Io)
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(20), attempt).await;
+        let took = started.elapsed();
+        outcome
+            .expect("the stream waited for the idle timeout")
+            .expect_err("no agent there");
+        // 2 s for an answer, checked once a second; far from the 30 s idle timeout.
+        assert!(took < Duration::from_secs(8), "failed after {took:?}");
+    });
+}
+
 /// A lost connection is replaced in the background, as the TCP carriers' is: after an agent
 /// restart, the carrier is connected again without waiting for a local connection.
 #[test]

@@ -34,6 +34,7 @@ impl Session {
         if !data.is_empty() {
             self.last_recv = now;
             self.probe = None;
+            self.answer_due = None;
         }
         let mut input = data;
         let mut decoder = std::mem::take(&mut self.decoder);

@@ -28,6 +28,10 @@ use crate::stream::{RecvState, SendState, Stream};
 /// A write at least this large is bulk: see [`Session::write`].
 const BULK_WRITE: usize = 16 * 1024;
 
+/// A carrier silent this long is probed at once by [`Session::expect_answer`]: a busy one is
+/// never this quiet, and an idle one pays one `PING` per new stream at most once a second.
+pub const QUIET_PROBE: Duration = Duration::from_secs(1);
+
 /// Which end of the carrier this session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -110,6 +114,9 @@ pub struct Session {
     /// A liveness probe (see [`Session::probe`]): when it started, and by when something must
     /// have arrived.
     probe: Option<(Instant, Instant)>,
+    /// See [`Session::expect_answer`]: by when something must have arrived before a probe
+    /// starts, and the probe's own wait.
+    answer_due: Option<(Instant, Duration)>,
     ping_counter: u64,
     rtt: Option<Duration>,
     min_rtt: Option<Duration>,
@@ -153,6 +160,7 @@ impl Session {
             recent: [None, None],
             ping_out: None,
             probe: None,
+            answer_due: None,
             ping_counter: 0,
             rtt: None,
             min_rtt: None,
@@ -271,6 +279,29 @@ impl Session {
         self.probe = Some((now, now + within));
         if self.ping_out.is_none() {
             self.queue_ping();
+        }
+    }
+
+    /// Work was just trusted to the carrier (a stream opened with zero round trips), so the
+    /// peer should answer soon (`OPEN_OK`, a refusal, data). If nothing at all arrives within
+    /// `within`, a [`probe`](Session::probe) starts, with `within` again for its answer; a
+    /// carrier already quiet for [`QUIET_PROBE`] is probed at once. A path that died an
+    /// instant ago, with no keepalive missed yet, is so found in one or two `within` instead
+    /// of the idle timeout (a connection made just after a path died waited 43 s).
+    ///
+    /// A slow answer costs no stream: a probe closes the carrier only if not even its `PING`
+    /// is answered. At most one probe per [`QUIET_PROBE`] of silence, well within the peer's
+    /// ping budget however many streams open.
+    pub fn expect_answer(&mut self, now: Instant, within: Duration) {
+        if self.closed.is_some() || self.probe.is_some() {
+            return;
+        }
+        self.now = now;
+        if self.silent_for(now) >= QUIET_PROBE {
+            self.answer_due = None;
+            self.probe(now, within);
+        } else if self.answer_due.is_none() {
+            self.answer_due = Some((now + within, within));
         }
     }
 

@@ -233,6 +233,9 @@ impl Session {
         if let Some((_, deadline)) = self.probe {
             t = t.min(deadline);
         }
+        if let Some((due, _)) = self.answer_due {
+            t = t.min(due);
+        }
         if self.role == Role::Server && self.auth != Auth::Done {
             t = t.min(self.created + self.config.auth_timeout);
         }
@@ -255,6 +258,12 @@ impl Session {
         if now >= self.last_recv + self.config.idle_timeout {
             self.close(CloseReason::Timeout, None);
             return;
+        }
+        if let Some((due, within)) = self.answer_due {
+            if now >= due {
+                self.answer_due = None;
+                self.probe(now, within);
+            }
         }
         if let Some((started, deadline)) = self.probe {
             if now >= deadline {

@@ -140,6 +140,9 @@ pub(super) struct Link {
     reaper: AtomicBool,
     /// Datagrams received so far, and when that count last moved (see [`Link::heard`]).
     rx: std::sync::Mutex<(u64, Instant)>,
+    /// See [`Link::expect_answer`]: the datagram count when the stream that waits opened,
+    /// when that was, and how long it waits.
+    answer_due: std::sync::Mutex<Option<(u64, Instant, Duration)>>,
 }
 
 impl Link {
@@ -152,6 +155,7 @@ impl Link {
             idle_epoch: AtomicU64::new(0),
             reaper: AtomicBool::new(false),
             rx: std::sync::Mutex::new((conn_rx(&conn), Instant::now())),
+            answer_due: std::sync::Mutex::new(None),
             conn,
         })
     }
@@ -193,6 +197,48 @@ impl Link {
             b"nothing heard from the agent",
         );
         false
+    }
+
+    /// A stream was just opened here: its first packets draw an acknowledgement within a
+    /// round trip from a live agent. If nothing at all arrives within `within`, the path is
+    /// dead and the connection is closed ([`watch_rx`] looks once a second), so the stream is
+    /// reset then rather than at the 30 s idle timeout (29 s for a connection made just after
+    /// the path died, in a user's test; `confirm_alive` only catches one silent for 7 s).
+    fn expect_answer(&self, within: Duration) {
+        let now_count = conn_rx(&self.conn);
+        let mut due = self.answer_due.lock().unwrap_or_else(|p| p.into_inner());
+        // An earlier stream still waiting keeps its (earlier) deadline; one already answered
+        // is replaced.
+        if !matches!(*due, Some((count, _, _)) if now_count <= count) {
+            *due = Some((now_count, Instant::now(), within));
+        }
+    }
+
+    /// [`Link::expect_answer`]'s check: `true` when the connection was closed for silence.
+    fn answer_overdue(&self) -> bool {
+        let heard = self.heard();
+        let mut due = self.answer_due.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((count, opened, within)) = *due else {
+            return false;
+        };
+        if conn_rx(&self.conn) > count {
+            *due = None;
+            return false;
+        }
+        if opened.elapsed() < within {
+            return false;
+        }
+        *due = None;
+        drop(due);
+        tracing::info!(
+            silent = ?heard.elapsed(),
+            "nothing heard from the agent since a stream was opened: closing the QUIC connection"
+        );
+        self.conn.close(
+            quinn::VarInt::from_u32(close::NORMAL),
+            b"nothing heard from the agent",
+        );
+        true
     }
 
     fn usable(&self) -> bool {
@@ -555,12 +601,17 @@ impl QuicCarrier {
                     quinn::WriteError::ConnectionLost(c) => c,
                     _ => quinn::ConnectionError::LocallyClosed,
                 })?;
-                Ok::<_, quinn::ConnectionError>(
+                let link = lease.link.clone();
+                Ok::<_, quinn::ConnectionError>((
                     QuicStream::new(send, recv, "agent", shown.clone()).with_lease(lease),
-                )
+                    link,
+                ))
             };
             match attempt.await {
-                Ok(s) => return Ok(s),
+                Ok((s, link)) => {
+                    link.expect_answer(self.connect_timeout);
+                    return Ok(s);
+                }
                 // The connection died under us (agent restarted, path gone): one fresh try.
                 Err(_) if !retried => retried = true,
                 Err(e) => return Err(self.conn_error(e.to_string())),
@@ -906,10 +957,9 @@ async fn watch_rx(link: Weak<Link>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(link) = link.upgrade() else { return };
-        if link.conn.close_reason().is_some() {
+        if link.conn.close_reason().is_some() || link.answer_overdue() {
             return;
         }
-        link.heard();
     }
 }
 
