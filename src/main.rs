@@ -306,6 +306,7 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
     let remote = connector.connect().await?;
     // Shutting stdout down only flushes it; the process exit closes fd 1.
     let stdio = forward_tunnel::relay::Joined::new(tokio::io::stdin(), tokio::io::stdout());
+    let relay_started = std::time::Instant::now();
     let relay = forward_tunnel::relay(stdio, remote);
     tokio::pin!(relay);
     let done = tokio::select! {
@@ -324,7 +325,7 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
         anyhow::anyhow!(
             "{}: {}",
             connector.describe(),
-            forward_tunnel::serve::explain(&e, "stdin/stdout", &connector)
+            forward_tunnel::serve::explain(&e, "stdin/stdout", &connector, relay_started.elapsed())
         )
     })?;
     tracing::debug!(up = stats.a_to_b, down = stats.b_to_a, "stdio relay done");

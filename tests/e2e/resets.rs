@@ -13,6 +13,7 @@ per_transport!(carrier_killed_mid_transfer);
 per_transport!(edge_aborts_mid_transfer: direct, agent_tls);
 per_transport!(service_resets_mid_transfer);
 per_transport!(failing_forward_does_not_disturb_others);
+per_transport!(a_long_upload_cut_is_not_blamed_on_the_service_bind: direct);
 
 /// Reads until the connection ends and asserts it ended with ECONNRESET. The client only reads
 /// (no concurrent writes): a failed write would consume the socket's pending error and let the
@@ -136,4 +137,33 @@ fn failing_forward_does_not_disturb_others(t: Transport) {
         .wait_line(Src::Stderr, "a log line naming the failing forward", |l| {
             l.contains(VM_FQDN) && l.contains(&port)
         });
+}
+
+/// An upload to a service that answers only at the end, cut after a while by the edge dying:
+/// the log says the connection broke, and not that nothing listens on the VM's port (the hint
+/// for an edge that hangs up right after the handshake, which a user was sent hunting for).
+fn a_long_upload_cut_is_not_blamed_on_the_service_bind(t: Transport) {
+    let sink = Backend::start(|mut sock, _tx| {
+        let mut buf = vec![0; CHUNK];
+        while matches!(sock.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let mut stack = Stack::start(t, &[sink.port]);
+    let mut fwd = stack.forward_to(sink.port);
+    let mut conn = fwd.local().connect();
+    let chunk = vec![0x33; CHUNK];
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        conn.write_all(&chunk).expect("uploading before the cut");
+    }
+    stack.kill_carrier();
+    while conn.write_all(&chunk).is_ok() {}
+    let line = fwd
+        .proc
+        .wait_line(Src::Stderr, "the cut connection's log line", |l| {
+            l.contains("connection failed")
+        });
+    assert!(
+        !line.contains("before any reply") && !line.contains("0.0.0.0"),
+        "a connection that ran for 1.5 s blamed on the service's bind: {line}"
+    );
 }

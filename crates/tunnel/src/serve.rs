@@ -98,8 +98,16 @@ pub async fn serve<C: Connector>(
 
 /// A relay error between a local side (`a`, named `local`) and a connector's remote (`b`),
 /// for the log line or `forward stdio`'s error: when the remote hung up before its first byte,
-/// the connector's hint says what is likely missing (nothing listening on the VM's port).
-pub fn explain<C: Connector>(e: &RelayError, local: &str, connector: &C) -> String {
+/// and within [`HANG_UP_HINT_WITHIN`] of the relay's start (`lasted`), the connector's hint
+/// says what is likely missing (nothing listening on the VM's port). A connection that ran for
+/// longer was reached: an upload to a service that answers only at the end, cut by an edge
+/// or service dying, had been pointed at a bind problem.
+pub fn explain<C: Connector>(
+    e: &RelayError,
+    local: &str,
+    connector: &C,
+    lasted: Duration,
+) -> String {
     let text = e.describe(local, "remote");
     // Reading from it or writing to it: both are how an edge's hang-up shows.
     let remote_failed = matches!(
@@ -107,12 +115,15 @@ pub fn explain<C: Connector>(e: &RelayError, local: &str, connector: &C) -> Stri
         (RelayError::Read { .. }, Direction::BToA) | (RelayError::Write { .. }, Direction::AToB)
     );
     match connector.hint_no_answer() {
-        Some(hint) if remote_failed && e.stats().b_to_a == 0 => {
+        Some(hint) if remote_failed && e.stats().b_to_a == 0 && lasted < HANG_UP_HINT_WITHIN => {
             format!("{text}; it hung up before any reply: {hint}")
         }
         _ => text,
     }
 }
+
+/// An edge with nothing behind the port hangs up right after the handshake.
+pub const HANG_UP_HINT_WITHIN: Duration = Duration::from_secs(1);
 
 static ACCEPT_FAILURES: crate::throttle::Throttle = crate::throttle::Throttle::new();
 
@@ -138,9 +149,10 @@ async fn handle<C: Connector>(
             }
         };
         tracing::debug!(after = ?started.elapsed(), "connected");
+        let relay_started = std::time::Instant::now();
         relay(local, remote)
             .await
-            .map_err(|e| explain(&e, "local", &*connector))
+            .map_err(|e| explain(&e, "local", &*connector, relay_started.elapsed()))
     };
     tokio::pin!(work);
     tokio::select! {
