@@ -196,7 +196,9 @@ pub async fn serve_all<C: Connector>(
         }
     }
     signals.recv().await;
-    tracing::info!("stopping: no new connections (a second Ctrl-C resets open ones at once)");
+    tracing::info!(
+        "stopping: no new connections (a second signal, Ctrl-C or SIGTERM, resets open ones at once)"
+    );
     // As with most servers, an impatient second signal means "now", not "after the grace".
     let (reset, when) = tokio::select! {
         reset = life.shutdown(grace) => (reset, "after the grace period"),
