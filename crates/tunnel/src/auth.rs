@@ -50,6 +50,21 @@ pub enum TokenError {
         /// What the OS said.
         cause: std::io::Error,
     },
+    /// Nothing in it.
+    #[error("token from {source_name} is empty; put the token in it (generate one with: openssl rand -hex 32)")]
+    Empty {
+        /// Where it came from.
+        source_name: String,
+    },
+    /// Several lines or control characters inside the token: a file holding something else
+    /// too, which would fail authentication with no hint why.
+    #[error("token from {source_name} contains {what}; put the token alone on one line (generate one with: openssl rand -hex 32)")]
+    Malformed {
+        /// Where it came from.
+        source_name: String,
+        /// What is wrong with it.
+        what: &'static str,
+    },
     /// Too short to resist guessing.
     #[error("token from {source_name} is too weak ({bits} bits); use at least 128 bits, e.g. openssl rand -hex 32")]
     TooWeak {
@@ -119,7 +134,23 @@ fn estimated_bits(s: &str) -> usize {
 impl Token {
     /// Builds a token from its text, refusing anything under 128 bits.
     pub fn new(text: &str, source_name: &str) -> Result<Self, TokenError> {
-        let t = text.trim();
+        // A byte-order mark (some Windows editors write one) is not part of the token.
+        let t = text.trim_start_matches('\u{feff}').trim();
+        let malformed = |what| TokenError::Malformed {
+            source_name: source_name.to_owned(),
+            what,
+        };
+        if t.is_empty() {
+            return Err(TokenError::Empty {
+                source_name: source_name.to_owned(),
+            });
+        }
+        if t.contains(['\n', '\r']) {
+            return Err(malformed("more than one line"));
+        }
+        if t.contains(char::is_control) {
+            return Err(malformed("control characters"));
+        }
         let bits = estimated_bits(t);
         if bits < 128 {
             return Err(TokenError::TooWeak {
@@ -273,6 +304,37 @@ mod tests {
         assert!(!t.verify(&c1, "vm1.vm.vers.sh", 9998, &p));
         let other = Token::new("ffeeddccbbaa99887766554433221100", "test").unwrap();
         assert!(!other.verify(&c1, "vm1.vm.vers.sh", 9999, &p));
+    }
+
+    #[test]
+    fn a_token_is_one_line_and_a_byte_order_mark_is_not_part_of_it() {
+        let e = |text: &str| Token::new(text, "t.txt").unwrap_err().to_string();
+        assert_eq!(
+            e(""),
+            "token from t.txt is empty; put the token in it (generate one with: openssl rand -hex 32)"
+        );
+        assert!(e(" \n").contains("is empty"));
+        let two = format!("{GOOD}\nsecond line\n");
+        assert!(
+            e(&two).contains("contains more than one line"),
+            "{}",
+            e(&two)
+        );
+        assert!(!e(&two).contains(GOOD), "the token leaked");
+        assert!(e(&format!("{GOOD}\r\n{GOOD}")).contains("more than one line"));
+        assert!(e(&format!("{GOOD}\u{7}")).contains("control characters"));
+        // Trailing newline, CRLF, a BOM: the same token.
+        let c = challenge();
+        let reference = Token::new(GOOD, "x").unwrap().prove(&c, "h", 1);
+        for same in [
+            format!("{GOOD}\n"),
+            format!("{GOOD}\r\n"),
+            format!("\u{feff}{GOOD}\n"),
+            format!("  {GOOD}  "),
+        ] {
+            let t = Token::new(&same, "x").unwrap_or_else(|e| panic!("{same:?}: {e}"));
+            assert_eq!(t.prove(&c, "h", 1), reference, "{same:?}");
+        }
     }
 
     #[test]
