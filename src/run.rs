@@ -195,7 +195,24 @@ pub async fn serve_all<C: Connector>(
             )));
         }
     }
-    signals.recv().await;
+    // ssh -L dies on SIGHUP (its terminal closed), and so do we, at once; but handled, so the
+    // listeners close on the way out and a Unix socket's file is removed (the default action
+    // left it behind).
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let hung_up = tokio::select! {
+        _ = signals.recv() => false,
+        _ = hangup.recv() => true,
+    };
+    if hung_up {
+        tracing::info!("SIGHUP: resetting open connections and exiting");
+        life.shutdown(Duration::ZERO).await;
+        for t in tasks {
+            t.await?;
+        }
+        // What a shell reports for a process the signal killed.
+        return Ok(128 + 1);
+    }
     tracing::info!(
         "stopping: no new connections (a second signal, Ctrl-C or SIGTERM, resets open ones at once)"
     );

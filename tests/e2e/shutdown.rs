@@ -11,6 +11,7 @@ use crate::stack::{Forward, Stack, Transport};
 per_transport!(sigterm_drains_open_connection);
 per_transport!(sigterm_exits_after_grace);
 per_transport!(second_signal_skips_the_grace: direct, agent_tls);
+per_transport!(sighup_ends_at_once_and_removes_the_socket_file: direct, agent_tcp);
 
 /// Asserts a clean exit 0. Death by SIGTERM itself means the signal arrived before forward had
 /// installed its handler, although it had already printed its `forwarding` lines (readiness):
@@ -169,4 +170,53 @@ fn a_connection_still_dialling_at_the_end_of_the_grace_is_reset() {
     fwd.proc.signal("TERM");
     assert_clean_exit(fwd.proc.wait_exit());
     assert_reset(conn, "a connection given up while dialling must be reset");
+}
+
+/// SIGHUP (the terminal closed) ends forward at once, as it ends `ssh -L`, whatever the grace:
+/// open connections are reset, the exit status is what a shell shows for death by SIGHUP, and
+/// a Unix socket's file is removed (the default action left it behind).
+fn sighup_ends_at_once_and_removes_the_socket_file(t: Transport) {
+    let backend = Backend::echo();
+    let stack = Stack::start(t, &[backend.port]);
+    let sock = stack.dir.join("hup.sock");
+    let target = stack.target(backend.port);
+    // A TCP side too: a Unix socket has no reset to show.
+    let mut fwd = stack.forward(
+        &["--grace", "120"],
+        &[
+            format!("{}:{target}", sock.display()),
+            format!("127.0.0.1:0:{target}"),
+        ],
+        2,
+    );
+    let tcp = fwd
+        .locals
+        .iter()
+        .find(|l| matches!(l, Local::Tcp(_)))
+        .unwrap()
+        .clone();
+    let mut conn = tcp.connect();
+    conn.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    conn.read_exact(&mut one).unwrap();
+    assert!(sock.exists());
+    let sent = Instant::now();
+    fwd.proc.signal("HUP");
+    let status = fwd.proc.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(129),
+        "exit status after SIGHUP: {status}"
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(60),
+        "forward waited {:?} after SIGHUP (grace 120 s)",
+        sent.elapsed()
+    );
+    assert!(
+        !sock.exists(),
+        "the socket file {} is left behind",
+        sock.display()
+    );
+    assert_reset(conn, "a connection cut by SIGHUP must be reset");
 }
