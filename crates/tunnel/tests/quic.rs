@@ -745,7 +745,13 @@ fn a_stream_on_a_silent_connection_fails_fast_and_the_next_one_reconnects() {
             .await
             .expect("the stream waited for the idle timeout")
             .expect_err("no agent there");
-        assert!(e.to_string().contains("no QUIC answer"), "{e}");
+        // Refused before it opens (the connection looked silent), or cut a moment after (it
+        // heard nothing once open: under load the silence can be noticed late).
+        let e = e.to_string();
+        assert!(
+            e.contains("no QUIC answer") || e.contains("connection to the agent lost"),
+            "{e}"
+        );
         assert!(started.elapsed() < Duration::from_secs(15));
 
         let b = agent_with(addr, cert, Duration::ZERO);
