@@ -108,7 +108,8 @@ struct Registry {
 
 #[derive(Default)]
 struct RegistryInner {
-    carriers: Vec<Weak<Carrier>>,
+    /// Each with the name its client got in the `101` (`upgrade::CARRIER_HEADER`).
+    carriers: Vec<(String, Weak<Carrier>)>,
     stopping: bool,
 }
 
@@ -119,12 +120,32 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn register(&self, carrier: &Arc<Carrier>) {
+    fn register(&self, id: String, carrier: &Arc<Carrier>) {
         let mut inner = self.lock();
-        inner.carriers.retain(|w| w.strong_count() > 0);
-        inner.carriers.push(Arc::downgrade(carrier));
+        inner.carriers.retain(|(_, w)| w.strong_count() > 0);
+        inner.carriers.push((id, Arc::downgrade(carrier)));
         if inner.stopping {
             carrier.go_away(GOING_AWAY);
+        }
+    }
+
+    /// Closes the carrier named `id`, which its client gave up (it reconnected naming it);
+    /// `false` if there is none (gone already, or never ours). Its streams are reset, so the
+    /// VM-side connections close now instead of when the silent carrier times out (a psql
+    /// backend holding locks stayed for minutes in a review).
+    fn replace(&self, id: &str, by: &Arc<Carrier>) -> bool {
+        let old = self
+            .lock()
+            .carriers
+            .iter()
+            .find(|(name, _)| name == id)
+            .and_then(|(_, w)| w.upgrade());
+        match old {
+            Some(c) if !Arc::ptr_eq(&c, by) => {
+                c.close("replaced: the client lost this carrier and reconnected");
+                true
+            }
+            _ => false,
         }
     }
 
@@ -132,7 +153,11 @@ impl Registry {
     fn stop(&self) -> usize {
         let mut inner = self.lock();
         inner.stopping = true;
-        let live: Vec<_> = inner.carriers.iter().filter_map(Weak::upgrade).collect();
+        let live: Vec<_> = inner
+            .carriers
+            .iter()
+            .filter_map(|(_, w)| w.upgrade())
+            .collect();
         for c in &live {
             c.go_away(GOING_AWAY);
         }
@@ -143,7 +168,7 @@ impl Registry {
         self.lock()
             .carriers
             .iter()
-            .filter_map(Weak::upgrade)
+            .filter_map(|(_, w)| w.upgrade())
             .collect()
     }
 }
@@ -403,8 +428,13 @@ async fn serve_conn<S>(
         return;
     };
     let challenge = auth::challenge();
+    let carrier_id = auth::to_hex(&auth::challenge()[..upgrade::CARRIER_ID_LEN / 2]);
+    let replaces = head
+        .header(upgrade::REPLACES_HEADER)
+        .filter(|v| upgrade::is_carrier_id(v))
+        .map(str::to_owned);
     if let Err(e) = s
-        .write_all(upgrade::switching(&auth::to_hex(&challenge)).as_bytes())
+        .write_all(upgrade::switching(&auth::to_hex(&challenge), &carrier_id).as_bytes())
         .await
     {
         tracing::debug!(error = %e, "client left during the upgrade");
@@ -465,7 +495,15 @@ async fn serve_conn<S>(
         return;
     }
     tracing::info!(%host, port, "carrier authenticated");
-    carriers.register(&carrier);
+    carriers.register(carrier_id, &carrier);
+    // Only now, authenticated: a stranger who saw a name (plain TCP) cannot use it.
+    if let Some(old) = replaces {
+        if carriers.replace(&old, &carrier) {
+            tracing::info!(
+                "closed the carrier this client lost before reconnecting; its streams were reset"
+            );
+        }
+    }
     loop {
         let (id, target) = tokio::select! {
             reason = carrier.closed() => {

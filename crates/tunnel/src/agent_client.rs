@@ -70,6 +70,11 @@ struct LinkState {
     failures: u32,
     last_attempt: Option<Instant>,
     last_error: Option<String>,
+    /// The agent's name for `current` (`upgrade::CARRIER_HEADER`; older agents send none).
+    current_id: Option<String>,
+    /// The name of the carrier this link last lost: the next carrier's upgrade names it, so
+    /// the agent closes it and its VM-side connections at once.
+    lost_id: Option<String>,
 }
 
 impl LinkState {
@@ -82,6 +87,7 @@ impl LinkState {
             return false;
         }
         self.current = None;
+        self.lost_id = self.current_id.take();
         if !c.is_authenticated() {
             self.failures = self.failures.saturating_add(1);
             self.last_attempt = Some(Instant::now());
@@ -116,6 +122,9 @@ const USER_RETRY: Duration = Duration::from_secs(1);
 /// ours); this much longer (a slow round trip) and a carrier is pinged before it gets a new
 /// stream.
 const SILENCE_MARGIN: Duration = Duration::from_secs(2);
+
+/// A new carrier and the agent's name for it, if it gave one.
+type Established = (Arc<Carrier>, Option<String>);
 
 /// How one attempt at a carrier ended, when not with an authenticated one.
 enum Attempt {
@@ -160,6 +169,8 @@ impl AgentLink {
                 failures: 0,
                 last_attempt: None,
                 last_error: None,
+                current_id: None,
+                lost_id: None,
             }),
             one_connection: std::sync::atomic::AtomicBool::new(false),
             closing: tokio_util::sync::CancellationToken::new(),
@@ -209,11 +220,14 @@ impl AgentLink {
             }
         }
         st.last_attempt = Some(Instant::now());
-        match self.establish().await {
-            Ok(c) => {
+        let replaces = st.lost_id.clone();
+        match self.establish(replaces.as_deref()).await {
+            Ok((c, id)) => {
                 // `failures` is reset by the watcher once the agent accepts the proof.
                 st.last_error = None;
                 st.current = Some(c.clone());
+                st.current_id = id;
+                st.lost_id = None;
                 tokio::spawn(watch(Arc::downgrade(self), c.clone()));
                 Ok(c)
             }
@@ -260,7 +274,7 @@ impl AgentLink {
         if let Some(c) = st.overflow.iter().find(|c| c.has_room()) {
             return Ok(c.clone());
         }
-        let c = self.establish().await?;
+        let (c, _) = self.establish(None).await?;
         tracing::debug!(link = %self.describe(), carriers = st.overflow.len() + 2, "opened an overflow carrier");
         st.overflow.push(c.clone());
         tokio::spawn(reap_overflow(Arc::downgrade(self), c.clone()));
@@ -281,11 +295,11 @@ impl AgentLink {
     /// without a word (nothing listening behind the edge), is not. Streams go only on an authenticated carrier, which is what
     /// makes the retry safe: nothing of theirs was sent yet. The price is one round trip on the
     /// first connection of a carrier; later ones still cost none.
-    async fn establish(&self) -> Result<Arc<Carrier>, DialError> {
+    async fn establish(&self, replaces: Option<&str>) -> Result<Established, DialError> {
         // `close` must not wait behind a connect to a gone agent, which holds the link's lock
         // for up to a timeout per stage (Ctrl-C during an outage).
         tokio::select! {
-            r = self.establish_until_closed() => r,
+            r = self.establish_until_closed(replaces) => r,
             _ = self.closing.cancelled() => Err(DialError::Agent(format!(
                 "{}: the client is closing",
                 self.describe()
@@ -293,11 +307,14 @@ impl AgentLink {
         }
     }
 
-    async fn establish_until_closed(&self) -> Result<Arc<Carrier>, DialError> {
+    async fn establish_until_closed(
+        &self,
+        replaces: Option<&str>,
+    ) -> Result<Established, DialError> {
         let deadline = Instant::now() + self.config.timeout;
         let mut attempt = 0u32;
         loop {
-            match self.establish_once().await {
+            match self.establish_once(replaces).await {
                 Ok(c) => return Ok(c),
                 Err(Attempt::Dropped(e)) => {
                     let pause = jittered_from(DROPPED_RETRY_BASE, attempt);
@@ -313,18 +330,18 @@ impl AgentLink {
         }
     }
 
-    async fn establish_once(&self) -> Result<Arc<Carrier>, Attempt> {
+    async fn establish_once(&self, replaces: Option<&str>) -> Result<Established, Attempt> {
         let c = &self.config;
         let tcp = connect_tcp(&c.host, c.edge.as_deref(), c.port, c.timeout).await?;
         let label = format!("{}:{}", c.host, c.port);
-        let carrier = match &c.transport {
-            CarrierTransport::Tcp => self.upgrade(tcp, label).await?,
+        let (carrier, id) = match &c.transport {
+            CarrierTransport::Tcp => self.upgrade(tcp, label, replaces).await?,
             CarrierTransport::Tls(tls) => {
                 let name = ServerName::try_from(c.host.clone())
                     .map_err(|_| DialError::BadName(c.host.clone()))?;
                 let connector = tokio_rustls::TlsConnector::from(tls.clone());
                 let stream = tls_handshake(&connector, name, &c.host, tcp, c.timeout).await?;
-                self.upgrade(stream, label).await?
+                self.upgrade(stream, label, replaces).await?
             }
         };
         let who = self.describe();
@@ -335,7 +352,7 @@ impl AgentLink {
         match tokio::time::timeout(c.timeout, carrier.wait_authed()).await {
             Ok(Ok(())) => {
                 tracing::info!(link = %who, "carrier up");
-                Ok(carrier)
+                Ok((carrier, id))
             }
             Ok(Err(reason)) if reason == CloseReason::AuthRejected.to_string() => {
                 Err(Attempt::Failed(DialError::Agent(format!("{who}: {reason}"))))
@@ -354,14 +371,19 @@ impl AgentLink {
         }
     }
 
-    async fn upgrade<S>(&self, mut s: S, label: String) -> Result<Arc<Carrier>, Attempt>
+    async fn upgrade<S>(
+        &self,
+        mut s: S,
+        label: String,
+        replaces: Option<&str>,
+    ) -> Result<Established, Attempt>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let c = &self.config;
         let who = self.describe();
         let exchange = async {
-            s.write_all(upgrade::request(&c.host, c.port).as_bytes())
+            s.write_all(upgrade::request_replacing(&c.host, c.port, replaces).as_bytes())
                 .await?;
             upgrade::read_head(&mut s).await
         };
@@ -420,13 +442,18 @@ impl AgentLink {
                 c.port
             ))));
         };
+        let id = parsed
+            .as_ref()
+            .and_then(|h| h.header(upgrade::CARRIER_HEADER))
+            .filter(|v| upgrade::is_carrier_id(v))
+            .map(str::to_owned);
         let proof = c.token.prove(&challenge, &c.host, c.port);
         let session = Session::client(c.mux.clone(), std::time::Instant::now());
         let (carrier, _) = Carrier::start(s, session, leftover, label);
         carrier
             .send_auth(&proof)
             .map_err(|e| Attempt::Failed(DialError::Agent(format!("{who}: {e}"))))?;
-        Ok(carrier)
+        Ok((carrier, id))
     }
 }
 

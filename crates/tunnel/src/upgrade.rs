@@ -19,6 +19,20 @@ pub const MAX_HEAD: usize = 8 * 1024;
 pub const TUNNEL_PATH: &str = "/v1/tunnel";
 /// Header carrying the challenge.
 pub const CHALLENGE_HEADER: &str = "forward-challenge";
+/// The agent's name for the carrier, in its `101`: a client that later loses the carrier
+/// names it again when it reconnects ([`REPLACES_HEADER`]).
+pub const CARRIER_HEADER: &str = "forward-carrier";
+/// In a client's upgrade request: the carrier it lost and replaces. Once the new carrier
+/// authenticates, the agent closes the old one, and with it the VM-side connections of its
+/// streams (the client reset them when it gave the carrier up).
+pub const REPLACES_HEADER: &str = "forward-replaces";
+/// Length of a carrier name: 16 random bytes as hex.
+pub const CARRIER_ID_LEN: usize = 32;
+
+/// Whether `v` has the form of a carrier name.
+pub fn is_carrier_id(v: &str) -> bool {
+    v.len() == CARRIER_ID_LEN && v.bytes().all(|b| b.is_ascii_hexdigit())
+}
 
 /// What [`read_head`] fails with when the first byte cannot start an HTTP head: the byte.
 #[derive(Debug)]
@@ -155,6 +169,11 @@ impl Head {
 
 /// The client's request.
 pub fn request(host: &str, port: u16) -> String {
+    request_replacing(host, port, None)
+}
+
+/// The client's request, naming the carrier it lost, if any (see [`REPLACES_HEADER`]).
+pub fn request_replacing(host: &str, port: u16, replaces: Option<&str>) -> String {
     // An IPv6 literal goes in brackets, or the agent would read its last group as the port and
     // check the proof against the wrong host.
     let host = if host.contains(':') && !host.starts_with('[') {
@@ -162,16 +181,20 @@ pub fn request(host: &str, port: u16) -> String {
     } else {
         host.to_owned()
     };
+    let replaces = replaces
+        .filter(|id| is_carrier_id(id))
+        .map(|id| format!("Forward-Replaces: {id}\r\n"))
+        .unwrap_or_default();
     format!(
-        "GET {TUNNEL_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nUser-Agent: forward/{}\r\n\r\n",
+        "GET {TUNNEL_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\n{replaces}User-Agent: forward/{}\r\n\r\n",
         env!("CARGO_PKG_VERSION")
     )
 }
 
-/// The agent's 101 with the challenge.
-pub fn switching(challenge_hex: &str) -> String {
+/// The agent's 101 with the challenge and the carrier's name.
+pub fn switching(challenge_hex: &str, carrier_id: &str) -> String {
     format!(
-        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nForward-Challenge: {challenge_hex}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nForward-Challenge: {challenge_hex}\r\nForward-Carrier: {carrier_id}\r\n\r\n"
     )
 }
 

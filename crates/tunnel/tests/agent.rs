@@ -1069,6 +1069,99 @@ async fn a_carrier_that_authenticates_during_the_drain_is_told_to_go_away() {
     }
 }
 
+/// A target that reports when its one connection ends.
+async fn target_reporting_its_end() -> (u16, tokio::sync::oneshot::Receiver<()>) {
+    let l = TcpListener::bind("[::1]:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        let _ = tx.send(());
+    });
+    (port, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reconnects_naming_its_lost_carrier_gets_it_closed() {
+    // A client that gave a carrier up (silent path) resets its streams; the agent, which heard
+    // nothing, kept the carrier and its VM-side connections until its idle timeout (a psql
+    // backend holding locks for minutes). The reconnecting client names the old carrier.
+    // (An idle timeout beyond the test's patience: only the replacement can end the old one.)
+    let agent = start_agent(|c| c.mux.idle_timeout = Duration::from_secs(600));
+    let (port, mut ended) = target_reporting_its_end().await;
+    let mut lost = Raw::authenticated(agent.addr).await;
+    lost.send(&open_frame(1, "", port)).await.unwrap();
+    lost.send(&data_frame(1, b"BEGIN;", false)).await.unwrap();
+    loop {
+        match lost.next_frame().await {
+            Some(Frame::OpenOk { id: 1 }) => break,
+            Some(Frame::Ping { .. }) => {}
+            other => panic!("want OPEN_OK, got {other:?}"),
+        }
+    }
+
+    // Neither a name the agent does not know nor a failed authentication closes anything.
+    let _other = Raw::authenticated_replacing(agent.addr, Some(&"0".repeat(32))).await;
+    let mut stranger = Raw::upgrade_replacing(agent.addr, Some(&lost.id)).await;
+    stranger.send(&auth_frame(&[0u8; 32])).await.unwrap();
+    assert_eq!(stranger.next_frame().await, Some(Frame::AuthFail));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut ended)
+            .await
+            .is_err(),
+        "the target connection ended without a successful replacement"
+    );
+
+    let _new = Raw::authenticated_replacing(agent.addr, Some(&lost.id)).await;
+    within("the lost carrier's target connection to close", ended)
+        .await
+        .unwrap();
+    assert!(matches!(
+        lost.ending().await,
+        Ending::GoAway(..) | Ending::Closed
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_names_the_carrier_it_gave_up_and_the_agent_closes_its_connections() {
+    let agent = start_agent(|c| c.mux.idle_timeout = Duration::from_secs(600));
+    let (port, ended) = target_reporting_its_end().await;
+    let echo = echo_server("[::1]:0").await;
+    let proxy = Proxy::start(agent.addr).await;
+    let mut cfg = link_config(proxy.addr, token());
+    cfg.mux.idle_timeout = Duration::from_secs(600);
+    cfg.timeout = Duration::from_secs(1);
+    let link = AgentLink::new(cfg);
+    let mut held = connector(&link, "", port).connect().await.unwrap();
+    held.write_all(b"BEGIN;").await.unwrap();
+    within("the target to be reached", held.opened())
+        .await
+        .unwrap();
+
+    // The path dies; a new connection finds the carrier dead and the link gives it up.
+    proxy.freeze();
+    let c = connector(&link, "", echo.port());
+    let mut doomed = c.connect().await.unwrap();
+    let _ = doomed.write_all(b"x").await;
+    let (_, end) = within(
+        "the connection on the dead carrier to end",
+        drain(&mut doomed),
+    )
+    .await;
+    end.expect_err("reset");
+
+    // The path is back: the next carrier names the lost one, and the agent ends its streams.
+    proxy.thaw();
+    echo_round_trip(&c, 71, 1000)
+        .await
+        .expect("a new carrier through the healed path");
+    within("the lost carrier's VM-side connection to close", ended)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_left_at_the_end_of_the_drain_are_reset_not_closed() {
     let agent = start_agent_full(

@@ -333,6 +333,8 @@ pub async fn released(what: &str, local_port: u16, peer_port: u16) {
 pub struct Raw {
     pub s: TcpStream,
     pub challenge: Vec<u8>,
+    /// The agent's name for this carrier, from its `101`.
+    pub id: String,
     dec: Decoder,
     pending: Vec<u8>,
     eof: bool,
@@ -371,19 +373,26 @@ pub fn data_frame(id: u32, payload: &[u8], fin: bool) -> Vec<u8> {
 impl Raw {
     /// TCP connect and the upgrade; the challenge is taken from the 101.
     pub async fn upgrade(agent: SocketAddr) -> Raw {
+        Raw::upgrade_replacing(agent, None).await
+    }
+
+    /// [`Raw::upgrade`], naming a carrier this client lost.
+    pub async fn upgrade_replacing(agent: SocketAddr, replaces: Option<&str>) -> Raw {
         let mut s = TcpStream::connect(agent).await.unwrap();
-        s.write_all(upgrade::request(&agent.ip().to_string(), agent.port()).as_bytes())
-            .await
-            .unwrap();
+        let request = upgrade::request_replacing(&agent.ip().to_string(), agent.port(), replaces);
+        s.write_all(request.as_bytes()).await.unwrap();
         let (head, leftover) = within("101 from the agent", upgrade::read_head(&mut s))
             .await
             .unwrap();
         let h = Head::parse(&head).expect("an HTTP response");
         assert_eq!(h.second, "101", "{head}");
         let challenge = auth::from_hex(h.header(upgrade::CHALLENGE_HEADER).unwrap()).unwrap();
+        let id = h.header(upgrade::CARRIER_HEADER).unwrap().to_owned();
+        assert!(upgrade::is_carrier_id(&id), "{id}");
         Raw {
             s,
             challenge,
+            id,
             dec: Decoder::new(),
             pending: leftover,
             eof: false,
@@ -392,7 +401,12 @@ impl Raw {
 
     /// Upgrade plus a correct AUTH, answered by AUTH_OK.
     pub async fn authenticated(agent: SocketAddr) -> Raw {
-        let mut raw = Raw::upgrade(agent).await;
+        Raw::authenticated_replacing(agent, None).await
+    }
+
+    /// [`Raw::authenticated`], naming a carrier this client lost.
+    pub async fn authenticated_replacing(agent: SocketAddr, replaces: Option<&str>) -> Raw {
+        let mut raw = Raw::upgrade_replacing(agent, replaces).await;
         let proof = token().prove(&raw.challenge, &agent.ip().to_string(), agent.port());
         raw.send(&auth_frame(&proof)).await.unwrap();
         assert_eq!(raw.next_frame().await, Some(Frame::AuthOk));
