@@ -14,6 +14,8 @@ per_transport!(edge_aborts_mid_transfer: direct, agent_tls);
 per_transport!(service_resets_mid_transfer);
 per_transport!(failing_forward_does_not_disturb_others);
 per_transport!(a_long_upload_cut_is_not_blamed_on_the_service_bind: direct);
+per_transport!(forward_killed_mid_download);
+per_transport!(agent_killed_mid_upload: agent_tls, agent_tcp, quic);
 
 /// Reads until the connection ends and asserts it ended with ECONNRESET. The client only reads
 /// (no concurrent writes): a failed write would consume the socket's pending error and let the
@@ -166,4 +168,67 @@ fn a_long_upload_cut_is_not_blamed_on_the_service_bind(t: Transport) {
         !line.contains("before any reply") && !line.contains("0.0.0.0"),
         "a connection that ran for 1.5 s blamed on the service's bind: {line}"
     );
+}
+
+/// forward itself dies (kill -9, the OOM killer): the kernel closes its sockets, and the local
+/// client must see a reset, not the FIN of an orderly end that would pass the cut download off
+/// as whole (`nc > file`, an HTTP/1.0 body).
+fn forward_killed_mid_download(t: Transport) {
+    let backend = endless_source();
+    let stack = Stack::start(t, &[backend.port]);
+    let mut fwd = stack.forward_to(backend.port);
+    let mut conn = fwd.local().connect();
+    let got = read_at_least(&mut conn, 1024 * 1024);
+    fwd.proc.kill();
+    expect_reset(conn, got);
+}
+
+/// The agent dies mid-upload: the VM service must see its connection reset, not an orderly
+/// end that would pass the cut upload off as whole.
+fn agent_killed_mid_upload(t: Transport) {
+    let sink = Backend::start(|mut sock, tx| {
+        let mut buf = vec![0; CHUNK];
+        let mut total = 0;
+        let mut started = false;
+        let note = loop {
+            match sock.read(&mut buf) {
+                Ok(0) => break "eof".to_string(),
+                Ok(n) => total += n,
+                Err(e) => break format!("{:?}", e.kind()),
+            }
+            if !started && total >= 1 << 20 {
+                // The upload is under way end to end: the test may kill the agent now.
+                started = true;
+                let _ = tx.send(crate::net::Report {
+                    received: total,
+                    hash: Default::default(),
+                    note: "started".into(),
+                });
+            }
+        };
+        let _ = tx.send(crate::net::Report {
+            received: total,
+            hash: Default::default(),
+            note,
+        });
+    });
+    let mut stack = Stack::start(t, &[]);
+    let fwd = stack.forward(
+        &[],
+        &[format!("127.0.0.1:0:{}", stack.target(sink.port))],
+        1,
+    );
+    let mut conn = fwd.local().connect();
+    let chunk = vec![0x44; CHUNK];
+    let writer = thread::spawn(move || while conn.write_all(&chunk).is_ok() {});
+    assert_eq!(sink.next_report().note, "started");
+    stack.kill_agent();
+    let report = sink.next_report();
+    assert_eq!(
+        report.note, "ConnectionReset",
+        "the service saw {} after {} bytes; want a reset",
+        report.note, report.received
+    );
+    drop(fwd);
+    let _ = writer.join();
 }

@@ -172,6 +172,8 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
+                // A killed forward resets its clients' connections instead of ending them.
+                crate::relay::arm_reset_on_exit(&s);
                 Ok((LocalStream::Tcp(s), peer.to_string()))
             }
             Listener::Unix(l, path) => {
@@ -233,6 +235,12 @@ impl Endpoint for LocalStream {
     fn abort(&self) {
         if let LocalStream::Tcp(s) = self {
             s.abort();
+        }
+    }
+
+    fn before_shutdown(&self) {
+        if let LocalStream::Tcp(s) = self {
+            s.before_shutdown();
         }
     }
 

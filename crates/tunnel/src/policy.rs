@@ -163,6 +163,8 @@ impl TargetPolicy {
                     if let Err(e) = tune_tcp(&s) {
                         tracing::debug!(error = %e, "could not tune target socket");
                     }
+                    // A killed agent resets the service's connection instead of ending it.
+                    crate::relay::arm_reset_on_exit(&s);
                     // After a refusal on ::1, 127.0.0.1 may be another program on the same
                     // port: name what answered, for whoever wonders why the service is odd.
                     if i > 0 {

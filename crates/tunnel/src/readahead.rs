@@ -124,6 +124,10 @@ impl<T: Endpoint> Endpoint for ReadAhead<T> {
         self.inner.abort();
     }
 
+    fn before_shutdown(&self) {
+        self.inner.before_shutdown();
+    }
+
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         self.inner.poll_reset(cx)
     }

@@ -53,6 +53,11 @@ pub trait Endpoint: AsyncRead + AsyncWrite + Unpin + Send {
     /// Make the coming close abortive. The default does nothing (pipes, stdio, in-memory streams).
     fn abort(&self) {}
 
+    /// The relay is about to end this side's write direction in order (its source ended
+    /// cleanly). A TCP socket armed with [`arm_reset_on_exit`] is disarmed here, so the FIN it
+    /// sends and the close after it stay graceful. The default does nothing.
+    fn before_shutdown(&self) {}
+
     /// Ready with an error once the peer reset the connection. The relay polls it only after
     /// this endpoint's read side ended: a peer that half-closes and then resets would
     /// otherwise go unnoticed for as long as the other side stays silent, and that side would
@@ -76,10 +81,28 @@ pub trait Endpoint: AsyncRead + AsyncWrite + Unpin + Send {
     }
 }
 
+/// Makes the socket's close abortive (SO_LINGER 0) until the relay disarms it before an
+/// orderly shutdown ([`Endpoint::before_shutdown`]). For the sockets that carry a user's bytes
+/// in the clear (a local client's, the agent's to its target): if the process dies (kill -9,
+/// the OOM killer, a panic that aborts), the kernel then resets them instead of sending a FIN,
+/// and a client that frames nothing itself (`nc > file`, an HTTP/1.0 body, a dump) does not
+/// take a cut download for a whole one.
+pub fn arm_reset_on_exit(s: &tokio::net::TcpStream) {
+    if let Err(e) = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "could not set SO_LINGER 0");
+    }
+}
+
 impl Endpoint for tokio::net::TcpStream {
     fn abort(&self) {
         if let Err(e) = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO)) {
             tracing::debug!(error = %e, "could not set SO_LINGER 0 for an abortive close");
+        }
+    }
+
+    fn before_shutdown(&self) {
+        if let Err(e) = socket2::SockRef::from(self).set_linger(None) {
+            tracing::debug!(error = %e, "could not clear SO_LINGER before an orderly close");
         }
     }
 
@@ -113,6 +136,9 @@ impl<T: Endpoint> Endpoint for tokio_rustls::client::TlsStream<T> {
     fn abort(&self) {
         self.get_ref().0.abort();
     }
+    fn before_shutdown(&self) {
+        self.get_ref().0.before_shutdown();
+    }
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         self.get_mut().0.poll_reset(cx)
     }
@@ -121,6 +147,9 @@ impl<T: Endpoint> Endpoint for tokio_rustls::client::TlsStream<T> {
 impl<T: Endpoint> Endpoint for tokio_rustls::server::TlsStream<T> {
     fn abort(&self) {
         self.get_ref().0.abort();
+    }
+    fn before_shutdown(&self) {
+        self.get_ref().0.before_shutdown();
     }
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         self.get_mut().0.poll_reset(cx)
@@ -131,6 +160,9 @@ impl<T: Endpoint> Endpoint for tokio_rustls::TlsStream<T> {
     fn abort(&self) {
         self.get_ref().0.abort();
     }
+    fn before_shutdown(&self) {
+        self.get_ref().0.before_shutdown();
+    }
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         self.get_mut().0.poll_reset(cx)
     }
@@ -139,6 +171,9 @@ impl<T: Endpoint> Endpoint for tokio_rustls::TlsStream<T> {
 impl<T: Endpoint + ?Sized> Endpoint for Box<T> {
     fn abort(&self) {
         (**self).abort();
+    }
+    fn before_shutdown(&self) {
+        (**self).before_shutdown();
     }
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         (**self).poll_reset(cx)
@@ -156,6 +191,9 @@ impl<T: Endpoint + ?Sized> Endpoint for Box<T> {
 impl<T: Endpoint + ?Sized> Endpoint for &mut T {
     fn abort(&self) {
         (**self).abort();
+    }
+    fn before_shutdown(&self) {
+        (**self).before_shutdown();
     }
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         (**self).poll_reset(cx)
@@ -529,6 +567,8 @@ struct Half {
     need_flush: bool,
     /// The last fill used the whole buffer: grow it before the next one.
     full: bool,
+    /// `before_shutdown` was called on the destination.
+    shutting_down: bool,
     done: bool,
     bytes: u64,
 }
@@ -542,7 +582,7 @@ impl Half {
     ) -> Poll<Result<(), (Op, io::Error)>>
     where
         R: Endpoint + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
+        W: Endpoint + ?Sized,
     {
         if self.done {
             return Poll::Ready(Ok(()));
@@ -593,6 +633,10 @@ impl Half {
                 self.need_flush = false;
             }
             if self.read_eof {
+                if !self.shutting_down {
+                    self.shutting_down = true;
+                    dst.before_shutdown();
+                }
                 ready!(Pin::new(&mut *dst).poll_shutdown(cx)).map_err(|e| (Op::Shutdown, e))?;
                 tracing::trace!(bytes = self.bytes, "half done");
                 self.done = true;

@@ -211,6 +211,10 @@ impl Endpoint for Killable {
         self.inner.abort();
     }
 
+    fn before_shutdown(&self) {
+        self.inner.before_shutdown();
+    }
+
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         self.inner.poll_reset(cx)
     }
