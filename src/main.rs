@@ -303,6 +303,8 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
     // connection: sshd logged a reset instead of "disconnected by user".
     let mut hangup = signal(SignalKind::hangup())
         .map_err(|e| anyhow::anyhow!("installing the SIGHUP handler: {e}"))?;
+    let mut terminate = signal(SignalKind::terminate())
+        .map_err(|e| anyhow::anyhow!("installing the SIGTERM handler: {e}"))?;
     let remote = connector.connect().await?;
     // Shutting stdout down only flushes it; the process exit closes fd 1.
     let stdio = forward_tunnel::relay::Joined::new(tokio::io::stdin(), tokio::io::stdout());
@@ -319,6 +321,13 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
             let end = tokio::time::timeout(HANGUP_GRACE, &mut relay).await;
             tracing::debug!(?end, "stdio relay after SIGHUP");
             return Ok(0);
+        }
+        _ = terminate.recv() => {
+            // Killed by a supervisor or `kill`: the connection is cut, so the far side must see
+            // a reset (dropping the relay resets the remote; the caller then closes the carrier,
+            // which a QUIC agent would otherwise notice only at its 30 s idle timeout).
+            tracing::info!("SIGTERM: resetting the connection and exiting");
+            return Ok(128 + 15);
         }
     };
     let stats = done.map_err(|e| {

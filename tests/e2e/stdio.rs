@@ -14,6 +14,7 @@ per_transport!(stdio_reaches_another_host_through_the_agent: agent_tls, quic);
 per_transport!(sighup_from_ssh_still_delivers_what_stdin_held);
 per_transport!(an_upload_that_outlives_the_answer_arrives_whole_before_exit);
 per_transport!(a_lost_path_ends_stdio_with_one_error_line: direct, agent_tls, agent_tcp);
+per_transport!(sigterm_resets_the_service_connection_at_once);
 
 fn stdio_pipes_bytes_both_ways(t: Transport) {
     let backend = Backend::echo();
@@ -200,4 +201,40 @@ fn stdio_to_a_port_with_nothing_behind_it_says_so() {
         1,
         "{err}"
     );
+}
+
+/// SIGTERM (a supervisor, `kill`) cuts `forward stdio` mid-upload: the service sees a reset at
+/// once, not a clean end, and over QUIC not only at the agent's 30 s idle timeout; the exit
+/// status is what a shell shows for death by SIGTERM.
+fn sigterm_resets_the_service_connection_at_once(t: Transport) {
+    let backend = Backend::sink(std::time::Duration::ZERO);
+    let stack = Stack::start(t, &[backend.port]);
+    let (mut proc, _stdout, mut stdin) = spawn_stdio(&stack, &stack.target(backend.port));
+    Payload::new(rand::random(), 1024 * 1024)
+        .send(&mut stdin)
+        .expect("write to forward's stdin");
+    stdin.flush().unwrap();
+    // Wait until bytes flow end to end (the sink reports only at the end).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = std::time::Instant::now();
+    proc.signal("TERM");
+    let status = proc.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "forward stdio exited with {status}"
+    );
+    let r = backend.next_report();
+    assert!(
+        r.note.contains("reset"),
+        "the service saw {:?} after {} bytes; want a reset",
+        r.note,
+        r.received
+    );
+    assert!(
+        sent.elapsed() < std::time::Duration::from_secs(15),
+        "the service learned of the cut after {:?}",
+        sent.elapsed()
+    );
+    drop(stdin);
 }
