@@ -715,6 +715,45 @@ async fn a_connection_made_as_the_path_dies_is_reset_within_two_connect_timeouts
     proxy.thaw();
 }
 
+/// An agent that accepts and never answers (a blackholed path behind a proxy, a hung agent):
+/// the local connections that arrive while one carrier attempt runs all get its failure when
+/// it ends, instead of each waiting for an attempt of its own (one failure per connect timeout
+/// while the rest piled up, in a user's outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_waiting_on_a_mute_agent_all_fail_with_the_one_attempt() {
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = mute.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((s, _)) = mute.accept().await {
+            conns.push(s);
+        }
+    });
+    let mut cfg = link_config(addr, token());
+    cfg.timeout = Duration::from_secs(1);
+    let link = AgentLink::new(cfg);
+    let started = std::time::Instant::now();
+    let mut tries = Vec::new();
+    for _ in 0..8 {
+        let c = connector(&link, "", 9);
+        tries.push(tokio::spawn(async move { c.connect().await.map(drop) }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for t in tries {
+        let e = within("a waiting connection to fail", t)
+            .await
+            .unwrap()
+            .expect_err("no agent answers");
+        assert!(e.to_string().contains("no answer to the upgrade"), "{e}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "8 connections failed after {took:?}"
+    );
+    held.abort();
+}
+
 /// Closing (Ctrl-C, the end of `forward stdio`) does not wait behind a connect in progress,
 /// which can take a timeout per stage when the agent does not answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

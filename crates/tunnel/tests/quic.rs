@@ -803,6 +803,45 @@ fn a_stream_opened_as_the_agent_vanishes_fails_after_the_connect_timeout() {
     });
 }
 
+/// With the agent unreachable and no connection up, local connections that arrive while one
+/// attempt runs all get its failure, and none waits out a backoff: before, one of them failed
+/// per connect timeout and the rest piled up (thousands of descriptors in a user's outage).
+#[test]
+fn connections_waiting_on_a_dead_agent_all_fail_with_the_one_attempt() {
+    let (main, doomed, _cert, a) = killable_agent();
+    let c = main.block_on(async {
+        let mut cfg = carrier_config(&a, AgentVerify::Pin(a.pin), TOKEN);
+        cfg.connect_timeout = Duration::from_secs(1);
+        Arc::new(QuicCarrier::new(cfg).unwrap())
+    });
+    drop(doomed);
+    main.block_on(async {
+        let started = std::time::Instant::now();
+        let mut opens = Vec::new();
+        for _ in 0..8 {
+            let c = c.clone();
+            opens.push(tokio::spawn(async move {
+                c.open("localhost", 9).await.map(drop)
+            }));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for o in opens {
+            let e = tokio::time::timeout(Duration::from_secs(30), o)
+                .await
+                .expect("an open still waiting after 30 s")
+                .unwrap()
+                .expect_err("no agent there");
+            assert!(e.to_string().contains("no QUIC answer"), "{e}");
+        }
+        let took = started.elapsed();
+        // One attempt of 1 s, shared; one by one they took 8 attempts plus backoffs.
+        assert!(
+            took < Duration::from_secs(4),
+            "8 opens failed after {took:?}"
+        );
+    });
+}
+
 /// A lost connection is replaced in the background, as the TCP carriers' is: after an agent
 /// restart, the carrier is connected again without waiting for a local connection.
 #[test]

@@ -140,9 +140,8 @@ pub(super) struct Link {
     reaper: AtomicBool,
     /// Datagrams received so far, and when that count last moved (see [`Link::heard`]).
     rx: std::sync::Mutex<(u64, Instant)>,
-    /// See [`Link::expect_answer`]: the datagram count when the stream that waits opened,
-    /// when that was, and how long it waits.
-    answer_due: std::sync::Mutex<Option<(u64, Instant, Duration)>>,
+    /// See [`Link::expect_answer`].
+    answer_due: std::sync::Mutex<Option<AnswerDue>>,
 }
 
 impl Link {
@@ -199,34 +198,45 @@ impl Link {
         false
     }
 
-    /// A stream was just opened here: its first packets draw an acknowledgement within a
-    /// round trip from a live agent. If nothing at all arrives within `within`, the path is
-    /// dead and the connection is closed ([`watch_rx`] looks once a second), so the stream is
-    /// reset then rather than at the 30 s idle timeout (29 s for a connection made just after
-    /// the path died, in a user's test; `confirm_alive` only catches one silent for 7 s).
+    /// A stream was just opened here: a live agent acknowledges its packets at once and is
+    /// heard at least every keepalive. If nothing at all arrives within `within` (at least
+    /// [`ANSWER_FLOOR`]), the path is dead and the connection is closed ([`watch_rx`] looks
+    /// once a second), so the stream is reset then rather than at the 30 s idle timeout (29 s
+    /// for a connection made just after the path died, in a user's test; `confirm_alive` only
+    /// catches one already silent for 7 s).
     fn expect_answer(&self, within: Duration) {
-        let now_count = conn_rx(&self.conn);
         let mut due = self.answer_due.lock().unwrap_or_else(|p| p.into_inner());
-        // An earlier stream still waiting keeps its (earlier) deadline; one already answered
-        // is replaced.
-        if !matches!(*due, Some((count, _, _)) if now_count <= count) {
-            *due = Some((now_count, Instant::now(), within));
+        // An earlier stream's wait, still running, covers this one too.
+        if due.is_none() {
+            *due = Some(AnswerDue {
+                count: None,
+                opened: Instant::now(),
+                within: within.max(ANSWER_FLOOR),
+            });
         }
     }
 
-    /// [`Link::expect_answer`]'s check: `true` when the connection was closed for silence.
+    /// [`Link::expect_answer`]'s check, once a second: `true` when the connection was closed
+    /// for silence. Only datagrams counted after the first look answer: ones the runtime took
+    /// in just after the open may have left the agent before it died.
     fn answer_overdue(&self) -> bool {
         let heard = self.heard();
+        let now_count = conn_rx(&self.conn);
         let mut due = self.answer_due.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((count, opened, within)) = *due else {
+        let Some(d) = due.as_mut() else {
             return false;
         };
-        if conn_rx(&self.conn) > count {
-            *due = None;
-            return false;
-        }
-        if opened.elapsed() < within {
-            return false;
+        match d.count {
+            None => {
+                d.count = Some(now_count);
+                return false;
+            }
+            Some(count) if now_count > count => {
+                *due = None;
+                return false;
+            }
+            Some(_) if d.opened.elapsed() < d.within => return false,
+            Some(_) => {}
         }
         *due = None;
         drop(due);
@@ -351,6 +361,8 @@ struct State {
     primary: Option<Arc<Link>>,
     failures: u32,
     retry_at: Option<Instant>,
+    /// When the last attempt failed (its end) and why: see [`QuicCarrier::live`].
+    last_failure: Option<(Instant, String)>,
 }
 
 /// The QUIC connections to one agent, shared by every connector to it: a primary connection,
@@ -502,7 +514,7 @@ impl QuicCarrier {
     /// The live, authenticated primary connection: the current one, or a new one after the
     /// backoff that previous failures earned. Callers queue here while a reconnect runs.
     pub async fn connection(&self) -> Result<quinn::Connection, QuicError> {
-        self.live().await.map(|l| l.conn.clone())
+        self.live(true).await.map(|l| l.conn.clone())
     }
 
     /// Whether a primary connection is up (none yet, or a lost one not replaced: false).
@@ -536,7 +548,14 @@ impl QuicCarrier {
         self.overflow.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn live(&self) -> Result<Arc<Link>, QuicError> {
+    /// The primary connection, or a new one. `user`: a local connection waits for it. Within a
+    /// second of the end of a failed attempt it gets that failure instead of another attempt,
+    /// so connections that queued behind one attempt all fail with it, and none waits for a
+    /// backoff: before, one queued connection failed per 10 s while the rest piled up
+    /// (thousands of descriptors during an outage, and stale requests delivered when the agent
+    /// came back). The background redial (`user` false) keeps the backoff and waits it out
+    /// itself.
+    async fn live(&self, user: bool) -> Result<Arc<Link>, QuicError> {
         let mut st = self.state.lock().await;
         if let Some(link) = &st.primary {
             match link.conn.close_reason() {
@@ -553,8 +572,10 @@ impl QuicCarrier {
                 }
             }
         }
-        if let Some(at) = st.retry_at {
-            tokio::time::sleep_until(at).await;
+        if let (true, Some((at, err))) = (user, &st.last_failure) {
+            if at.elapsed() < USER_RETRY {
+                return Err(self.conn_error(format!("the last attempt failed moments ago: {err}")));
+            }
         }
         match self.establish().await {
             Ok(c) if self.closing.load(Ordering::Relaxed) => {
@@ -564,6 +585,7 @@ impl QuicCarrier {
             Ok(c) => {
                 st.failures = 0;
                 st.retry_at = None;
+                st.last_failure = None;
                 tokio::spawn(report_loss(c.clone(), self.describe(), self.lost.clone()));
                 let link = Link::new(c, false, self.overflow_idle);
                 tokio::spawn(watch_rx(Arc::downgrade(&link)));
@@ -574,6 +596,7 @@ impl QuicCarrier {
                 st.failures = st.failures.saturating_add(1);
                 let wait = jittered(st.failures);
                 st.retry_at = Some(Instant::now() + wait);
+                st.last_failure = Some((Instant::now(), e.to_string()));
                 tracing::debug!(error = %e, retry_in = ?wait, "QUIC connect failed");
                 Err(e)
             }
@@ -590,7 +613,7 @@ impl QuicCarrier {
     async fn open_with(&self, header: &[u8], shown: Arc<str>) -> Result<QuicStream, QuicError> {
         let mut retried = false;
         loop {
-            let primary = self.live().await?;
+            let primary = self.live(true).await?;
             if !primary.confirm_alive(self.connect_timeout).await {
                 // Closed: `live` opens a new connection (or says why it cannot).
                 continue;
@@ -945,6 +968,21 @@ fn conn_rx(conn: &quinn::Connection) -> u64 {
     conn.stats().udp_rx.datagrams
 }
 
+/// A stream waiting for its first answer (see [`Link::expect_answer`]).
+struct AnswerDue {
+    /// Datagrams received as of the first look after the open.
+    count: Option<u64>,
+    opened: Instant,
+    within: Duration,
+}
+
+/// The shortest wait of [`Link::expect_answer`]: a live agent is heard at least every
+/// keepalive, plus a round trip.
+const ANSWER_FLOOR: Duration = Duration::from_secs(super::KEEPALIVE.as_secs() + 1);
+
+/// A user's connection may trigger an attempt this soon after the last failed one.
+const USER_RETRY: Duration = Duration::from_secs(1);
+
 /// A connection silent this long is suspect: the agent's keepalive, or its answer to ours,
 /// comes every 3 s.
 const SILENT_AFTER: Duration = Duration::from_secs(7);
@@ -1008,7 +1046,7 @@ async fn redial(carrier: Weak<QuicCarrier>, lost: Arc<tokio::sync::Notify>) {
                 tokio::time::sleep_until(at).await;
                 continue;
             }
-            match c.live().await {
+            match c.live(false).await {
                 Ok(_) => {
                     tracing::info!(agent = %c.describe(), "QUIC connection to the agent is back");
                     break;
