@@ -1108,6 +1108,21 @@ async fn a_carrier_that_authenticates_during_the_drain_is_told_to_go_away() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_carrier_closed_for_silence_says_so() {
+    // A client that was only paused (a laptop asleep) reads why its carrier ended on waking,
+    // instead of a bare "the peer closed the carrier".
+    let agent = start_agent(|c| c.mux.idle_timeout = Duration::from_secs(1));
+    let mut raw = Raw::authenticated(agent.addr).await;
+    assert_eq!(
+        raw.ending().await,
+        Ending::GoAway(
+            ErrorCode::NoError,
+            "idle timeout: nothing received for 1s".into()
+        )
+    );
+}
+
 /// A target that reports when its one connection ends.
 async fn target_reporting_its_end() -> (u16, tokio::sync::oneshot::Receiver<()>) {
     let l = TcpListener::bind("[::1]:0").await.unwrap();

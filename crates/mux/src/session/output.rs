@@ -256,7 +256,13 @@ impl Session {
             return;
         }
         if now >= self.last_recv + self.config.idle_timeout {
-            self.close(CloseReason::Timeout, None);
+            // Said, in case the peer was only paused (a laptop asleep, a stopped process): on
+            // waking it reads why its carrier ended instead of a bare close.
+            let said = format!(
+                "idle timeout: nothing received for {}s",
+                self.config.idle_timeout.as_secs()
+            );
+            self.close(CloseReason::Timeout, Some((ErrorCode::NoError, said)));
             return;
         }
         if let Some((due, within)) = self.answer_due {
