@@ -15,6 +15,7 @@ per_transport!(service_resets_mid_transfer);
 per_transport!(failing_forward_does_not_disturb_others);
 per_transport!(a_long_upload_cut_is_not_blamed_on_the_service_bind: direct);
 per_transport!(forward_killed_mid_download);
+per_transport!(the_same_failure_is_logged_once_per_interval: direct, agent_tcp);
 per_transport!(agent_killed_mid_upload: agent_tls, agent_tcp, quic);
 
 /// Reads until the connection ends and asserts it ended with ECONNRESET. The client only reads
@@ -231,4 +232,33 @@ fn agent_killed_mid_upload(t: Transport) {
     );
     drop(fwd);
     let _ = writer.join();
+}
+
+/// Twenty connections to a port with nothing behind it fail for one reason: one log line says
+/// so, not twenty (a client retrying 20 times a second wrote 1,180 identical lines a minute).
+fn the_same_failure_is_logged_once_per_interval(t: Transport) {
+    let dead = free_v6_port();
+    let stack = Stack::start(t, &[dead]);
+    let mut fwd = stack.forward_to(dead);
+    for _ in 0..20 {
+        match fwd.local().try_connect() {
+            Ok(conn) => {
+                expect_reset(conn, 0);
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    fwd.proc.wait_line(Src::Stderr, "the failure's line", |l| {
+        l.contains("connection failed")
+    });
+    // The last failures may still be on their way to the log: give them a moment.
+    thread::sleep(Duration::from_millis(300));
+    let lines = fwd
+        .proc
+        .stderr_text()
+        .lines()
+        .filter(|l| l.contains("connection failed"))
+        .count();
+    assert_eq!(lines, 1, "log:\n{}", fwd.proc.stderr_text());
 }

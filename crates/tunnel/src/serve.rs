@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::dial::Connector;
 use crate::listen::{Listener, LocalStream};
 use crate::relay::{relay, Direction, Endpoint, RelayError};
+use crate::throttle::Repeats;
 
 /// Shared lifecycle of all forwards of a process.
 #[derive(Clone, Default)]
@@ -69,6 +70,7 @@ pub async fn serve<C: Connector>(
     label: Arc<str>,
     life: Lifecycle,
 ) {
+    let failures = Arc::new(Repeats::new());
     loop {
         let accepted = tokio::select! {
             _ = life.stop.cancelled() => break,
@@ -78,8 +80,14 @@ pub async fn serve<C: Connector>(
             Ok((stream, peer)) => {
                 let span = tracing::debug_span!("conn", forward = %label, %peer);
                 life.tracker.spawn(
-                    handle(stream, connector.clone(), label.clone(), life.abort.clone())
-                        .instrument(span),
+                    handle(
+                        stream,
+                        connector.clone(),
+                        label.clone(),
+                        life.abort.clone(),
+                        failures.clone(),
+                    )
+                    .instrument(span),
                 );
             }
             Err(e) => {
@@ -132,6 +140,7 @@ async fn handle<C: Connector>(
     connector: Arc<C>,
     label: Arc<str>,
     abort: CancellationToken,
+    failures: Arc<Repeats>,
 ) {
     let killed = Arc::new(AtomicBool::new(false));
     let local = Killable {
@@ -163,7 +172,15 @@ async fn handle<C: Connector>(
                 lasted = ?started.elapsed(),
                 "closed"
             ),
-            Err(e) => tracing::warn!(forward = %label, "connection failed: {e}"),
+            Err(e) => match failures.pass(&e) {
+                Some(0) => tracing::warn!(forward = %label, "connection failed: {e}"),
+                Some(more) => tracing::warn!(
+                    forward = %label,
+                    not_logged = more,
+                    "connection failed: {e} (and {more} more the same way)"
+                ),
+                None => tracing::debug!(forward = %label, "connection failed: {e}"),
+            },
         },
         _ = abort.cancelled() => {
             // The relay's next look at the local side fails, and it resets both sides as for

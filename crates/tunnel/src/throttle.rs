@@ -37,9 +37,62 @@ impl Throttle {
     }
 }
 
+/// The same line over and over (every connection of a forward failing for one reason while
+/// the agent is down: 1,180 identical lines a minute for a client retrying 20 times a second,
+/// in a review): once per [`LOG_EVERY`], with how many were left out; a different line passes
+/// at once. What a repeat leaves out is the timestamp and the peer, which the debug log keeps.
+pub(crate) struct Repeats(Mutex<Option<(String, Instant, u64)>>);
+
+impl Repeats {
+    pub(crate) const fn new() -> Self {
+        Repeats(Mutex::new(None))
+    }
+
+    /// `Some(left_out)` when `line` may be logged: how many identical lines were left out
+    /// since it was last logged.
+    pub(crate) fn pass(&self, line: &str) -> Option<u64> {
+        self.pass_at(line, Instant::now())
+    }
+
+    fn pass_at(&self, line: &str, now: Instant) -> Option<u64> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match g.as_mut() {
+            Some((last, at, left_out)) if last == line => {
+                if now.duration_since(*at) < LOG_EVERY {
+                    *left_out += 1;
+                    None
+                } else {
+                    let n = *left_out;
+                    *at = now;
+                    *left_out = 0;
+                    Some(n)
+                }
+            }
+            _ => {
+                *g = Some((line.to_owned(), now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeats_of_one_line_pass_once_per_interval_and_a_new_line_at_once() {
+        let r = Repeats::new();
+        let t0 = Instant::now();
+        assert_eq!(r.pass_at("down", t0), Some(0));
+        for i in 1..=100 {
+            assert_eq!(r.pass_at("down", t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(r.pass_at("other", t0 + Duration::from_millis(200)), Some(0));
+        assert_eq!(r.pass_at("down", t0 + Duration::from_millis(300)), Some(0));
+        assert_eq!(r.pass_at("down", t0 + Duration::from_millis(400)), None);
+        assert_eq!(r.pass_at("down", t0 + LOG_EVERY * 2), Some(1));
+    }
 
     #[test]
     fn one_line_per_interval_counting_what_was_left_out() {
