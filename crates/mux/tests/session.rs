@@ -469,8 +469,8 @@ fn a_probe_of_a_dead_carrier_gives_up_after_its_wait_not_the_idle_timeout() {
     );
 }
 
-#[test]
-fn a_probe_of_a_live_carrier_ends_with_the_answer_and_keeps_it() {
+/// A pair at 100 ms RTT with the client's wire recorded, authenticated, and one stream open.
+fn open_pair_with_wire() -> (Pair, forward_mux::StreamId) {
     let mut p = Pair::with(
         Config::default(),
         Config::default(),
@@ -480,6 +480,12 @@ fn a_probe_of_a_live_carrier_ends_with_the_answer_and_keeps_it() {
     p.auth(GOOD_TOKEN);
     let id = p.open(80);
     assert!(p.run_until(SECOND, |p| p.client.events.contains(&Event::OpenOk(id))));
+    (p, id)
+}
+
+#[test]
+fn a_probe_of_a_live_carrier_ends_with_the_answer_and_keeps_it() {
+    let (mut p, id) = open_pair_with_wire();
     // Quiet for 10 s (no keepalive yet), then a probe: its PING is answered one RTT later.
     p.run_until(10 * SECOND, |_| false);
     let pings = client_pings(&p);
@@ -538,14 +544,7 @@ fn a_stream_opened_just_after_the_path_died_gets_a_probe_not_the_idle_timeout() 
 
 #[test]
 fn a_stream_opened_on_a_quiet_carrier_probes_it_at_once() {
-    let mut p = Pair::with(
-        Config::default(),
-        Config::default(),
-        Duration::from_millis(50),
-    );
-    p.auth(GOOD_TOKEN);
-    let id = p.open(80);
-    assert!(p.run_until(SECOND, |p| p.client.events.contains(&Event::OpenOk(id))));
+    let (mut p, _) = open_pair_with_wire();
     p.run_until(5 * SECOND, |_| false);
     p.cut = true;
     let opened_at = p.now;
@@ -560,15 +559,7 @@ fn a_stream_opened_on_a_quiet_carrier_probes_it_at_once() {
 fn a_slow_answer_on_a_live_carrier_costs_one_ping_and_no_stream() {
     // The agent's dial takes its time (OPEN_OK withheld): the carrier answers the probe's
     // PING, and the stream waits on, unharmed.
-    let mut p = Pair::with(
-        Config::default(),
-        Config::default(),
-        Duration::from_millis(50),
-    );
-    p.record_client_wire = true;
-    p.auth(GOOD_TOKEN);
-    let first = p.open(80);
-    assert!(p.run_until(SECOND, |p| p.client.events.contains(&Event::OpenOk(first))));
+    let (mut p, first) = open_pair_with_wire();
     p.hold_opens = true;
     let pings = client_pings(&p);
     let slow = p.open(81);

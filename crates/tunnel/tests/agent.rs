@@ -721,14 +721,7 @@ async fn a_connection_made_as_the_path_dies_is_reset_within_two_connect_timeouts
 /// while the rest piled up, in a user's outage).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_waiting_on_a_mute_agent_all_fail_with_the_one_attempt() {
-    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = mute.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut conns = Vec::new();
-        while let Ok((s, _)) = mute.accept().await {
-            conns.push(s);
-        }
-    });
+    let (addr, held) = mute_agent().await;
     let mut cfg = link_config(addr, token());
     cfg.timeout = Duration::from_secs(1);
     let link = AgentLink::new(cfg);
@@ -758,15 +751,7 @@ async fn connections_waiting_on_a_mute_agent_all_fail_with_the_one_attempt() {
 /// which can take a timeout per stage when the agent does not answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_does_not_wait_for_a_connect_in_progress() {
-    // Accepts TCP and never answers the upgrade.
-    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = mute.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut conns = Vec::new();
-        while let Ok((s, _)) = mute.accept().await {
-            conns.push(s);
-        }
-    });
+    let (addr, held) = mute_agent().await;
     let mut cfg = link_config(addr, token());
     cfg.timeout = Duration::from_secs(30);
     let link = AgentLink::new(cfg);

@@ -90,6 +90,20 @@ pub fn start_agent(tweak: impl FnOnce(&mut AgentConfig)) -> TestAgent {
     start_agent_on("127.0.0.1:0".parse().unwrap(), tweak)
 }
 
+/// A port that accepts TCP and never answers the upgrade (a hung agent, a path that dies
+/// after the handshake); abort the task to let the connections go.
+pub async fn mute_agent() -> (SocketAddr, JoinHandle<()>) {
+    let mute = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = mute.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((s, _)) = mute.accept().await {
+            conns.push(s);
+        }
+    });
+    (addr, held)
+}
+
 /// A link over plain TCP straight to `addr`.
 pub fn link_config(addr: SocketAddr, token: Token) -> LinkConfig {
     LinkConfig {
