@@ -41,15 +41,19 @@ fn init_logging(opts: &LogOpts, quiet: bool) {
     let default = format!(
         "warn,forward={level},forward_tunnel={level},forward_edge={level},forward_mux={level}"
     );
-    let (filter, bad_filter) = match EnvFilter::try_from_default_env() {
-        Ok(f) => (f, None),
-        Err(e) => (
-            EnvFilter::new(default),
-            std::env::var("RUST_LOG")
-                .ok()
-                .filter(|v| !v.is_empty())
-                .map(|v| format!("RUST_LOG='{v}' is not a valid filter ({e}); using -v/-q levels")),
+    let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let (filter, bad_filter) = match rust_log
+        .as_deref()
+        .map(|v| (v, EnvFilter::try_new(user_filter(v))))
+    {
+        Some((_, Ok(f))) => (f, None),
+        Some((v, Err(e))) => (
+            EnvFilter::new(&default),
+            Some(format!(
+                "RUST_LOG='{v}' is not a valid filter ({e}); using -v/-q levels"
+            )),
         ),
+        None => (EnvFilter::new(&default), None),
     };
     // Colour only for a person at a terminal: as an ssh ProxyCommand or under a supervisor,
     // escape codes would end up in someone's terminal or log file as noise.
@@ -65,6 +69,17 @@ fn init_logging(opts: &LogOpts, quiet: bool) {
     }
     if let Some(warning) = bad_filter {
         tracing::warn!("{warning}");
+    }
+}
+
+/// RUST_LOG as given, except that quinn's packet-level trace stays off unless it is named:
+/// it prints each frame, stateless-reset tokens included, and whoever holds one can end the
+/// connection (a user review found them in a `RUST_LOG=trace` log).
+fn user_filter(rust_log: &str) -> String {
+    if rust_log.contains("quinn") {
+        rust_log.to_owned()
+    } else {
+        format!("{rust_log},quinn_proto=debug")
     }
 }
 
@@ -347,6 +362,22 @@ const HANGUP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quinn_packet_traces_stay_off_unless_named() {
+        assert_eq!(user_filter("trace"), "trace,quinn_proto=debug");
+        assert_eq!(
+            user_filter("forward_tunnel=trace"),
+            "forward_tunnel=trace,quinn_proto=debug"
+        );
+        assert_eq!(
+            user_filter("trace,quinn_proto=trace"),
+            "trace,quinn_proto=trace"
+        );
+        // A directive for the target is more specific than the global one, so the cap holds.
+        let f = EnvFilter::try_new(user_filter("trace")).unwrap();
+        assert!(f.to_string().contains("quinn_proto=debug"), "{f}");
+    }
 
     #[test]
     fn the_empty_variable_list_is_every_env_of_the_command() {
