@@ -292,9 +292,10 @@ impl AgentLink {
     /// (100 `forward stdio` ProxyCommands at once) loses some carriers before their AUTH_OK.
     /// Such a loss (a `503` before the upgrade, the carrier closed after it) is retried, with
     /// jittered pauses, until the connect timeout; a refused connection or token, or a hang-up
-    /// without a word (nothing listening behind the edge), is not. Streams go only on an authenticated carrier, which is what
-    /// makes the retry safe: nothing of theirs was sent yet. The price is one round trip on the
-    /// first connection of a carrier; later ones still cost none.
+    /// without a word (nothing listening behind the edge), is not. Streams go only on an
+    /// authenticated carrier, which is what makes the retry safe: nothing of theirs was sent
+    /// yet. The price is one round trip on the first connection of a carrier; later ones still
+    /// cost none.
     async fn establish(&self, replaces: Option<&str>) -> Result<Established, DialError> {
         // `close` must not wait behind a connect to a gone agent, which holds the link's lock
         // for up to a timeout per stage (Ctrl-C during an outage).
