@@ -714,6 +714,90 @@ fn after_an_agent_restart_the_first_new_connection_works() {
     });
 }
 
+/// A stream opened right after an agent restart, before the client's next keepalive has drawn
+/// the new agent's stateless reset: it goes out on the forgotten connection and the reset is
+/// the only answer. The reset proves the agent never saw the stream, so it is opened again on
+/// a new connection with what it had sent, and the user's connection works (13 of 25 restart
+/// cycles reset it in a user's test).
+#[test]
+fn a_stream_sent_into_a_restarted_agent_is_replayed_on_a_new_connection() {
+    let (main, doomed, cert, a) = killable_agent();
+    let addr = a.addr;
+    let port = main.block_on(echo(v6()));
+    let c = main.block_on(async { carrier(&a) });
+    main.block_on(async {
+        echo_via(&c, port, b"before").await;
+        // Quiet: no ACK of the old agent's last packets is left in flight.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    });
+    drop(doomed);
+    main.block_on(async {
+        let b = agent_with(addr, cert, Duration::ZERO);
+        for i in 0..3 {
+            let msg = format!("right after the restart {i}");
+            echo_via(&c, port, msg.as_bytes()).await;
+        }
+        b.stop.cancel();
+    });
+}
+
+/// The other side of the replay: a stream the old agent had acknowledged (and delivered) is
+/// never sent twice. Its connection's reset ends it with an error, and the service saw one
+/// connection.
+#[test]
+fn a_stream_the_old_agent_saw_is_not_replayed() {
+    let (main, doomed, cert, a) = killable_agent();
+    let addr = a.addr;
+    let (port, accepted) = main.block_on(async {
+        let l = tokio::net::TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        (port, accepted)
+    });
+    let c = main.block_on(async { carrier(&a) });
+    let mut s = main.block_on(async {
+        let mut s = timed(c.open("localhost", port)).await.unwrap();
+        s.write_all(b"once").await.unwrap();
+        // The old agent acknowledges, dials and delivers.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s
+    });
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    drop(doomed);
+    main.block_on(async {
+        let b = agent_with(addr, cert, Duration::ZERO);
+        let outcome = timed(async {
+            s.write_all(b"more").await?;
+            let mut buf = [0u8; 16];
+            s.read(&mut buf).await
+        })
+        .await;
+        assert!(
+            outcome.is_err(),
+            "the stream survived its agent: {outcome:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the service saw the stream twice"
+        );
+        b.stop.cancel();
+    });
+}
+
 /// An agent that died and stays away: its connection falls silent. A stream opened later must
 /// not be sent into the silence for the 30 s idle timeout: the connection is given up after
 /// `--connect-timeout` and the error says the agent does not answer; once it is back, streams

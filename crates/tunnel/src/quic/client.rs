@@ -5,6 +5,7 @@
 //! idle.
 
 use std::future::Future;
+use std::io;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::pin;
@@ -18,6 +19,7 @@ use tokio::time::Instant;
 
 use super::agent::udp_socket;
 use super::cert::PinVerifier;
+use super::stream::{Reopening, Replay};
 use super::{
     close, encode_target, is_loopback, proof_host, transport, QuicError, QuicStream, SpkiPin, ALPN,
     AUTH_HELLO,
@@ -611,6 +613,18 @@ impl QuicCarrier {
     }
 
     async fn open_with(&self, header: &[u8], shown: Arc<str>) -> Result<QuicStream, QuicError> {
+        self.open_stream_to(header, shown, true).await
+    }
+
+    /// `replayable`: the stream may be opened again on a new connection if the agent turns out
+    /// to have restarted before it saw it (see [`super::stream::Replay`]); not for a stream
+    /// that is that replay.
+    async fn open_stream_to(
+        &self,
+        header: &[u8],
+        shown: Arc<str>,
+        replayable: bool,
+    ) -> Result<QuicStream, QuicError> {
         let mut retried = false;
         loop {
             let primary = self.live(true).await?;
@@ -620,15 +634,20 @@ impl QuicCarrier {
             }
             let attempt = async {
                 let (lease, mut send, recv) = self.open_stream(&primary).await?;
+                let link = lease.link.clone();
+                let rx_at_open = conn_rx(&link.conn);
                 send.write_all(header).await.map_err(|e| match e {
                     quinn::WriteError::ConnectionLost(c) => c,
                     _ => quinn::ConnectionError::LocallyClosed,
                 })?;
-                let link = lease.link.clone();
-                Ok::<_, quinn::ConnectionError>((
-                    QuicStream::new(send, recv, "agent", shown.clone()).with_lease(lease),
-                    link,
-                ))
+                let mut stream =
+                    QuicStream::new(send, recv, "agent", shown.clone()).with_lease(lease);
+                if replayable {
+                    let replay =
+                        Replay::new(link.conn.clone(), rx_at_open, self.reopener(header, &shown));
+                    stream = stream.with_replay(replay);
+                }
+                Ok::<_, quinn::ConnectionError>((stream, link))
             };
             match attempt.await {
                 Ok((s, link)) => {
@@ -640,6 +659,24 @@ impl QuicCarrier {
                 Err(e) => return Err(self.conn_error(e.to_string())),
             }
         }
+    }
+
+    /// How a [`Replay`] opens its stream again: on this carrier, as it was opened, once.
+    fn reopener(
+        &self,
+        header: &[u8],
+        shown: &Arc<str>,
+    ) -> Box<dyn Fn() -> Reopening + Send + Sync> {
+        let (me, header, shown) = (self.me.clone(), header.to_vec(), shown.clone());
+        Box::new(move || {
+            let (me, header, shown) = (me.clone(), header.clone(), shown.clone());
+            Box::pin(async move {
+                let Some(carrier) = me.upgrade() else {
+                    return Err(QuicError::Io(io::Error::other("the client is closing")));
+                };
+                carrier.open_stream_to(&header, shown, false).await
+            })
+        })
     }
 
     /// A new stream on the primary if the agent's stream credit allows, else on an overflow

@@ -36,6 +36,65 @@ pub struct QuicStream {
     /// shutting down (new streams go to a new connection while this one drains), and when the
     /// connection has no streams left.
     lease: Option<Lease>,
+    /// Client: what to send again on a new connection if this one is reset before the agent
+    /// was heard from (see [`Replay`]).
+    replay: Option<Box<Replay>>,
+}
+
+/// A client stream's way back from an agent restart it could not know of.
+///
+/// A killed agent forgets its connections; the client learns of it only when its next packet
+/// draws the new agent's stateless reset. A stream opened in between (up to a keepalive, 3 s)
+/// went out on the forgotten connection and was reset. The reset proves the new agent never saw
+/// the stream; the old one did not either if the reset is the only datagram that came since the
+/// stream opened (a live agent acknowledges within its ACK delay). Then the stream is opened
+/// again on a new connection and what it had sent is sent again, so the user's connection
+/// carries on. Only once, only up to [`REPLAY_CAP`] bytes, and only until anything arrives.
+pub(super) struct Replay {
+    /// Opens the new stream (the carrier's own open, without a replay of its own).
+    reopen: Box<dyn Fn() -> Reopening + Send + Sync>,
+    /// The connection the stream was opened on, and its datagram count just before.
+    conn: quinn::Connection,
+    rx_at_open: u64,
+    /// Every byte written so far.
+    sent: Vec<u8>,
+    state: ReplayState,
+    /// Tasks that wait for the replay besides the one driving it (the reading and the writing
+    /// half may be polled from two tasks): woken when it is done.
+    waiting: Vec<std::task::Waker>,
+}
+
+/// The future of a new stream for [`Replay`].
+pub(super) type Reopening =
+    Pin<Box<dyn Future<Output = Result<QuicStream, super::QuicError>> + Send>>;
+
+enum ReplayState {
+    /// Keeping what is sent.
+    Armed,
+    /// The connection was reset: opening the new stream.
+    Reopening(Reopening),
+    /// On the new stream: re-sending `sent[pos..]`.
+    Resending { pos: usize },
+}
+
+/// The most a stream keeps for a replay: a request, a handshake, not an upload.
+const REPLAY_CAP: usize = 64 * 1024;
+
+impl Replay {
+    pub(super) fn new(
+        conn: quinn::Connection,
+        rx_at_open: u64,
+        reopen: Box<dyn Fn() -> Reopening + Send + Sync>,
+    ) -> Box<Self> {
+        Box::new(Self {
+            reopen,
+            conn,
+            rx_at_open,
+            sent: Vec::new(),
+            state: ReplayState::Armed,
+            waiting: Vec::new(),
+        })
+    }
 }
 
 impl std::fmt::Debug for QuicStream {
@@ -62,12 +121,132 @@ impl QuicStream {
             read_eof: false,
             aborted: AtomicBool::new(false),
             lease: None,
+            replay: None,
         }
     }
 
     pub(super) fn with_lease(mut self, lease: Lease) -> Self {
         self.lease = Some(lease);
         self
+    }
+
+    pub(super) fn with_replay(mut self, replay: Box<Replay>) -> Self {
+        self.replay = Some(replay);
+        self
+    }
+
+    /// After a lost connection: `Ready(Ok)` once the stream is open again on a new connection
+    /// with everything re-sent (retry the operation), `Ready(Err(e))` with `e` when it cannot
+    /// or must not be replayed.
+    fn poll_replay(&mut self, cx: &mut Context<'_>, e: io::Error) -> Poll<io::Result<()>> {
+        let mut waiting = Vec::new();
+        let outcome = self.poll_replay_inner(cx, e, &mut waiting);
+        match &outcome {
+            Poll::Pending => {
+                if let Some(r) = self.replay.as_mut() {
+                    if !r.waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                        r.waiting.push(cx.waker().clone());
+                    }
+                }
+            }
+            Poll::Ready(_) => waiting.into_iter().for_each(std::task::Waker::wake),
+        }
+        outcome
+    }
+
+    /// [`QuicStream::poll_replay`] without the bookkeeping of who waits; when the replay ends
+    /// (done or given up), its waiters are moved to `waiting` to be woken.
+    fn poll_replay_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        e: io::Error,
+        waiting: &mut Vec<std::task::Waker>,
+    ) -> Poll<io::Result<()>> {
+        let Some(r) = self.replay.as_mut() else {
+            return Poll::Ready(Err(e));
+        };
+        if matches!(r.state, ReplayState::Armed) {
+            let only_the_reset =
+                matches!(r.conn.close_reason(), Some(quinn::ConnectionError::Reset))
+                    && r.conn.stats().udp_rx.datagrams == r.rx_at_open + 1;
+            if !only_the_reset || self.aborted.load(Ordering::Relaxed) {
+                if let Some(r) = self.replay.take() {
+                    waiting.extend(r.waiting);
+                }
+                return Poll::Ready(Err(e));
+            }
+            tracing::info!(
+                target = %self.target,
+                bytes = r.sent.len(),
+                "the agent restarted before it saw this stream: opening it again on a new connection"
+            );
+            r.state = ReplayState::Reopening((r.reopen)());
+        }
+        loop {
+            let r = self.replay.as_mut().expect("checked above");
+            match &mut r.state {
+                ReplayState::Armed => unreachable!("left above"),
+                ReplayState::Reopening(fut) => match ready!(fut.as_mut().poll(cx)) {
+                    Ok(mut fresh) => {
+                        r.state = ReplayState::Resending { pos: 0 };
+                        std::mem::swap(&mut self.send, &mut fresh.send);
+                        std::mem::swap(&mut self.recv, &mut fresh.recv);
+                        std::mem::swap(&mut self.lease, &mut fresh.lease);
+                        self.acked = None;
+                        self.peer_stop = None;
+                        // `fresh` now holds the dead connection's halves; dropping it resets
+                        // them, which reaches nobody.
+                    }
+                    Err(reopen) => {
+                        if let Some(r) = self.replay.take() {
+                            waiting.extend(r.waiting);
+                        }
+                        return Poll::Ready(Err(io::Error::new(
+                            e.kind(),
+                            format!("{e}; opening it again failed: {reopen}"),
+                        )));
+                    }
+                },
+                ReplayState::Resending { pos } => {
+                    while *pos < r.sent.len() {
+                        let n = match ready!(SendStream::poll_write(
+                            Pin::new(&mut self.send),
+                            cx,
+                            &r.sent[*pos..]
+                        )) {
+                            Ok(n) => n,
+                            Err(we) => {
+                                let we = self.write_error(we);
+                                if let Some(r) = self.replay.take() {
+                                    waiting.extend(r.waiting);
+                                }
+                                return Poll::Ready(Err(we));
+                            }
+                        };
+                        *pos += n;
+                    }
+                    // Once only: a second loss is an error like any other.
+                    if let Some(r) = self.replay.take() {
+                        waiting.extend(r.waiting);
+                    }
+                    if self.finished {
+                        if let Err(fe) = self.send.finish() {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::NotConnected,
+                                fe,
+                            )));
+                        }
+                        self.acked = Some(Box::pin(self.send.stopped()));
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+
+    /// Whether `e` is a lost connection that a replay may mend.
+    fn may_replay(&self, e: &io::Error) -> bool {
+        self.replay.is_some() && e.kind() == io::ErrorKind::ConnectionAborted
     }
 
     /// Resets both directions with an application code (see [`code`]) right away.
@@ -144,15 +323,34 @@ impl AsyncRead for QuicStream {
         if this.read_eof || buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        let before = buf.filled().len();
-        match ready!(this.recv.poll_read_buf(cx, buf)) {
-            Ok(()) => {
-                if buf.filled().len() == before {
-                    this.read_eof = true;
-                }
-                Poll::Ready(Ok(()))
+        loop {
+            if this
+                .replay
+                .as_ref()
+                .is_some_and(|r| !matches!(r.state, ReplayState::Armed))
+            {
+                let e = io::Error::new(io::ErrorKind::ConnectionAborted, "replaying");
+                ready!(this.poll_replay(cx, e))?;
             }
-            Err(e) => Poll::Ready(Err(this.read_error(e))),
+            let before = buf.filled().len();
+            match ready!(this.recv.poll_read_buf(cx, buf)) {
+                Ok(()) => {
+                    if buf.filled().len() == before {
+                        this.read_eof = true;
+                    }
+                    // The agent answered: it saw the stream, nothing may be sent twice.
+                    this.replay = None;
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) => {
+                    let e = this.read_error(e);
+                    if !this.may_replay(&e) {
+                        this.replay = None;
+                        return Poll::Ready(Err(e));
+                    }
+                    ready!(this.poll_replay(cx, e))?;
+                }
+            }
         }
     }
 }
@@ -164,9 +362,35 @@ impl AsyncWrite for QuicStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match ready!(SendStream::poll_write(Pin::new(&mut this.send), cx, buf)) {
-            Ok(n) => Poll::Ready(Ok(n)),
-            Err(e) => Poll::Ready(Err(this.write_error(e))),
+        loop {
+            if this
+                .replay
+                .as_ref()
+                .is_some_and(|r| !matches!(r.state, ReplayState::Armed))
+            {
+                let e = io::Error::new(io::ErrorKind::ConnectionAborted, "replaying");
+                ready!(this.poll_replay(cx, e))?;
+            }
+            match ready!(SendStream::poll_write(Pin::new(&mut this.send), cx, buf)) {
+                Ok(n) => {
+                    if let Some(r) = this.replay.as_mut() {
+                        if r.sent.len() + n > REPLAY_CAP {
+                            this.replay = None;
+                        } else {
+                            r.sent.extend_from_slice(&buf[..n]);
+                        }
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) => {
+                    let e = this.write_error(e);
+                    if !this.may_replay(&e) {
+                        this.replay = None;
+                        return Poll::Ready(Err(e));
+                    }
+                    ready!(this.poll_replay(cx, e))?;
+                }
+            }
         }
     }
 
@@ -184,18 +408,34 @@ impl AsyncWrite for QuicStream {
             }
             this.acked = Some(Box::pin(this.send.stopped()));
         }
-        let Some(acked) = this.acked.as_mut() else {
-            return Poll::Ready(Ok(()));
-        };
-        // Done only when the peer acknowledged everything: closing the connection afterwards
-        // cannot lose the tail of the stream.
-        let outcome = ready!(acked.as_mut().poll(cx));
-        this.acked = None;
-        match outcome {
-            Ok(None) => Poll::Ready(Ok(())),
-            Ok(Some(c)) => Poll::Ready(Err(this.code_error(c))),
-            Err(StoppedError::ConnectionLost(e)) => Poll::Ready(Err(this.lost_error(&e))),
-            Err(e) => Poll::Ready(Err(io::Error::other(e))),
+        loop {
+            if this
+                .replay
+                .as_ref()
+                .is_some_and(|r| !matches!(r.state, ReplayState::Armed))
+            {
+                let e = io::Error::new(io::ErrorKind::ConnectionAborted, "replaying");
+                ready!(this.poll_replay(cx, e))?;
+            }
+            let Some(acked) = this.acked.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            // Done only when the peer acknowledged everything: closing the connection
+            // afterwards cannot lose the tail of the stream.
+            let outcome = ready!(acked.as_mut().poll(cx));
+            this.acked = None;
+            let e = match outcome {
+                Ok(None) => return Poll::Ready(Ok(())),
+                Ok(Some(c)) => this.code_error(c),
+                Err(StoppedError::ConnectionLost(e)) => this.lost_error(&e),
+                Err(e) => io::Error::other(e),
+            };
+            if !this.may_replay(&e) {
+                this.replay = None;
+                return Poll::Ready(Err(e));
+            }
+            // Re-sent and finished again on the new stream: wait for its acknowledgement.
+            ready!(this.poll_replay(cx, e))?;
         }
     }
 }
