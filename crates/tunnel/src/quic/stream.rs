@@ -244,9 +244,29 @@ impl QuicStream {
         }
     }
 
-    /// Whether `e` is a lost connection that a replay may mend.
-    fn may_replay(&self, e: &io::Error) -> bool {
-        self.replay.is_some() && e.kind() == io::ErrorKind::ConnectionAborted
+    /// A replay that another poll (the other half of a split stream) started is finished
+    /// before the streams are touched: they are being swapped.
+    fn poll_replay_in_progress(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self
+            .replay
+            .as_ref()
+            .is_some_and(|r| !matches!(r.state, ReplayState::Armed))
+        {
+            let e = io::Error::new(io::ErrorKind::ConnectionAborted, "replaying");
+            return self.poll_replay(cx, e);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// After `e` on the streams: `Ready(Ok)` when a replay mended it (retry the operation),
+    /// else `e`, and the stream will never be replayed.
+    fn poll_recover(&mut self, cx: &mut Context<'_>, e: io::Error) -> Poll<io::Result<()>> {
+        // Only a lost connection may be mended; `poll_replay` decides whether this one is.
+        if self.replay.is_none() || e.kind() != io::ErrorKind::ConnectionAborted {
+            self.replay = None;
+            return Poll::Ready(Err(e));
+        }
+        self.poll_replay(cx, e)
     }
 
     /// Resets both directions with an application code (see [`code`]) right away.
@@ -324,14 +344,7 @@ impl AsyncRead for QuicStream {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if this
-                .replay
-                .as_ref()
-                .is_some_and(|r| !matches!(r.state, ReplayState::Armed))
-            {
-                let e = io::Error::new(io::ErrorKind::ConnectionAborted, "replaying");
-                ready!(this.poll_replay(cx, e))?;
-            }
+            ready!(this.poll_replay_in_progress(cx))?;
             let before = buf.filled().len();
             match ready!(this.recv.poll_read_buf(cx, buf)) {
                 Ok(()) => {
@@ -344,11 +357,7 @@ impl AsyncRead for QuicStream {
                 }
                 Err(e) => {
                     let e = this.read_error(e);
-                    if !this.may_replay(&e) {
-                        this.replay = None;
-                        return Poll::Ready(Err(e));
-                    }
-                    ready!(this.poll_replay(cx, e))?;
+                    ready!(this.poll_recover(cx, e))?;
                 }
             }
         }
@@ -363,14 +372,7 @@ impl AsyncWrite for QuicStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         loop {
-            if this
-                .replay
-                .as_ref()
-                .is_some_and(|r| !matches!(r.state, ReplayState::Armed))
-            {
-                let e = io::Error::new(io::ErrorKind::ConnectionAborted, "replaying");
-                ready!(this.poll_replay(cx, e))?;
-            }
+            ready!(this.poll_replay_in_progress(cx))?;
             match ready!(SendStream::poll_write(Pin::new(&mut this.send), cx, buf)) {
                 Ok(n) => {
                     if let Some(r) = this.replay.as_mut() {
@@ -384,11 +386,7 @@ impl AsyncWrite for QuicStream {
                 }
                 Err(e) => {
                     let e = this.write_error(e);
-                    if !this.may_replay(&e) {
-                        this.replay = None;
-                        return Poll::Ready(Err(e));
-                    }
-                    ready!(this.poll_replay(cx, e))?;
+                    ready!(this.poll_recover(cx, e))?;
                 }
             }
         }
@@ -409,14 +407,7 @@ impl AsyncWrite for QuicStream {
             this.acked = Some(Box::pin(this.send.stopped()));
         }
         loop {
-            if this
-                .replay
-                .as_ref()
-                .is_some_and(|r| !matches!(r.state, ReplayState::Armed))
-            {
-                let e = io::Error::new(io::ErrorKind::ConnectionAborted, "replaying");
-                ready!(this.poll_replay(cx, e))?;
-            }
+            ready!(this.poll_replay_in_progress(cx))?;
             let Some(acked) = this.acked.as_mut() else {
                 return Poll::Ready(Ok(()));
             };
@@ -430,12 +421,8 @@ impl AsyncWrite for QuicStream {
                 Err(StoppedError::ConnectionLost(e)) => this.lost_error(&e),
                 Err(e) => io::Error::other(e),
             };
-            if !this.may_replay(&e) {
-                this.replay = None;
-                return Poll::Ready(Err(e));
-            }
             // Re-sent and finished again on the new stream: wait for its acknowledgement.
-            ready!(this.poll_replay(cx, e))?;
+            ready!(this.poll_recover(cx, e))?;
         }
     }
 }
