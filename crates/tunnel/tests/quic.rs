@@ -690,23 +690,30 @@ fn a_restarted_agent_resets_the_connections_of_a_killed_one() {
     });
 }
 
-/// An agent killed and restarted while its client sat idle: the client's keepalive draws the
-/// successor's stateless reset within seconds, so the first connection the user makes after
-/// that goes out on a new QUIC connection instead of being reset on the forgotten one.
-#[test]
-fn after_an_agent_restart_the_first_new_connection_works() {
+/// A carrier that reached an echo service once and then sat quiet for a second, and an agent
+/// killed and restarted on the same port just now: the client has not heard of it yet.
+fn restarted_behind_a_quiet_carrier() -> (tokio::runtime::Runtime, Arc<QuicCarrier>, u16, Agent) {
     let (main, doomed, cert, a) = killable_agent();
     let addr = a.addr;
     let port = main.block_on(echo(v6()));
     let c = main.block_on(async { carrier(&a) });
     main.block_on(async {
         echo_via(&c, port, b"before").await;
-        // Quiet: no ACK of the old agent's last packets is left to send.
+        // Quiet: no ACK of the old agent's last packets is left in flight.
         tokio::time::sleep(Duration::from_secs(1)).await;
     });
     drop(doomed);
+    let b = main.block_on(async { agent_with(addr, cert, Duration::ZERO) });
+    (main, c, port, b)
+}
+
+/// An agent killed and restarted while its client sat idle: the client's keepalive draws the
+/// successor's stateless reset within seconds, so the first connection the user makes after
+/// that goes out on a new QUIC connection instead of being reset on the forgotten one.
+#[test]
+fn after_an_agent_restart_the_first_new_connection_works() {
+    let (main, c, port, b) = restarted_behind_a_quiet_carrier();
     main.block_on(async {
-        let b = agent_with(addr, cert, Duration::ZERO);
         // The user comes back a few seconds after the restart (one keepalive interval).
         tokio::time::sleep(Duration::from_secs(4)).await;
         echo_via(&c, port, b"after restart").await;
@@ -721,18 +728,8 @@ fn after_an_agent_restart_the_first_new_connection_works() {
 /// cycles reset it in a user's test).
 #[test]
 fn a_stream_sent_into_a_restarted_agent_is_replayed_on_a_new_connection() {
-    let (main, doomed, cert, a) = killable_agent();
-    let addr = a.addr;
-    let port = main.block_on(echo(v6()));
-    let c = main.block_on(async { carrier(&a) });
+    let (main, c, port, b) = restarted_behind_a_quiet_carrier();
     main.block_on(async {
-        echo_via(&c, port, b"before").await;
-        // Quiet: no ACK of the old agent's last packets is left in flight.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    });
-    drop(doomed);
-    main.block_on(async {
-        let b = agent_with(addr, cert, Duration::ZERO);
         for i in 0..3 {
             let msg = format!("right after the restart {i}");
             echo_via(&c, port, msg.as_bytes()).await;
