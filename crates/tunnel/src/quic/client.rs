@@ -513,8 +513,9 @@ impl QuicCarrier {
         }
     }
 
-    /// The live, authenticated primary connection: the current one, or a new one after the
-    /// backoff that previous failures earned. Callers queue here while a reconnect runs.
+    /// The live, authenticated primary connection: the current one, or a new one (within a
+    /// second of a failed attempt, that attempt's failure). Callers queue here while a
+    /// reconnect runs.
     pub async fn connection(&self) -> Result<quinn::Connection, QuicError> {
         self.live(true).await.map(|l| l.conn.clone())
     }
@@ -997,9 +998,6 @@ impl Connector for QuicConnector {
     }
 }
 
-/// Logs the loss of a primary connection when it happens, not when the next local connection
-/// finds it gone (that could be minutes later, about an outage long over). The next local
-/// connection reconnects.
 /// Datagrams a connection has received so far.
 fn conn_rx(conn: &quinn::Connection) -> u64 {
     conn.stats().udp_rx.datagrams
@@ -1038,7 +1036,9 @@ async fn watch_rx(link: Weak<Link>) {
     }
 }
 
-/// Logs the loss of a primary connection when it happens, and has [`redial`] replace it.
+/// Logs the loss of a primary connection when it happens, not when the next local connection
+/// finds it gone (that could be minutes later, about an outage long over), and has [`redial`]
+/// replace it.
 async fn report_loss(conn: quinn::Connection, agent: String, lost: Arc<tokio::sync::Notify>) {
     use quinn::ConnectionError as E;
     match conn.closed().await {
