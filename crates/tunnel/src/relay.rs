@@ -89,15 +89,13 @@ pub trait Endpoint: AsyncRead + AsyncWrite + Unpin + Send {
 /// take a cut download for a whole one.
 pub fn arm_reset_on_exit(s: &tokio::net::TcpStream) {
     if let Err(e) = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO)) {
-        tracing::debug!(error = %e, "could not set SO_LINGER 0");
+        tracing::debug!(error = %e, "could not set SO_LINGER 0 for an abortive close");
     }
 }
 
 impl Endpoint for tokio::net::TcpStream {
     fn abort(&self) {
-        if let Err(e) = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO)) {
-            tracing::debug!(error = %e, "could not set SO_LINGER 0 for an abortive close");
-        }
+        arm_reset_on_exit(self);
     }
 
     fn before_shutdown(&self) {
