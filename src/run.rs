@@ -181,6 +181,12 @@ pub async fn serve_all<C: Connector>(
         }
     }
     let mut signals = Signals::install()?;
+    // ssh -L dies on SIGHUP (its terminal closed), and so do we, at once; but handled, so the
+    // listeners close on the way out and a Unix socket's file is removed (the default action
+    // left it behind). Installed before the start-up lines, as the others: a script that
+    // signals once it read them must not meet the default action.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let life = Lifecycle::default();
     let mut tasks = Vec::new();
     for f in forwards {
@@ -195,11 +201,6 @@ pub async fn serve_all<C: Connector>(
             )));
         }
     }
-    // ssh -L dies on SIGHUP (its terminal closed), and so do we, at once; but handled, so the
-    // listeners close on the way out and a Unix socket's file is removed (the default action
-    // left it behind).
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
     let hung_up = tokio::select! {
         _ = signals.recv() => false,
         _ = hangup.recv() => true,
