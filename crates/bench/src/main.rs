@@ -94,7 +94,9 @@ struct Args {
     /// The forward binary (default: next to this one, else on PATH).
     #[arg(long)]
     forward_bin: Option<PathBuf>,
-    /// Keep the scratch directory with every child's log (its path is printed).
+    /// Keep the scratch directory with every child's log (its path is printed). The children
+    /// log at RUST_LOG=warn unless FORWARD_BENCH_LOG gives another filter (e.g.
+    /// forward_mux=debug).
     #[arg(long)]
     keep_logs: bool,
     /// File name stem for the outputs (default: today's date, UTC).

@@ -45,7 +45,11 @@ impl Proc {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(err))
             // Per-connection info logs would cost the tunnels CPU the peers do not pay.
-            .env("RUST_LOG", "warn")
+            // FORWARD_BENCH_LOG overrides it for a diagnosis run (with --keep-logs).
+            .env(
+                "RUST_LOG",
+                std::env::var("FORWARD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", program.display()))?;
