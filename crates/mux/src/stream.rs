@@ -151,6 +151,17 @@ impl Stream {
         }
     }
 
+    /// The first window counts as a grant made `at`: for the opener when its `OPEN` leaves, for
+    /// the acceptor one minimum RTT before the `OPEN` arrived (the opener sent its first window
+    /// with it). Its last byte then dates a round trip like any update's (`rtt_mark`), and the
+    /// first update may already judge growth (`window_epoch`): a download whose first window
+    /// came back without queueing grows at once instead of a round trip later (at 100 ms and
+    /// 1 Gbit/s each round trip of ramp is 12.5 MB not carried).
+    pub fn mark_first_grant(&mut self, at: Instant) {
+        self.rtt_mark = Some((self.recv_limit, at));
+        self.window_epoch = Some(at);
+    }
+
     /// Bytes `write` may accept now: bounded by peer credit and by our own send buffer.
     pub fn send_capacity(&self, send_buffer: usize) -> usize {
         let credit = self.send_limit.saturating_sub(self.send_accepted);

@@ -212,8 +212,11 @@ impl Session {
             frame::encode_rst(&mut self.ctrl, id, code);
             return Ok(());
         }
-        self.streams
-            .insert(id, Stream::new(self.config.stream_window, false));
+        let mut stream = Stream::new(self.config.stream_window, false);
+        if let Some(granted) = self.min_rtt.and_then(|min| self.now.checked_sub(min)) {
+            stream.mark_first_grant(granted);
+        }
+        self.streams.insert(id, stream);
         self.pending_opens += 1;
         self.events.push_back(Event::Opened { id, target });
         Ok(())

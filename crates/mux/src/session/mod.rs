@@ -86,6 +86,9 @@ pub struct Session {
     pending_opens: usize,
     /// Client: opens waiting for one of the `max_pending_opens` slots, oldest first.
     deferred_opens: VecDeque<(StreamId, Target)>,
+    /// Client: streams whose `OPEN` waits in `ctrl`, to date when it leaves (`mark_first_grant`;
+    /// `now` may be stale when `open` is called).
+    opens_unstamped: Vec<StreamId>,
     /// Encoded control frames, sent before any `DATA`.
     ctrl: Vec<u8>,
     ctrl_pos: usize,
@@ -141,6 +144,7 @@ impl Session {
             max_peer_id: 0,
             pending_opens: 0,
             deferred_opens: VecDeque::new(),
+            opens_unstamped: Vec::new(),
             ctrl: Vec::new(),
             ctrl_pos: 0,
             ping_mark: None,
@@ -438,6 +442,7 @@ impl Session {
         if self.pending_opens < self.config.max_pending_opens {
             self.pending_opens += 1;
             frame::encode_open(&mut self.ctrl, id, &target);
+            self.opens_unstamped.push(id);
         } else {
             stream.open_sent = false;
             self.deferred_opens.push_back((id, target));
@@ -684,6 +689,7 @@ impl Session {
                 continue;
             };
             s.open_sent = true;
+            self.opens_unstamped.push(id);
             self.pending_opens += 1;
             frame::encode_open(&mut self.ctrl, id, &target);
             self.schedule(id);
