@@ -393,3 +393,58 @@ fn a_quiet_first_window_grows_at_the_first_read_8x_alone_4x_with_company() {
         assert_eq!(c.stream_window(id), Some(grown));
     }
 }
+
+fn data_frames(id: u32, bytes: usize) -> Vec<Frame> {
+    assert_eq!(bytes % (16 * 1024), 0);
+    (0..bytes / (16 * 1024))
+        .map(|_| Frame::Data {
+            id,
+            fin: false,
+            payload: vec![7u8; 16 * 1024].into(),
+        })
+        .collect()
+}
+
+fn read_all(c: &mut Session, id: u32) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let ReadOutcome::Data(_) = c.read(id, &mut buf).unwrap() {}
+}
+
+#[test]
+fn a_stream_alone_judges_a_fresh_grant_sample_before_the_next_credit_step() {
+    // 100 ms RTT. The first window grows to 2 MiB at the first read (the test above); that
+    // update's bytes come back 101 ms later, and on the way a credit step went out, so the
+    // sender is not blocked when the sample completes. The sample is quiet: the window grows
+    // (8x) with an update of its own at the next read, not a quarter window (512 KiB) later;
+    // behind the bench's relay a burst ended 1 KiB short of the step and the growth to 16 MiB
+    // waited a round trip (2 MiB instead of 16 MiB in flight: 12.5 MB not carried at 1 Gbit/s).
+    let rtt = std::time::Duration::from_millis(100);
+    let ms = std::time::Duration::from_millis(1);
+    let (mut c, t0, id) = client_on_a_measured_path(rtt);
+    let t1 = t0 + rtt + ms;
+    let mut input = vec![Frame::OpenOk { id }];
+    input.extend(data_frames(id, 256 * 1024));
+    c.handle_input(t1, &wire(&input)).unwrap();
+    read_all(&mut c, id);
+    drain(&mut c, t1);
+    assert_eq!(c.stream_window(id), Some(2 << 20));
+    // The grown update granted up to 16 KiB + 2 MiB (its first read came after 16 KiB).
+    let granted = 16 * 1024 + (2 << 20);
+    let t2 = t1 + rtt;
+    c.handle_input(t2, &wire(&data_frames(id, 512 * 1024)))
+        .unwrap();
+    read_all(&mut c, id);
+    assert_eq!(
+        stream_updates(drain(&mut c, t2), id).len(),
+        1,
+        "one credit step went out"
+    );
+    let sent = 256 * 1024 + 512 * 1024;
+    c.handle_input(t2 + ms, &wire(&data_frames(id, granted - sent)))
+        .unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    assert_eq!(c.read(id, &mut buf).unwrap(), ReadOutcome::Data(16 * 1024));
+    let updates = stream_updates(drain(&mut c, t2 + ms), id);
+    assert_eq!(updates.len(), 1, "the grown window went out at once");
+    assert_eq!(c.stream_window(id), Some(16 << 20));
+}
