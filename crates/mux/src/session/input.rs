@@ -187,7 +187,7 @@ impl Session {
     }
 
     fn on_open(&mut self, id: StreamId, target: Target) -> Result<(), SessionError> {
-        if id % 2 == 0 {
+        if id.is_multiple_of(2) {
             return Err(SessionError::protocol(format!(
                 "OPEN with even stream id {id}"
             )));
