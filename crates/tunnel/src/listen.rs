@@ -137,13 +137,72 @@ pub enum Listener {
     Unix(UnixListener, UnlinkOnDrop),
 }
 
-/// Removes a Unix socket file we created.
+/// Removes a Unix socket file we created, then the lock file beside it (see [`lock_beside`]).
 #[derive(Debug)]
-pub struct UnlinkOnDrop(PathBuf);
+pub struct UnlinkOnDrop {
+    path: PathBuf,
+    /// Held, not read: dropped after `drop` below, so it still guards the socket's removal.
+    _lock: Option<SocketLock>,
+}
 
 impl Drop for UnlinkOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// An exclusive lock on `SOCKET.lock`, held while we listen on `SOCKET` (released when the
+/// file closes, a crash included).
+#[derive(Debug)]
+pub struct SocketLock {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Drop for SocketLock {
+    fn drop(&mut self) {
+        // Removed while still locked; the file closes (unlocks) after this.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Locks `SOCKET.lock` beside a Unix socket path. Another forward listening there holds it:
+/// `Err(InUse)` at once. Without it, the only test of a live socket is to connect to it, and
+/// a forward that accepts that connection opens one to the VM service for it (session 10's
+/// review, F5b). `Ok(None)`: no lock to be had (a directory we may not write, a file of that
+/// name that is not an empty one of ours); the connect test then decides alone, as before.
+fn lock_beside(addr: &LocalAddr, path: &Path) -> Result<Option<SocketLock>, ListenError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    // create_new never follows a symlink (a link planted in /tmp cannot make us create a file
+    // elsewhere); an existing lock file is opened read-only, which flock needs and which
+    // cannot change it.
+    let file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&lock_path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // Held by a live forward or left by one that died. Ours are empty regular files;
+            // anything else is the user's, never locked or removed.
+            let ours = std::fs::symlink_metadata(&lock_path)
+                .is_ok_and(|m| m.file_type().is_file() && m.len() == 0);
+            match std::fs::File::open(&lock_path) {
+                Ok(f) if ours => f,
+                _ => return Ok(None),
+            }
+        }
+        Err(_) => return Ok(None),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(Some(SocketLock {
+            _file: file,
+            path: lock_path,
+        })),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ListenError::InUse { addr: addr.clone() }),
+        Err(std::fs::TryLockError::Error(_)) => Ok(None),
     }
 }
 
@@ -162,7 +221,7 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<LocalAddr> {
         match self {
             Listener::Tcp(l) => l.local_addr().map(LocalAddr::Tcp),
-            Listener::Unix(_, path) => Ok(LocalAddr::Unix(path.0.clone())),
+            Listener::Unix(_, path) => Ok(LocalAddr::Unix(path.path.clone())),
         }
     }
 
@@ -178,7 +237,7 @@ impl Listener {
             }
             Listener::Unix(l, path) => {
                 let (s, _) = l.accept().await?;
-                Ok((LocalStream::Unix(s), path.0.display().to_string()))
+                Ok((LocalStream::Unix(s), path.path.display().to_string()))
             }
         }
     }
@@ -198,8 +257,17 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 fn bind_unix(addr: &LocalAddr, path: &Path) -> Result<Listener, ListenError> {
+    let lock = lock_beside(addr, path)?;
     let e = match UnixListener::bind(path) {
-        Ok(l) => return Ok(Listener::Unix(l, UnlinkOnDrop(path.to_owned()))),
+        Ok(l) => {
+            return Ok(Listener::Unix(
+                l,
+                UnlinkOnDrop {
+                    path: path.to_owned(),
+                    _lock: lock,
+                },
+            ))
+        }
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => e,
         Err(e) => return Err(classify(addr, e)),
     };
@@ -216,7 +284,13 @@ fn bind_unix(addr: &LocalAddr, path: &Path) -> Result<Listener, ListenError> {
         Err(c) if c.kind() == io::ErrorKind::ConnectionRefused => {
             std::fs::remove_file(path).map_err(|e| classify(addr, e))?;
             let l = UnixListener::bind(path).map_err(|e| classify(addr, e))?;
-            Ok(Listener::Unix(l, UnlinkOnDrop(path.to_owned())))
+            Ok(Listener::Unix(
+                l,
+                UnlinkOnDrop {
+                    path: path.to_owned(),
+                    _lock: lock,
+                },
+            ))
         }
         _ => Err(classify(addr, e)),
     }
@@ -312,6 +386,7 @@ impl AsyncWrite for LocalStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn dir() -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -368,6 +443,43 @@ mod tests {
         assert!(matches!(e, ListenError::InUse { .. }), "{e}");
         drop(live);
         assert!(!path.exists(), "socket removed on drop");
+        assert!(!d.join("s.sock.lock").exists(), "lock file removed on drop");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_second_forward_on_a_live_socket_does_not_connect_to_it() {
+        // The first forward would accept that connection and open one to the VM service.
+        let d = dir();
+        let addr = LocalAddr::Unix(d.join("s.sock"));
+        let live = Listener::bind(&addr).unwrap();
+        let e = Listener::bind(&addr).unwrap_err();
+        assert!(matches!(e, ListenError::InUse { .. }), "{e}");
+        let Listener::Unix(l, _) = &live else {
+            panic!("a Unix listener")
+        };
+        // A connect would have been queued before bind returned: none may be waiting.
+        let accepted = tokio::time::timeout(Duration::from_millis(200), l.accept()).await;
+        assert!(
+            accepted.is_err(),
+            "the second bind connected to the live socket"
+        );
+        drop(live);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lock_file_of_the_users_is_left_alone() {
+        // SOCKET.lock with content is not ours: no lock, never removed; the connect test
+        // alone decides, as before the lock existed.
+        let d = dir();
+        let addr = LocalAddr::Unix(d.join("s.sock"));
+        std::fs::write(d.join("s.sock.lock"), b"precious").unwrap();
+        let live = Listener::bind(&addr).unwrap();
+        let e = Listener::bind(&addr).unwrap_err();
+        assert!(matches!(e, ListenError::InUse { .. }), "{e}");
+        drop(live);
+        assert_eq!(std::fs::read(d.join("s.sock.lock")).unwrap(), b"precious");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
