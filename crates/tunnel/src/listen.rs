@@ -137,7 +137,7 @@ pub enum Listener {
     Unix(UnixListener, UnlinkOnDrop),
 }
 
-/// Removes a Unix socket file we created, then the lock file beside it (see [`lock_beside`]).
+/// Removes a Unix socket file we created, then the lock file beside it (`SOCKET.lock`).
 #[derive(Debug)]
 pub struct UnlinkOnDrop {
     path: PathBuf,
@@ -154,7 +154,7 @@ impl Drop for UnlinkOnDrop {
 /// An exclusive lock on `SOCKET.lock`, held while we listen on `SOCKET` (released when the
 /// file closes, a crash included).
 #[derive(Debug)]
-pub struct SocketLock {
+struct SocketLock {
     _file: std::fs::File,
     path: PathBuf,
 }
