@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// One log site's budget.
-pub(crate) struct Throttle(Mutex<(Option<Instant>, u64)>);
+pub(crate) struct Throttle(Mutex<Budget>);
 
 impl Throttle {
     pub(crate) const fn new() -> Self {
-        Throttle(Mutex::new((None, 0)))
+        Throttle(Mutex::new(Budget::new()))
     }
 
     /// `Some(left_out)` when this event may be logged.
@@ -22,15 +22,40 @@ impl Throttle {
     }
 
     fn pass_at(&self, now: Instant) -> Option<u64> {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match g.0 {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pass_at(now)
+    }
+}
+
+/// When a line last went out, and how many like it were left out since.
+struct Budget {
+    last: Option<Instant>,
+    left_out: u64,
+}
+
+impl Budget {
+    const fn new() -> Self {
+        Budget {
+            last: None,
+            left_out: 0,
+        }
+    }
+
+    /// `Some(left_out)` when a line may go out at `now` (the first always may).
+    fn pass_at(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
             Some(last) if now.duration_since(last) < LOG_EVERY => {
-                g.1 += 1;
+                self.left_out += 1;
                 None
             }
             _ => {
-                let left_out = g.1;
-                *g = (Some(now), 0);
+                let left_out = self.left_out;
+                *self = Budget {
+                    last: Some(now),
+                    left_out: 0,
+                };
                 Some(left_out)
             }
         }
@@ -41,7 +66,7 @@ impl Throttle {
 /// the agent is down: 1,180 identical lines a minute for a client retrying 20 times a second,
 /// in a review): once per [`LOG_EVERY`], with how many were left out; a different line passes
 /// at once. What a repeat leaves out is the timestamp and the peer, which the debug log keeps.
-pub(crate) struct Repeats(Mutex<Option<(String, Instant, u64)>>);
+pub(crate) struct Repeats(Mutex<Option<(String, Budget)>>);
 
 impl Repeats {
     pub(crate) const fn new() -> Self {
@@ -57,21 +82,8 @@ impl Repeats {
     fn pass_at(&self, line: &str, now: Instant) -> Option<u64> {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match g.as_mut() {
-            Some((last, at, left_out)) if last == line => {
-                if now.duration_since(*at) < LOG_EVERY {
-                    *left_out += 1;
-                    None
-                } else {
-                    let n = *left_out;
-                    *at = now;
-                    *left_out = 0;
-                    Some(n)
-                }
-            }
-            _ => {
-                *g = Some((line.to_owned(), now, 0));
-                Some(0)
-            }
+            Some((last, budget)) if last == line => budget.pass_at(now),
+            _ => g.insert((line.to_owned(), Budget::new())).1.pass_at(now),
         }
     }
 }
