@@ -191,16 +191,15 @@ impl Session {
                             "stream window grown"
                         );
                     }
-                    if !step_due && s.window == before {
-                        return self.release_connection_credit(n);
+                    if step_due || s.window > before {
+                        s.window_epoch = Some(now);
+                        let inc = (s.recv_consumed + u64::from(s.window)) - s.recv_limit;
+                        s.recv_limit += inc;
+                        if s.rtt_mark.is_none() {
+                            s.rtt_mark = Some((s.recv_limit, now));
+                        }
+                        frame::encode_window_update(&mut self.ctrl, id, inc as u32);
                     }
-                    s.window_epoch = Some(now);
-                    let inc = (s.recv_consumed + u64::from(s.window)) - s.recv_limit;
-                    s.recv_limit += inc;
-                    if s.rtt_mark.is_none() {
-                        s.rtt_mark = Some((s.recv_limit, now));
-                    }
-                    frame::encode_window_update(&mut self.ctrl, id, inc as u32);
                 }
             }
         }
