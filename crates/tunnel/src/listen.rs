@@ -189,9 +189,12 @@ fn lock_beside(addr: &LocalAddr, path: &Path) -> Result<Option<SocketLock>, List
             // anything else is the user's, never locked or removed.
             let ours = std::fs::symlink_metadata(&lock_path)
                 .is_ok_and(|m| m.file_type().is_file() && m.len() == 0);
+            if !ours {
+                return Ok(None);
+            }
             match std::fs::File::open(&lock_path) {
-                Ok(f) if ours => f,
-                _ => return Ok(None),
+                Ok(f) => f,
+                Err(_) => return Ok(None),
             }
         }
         Err(_) => return Ok(None),
