@@ -98,13 +98,7 @@ fn window_of_1000_with(sent: usize) -> (Session, Instant) {
 }
 
 fn updates(frames: Vec<Frame>) -> Vec<u32> {
-    frames
-        .into_iter()
-        .filter_map(|f| match f {
-            Frame::WindowUpdate { id: 1, increment } => Some(increment),
-            _ => None,
-        })
-        .collect()
+    stream_updates(frames, 1)
 }
 
 #[test]
@@ -374,13 +368,7 @@ fn a_quiet_first_window_grows_at_the_first_read_8x_alone_4x_with_company() {
             drain(&mut c, t0);
             input.push(Frame::OpenOk { id: other });
         }
-        for _ in 0..16 {
-            input.push(Frame::Data {
-                id,
-                fin: false,
-                payload: vec![7u8; 16 * 1024].into(),
-            });
-        }
+        input.extend(data_frames(id, 256 * 1024));
         c.handle_input(now, &wire(&input)).unwrap();
         let mut buf = vec![0u8; 16 * 1024];
         assert_eq!(c.read(id, &mut buf).unwrap(), ReadOutcome::Data(16 * 1024));
