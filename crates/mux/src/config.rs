@@ -19,6 +19,10 @@ pub struct Config {
     /// Bytes a stream may hold in the session waiting for the carrier (send side), on top of which
     /// `write` accepts nothing (128 KiB).
     pub stream_send_buffer: usize,
+    /// Bytes all streams together may hold waiting for the carrier (8 MiB): with many streams
+    /// each gets `send_budget / streams`, but never less than `send_quantum`. Without it a peer
+    /// that stops reading the carrier pins `stream_send_buffer` per stream (128 MiB at 1024).
+    pub send_budget: usize,
     /// Largest `DATA` payload this side sends; also the per-stream round-robin quantum (16 KiB).
     pub send_quantum: usize,
     /// Live streams per carrier (1024).
@@ -58,6 +62,7 @@ impl Default for Config {
             auto_tune: true,
             connection_window: 64 * 1024 * 1024,
             stream_send_buffer: 128 * 1024,
+            send_budget: 8 * 1024 * 1024,
             send_quantum: 16 * 1024,
             max_concurrent_streams: 1024,
             max_pending_opens: 256,
@@ -89,6 +94,7 @@ impl Config {
             .send_quantum
             .clamp(1, crate::frame::MAX_PAYLOAD as usize);
         self.stream_send_buffer = self.stream_send_buffer.max(1);
+        self.send_budget = self.send_budget.max(1);
         self
     }
 }

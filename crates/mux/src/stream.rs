@@ -55,7 +55,10 @@ pub(crate) struct Stream {
     pub recv_received: u64,
     /// Absolute offset we allow the peer to reach.
     pub recv_limit: u64,
+    /// Bytes whose credit went back to the peer (read, or taken and released).
     pub recv_consumed: u64,
+    /// Taken by the driver with `Session::take_chunk`, credit not yet returned.
+    pub recv_held: u64,
     /// Current receive window (auto-tuned).
     pub window: u32,
     /// When the last window update was sent, for auto-tuning.
@@ -104,6 +107,7 @@ impl Stream {
             recv_received: 0,
             recv_limit: u64::from(window),
             recv_consumed: 0,
+            recv_held: 0,
             window,
             window_epoch: None,
             rtt_mark: None,
@@ -241,7 +245,6 @@ impl Stream {
 
     fn after_take(&mut self, n: usize) {
         self.recv_buffered -= n;
-        self.recv_consumed += n as u64;
         if self.recv_buffered == 0 {
             self.readable_signalled = false;
             if self.recv_chunks.capacity() > 8 {

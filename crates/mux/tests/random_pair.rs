@@ -30,6 +30,8 @@ fn small_config() -> Config {
         max_stream_window: 32 * 1024,
         connection_window: 16 * 1024,
         stream_send_buffer: 2048,
+        // Below 20 x 2048: with many streams open each gets a share, down to the quantum.
+        send_budget: 10_000,
         send_quantum: 1000,
         max_concurrent_streams: 20,
         max_pending_opens: 3,

@@ -436,3 +436,163 @@ fn a_stream_alone_judges_a_fresh_grant_sample_before_the_next_credit_step() {
     assert_eq!(updates.len(), 1, "the grown window went out at once");
     assert_eq!(c.stream_window(id), Some(16 << 20));
 }
+
+#[test]
+fn many_open_streams_share_the_send_budget_but_each_keeps_a_quantum() {
+    // Two streams fit their full send buffers in the budget; at ten each gets its share, but not
+    // less than a quantum, so a peer that stops reading pins at most the budget (or a quantum
+    // per stream) instead of a full buffer per stream.
+    let config = Config {
+        stream_send_buffer: 1000,
+        send_budget: 3000,
+        send_quantum: 500,
+        ..Config::default()
+    };
+    let (mut c, now) = authed_client(config);
+    let first: Vec<u32> = (0..2).map(|_| c.open(target()).unwrap()).collect();
+    for &id in &first {
+        assert_eq!(
+            c.write(id, &[1u8; 5000]).unwrap(),
+            1000,
+            "alone: a full buffer"
+        );
+    }
+    let more: Vec<u32> = (0..8).map(|_| c.open(target()).unwrap()).collect();
+    for &id in &more {
+        assert_eq!(
+            c.write(id, &[2u8; 5000]).unwrap(),
+            500,
+            "ten share: a quantum"
+        );
+        assert_eq!(c.send_room(id).unwrap(), 0);
+    }
+    assert_eq!(
+        c.send_room(first[0]).unwrap(),
+        0,
+        "holding more than its share"
+    );
+    assert!(events(&mut c).is_empty());
+
+    let mut out = Vec::new();
+    c.poll_transmit(now, &mut out, 1 << 20);
+    let writable: Vec<u32> = events(&mut c)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Writable(id) => Some(id),
+            _ => None,
+        })
+        .collect();
+    let mut want: Vec<u32> = first.iter().chain(&more).copied().collect();
+    want.sort_unstable();
+    let mut got = writable.clone();
+    got.sort_unstable();
+    assert_eq!(
+        got, want,
+        "every stream that was cut short or asked for room hears of it"
+    );
+    assert_eq!(c.send_room(first[0]).unwrap(), 500);
+}
+
+#[test]
+fn taken_chunks_hold_their_credit_until_released() {
+    use forward_mux::ReadChunk;
+    let (mut s, now) = window_of_1000_with(1000);
+    let ReadChunk::Data(chunk) = s.take_chunk(1, 1 << 20).unwrap() else {
+        panic!("1000 bytes were buffered");
+    };
+    assert_eq!(chunk.len(), 1000);
+    assert!(
+        updates(drain(&mut s, now)).is_empty(),
+        "taken but not written out: no credit yet"
+    );
+    s.release(1, 300);
+    assert_eq!(
+        updates(drain(&mut s, now)),
+        [300],
+        "the sender used its whole window: released credit goes back at once"
+    );
+    s.release(1, 5000);
+    assert_eq!(updates(drain(&mut s, now)), [700], "no more than was held");
+    s.release(1, 1);
+    assert!(updates(drain(&mut s, now)).is_empty());
+}
+
+#[test]
+fn taken_bytes_return_the_connection_credit_at_once_and_the_stream_credit_when_released() {
+    // The connection window bounds what the session buffers; a stalled local reader holding
+    // taken bytes holds its own stream's window, not the carrier's.
+    use forward_mux::ReadChunk;
+    let now = Instant::now();
+    let config = Config {
+        stream_window: 1000,
+        connection_window: 2000,
+        ..Config::default()
+    };
+    let mut s = Session::server(config, now);
+    s.handle_input(now, &wire(&[Frame::Auth(b"p".to_vec().into())]))
+        .unwrap();
+    s.auth_accept().unwrap();
+    let frames = [
+        Frame::Open {
+            id: 1,
+            target: target(),
+        },
+        Frame::Data {
+            id: 1,
+            fin: false,
+            payload: vec![4u8; 1000].into(),
+        },
+    ];
+    s.handle_input(now, &wire(&frames)).unwrap();
+    s.accept(1).unwrap();
+    assert!(matches!(s.take_chunk(1, 1 << 20).unwrap(), ReadChunk::Data(d) if d.len() == 1000));
+    let out = drain(&mut s, now);
+    assert_eq!(
+        stream_updates(out.clone(), 0),
+        [1000],
+        "the connection's credit: at once"
+    );
+    assert!(updates(out).is_empty(), "the stream's: not yet");
+    s.release(1, 1000);
+    let out = drain(&mut s, now);
+    assert_eq!(updates(out.clone()), [1000]);
+    assert!(
+        stream_updates(out, 0).is_empty(),
+        "the connection's credit only once"
+    );
+}
+
+#[test]
+fn connection_credit_returns_at_once_to_a_sender_that_used_all_of_it() {
+    // Streams whose readers stall hold part of the connection window; once the sender has used
+    // all of it, whatever another stream consumes goes back at once, not at half a window, or
+    // the carrier stops for every stream while more than half of it is held.
+    let now = Instant::now();
+    let config = Config {
+        stream_window: 1000,
+        connection_window: 2000,
+        ..Config::default()
+    };
+    let mut s = Session::server(config, now);
+    s.handle_input(now, &wire(&[Frame::Auth(b"p".to_vec().into())]))
+        .unwrap();
+    s.auth_accept().unwrap();
+    let mut frames = Vec::new();
+    for id in [1, 3] {
+        frames.push(Frame::Open {
+            id,
+            target: target(),
+        });
+        frames.push(Frame::Data {
+            id,
+            fin: false,
+            payload: vec![4u8; 1000].into(),
+        });
+    }
+    s.handle_input(now, &wire(&frames)).unwrap();
+    s.accept(1).unwrap();
+    s.accept(3).unwrap();
+    let mut buf = [0u8; 100];
+    assert_eq!(s.read(3, &mut buf).unwrap(), ReadOutcome::Data(100));
+    assert_eq!(stream_updates(drain(&mut s, now), 0), [100]);
+}

@@ -302,7 +302,7 @@ impl Session {
             }
             return Ok(());
         }
-        let send_buffer = self.config.stream_send_buffer;
+        let send_buffer = self.send_buffer();
         let known = self.is_known_id(id);
         match self.streams.get_mut(&id) {
             Some(s) => {

@@ -480,11 +480,44 @@ impl Session {
         Ok(())
     }
 
+    /// Each stream's send buffer now: `stream_send_buffer`, or its share of `send_budget` when
+    /// many streams are open, never below one quantum (so all together hold at most
+    /// `max(send_budget, send_quantum × streams)`).
+    fn send_buffer(&self) -> usize {
+        let c = &self.config;
+        let share = c.send_budget / self.streams.len().max(1);
+        share.clamp(
+            c.send_quantum.min(c.stream_send_buffer),
+            c.stream_send_buffer,
+        )
+    }
+
+    /// How many bytes [`Session::write`] would take on stream `id` now. At 0 an
+    /// `Event::Writable(id)` follows when room returns, as after a short write: a driver can
+    /// read no more from its source than this, so a stream the peer does not drain holds
+    /// nothing outside the session.
+    pub fn send_room(&mut self, id: StreamId) -> Result<usize, StreamError> {
+        let send_buffer = self.send_buffer();
+        let role = self.role;
+        let s = self.stream_mut(id)?;
+        if s.send != SendState::Open {
+            return Err(StreamError::Finished(id));
+        }
+        if role == Role::Server && !s.accepted {
+            return Err(StreamError::NotAccepted(id));
+        }
+        let room = s.send_capacity(send_buffer);
+        if room == 0 {
+            s.want_writable = true;
+        }
+        Ok(room)
+    }
+
     /// Queue bytes on stream `id`. Accepts at most the peer's remaining credit and the free room of the
     /// stream's send buffer; returns how many bytes were taken. `Ok(0)` means "blocked": an
     /// `Event::Writable(id)` follows when room returns.
     pub fn write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
-        let send_buffer = self.config.stream_send_buffer;
+        let send_buffer = self.send_buffer();
         let role = self.role;
         let s = self.stream_mut(id)?;
         if s.send != SendState::Open {
@@ -505,7 +538,7 @@ impl Session {
             // A bulk writer fills the whole buffer over a few writes: one allocation of all of
             // it instead of a reallocation (and copy) per write. Small writes stay exact, so an
             // interactive stream holds little.
-            s.send_buf.reserve((send_buffer - len).max(n));
+            s.send_buf.reserve(send_buffer.saturating_sub(len).max(n));
         }
         s.send_buf.extend_from_slice(&data[..n]);
         s.send_accepted += n as u64;
@@ -547,6 +580,20 @@ impl Session {
     /// Like [`Session::read`] but hands out the next received chunk (at most `max` bytes) without
     /// copying it.
     pub fn read_chunk(&mut self, id: StreamId, max: usize) -> Result<ReadChunk, StreamError> {
+        let chunk = self.take_chunk(id, max)?;
+        if let ReadChunk::Data(data) = &chunk {
+            self.release(id, data.len());
+        }
+        Ok(chunk)
+    }
+
+    /// Like [`Session::read_chunk`], but the stream's credit for the bytes stays with the caller
+    /// until [`Session::release`] returns it: for a driver that takes chunks before its local
+    /// socket accepts them. Bytes held so still count against the stream's window, so a stalled
+    /// local reader holds at most its window, in the session or in the driver. The connection's
+    /// credit goes back at once: the connection window bounds what the session buffers, and
+    /// streams whose readers stall must not hold the whole carrier.
+    pub fn take_chunk(&mut self, id: StreamId, max: usize) -> Result<ReadChunk, StreamError> {
         let s = self.readable_mut(id)?;
         if s.recv_buffered == 0 || max == 0 {
             return Ok(match self.read_empty(id, max == 0) {
@@ -556,8 +603,21 @@ impl Session {
             });
         }
         let chunk = s.take_chunk(max).expect("buffered bytes present");
-        self.release_credit(id, chunk.len());
+        s.recv_held += chunk.len() as u64;
+        self.release_connection_credit(chunk.len());
         Ok(ReadChunk::Data(chunk))
+    }
+
+    /// Return the stream credit of `n` bytes taken with [`Session::take_chunk`] (they were
+    /// written out). More than is held counts as what is held; on a stream already gone this
+    /// does nothing.
+    pub fn release(&mut self, id: StreamId, n: usize) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let n = (n as u64).min(s.recv_held);
+        s.recv_held -= n;
+        self.release_stream_credit(id, n as usize);
     }
 
     fn read_empty(&mut self, id: StreamId, zero_buf: bool) -> ReadOutcome {

@@ -68,7 +68,7 @@ impl Session {
 
     fn transmit_data(&mut self, out: &mut impl Sink, limit: usize) {
         let quantum = self.config.send_quantum;
-        let send_buffer = self.config.stream_send_buffer;
+        let send_buffer = self.send_buffer();
         while let Some(id) = self.ready.pop_front() {
             let space = limit.saturating_sub(out.len());
             let conn_credit = self.conn_send_limit - self.conn_sent;
@@ -131,6 +131,12 @@ impl Session {
 
     /// Return credit for `n` bytes of stream `id` that left the session, with auto-tuning.
     pub(super) fn release_credit(&mut self, id: StreamId, n: usize) {
+        self.release_stream_credit(id, n);
+        self.release_connection_credit(n);
+    }
+
+    /// The stream's part of [`Session::release_credit`].
+    pub(super) fn release_stream_credit(&mut self, id: StreamId, n: usize) {
         let now = self.now;
         let (min_rtt, srtt) = (self.min_rtt, self.rtt);
         let (auto_tune, max_window) = (self.config.auto_tune, self.config.max_stream_window);
@@ -141,6 +147,7 @@ impl Session {
             self.config.tune_queue_floor
         };
         if let Some(s) = self.streams.get_mut(&id) {
+            s.recv_consumed += n as u64;
             if s.recv == RecvState::Open {
                 if shared {
                     // Another stream is in use: hold this one to the smaller cap at once, even
@@ -203,7 +210,6 @@ impl Session {
                 }
             }
         }
-        self.release_connection_credit(n);
     }
 
     /// Whether another stream, still open, carried data within [`COMPANY_FOR`].
@@ -219,7 +225,12 @@ impl Session {
         self.conn_consumed += n as u64;
         let window = u64::from(self.config.connection_window);
         let unsent = self.conn_consumed + window - self.conn_recv_limit;
-        if unsent >= window / 2 && self.closed.is_none() {
+        // Half a window at a time, or whatever is consumed once the sender used all its credit
+        // (as for a stream): streams whose readers stall keep part of the window, and with
+        // more than half of it held the carrier stopped for every stream (an exchange beside
+        // 300 stalled downloads timed out).
+        let sender_blocked = self.conn_received == self.conn_recv_limit && unsent > 0;
+        if (unsent >= window / 2 || sender_blocked) && self.closed.is_none() {
             self.conn_recv_limit += unsent;
             frame::encode_window_update(&mut self.ctrl, 0, unsent as u32);
         }
