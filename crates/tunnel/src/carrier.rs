@@ -892,7 +892,22 @@ impl MuxStream {
         Some(stream_error(g, self.id, e))
     }
 
-    /// Bytes were taken: the credit they free may be worth a window update.
+    /// A write found no room: the stream's end if it has one, else wait for `Writable`.
+    fn write_blocked(&self, g: &mut Inner, cx: &mut Context<'_>) -> Poll<io::Error> {
+        if let Some(code) = g.slots.get(&self.id).and_then(|s| s.reset) {
+            return Poll::Ready(reset_error(code));
+        }
+        if let Some(d) = &g.dead {
+            return Poll::Ready(dead_error(d));
+        }
+        if let Some(s) = g.slots.get_mut(&self.id) {
+            s.write = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Bytes were taken or written out: what that frees (credit, a finished stream's slot)
+    /// may be worth a frame.
     fn after_take(&self, g: MutexGuard<'_, Inner>) {
         let notify = g.session.wants_transmit();
         drop(g);
@@ -939,18 +954,7 @@ impl AsyncWrite for MuxStream {
         let carrier = &this.carrier;
         let mut g = carrier.lock();
         match g.session.write(this.id, data) {
-            Ok(0) if !data.is_empty() => {
-                if let Some(code) = g.slots.get(&this.id).and_then(|s| s.reset) {
-                    return Poll::Ready(Err(reset_error(code)));
-                }
-                if let Some(d) = &g.dead {
-                    return Poll::Ready(Err(dead_error(d)));
-                }
-                if let Some(s) = g.slots.get_mut(&this.id) {
-                    s.write = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
+            Ok(0) if !data.is_empty() => this.write_blocked(&mut g, cx).map(Err),
             Ok(n) => {
                 drop(g);
                 carrier.tx.notify_one();
@@ -992,7 +996,7 @@ impl Endpoint for MuxStream {
     }
 
     /// The received chunks themselves, not a copy of them into the relay's buffer; all that
-    /// are ready, under one lock.
+    /// are ready, under one lock. Their credit stays held until `chunks_written`.
     fn poll_read_chunks(
         &mut self,
         cx: &mut Context<'_>,
@@ -1005,7 +1009,7 @@ impl Endpoint for MuxStream {
             if taken == max {
                 break Poll::Ready(Ok(()));
             }
-            match g.session.read_chunk(self.id, max - taken) {
+            match g.session.take_chunk(self.id, max - taken) {
                 Ok(ReadChunk::Data(chunk)) => {
                     taken += chunk.len();
                     out.push_back(chunk);
@@ -1027,6 +1031,23 @@ impl Endpoint for MuxStream {
             Poll::Ready(Ok(taken))
         } else {
             end.map_ok(|()| 0)
+        })
+    }
+
+    /// Their credit goes back now, not when they were taken: a local reader that stalls holds
+    /// at most its stream's window, in the session or in the relay (it held a window more).
+    fn chunks_written(&mut self, n: usize) {
+        let mut g = self.carrier.lock();
+        g.session.release(self.id, n);
+        self.after_take(g);
+    }
+
+    fn poll_write_room(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
+        let mut g = self.carrier.lock();
+        Some(match g.session.send_room(self.id) {
+            Ok(0) => self.write_blocked(&mut g, cx).map(Err),
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(e) => Poll::Ready(Err(stream_error(&g, self.id, e))),
         })
     }
 

@@ -19,6 +19,7 @@
 //!
 //! Left to callers: socket options (TCP_NODELAY, keepalive), timeouts, logging with context.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::{poll_fn, Future};
@@ -44,6 +45,50 @@ const PROBE_BUF: usize = 2 * 1024;
 /// cover MAX_BUF in 4 KiB chunks, or a 256 KiB carrier batch of 16 KiB frames as 32 (header,
 /// payload) pairs.
 pub(crate) const MAX_IOV: usize = 64;
+
+/// Grown buffers given back by relays whose sink has no room (and by relays that ended), per
+/// thread, for the next relay that needs one: a stalled stream holds no buffer (at 1,000
+/// stalled agent streams that was 250 MB), and a transfer that stalls and resumes thousands
+/// of times a second takes a buffer back without allocating or zeroing one.
+const POOL_MAX: usize = 4;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Smallest buffer worth keeping in the pool.
+const POOL_MIN: usize = 64 * 1024;
+
+/// A buffer of at least `len` bytes (contents unspecified): a pooled one if one is as big.
+fn buffer(len: usize) -> Vec<u8> {
+    if len >= POOL_MIN {
+        let pooled = POOL.with_borrow_mut(|pool| {
+            let i = pool.iter().position(|b| b.len() >= len)?;
+            Some(pool.swap_remove(i))
+        });
+        if let Some(buf) = pooled {
+            return buf;
+        }
+    }
+    vec![0; len]
+}
+
+/// Keeps `buf` for [`buffer`] if it is big enough to be worth it and the pool has room (else
+/// the smallest pooled one makes way for a bigger one).
+fn give_back(buf: Vec<u8>) {
+    if buf.len() < POOL_MIN {
+        return;
+    }
+    POOL.with_borrow_mut(|pool| {
+        if pool.len() < POOL_MAX {
+            pool.push(buf);
+        } else if let Some(smallest) = pool.iter_mut().min_by_key(|b| b.len()) {
+            if smallest.len() < buf.len() {
+                *smallest = buf;
+            }
+        }
+    });
+}
 
 /// A byte stream the relay can drive, plus a way to make its close abortive.
 ///
@@ -77,6 +122,21 @@ pub trait Endpoint: AsyncRead + AsyncWrite + Unpin + Send {
         _max: usize,
         _out: &mut VecDeque<Bytes>,
     ) -> Option<Poll<io::Result<usize>>> {
+        None
+    }
+
+    /// Called after `n` bytes of the chunks `poll_read_chunks` handed out were written to the
+    /// other side: an endpoint that keeps its peer's credit until then returns it here, so
+    /// bytes a stalled sink holds in the relay still count against the peer's window. The
+    /// default does nothing.
+    fn chunks_written(&mut self, _n: usize) {}
+
+    /// For an endpoint whose writes are bounded by room it knows (a mux stream: the peer's
+    /// credit and its send buffer): the bytes `poll_write` would take now, or `Pending` (waker
+    /// registered) until there is room. The relay reads no more than this from the other side,
+    /// so a destination that does not drain holds nothing in the relay. `None` (the default):
+    /// no such bound, the relay reads a buffer's worth.
+    fn poll_write_room(&mut self, _cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
         None
     }
 }
@@ -184,6 +244,12 @@ impl<T: Endpoint + ?Sized> Endpoint for Box<T> {
     ) -> Option<Poll<io::Result<usize>>> {
         (**self).poll_read_chunks(cx, max, out)
     }
+    fn chunks_written(&mut self, n: usize) {
+        (**self).chunks_written(n);
+    }
+    fn poll_write_room(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
+        (**self).poll_write_room(cx)
+    }
 }
 
 impl<T: Endpoint + ?Sized> Endpoint for &mut T {
@@ -203,6 +269,12 @@ impl<T: Endpoint + ?Sized> Endpoint for &mut T {
         out: &mut VecDeque<Bytes>,
     ) -> Option<Poll<io::Result<usize>>> {
         (**self).poll_read_chunks(cx, max, out)
+    }
+    fn chunks_written(&mut self, n: usize) {
+        (**self).chunks_written(n);
+    }
+    fn poll_write_room(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
+        (**self).poll_write_room(cx)
     }
 }
 
@@ -565,10 +637,19 @@ struct Half {
     need_flush: bool,
     /// The last fill used the whole buffer: grow it before the next one.
     full: bool,
+    /// Size of the buffer given back while the sink had no room; the next fill takes one as big
+    /// (or as big as the sink then takes).
+    parked: usize,
     /// `before_shutdown` was called on the destination.
     shutting_down: bool,
     done: bool,
     bytes: u64,
+}
+
+impl Drop for Half {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.buf));
+    }
 }
 
 impl Half {
@@ -587,10 +668,25 @@ impl Half {
         }
         loop {
             if self.pending() == 0 && !self.read_eof {
+                let room = match dst.poll_write_room(cx) {
+                    None => MAX_BUF,
+                    // Never 0: an empty read would look like EOF.
+                    Some(Poll::Ready(Ok(room))) => room.max(1),
+                    Some(Poll::Ready(Err(e))) => return Poll::Ready(Err((Op::Write, e))),
+                    Some(Poll::Pending) => {
+                        self.park();
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *dst).poll_flush(cx))
+                                .map_err(|e| (Op::Write, e))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                };
                 let filled = if self.copying {
-                    self.fill(cx, src)
+                    self.fill(cx, src, room)
                 } else {
-                    self.fill_chunks(cx, src)
+                    self.fill_chunks(cx, src, room)
                 };
                 if let Err(e) = filled {
                     return Poll::Ready(Err((Op::Read, e)));
@@ -622,6 +718,9 @@ impl Half {
                         io::Error::new(io::ErrorKind::WriteZero, "sink accepted no bytes"),
                     )));
                 }
+                if self.chunked > 0 {
+                    src.chunks_written(n);
+                }
                 self.consume(n);
                 self.bytes += n as u64;
                 self.need_flush = true;
@@ -640,6 +739,14 @@ impl Half {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
+        }
+    }
+
+    /// The sink has no room and nothing is pending: hold no buffer while it stays so.
+    fn park(&mut self) {
+        if !self.buf.is_empty() {
+            self.parked = self.buf.len();
+            give_back(std::mem::take(&mut self.buf));
         }
     }
 
@@ -673,11 +780,12 @@ impl Half {
         &mut self,
         cx: &mut Context<'_>,
         src: &mut R,
+        room: usize,
     ) -> io::Result<()> {
-        match src.poll_read_chunks(cx, MAX_BUF, &mut self.chunks) {
+        match src.poll_read_chunks(cx, MAX_BUF.min(room), &mut self.chunks) {
             None => {
                 self.copying = true;
-                self.fill(cx, src)
+                self.fill(cx, src, room)
             }
             Some(Poll::Pending) => Ok(()),
             Some(Poll::Ready(Err(e))) => Err(e),
@@ -692,22 +800,29 @@ impl Half {
         }
     }
 
-    /// Read whatever the source has ready, up to the buffer's size. Leaves `pos == end` and
-    /// `read_eof == false` when the source had nothing (its waker is then registered).
+    /// Read whatever the source has ready, up to the buffer's size and `room` (what the sink
+    /// takes now, at least 1). Leaves `pos == end` and `read_eof == false` when the source had
+    /// nothing (its waker is then registered).
     fn fill<R: AsyncRead + Unpin + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut R,
+        room: usize,
     ) -> io::Result<()> {
         self.pos = 0;
         self.end = 0;
+        if self.parked > 0 {
+            // As big as before, unless the sink now takes less (more streams share its budget).
+            let len = std::mem::take(&mut self.parked).min(room.max(INITIAL_BUF));
+            self.buf = buffer(len);
+        }
         // A buffer that never grew serves interactive traffic: once the source goes quiet it is
         // given back (below), so 10,000 idle connections hold no heap buffers and the probe read
         // allocates again when bytes arrive. A bulk transfer has grown its buffer and keeps it.
         let small = self.buf.len() == INITIAL_BUF && !self.full;
         if self.buf.is_empty() {
             let mut probe = [0u8; PROBE_BUF];
-            let mut rb = ReadBuf::new(&mut probe);
+            let mut rb = ReadBuf::new(&mut probe[..PROBE_BUF.min(room)]);
             match Pin::new(&mut *src).poll_read(cx, &mut rb) {
                 Poll::Pending => return Ok(()),
                 Poll::Ready(Err(e)) => return Err(e),
@@ -722,13 +837,16 @@ impl Half {
                     self.end = n;
                 }
             }
-        } else if self.buf.len() < MAX_BUF && self.full {
-            // The previous batch filled the buffer: the source is fast, give it room.
-            self.buf = vec![0; (self.buf.len() * 4).min(MAX_BUF)];
+        } else if self.full && room > self.buf.len() {
+            // The previous batch filled the buffer: the source is fast, give it room, but no
+            // more than the sink takes (a mux stream: its share of the carrier's send budget).
+            let len = (self.buf.len() * 4).min(MAX_BUF).min(room);
+            self.buf = buffer(len);
         }
         // Keep reading while the source has data ready so the sink gets large writes.
-        while self.end < self.buf.len() {
-            let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
+        let end = self.buf.len().min(room);
+        while self.end < end {
+            let mut rb = ReadBuf::new(&mut self.buf[self.end..end]);
             match Pin::new(&mut *src).poll_read(cx, &mut rb) {
                 Poll::Pending => break,
                 // Bytes already read are dropped with the error: both sides are reset anyway, and
@@ -928,6 +1046,103 @@ mod tests {
         assert_eq!(sha256(&got), sha256(&data));
         let stats = timed(relay).await.unwrap().unwrap();
         assert_eq!(stats.a_to_b, data.len() as u64);
+    }
+
+    /// A sink that knows its room, as a mux stream does (`poll_write_room`); panics when given
+    /// more. It never has anything to read.
+    #[derive(Clone, Default)]
+    struct Narrow {
+        room: Arc<std::sync::Mutex<(usize, Option<std::task::Waker>)>>,
+        got: Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl Narrow {
+        fn grant(&self, n: usize) {
+            let mut r = self.room.lock().unwrap();
+            r.0 += n;
+            if let Some(w) = r.1.take() {
+                w.wake();
+            }
+        }
+        fn got(&self) -> usize {
+            self.got.lock().unwrap().len()
+        }
+    }
+
+    impl AsyncRead for Narrow {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Narrow {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut r = self.room.lock().unwrap();
+            assert!(
+                buf.len() <= r.0,
+                "{} bytes offered with room for {}",
+                buf.len(),
+                r.0
+            );
+            r.0 -= buf.len();
+            self.got.lock().unwrap().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Endpoint for Narrow {
+        fn poll_write_room(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
+            let mut r = self.room.lock().unwrap();
+            if r.0 == 0 {
+                r.1 = Some(cx.waker().clone());
+                return Some(Poll::Pending);
+            }
+            Some(Poll::Ready(Ok(r.0)))
+        }
+    }
+
+    /// The relay reads from a socket no more than the sink has room for, so a sink that stops
+    /// taking leaves the bytes in the socket, not in the relay; they all arrive, in order, as
+    /// room returns in odd amounts.
+    #[tokio::test]
+    async fn a_sink_with_little_room_is_never_offered_more() {
+        let data = pattern(300 * 1024 + 5, 9);
+        let (mut peer, a) = tcp_pair().await;
+        let sink = Narrow::default();
+        sink.grant(1000);
+        let relay = tokio::spawn(relay(a, sink.clone()));
+        peer.write_all(&data).await.unwrap();
+        timed(async {
+            while sink.got() < 1000 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(sink.got(), 1000);
+        timed(async {
+            while sink.got() < data.len() {
+                sink.grant(37_000);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert_eq!(sha256(&sink.got.lock().unwrap()), sha256(&data));
+        relay.abort();
     }
 
     /// A relay whose side a sent "request" and half-closed, which b has read up to the EOF.
