@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{forward_bin, run, Src, TempDir, TIMEOUT};
 use crate::net::{echo_exchange, Backend, Local, CHUNK};
-use crate::stack::{Stack, Transport};
+use crate::stack::{Forward, Stack, Transport};
 
 per_transport!(wrong_token_is_rejected: agent_tls, agent_tcp, quic);
 per_transport!(agent_killed_then_back: agent_tls, agent_tcp, quic);
@@ -311,20 +311,7 @@ fn ipv4_only_service_is_reachable(t: Transport) {
 fn thousand_streams_one_stalled(t: Transport) {
     const N: usize = 1000;
     const LEN: usize = 16 * 1024;
-    let source = Backend::start(|mut sock, _tx| {
-        let buf = vec![0x33; CHUNK];
-        while sock.write_all(&buf).is_ok() {}
-    });
-    let echo = Backend::echo();
-    let stack = Stack::start(t, &[]);
-    let fwd = stack.forward(
-        &[],
-        &[
-            format!("127.0.0.1:0:{}", stack.target(source.port)),
-            format!("127.0.0.1:0:{}", stack.target(echo.port)),
-        ],
-        2,
-    );
+    let (_source, _echo, stack, fwd) = source_and_echo(t, 0x33);
     let mut stalled = fwd.locals[0].connect();
     // Let the source fill every buffer and window on the way.
     thread::sleep(Duration::from_secs(2));
@@ -378,19 +365,11 @@ fn thousand_streams_one_stalled(t: Transport) {
     }
 }
 
-/// Many local readers that stop reading cost forward at most their stream windows and the
-/// agent next to nothing: the relay returns a stream's credit only once its bytes are written
-/// to the local socket, and the agent reads from a VM service only what the carrier can take
-/// and holds no buffer for a stream that cannot send. (Before, the agent kept a 256 KiB relay
-/// buffer and up to 128 KiB of send buffer per stalled stream: 57-116 MB here; at 300
-/// streams 174 MB, and a 1 MiB exchange beside them took 22 s.) The other streams of the carrier keep
-/// working, and a stalled stream resumes when read.
-fn stalled_readers_hold_at_most_their_windows(t: Transport) {
-    // Their windows (256 KiB each) fill 50 of the connection window's 64 MiB: past it, what
-    // they leave unread would stop the carrier for every stream.
-    const N: usize = 200;
-    let source = Backend::start(|mut sock, _tx| {
-        let buf = vec![0x5a; CHUNK];
+/// A service that sends `byte` forever and an echo service, forwarded by one forward: locals[0]
+/// and locals[1], one carrier.
+fn source_and_echo(t: Transport, byte: u8) -> (Backend, Backend, Stack, Forward) {
+    let source = Backend::start(move |mut sock, _tx| {
+        let buf = vec![byte; CHUNK];
         while sock.write_all(&buf).is_ok() {}
     });
     let echo = Backend::echo();
@@ -403,6 +382,21 @@ fn stalled_readers_hold_at_most_their_windows(t: Transport) {
         ],
         2,
     );
+    (source, echo, stack, fwd)
+}
+
+/// Many local readers that stop reading cost forward at most their stream windows and the
+/// agent next to nothing: the relay returns a stream's credit only once its bytes are written
+/// to the local socket, and the agent reads from a VM service only what the carrier can take
+/// and holds no buffer for a stream that cannot send. (Before, the agent kept a 256 KiB relay
+/// buffer and up to 128 KiB of send buffer per stalled stream: 57-116 MB here; at 300
+/// streams 174 MB, and a 1 MiB exchange beside them took 22 s.) The other streams of the carrier keep
+/// working, and a stalled stream resumes when read.
+fn stalled_readers_hold_at_most_their_windows(t: Transport) {
+    // Their windows (256 KiB each) fill 50 of the connection window's 64 MiB: past it, what
+    // they leave unread would stop the carrier for every stream.
+    const N: usize = 200;
+    let (_source, echo, stack, fwd) = source_and_echo(t, 0x5a);
     let warm = echo_exchange(fwd.locals[1].connect(), rand::random(), 1 << 20);
     assert_eq!(echo.next_report().hash, warm);
     let rss = || (fwd.proc.rss_kib(), stack.agent_proc().rss_kib());

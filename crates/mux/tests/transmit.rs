@@ -522,29 +522,7 @@ fn taken_bytes_return_the_connection_credit_at_once_and_the_stream_credit_when_r
     // The connection window bounds what the session buffers; a stalled local reader holding
     // taken bytes holds its own stream's window, not the carrier's.
     use forward_mux::ReadChunk;
-    let now = Instant::now();
-    let config = Config {
-        stream_window: 1000,
-        connection_window: 2000,
-        ..Config::default()
-    };
-    let mut s = Session::server(config, now);
-    s.handle_input(now, &wire(&[Frame::Auth(b"p".to_vec().into())]))
-        .unwrap();
-    s.auth_accept().unwrap();
-    let frames = [
-        Frame::Open {
-            id: 1,
-            target: target(),
-        },
-        Frame::Data {
-            id: 1,
-            fin: false,
-            payload: vec![4u8; 1000].into(),
-        },
-    ];
-    s.handle_input(now, &wire(&frames)).unwrap();
-    s.accept(1).unwrap();
+    let (mut s, now) = connection_window_used_up(&[1, 3]);
     assert!(matches!(s.take_chunk(1, 1 << 20).unwrap(), ReadChunk::Data(d) if d.len() == 1000));
     let out = drain(&mut s, now);
     assert_eq!(
@@ -567,6 +545,15 @@ fn connection_credit_returns_at_once_to_a_sender_that_used_all_of_it() {
     // Streams whose readers stall hold part of the connection window; once the sender has used
     // all of it, whatever another stream consumes goes back at once, not at half a window, or
     // the carrier stops for every stream while more than half of it is held.
+    let (mut s, now) = connection_window_used_up(&[1, 3]);
+    let mut buf = [0u8; 100];
+    assert_eq!(s.read(3, &mut buf).unwrap(), ReadOutcome::Data(100));
+    assert_eq!(stream_updates(drain(&mut s, now), 0), [100]);
+}
+
+/// A server session with a 1000-byte stream window and a 2000-byte connection window, streams
+/// `ids` open and accepted, each with 1000 bytes received: the connection's credit is used up.
+fn connection_window_used_up(ids: &[u32]) -> (Session, Instant) {
     let now = Instant::now();
     let config = Config {
         stream_window: 1000,
@@ -578,7 +565,7 @@ fn connection_credit_returns_at_once_to_a_sender_that_used_all_of_it() {
         .unwrap();
     s.auth_accept().unwrap();
     let mut frames = Vec::new();
-    for id in [1, 3] {
+    for &id in ids {
         frames.push(Frame::Open {
             id,
             target: target(),
@@ -590,9 +577,8 @@ fn connection_credit_returns_at_once_to_a_sender_that_used_all_of_it() {
         });
     }
     s.handle_input(now, &wire(&frames)).unwrap();
-    s.accept(1).unwrap();
-    s.accept(3).unwrap();
-    let mut buf = [0u8; 100];
-    assert_eq!(s.read(3, &mut buf).unwrap(), ReadOutcome::Data(100));
-    assert_eq!(stream_updates(drain(&mut s, now), 0), [100]);
+    for &id in ids {
+        s.accept(id).unwrap();
+    }
+    (s, now)
 }

@@ -498,14 +498,7 @@ impl Session {
     /// nothing outside the session.
     pub fn send_room(&mut self, id: StreamId) -> Result<usize, StreamError> {
         let send_buffer = self.send_buffer();
-        let role = self.role;
-        let s = self.stream_mut(id)?;
-        if s.send != SendState::Open {
-            return Err(StreamError::Finished(id));
-        }
-        if role == Role::Server && !s.accepted {
-            return Err(StreamError::NotAccepted(id));
-        }
+        let s = self.sendable_mut(id)?;
         let room = s.send_capacity(send_buffer);
         if room == 0 {
             s.want_writable = true;
@@ -518,14 +511,7 @@ impl Session {
     /// `Event::Writable(id)` follows when room returns.
     pub fn write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
         let send_buffer = self.send_buffer();
-        let role = self.role;
-        let s = self.stream_mut(id)?;
-        if s.send != SendState::Open {
-            return Err(StreamError::Finished(id));
-        }
-        if role == Role::Server && !s.accepted {
-            return Err(StreamError::NotAccepted(id));
-        }
+        let s = self.sendable_mut(id)?;
         let n = s.send_capacity(send_buffer).min(data.len());
         if n < data.len() {
             s.want_writable = true;
@@ -548,14 +534,7 @@ impl Session {
 
     /// Half-close stream `id`: a `FIN` follows the last queued byte. Reading continues.
     pub fn finish(&mut self, id: StreamId) -> Result<(), StreamError> {
-        let role = self.role;
-        let s = self.stream_mut(id)?;
-        if s.send != SendState::Open {
-            return Err(StreamError::Finished(id));
-        }
-        if role == Role::Server && !s.accepted {
-            return Err(StreamError::NotAccepted(id));
-        }
+        let s = self.sendable_mut(id)?;
         s.send = SendState::FinQueued;
         self.schedule(id);
         Ok(())
@@ -699,6 +678,19 @@ impl Session {
         self.streams
             .get_mut(&id)
             .ok_or(StreamError::UnknownStream(id))
+    }
+
+    /// Stream `id`, if bytes may still be queued on it (not finished; accepted, on the server).
+    fn sendable_mut(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
+        let role = self.role;
+        let s = self.stream_mut(id)?;
+        if s.send != SendState::Open {
+            return Err(StreamError::Finished(id));
+        }
+        if role == Role::Server && !s.accepted {
+            return Err(StreamError::NotAccepted(id));
+        }
+        Ok(s)
     }
 
     fn stream_mut(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
