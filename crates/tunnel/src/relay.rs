@@ -62,11 +62,12 @@ const POOL_MIN: usize = 64 * 1024;
 /// A buffer of at least `len` bytes (contents unspecified): a pooled one if one is as big.
 fn buffer(len: usize) -> Vec<u8> {
     if len >= POOL_MIN {
-        let pooled = POOL.with_borrow_mut(|pool| {
+        let pooled = POOL.try_with(|pool| {
+            let mut pool = pool.borrow_mut();
             let i = pool.iter().position(|b| b.len() >= len)?;
             Some(pool.swap_remove(i))
         });
-        if let Some(buf) = pooled {
+        if let Ok(Some(buf)) = pooled {
             return buf;
         }
     }
@@ -79,7 +80,9 @@ fn give_back(buf: Vec<u8>) {
     if buf.len() < POOL_MIN {
         return;
     }
-    POOL.with_borrow_mut(|pool| {
+    // `try_with`: a relay dropped while its thread exits (the pool already gone) just frees it.
+    let _ = POOL.try_with(|pool| {
+        let mut pool = pool.borrow_mut();
         if pool.len() < POOL_MAX {
             pool.push(buf);
         } else if let Some(smallest) = pool.iter_mut().min_by_key(|b| b.len()) {
