@@ -57,8 +57,6 @@ pub(crate) struct Stream {
     pub recv_limit: u64,
     /// Bytes whose credit went back to the peer (read, or taken and released).
     pub recv_consumed: u64,
-    /// Taken by the driver with `Session::take_chunk`, credit not yet returned.
-    pub recv_held: u64,
     /// Current receive window (auto-tuned).
     pub window: u32,
     /// When the last window update was sent, for auto-tuning.
@@ -107,7 +105,6 @@ impl Stream {
             recv_received: 0,
             recv_limit: u64::from(window),
             recv_consumed: 0,
-            recv_held: 0,
             window,
             window_epoch: None,
             rtt_mark: None,
@@ -164,6 +161,12 @@ impl Stream {
     pub fn mark_first_grant(&mut self, at: Instant) {
         self.rtt_mark = Some((self.recv_limit, at));
         self.window_epoch = Some(at);
+    }
+
+    /// Bytes the driver took with `Session::take_chunk` and whose credit it has not returned:
+    /// received, no longer buffered, not yet consumed.
+    pub fn recv_held(&self) -> u64 {
+        self.recv_received - self.recv_buffered as u64 - self.recv_consumed
     }
 
     /// Bytes `write` may accept now: bounded by peer credit and by our own send buffer.

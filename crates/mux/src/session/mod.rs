@@ -582,7 +582,6 @@ impl Session {
             });
         }
         let chunk = s.take_chunk(max).expect("buffered bytes present");
-        s.recv_held += chunk.len() as u64;
         self.release_connection_credit(chunk.len());
         Ok(ReadChunk::Data(chunk))
     }
@@ -594,8 +593,7 @@ impl Session {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        let n = (n as u64).min(s.recv_held);
-        s.recv_held -= n;
+        let n = (n as u64).min(s.recv_held());
         self.release_stream_credit(id, n as usize);
     }
 
