@@ -678,11 +678,7 @@ impl Half {
                     Some(Poll::Ready(Err(e))) => return Poll::Ready(Err((Op::Write, e))),
                     Some(Poll::Pending) => {
                         self.park();
-                        if self.need_flush {
-                            ready!(Pin::new(&mut *dst).poll_flush(cx))
-                                .map_err(|e| (Op::Write, e))?;
-                            self.need_flush = false;
-                        }
+                        ready!(self.flush(cx, dst))?;
                         return Poll::Pending;
                     }
                 };
@@ -696,10 +692,7 @@ impl Half {
                 }
                 if self.pending() == 0 && !self.read_eof {
                     // Nothing to write: push out what the sink buffered, then wait for the source.
-                    if self.need_flush {
-                        ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(|e| (Op::Write, e))?;
-                        self.need_flush = false;
-                    }
+                    ready!(self.flush(cx, dst))?;
                     return Poll::Pending;
                 }
             }
@@ -728,10 +721,7 @@ impl Half {
                 self.bytes += n as u64;
                 self.need_flush = true;
             }
-            if self.need_flush {
-                ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(|e| (Op::Write, e))?;
-                self.need_flush = false;
-            }
+            ready!(self.flush(cx, dst))?;
             if self.read_eof {
                 if !self.shutting_down {
                     self.shutting_down = true;
@@ -743,6 +733,19 @@ impl Half {
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+
+    /// Push out what the sink buffered, if anything was written since the last flush.
+    fn flush<W: Endpoint + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut W,
+    ) -> Poll<Result<(), (Op, io::Error)>> {
+        if self.need_flush {
+            ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(|e| (Op::Write, e))?;
+            self.need_flush = false;
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// The sink has no room and nothing is pending: hold no buffer while it stays so.
