@@ -871,6 +871,17 @@ impl MuxStream {
     /// What a read that found no bytes says: an error if the stream was reset or the carrier
     /// died, else `Pending` with the waker kept for the next `Readable`.
     fn read_blocked(&self, g: &mut Inner, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.blocked(g, cx, |s| &mut s.read)
+    }
+
+    /// The stream's end if it has one (reset, carrier dead), else `Pending` with the waker kept
+    /// in `waiter` of its slot.
+    fn blocked(
+        &self,
+        g: &mut Inner,
+        cx: &mut Context<'_>,
+        waiter: fn(&mut StreamSlot) -> &mut Option<Waker>,
+    ) -> Poll<io::Error> {
         if let Some(code) = g.slots.get(&self.id).and_then(|s| s.reset) {
             return Poll::Ready(reset_error(code));
         }
@@ -878,7 +889,7 @@ impl MuxStream {
             return Poll::Ready(dead_error(d));
         }
         if let Some(s) = g.slots.get_mut(&self.id) {
-            s.read = Some(cx.waker().clone());
+            *waiter(s) = Some(cx.waker().clone());
         }
         Poll::Pending
     }
@@ -894,16 +905,7 @@ impl MuxStream {
 
     /// A write found no room: the stream's end if it has one, else wait for `Writable`.
     fn write_blocked(&self, g: &mut Inner, cx: &mut Context<'_>) -> Poll<io::Error> {
-        if let Some(code) = g.slots.get(&self.id).and_then(|s| s.reset) {
-            return Poll::Ready(reset_error(code));
-        }
-        if let Some(d) = &g.dead {
-            return Poll::Ready(dead_error(d));
-        }
-        if let Some(s) = g.slots.get_mut(&self.id) {
-            s.write = Some(cx.waker().clone());
-        }
-        Poll::Pending
+        self.blocked(g, cx, |s| &mut s.write)
     }
 
     /// Bytes were taken or written out: what that frees (credit, a finished stream's slot)
