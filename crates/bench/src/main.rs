@@ -78,7 +78,7 @@ struct Args {
     /// Packet-level WAN profiles, comma-separated (loss50, wan100, clean50). Runs only this
     /// phase: the VM side in a network namespace behind an emulated link (delay, rate, queue,
     /// loss), the client side here; needs root, /dev/net/tun and iproute2. Paths: raw, direct,
-    /// agent-tls, agent-tcp, quic (others in --paths are skipped).
+    /// agent-tls, agent-tcp, quic, stunnel (others in --paths are skipped).
     #[arg(long, value_name = "PROFILES")]
     netem: Option<String>,
     /// Seconds of each --netem bulk download (default 6, 3 with --quick); idle round trips and
@@ -229,6 +229,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         netem_bulk: Duration::from_secs_f64(netem_secs),
         netem_rtt: Duration::from_secs_f64(netem_secs * 3.0),
         netem_warmup: Duration::from_secs_f64((netem_secs / 3.0).max(1.0)),
+        netem_connects: if q { 10 } else { 30 },
         rounds: args.rounds.unwrap_or(if q { 1 } else { 3 }).max(1),
         bulk: Duration::from_secs_f64(bulk),
         streams: args.streams,

@@ -402,7 +402,12 @@ pub async fn start(
 pub fn runs_in_lab(kind: PathKind) -> bool {
     matches!(
         kind,
-        PathKind::Raw | PathKind::Direct | PathKind::AgentTls | PathKind::AgentTcp | PathKind::Quic
+        PathKind::Raw
+            | PathKind::Direct
+            | PathKind::AgentTls
+            | PathKind::AgentTcp
+            | PathKind::Quic
+            | PathKind::Stunnel
     )
 }
 
@@ -419,6 +424,7 @@ const LAB_AGENT_PORT: u16 = 9999;
 ///  agent-tls  client ─► forward ══TLS═══════════════link══► edge [edge]:A ──► agent [vm]:A ─► backend [::1]:P
 ///  agent-tcp  client ─► forward ══TCP═══════════════link══► agent [vm]:A ─► backend [::1]:P
 ///  quic       client ─► forward ══QUIC══════════════link══► agent [vm]:A ─► backend [::1]:P
+///  stunnel    client ─► stunnel ──TLS───────────────link──► edge [edge]:P ──► backend [vm]:P
 /// ```
 pub async fn start_in_lab(
     kind: PathKind,
@@ -499,6 +505,11 @@ pub async fn start_in_lab(
                 spec,
             ]);
             start_forward(env, args, &log("forward"), &mut procs).await?
+        }
+        PathKind::Stunnel => {
+            let ca = start_edge_in(env, Some(lab), p, &log("edge"), &mut procs).await?;
+            let edge = SocketAddr::from((lab.edge_ip, p));
+            peers::start_stunnel(env, &ca, edge, &log("stunnel"), &mut procs).await?
         }
         _ => bail!("{} does not run under --netem", kind.name()),
     };

@@ -27,14 +27,17 @@ pub fn stunnel_config(accept: SocketAddr, connect: SocketAddr, ca: &Path) -> Str
          [forward-bench]\n\
          client = yes\n\
          accept = {accept}\n\
-         connect = {connect}\n\
+         connect = {host}:{port}\n\
          sni = {VM}.{DOMAIN}\n\
          CAfile = {ca}\n\
          verifyChain = yes\n\
          checkHost = {VM}.{DOMAIN}\n\
          socket = l:TCP_NODELAY=1\n\
          socket = r:TCP_NODELAY=1\n",
-        ca = ca.display()
+        ca = ca.display(),
+        // stunnel splits host and port at the last colon and resolves "[::1]" as a name.
+        host = connect.ip(),
+        port = connect.port(),
     )
 }
 
@@ -216,5 +219,11 @@ mod tests {
         assert!(c.contains("verifyChain = yes"));
         assert!(c.contains("CAfile = /tmp/ca.pem"));
         assert!(c.contains("connect = 127.0.0.1:5000"));
+        let c = stunnel_config(
+            "127.0.0.1:4000".parse().unwrap(),
+            "[fd00::3]:5000".parse().unwrap(),
+            Path::new("/tmp/ca.pem"),
+        );
+        assert!(c.contains("connect = fd00::3:5000\n"), "{c}");
     }
 }

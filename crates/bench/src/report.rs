@@ -117,6 +117,8 @@ pub struct NetemRow {
     /// both connections are streams of the one carrier).
     pub loaded_rtt: Option<Percentiles>,
     pub loaded_down_mbps: Option<f64>,
+    /// Sequential connect + first byte (echoed) through the path, on an otherwise idle link.
+    pub connect: Option<Percentiles>,
     /// The link's counters, client → VM and VM → client, over the whole path run.
     pub link_up: Option<crate::netem::pipe::PipeStats>,
     pub link_down: Option<crate::netem::pipe::PipeStats>,
@@ -658,13 +660,14 @@ impl Report {
              stacks see all of it. Fill = bulk download alone / emulated bandwidth; settled fill = the \
              same from a third of the transfer on (ramp-up left out); loaded = 1-byte \
              round trips on a second connection while a bulk download runs on the same path (for \
-             the agent paths, two streams of one carrier). Lost / queue-dropped = packets of the \
-             VM → client direction.\n"
+             the agent paths, two streams of one carrier); connect = connect to the path's local \
+             port, send a byte, read its echo, one connection after another. Lost / queue-dropped \
+             = packets of the VM → client direction.\n"
         );
         let _ = writeln!(
             w,
-            "| profile | RTT ms | Mbit/s | loss each way | queue KiB | path | down Mbit/s | fill | settled fill | idle RTT p50 ms | idle p99 ms | loaded RTT p50 ms | loaded p99 ms | loaded bulk Mbit/s | lost / queue-dropped | note |\n\
-             |---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+            "| profile | RTT ms | Mbit/s | loss each way | queue KiB | path | down Mbit/s | fill | settled fill | idle RTT p50 ms | idle p99 ms | connect p50 ms | loaded RTT p50 ms | loaded p99 ms | loaded bulk Mbit/s | lost / queue-dropped | note |\n\
+             |---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
         );
         let pct = |x: Option<f64>| {
             x.map(|x| format!("{:.0} %", x * 100.0))
@@ -676,7 +679,7 @@ impl Report {
         for r in &self.netem {
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} % | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} % | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.profile,
                 r.rtt_ms,
                 r.mbit,
@@ -688,6 +691,7 @@ impl Report {
                 pct(r.settled_fill),
                 ms(&r.idle_rtt, |p| p.p50_us),
                 ms(&r.idle_rtt, |p| p.p99_us),
+                ms(&r.connect, |p| p.p50_us),
                 ms(&r.loaded_rtt, |p| p.p50_us),
                 ms(&r.loaded_rtt, |p| p.p99_us),
                 f(r.loaded_down_mbps, 1),
@@ -724,6 +728,19 @@ impl Report {
                 let _ = writeln!(w, "- {l}");
             }
         }
+        let lines = self.netem_connects();
+        if !lines.is_empty() {
+            let _ = writeln!(
+                w,
+                "\n### Connect + first byte over the link\n\n\
+                 p50, and in round trips of the profile. A path pays one round trip for the first \
+                 byte's echo, one for each TCP handshake that crosses the link and one for a TLS 1.3 \
+                 handshake; the agent paths cross it on a carrier that is already open.\n"
+            );
+            for l in lines {
+                let _ = writeln!(w, "- {l}");
+            }
+        }
         let lines = self.netem_targets();
         if !lines.is_empty() {
             let _ = writeln!(w, "\n### Issue #5 targets\n");
@@ -731,6 +748,58 @@ impl Report {
                 let _ = writeln!(w, "- {l}");
             }
         }
+    }
+
+    /// Per profile: every path's connect p50 in ms and round trips, then the connect targets of
+    /// issues #2 (direct ≤ 0.5× stunnel) and #3 (an agent path ≤ 0.3× direct) where both sides
+    /// were measured.
+    pub fn netem_connects(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut profiles: Vec<&str> = Vec::new();
+        for r in &self.netem {
+            if !profiles.contains(&r.profile.as_str()) {
+                profiles.push(&r.profile);
+            }
+        }
+        let p50 = |r: &NetemRow| r.connect.as_ref().map(|p| p.p50_us / 1000.0);
+        for profile in profiles {
+            let rows: Vec<(&NetemRow, f64)> = self
+                .netem
+                .iter()
+                .filter(|r| r.profile == profile)
+                .filter_map(|r| p50(r).map(|ms| (r, ms)))
+                .collect();
+            let Some((first, _)) = rows.first() else {
+                continue;
+            };
+            let rtt = first.rtt_ms as f64;
+            let each: Vec<String> = rows
+                .iter()
+                .map(|(r, ms)| format!("{} {ms:.1} ms = {:.1} RTT", r.path, ms / rtt))
+                .collect();
+            out.push(format!("{profile} ({rtt} ms): {}", each.join(" · ")));
+            let of = |path: &str| rows.iter().find(|(r, _)| r.path == path).map(|(_, ms)| *ms);
+            let verdict = |x: f64, goal: f64| if x <= goal { "met" } else { "**not met**" };
+            if let (Some(direct), Some(stunnel)) = (of("direct"), of("stunnel")) {
+                let x = direct / stunnel;
+                out.push(format!(
+                    "{profile} issue #2, direct ≤ 0.5× stunnel: {x:.2}× ({})",
+                    verdict(x, 0.5)
+                ));
+            }
+            if let Some(direct) = of("direct") {
+                for path in ["agent-tls", "agent-tcp", "quic"] {
+                    if let Some(ms) = of(path) {
+                        let x = ms / direct;
+                        out.push(format!(
+                            "{profile} issue #3, {path} ≤ 0.3× direct: {x:.2}× ({})",
+                            verdict(x, 0.3)
+                        ));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// One line per issue #5 speed target that the measured profiles can answer.
@@ -962,6 +1031,11 @@ mod tests {
                 p99_us: p99_ms * 1000.0,
                 ..Default::default()
             }),
+            // One round trip on a carrier, three with a TCP and a TLS handshake.
+            connect: Some(Percentiles {
+                p50_us: rtt_ms as f64 * if path == "direct" { 3000.0 } else { 1000.0 },
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -975,6 +1049,7 @@ mod tests {
                 netem_row("loss50", 50, 1.0, "quic", 0.1, 120.0),
                 netem_row("wan100", 100, 0.0, "quic", 0.93, 110.0),
                 netem_row("wan100", 100, 0.0, "agent-tls", 0.6, 110.0),
+                netem_row("wan100", 100, 0.0, "direct", 0.9, 150.0),
             ],
             ..Default::default()
         };
@@ -999,6 +1074,20 @@ mod tests {
         assert!(
             md.contains("- wan100 quic: 110.0 / 102.0 ms = 1.08× (met)"),
             "{md}"
+        );
+        assert!(
+            md.contains("| wan100 | 100 | 100 | 0 % | 610 | direct | 90.0 | 90 % | 90 % | 100.0 | 102.0 | 300.0 |"),
+            "{md}"
+        );
+        let connects = report.netem_connects();
+        assert_eq!(
+            connects,
+            [
+                "loss50 (50 ms): agent-tls 50.0 ms = 1.0 RTT · quic 50.0 ms = 1.0 RTT",
+                "wan100 (100 ms): quic 100.0 ms = 1.0 RTT · agent-tls 100.0 ms = 1.0 RTT · direct 300.0 ms = 3.0 RTT",
+                "wan100 issue #3, agent-tls ≤ 0.3× direct: 0.33× (**not met**)",
+                "wan100 issue #3, quic ≤ 0.3× direct: 0.33× (**not met**)",
+            ]
         );
         let lines = report.netem_targets();
         assert_eq!(lines.len(), 2, "{lines:?}");

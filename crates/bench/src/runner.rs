@@ -40,15 +40,20 @@ pub struct Settings {
     pub netem_rtt: Duration,
     /// How long the bulk download runs before the loaded round trips start.
     pub netem_warmup: Duration,
+    /// Sequential connects + first byte over the link: a few round trips each, so a few
+    /// seconds in all at 100 ms.
+    pub netem_connects: u64,
 }
 
 impl Settings {
     pub fn describe(&self) -> String {
         if !self.netem_profiles.is_empty() {
             return format!(
-                "packet-level WAN only: bulk download {:.1} s, idle round trips {rtt:.1} s, round trips \
-                 under a bulk download {rtt:.1} s after {:.1} s of warm-up; a fresh namespace and link per path",
+                "packet-level WAN only: bulk download {:.1} s, idle round trips {rtt:.1} s, {} sequential \
+                 connects + first byte, round trips under a bulk download {rtt:.1} s after {:.1} s of \
+                 warm-up; a fresh namespace and link per path",
                 self.netem_bulk.as_secs_f64(),
+                self.netem_connects,
                 self.netem_warmup.as_secs_f64(),
                 rtt = self.netem_rtt.as_secs_f64(),
             );
@@ -507,7 +512,7 @@ async fn run_netem(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Rep
         if !paths::runs_in_lab(k) {
             report.skipped.push((
                 k.name().into(),
-                "not run under --netem (only forward's paths and raw)".into(),
+                "not run under --netem (only forward's paths, stunnel and raw)".into(),
             ));
         } else if let Some(why) = paths::unavailable(k, env) {
             report.skipped.push((k.name().into(), why));
@@ -541,7 +546,7 @@ async fn run_netem(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Rep
                     .unwrap_or("–".into())
             };
             live.line(format!(
-                "{} {:<9}: down {} Mbit/s (fill {}) · idle RTT p50/p99 {} ms · loaded {} ms{}",
+                "{} {:<9}: down {} Mbit/s (fill {}) · idle RTT p50/p99 {} ms · connect {} ms · loaded {} ms{}",
                 profile.name,
                 kind.name(),
                 row.down_mbps
@@ -551,6 +556,7 @@ async fn run_netem(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Rep
                     .map(|f| format!("{:.0} %", f * 100.0))
                     .unwrap_or("–".into()),
                 ms(&row.idle_rtt),
+                ms(&row.connect),
                 ms(&row.loaded_rtt),
                 row.error
                     .as_ref()
@@ -641,6 +647,19 @@ async fn netem_row(
     .await
     {
         Ok(h) => row.idle_rtt = Some(Percentiles::of(&h)),
+        Err(e) => errors.push(e),
+    }
+    live.status(format!("{tag}: connect + first byte"));
+    // A TCP handshake is one round trip and a TLS 1.3 one another: this shows in round trips
+    // what each path pays before its first byte. The limit leaves room for a lost SYN (1 s).
+    match limited(
+        "connect",
+        Duration::from_secs(20),
+        workload::connect_latency(addr, s.netem_connects),
+    )
+    .await
+    {
+        Ok(h) => row.connect = Some(Percentiles::of(&h)),
         Err(e) => errors.push(e),
     }
     live.status(format!("{tag}: round trips under a bulk download"));
