@@ -214,8 +214,8 @@ fn transport(max_streams: u32, loopback: bool) -> Arc<quinn::TransportConfig> {
         t.mtu_discovery_config(Some(mtu));
     }
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW))
-        .receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024))
-        .send_window(64 * 1024 * 1024)
+        .receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW))
+        .send_window(SEND_WINDOW)
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_streams))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
         .keep_alive_interval(Some(KEEPALIVE))
@@ -234,20 +234,21 @@ fn is_loopback(ip: std::net::IpAddr) -> bool {
 /// Largest UDP payload either side accepts, and probes for on loopback (the IPv6 maximum).
 const MAX_UDP_PAYLOAD: u16 = 65527;
 
-/// Sizes the connection's receive window to its path once the handshake has measured it.
+/// Sizes the connection's send window to its path once the handshake has measured it.
 ///
-/// quinn's windows are fixed, not tuned, and a bulk download keeps all of its window in flight.
-/// On a path of under a millisecond (loopback, a LAN), where the receiver's CPU is the
-/// bottleneck, 64 MiB of credit sat queued ahead of every other stream's bytes: a 1-byte round
-/// trip beside a bulk download took 11-12 ms p50 / 23-28 ms p99 on loopback. With 2 MiB for
-/// the whole connection: 2.6-2.7 / 5.6-7.4 ms, throughput unchanged within the noise, half the
-/// peak memory; 1 MiB cost a fifth of the throughput. The path is judged by the handshake's
-/// round trip, not by the address: a loopback peer can be a relay in front of a long path
-/// (the benchmark's WAN emulation is one, where a 2 MiB *stream* window held 1 Gbit/s at
-/// 100 ms to 14 %).
+/// quinn's windows are fixed, not tuned, and a bulk transfer keeps all it may in flight. On a
+/// path of under a millisecond (loopback, a LAN), where the receiver's CPU is the bottleneck,
+/// 64 MiB of it sat queued ahead of every other stream's bytes: a 1-byte round trip beside a
+/// bulk download took 11-12 ms p50 / 23-28 ms p99 on loopback; with 2 MiB in flight
+/// 2.6-2.7 / 5.6-7.4 ms, throughput unchanged within the noise (1 MiB cost a fifth of it).
+/// The sender's window sets that bound, not the receiver's: a receive window that small let one
+/// local reader that stopped reading hold all of it, and stop the carrier (see
+/// [`RECEIVE_WINDOW`]). The path is judged by the handshake's round trip, not by the address:
+/// a loopback peer can be a relay in front of a long path (the benchmark's WAN emulation is
+/// one, where a 2 MiB *stream* window held 1 Gbit/s at 100 ms to 14 %).
 pub(crate) fn fit_window(conn: &quinn::Connection) {
     if conn.rtt() < SHORT_PATH_RTT {
-        conn.set_receive_window(quinn::VarInt::from_u32(SHORT_PATH_WINDOW));
+        conn.set_send_window(SHORT_PATH_SEND_WINDOW);
     }
 }
 
@@ -262,11 +263,23 @@ const KEEPALIVE: Duration = Duration::from_secs(3);
 /// Receive window per stream: a 100 ms, 1 Gbit/s path needs 12.5 MB in flight.
 const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 
+/// Receive window of a whole connection: what the peer may have sent that our streams have not
+/// read. quinn gives every stream the same fixed window ([`STREAM_WINDOW`]), never a small one
+/// that grows with its reader as the TCP carrier's do, so a local reader that stops reading
+/// (a pager, a paused client) holds up to a whole stream window of it. With 64 MiB, five such
+/// readers stopped the carrier for every stream; with 16 stream windows, 15 never do. It is a
+/// bound on memory only while readers stall: bytes that are read leave at once, and what is in
+/// flight is bounded by the sender's window ([`SEND_WINDOW`], [`fit_window`]).
+const RECEIVE_WINDOW: u32 = 16 * STREAM_WINDOW;
+
+/// Unacknowledged bytes a connection may have sent or queued, over a long path.
+const SEND_WINDOW: u64 = 64 * 1024 * 1024;
+
 /// Below this handshake round trip a path counts as short (see [`fit_window`]).
 const SHORT_PATH_RTT: Duration = Duration::from_millis(1);
 
-/// Receive window of a whole connection over a short path.
-const SHORT_PATH_WINDOW: u32 = 2 * 1024 * 1024;
+/// Send window of a whole connection over a short path.
+const SHORT_PATH_SEND_WINDOW: u64 = 2 * 1024 * 1024;
 
 /// How long a loopback connection keeps small packets after quinn suspected a black hole.
 const LOOPBACK_BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(1);
