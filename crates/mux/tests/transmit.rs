@@ -523,7 +523,9 @@ fn taken_bytes_return_the_connection_credit_at_once_and_the_stream_credit_when_r
     // taken bytes holds its own stream's window, not the carrier's.
     use forward_mux::ReadChunk;
     let (mut s, now) = connection_window_used_up(&[1, 3]);
+    assert_eq!(s.connection_held(), 2000, "all of the connection window");
     assert!(matches!(s.take_chunk(1, 1 << 20).unwrap(), ReadChunk::Data(d) if d.len() == 1000));
+    assert_eq!(s.connection_held(), 1000, "taken bytes no longer hold it");
     let out = drain(&mut s, now);
     assert_eq!(
         stream_updates(out.clone(), 0),
@@ -532,6 +534,7 @@ fn taken_bytes_return_the_connection_credit_at_once_and_the_stream_credit_when_r
     );
     assert!(updates(out).is_empty(), "the stream's: not yet");
     s.release(1, 1000);
+    assert_eq!(s.connection_held(), 1000, "stream 3's bytes, never taken");
     let out = drain(&mut s, now);
     assert_eq!(updates(out.clone()), [1000]);
     assert!(

@@ -213,10 +213,15 @@ impl Carrier {
         self.lock().session.stream_count()
     }
 
-    /// Whether another stream fits under the session's concurrent-stream cap.
+    /// Whether another stream fits under the session's concurrent-stream cap, and the carrier
+    /// can still deliver to it: once streams whose readers stopped reading hold most of the
+    /// connection window (about 190 stalled downloads at the initial stream window), a new
+    /// stream here would soon wait with them, so it goes on another carrier instead.
     pub fn has_room(&self) -> bool {
         let g = self.lock();
-        g.session.stream_count() < g.session.config().max_concurrent_streams
+        let config = g.session.config();
+        g.session.stream_count() < config.max_concurrent_streams
+            && g.session.connection_held() < u64::from(config.connection_window) / 4 * 3
     }
 
     /// Client: queues the AUTH proof (before any open, so it goes first on the wire).

@@ -106,6 +106,58 @@ async fn thousand_streams_complete_while_one_reader_stalls() {
     assert_eq!(sha256(&got), sha256(&pattern(4242, HOSE)));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_avoids_a_carrier_that_stalled_readers_filled() {
+    // 300 streams whose readers never read, with 512 KiB behind each: their 256 KiB windows
+    // (75 MiB) hold more than the 64 MiB connection window, so the carrier can deliver nothing
+    // more to any stream. A connection opened then must go on another carrier, not wait there.
+    const STALLED: usize = 300;
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let (hose, _) = firehose_server(512 * 1024, 7).await;
+    let link = AgentLink::new(link_config(agent.addr, token()));
+    let hose_c = connector(&link, "", hose.port());
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        stalled.push(within("a stalled stream", hose_c.connect()).await.unwrap());
+    }
+    let window = u64::from(forward_mux::Config::default().connection_window);
+    within("the stalled streams to fill the connection window", async {
+        loop {
+            let held: u64 = stalled
+                .iter()
+                .filter_map(|s| s.receive_backlog())
+                .map(|(buffered, _)| buffered as u64)
+                .sum();
+            if held >= window {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    within(
+        "a new connection beside 300 stalled ones",
+        echo_round_trip(&connector(&link, "", echo.port()), 11, 1 << 20),
+    )
+    .await
+    .expect("a new connection beside 300 stalled ones");
+    assert!(
+        link.carrier_count().await >= 2,
+        "it went on another carrier"
+    );
+    // What a stalled stream holds is intact. (Its rest does not follow while the others stay
+    // stalled: the credit it frees goes, round-robin, to those whose windows are not full.)
+    let (held, _) = stalled[0]
+        .receive_backlog()
+        .expect("the stalled stream is live");
+    let mut got = vec![0u8; held];
+    within("a stalled stream's bytes", stalled[0].read_exact(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(sha256(&got), sha256(&pattern(7, 512 * 1024)[..held]));
+}
+
 // ----- 2. tokens ------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -213,6 +213,13 @@ impl Session {
         self.streams.len()
     }
 
+    /// Bytes received that no driver has taken yet, on all streams: what holds the connection
+    /// window (`Config::connection_window`). Readers that stopped reading leave theirs here;
+    /// once it reaches the window, the peer can send nothing more on any stream.
+    pub fn connection_held(&self) -> u64 {
+        self.conn_received - self.conn_consumed
+    }
+
     /// Current receive window of a stream (grows with auto-tuning).
     pub fn stream_window(&self, id: StreamId) -> Option<u32> {
         self.streams.get(&id).map(|s| s.window)
