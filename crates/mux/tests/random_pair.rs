@@ -138,6 +138,13 @@ fn run(seed: u64) -> (usize, usize) {
         "seed {seed}: closed"
     );
     assert!(settled, "seed {seed}: streams did not finish");
+    // Every byte that reached the client was read or discarded with its stream: none is left
+    // holding the connection window (what `Carrier::has_room` judges a carrier by).
+    assert_eq!(
+        p.client.session.connection_held(),
+        0,
+        "seed {seed}: bytes left holding the client's window"
+    );
     for (id, data) in &sent {
         if p.client.fins.contains(id) {
             assert_eq!(

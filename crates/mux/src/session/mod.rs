@@ -217,7 +217,7 @@ impl Session {
     /// window (`Config::connection_window`). Readers that stopped reading leave theirs here;
     /// once it reaches the window, the peer can send nothing more on any stream.
     pub fn connection_held(&self) -> u64 {
-        self.conn_received - self.conn_consumed
+        self.conn_received.saturating_sub(self.conn_consumed)
     }
 
     /// Current receive window of a stream (grows with auto-tuning).
