@@ -74,26 +74,37 @@ fn write_takes_only_the_credit_and_writable_follows_the_window_update() {
 
 /// A server session with stream 1 open (window 1000) and `sent` bytes of it received.
 fn window_of_1000_with(sent: usize) -> (Session, Instant) {
-    let now = Instant::now();
     let config = Config {
         stream_window: 1000,
         ..Config::default()
     };
+    accepted_server(config, &[1], sent)
+}
+
+/// An authenticated server session with streams `ids` open and accepted, each with `each`
+/// bytes received and not read.
+fn accepted_server(config: Config, ids: &[u32], each: usize) -> (Session, Instant) {
+    let now = Instant::now();
     let mut s = Session::server(config, now);
     s.handle_input(now, &wire(&[Frame::Auth(b"p".to_vec().into())]))
         .unwrap();
     s.auth_accept().unwrap();
-    let open = Frame::Open {
-        id: 1,
-        target: target(),
-    };
-    let data = Frame::Data {
-        id: 1,
-        fin: false,
-        payload: vec![5u8; sent].into(),
-    };
-    s.handle_input(now, &wire(&[open, data])).unwrap();
-    s.accept(1).unwrap();
+    let mut frames = Vec::new();
+    for &id in ids {
+        frames.push(Frame::Open {
+            id,
+            target: target(),
+        });
+        frames.push(Frame::Data {
+            id,
+            fin: false,
+            payload: vec![5u8; each].into(),
+        });
+    }
+    s.handle_input(now, &wire(&frames)).unwrap();
+    for &id in ids {
+        s.accept(id).unwrap();
+    }
     (s, now)
 }
 
@@ -557,31 +568,10 @@ fn connection_credit_returns_at_once_to_a_sender_that_used_all_of_it() {
 /// A server session with a 1000-byte stream window and a 2000-byte connection window, streams
 /// `ids` open and accepted, each with 1000 bytes received: the connection's credit is used up.
 fn connection_window_used_up(ids: &[u32]) -> (Session, Instant) {
-    let now = Instant::now();
     let config = Config {
         stream_window: 1000,
         connection_window: 2000,
         ..Config::default()
     };
-    let mut s = Session::server(config, now);
-    s.handle_input(now, &wire(&[Frame::Auth(b"p".to_vec().into())]))
-        .unwrap();
-    s.auth_accept().unwrap();
-    let mut frames = Vec::new();
-    for &id in ids {
-        frames.push(Frame::Open {
-            id,
-            target: target(),
-        });
-        frames.push(Frame::Data {
-            id,
-            fin: false,
-            payload: vec![4u8; 1000].into(),
-        });
-    }
-    s.handle_input(now, &wire(&frames)).unwrap();
-    for &id in ids {
-        s.accept(id).unwrap();
-    }
-    (s, now)
+    accepted_server(config, ids, 1000)
 }
