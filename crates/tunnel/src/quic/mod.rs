@@ -28,6 +28,7 @@
 mod agent;
 mod cert;
 mod client;
+mod congestion;
 mod stream;
 mod udp;
 
@@ -213,6 +214,8 @@ fn transport(max_streams: u32, loopback: bool) -> Arc<quinn::TransportConfig> {
             .upper_bound(loopback_payload().unwrap_or(MAX_UDP_PAYLOAD));
         t.mtu_discovery_config(Some(mtu));
     }
+    // Cubic alone shrinks the window at every random loss (see `congestion`).
+    t.congestion_controller_factory(Arc::new(congestion::LossTolerantConfig::default()));
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW))
         .receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW))
         .send_window(SEND_WINDOW)
