@@ -8,8 +8,10 @@
 //! A full queue shows before it overflows: the round trip grows by the queue's delay. So a
 //! loss counts as congestion (and reaches Cubic) when
 //!
-//! - the smoothed round trip stands a quarter above the minimum (at least [`QUEUE_FLOOR`]):
-//!   a queue is there;
+//! - the round trip stands half above the minimum (at least [`QUEUE_FLOOR`]), in the
+//!   smoothed figure and in the latest sample alike: a queue is there (the smoothed one alone
+//!   lags a queue that drains after a reduction, the latest alone jumps with one late
+//!   acknowledgement);
 //! - or more than 1 in [`LOSS_RATIO`] of the bytes of the last two rounds were lost (at least
 //!   [`MIN_SAMPLE_PACKETS`] packets' worth counted, so a few losses in a small window count): a
 //!   path whose queue is too short to show in the round trip still overflows, and then the
@@ -26,9 +28,12 @@ use std::time::{Duration, Instant};
 use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics, CubicConfig};
 use quinn_proto::RttEstimator;
 
-/// Queue delay (smoothed minus minimum round trip) that marks a loss as congestion, at least:
+/// Queue delay (round trip minus its minimum) that marks a loss as congestion, at least:
 /// below it timer and scheduling noise (a receiver descheduled for a moment on a busy host)
-/// would pass for a queue. A quarter of the minimum round trip above it.
+/// would pass for a queue. Above it, half the minimum round trip: a drop-tail queue of one
+/// bandwidth-delay product holds a whole minimum round trip when it overflows, and a quarter
+/// was within the jitter of a loaded path (at 50 ms, round trips of 60-68 ms at windows far
+/// below the link's, and every loss there cut the window again, to 12 % of the link).
 pub(crate) const QUEUE_FLOOR: Duration = Duration::from_millis(1);
 
 /// A loss is congestion when more than one byte in this many was lost over the last two
@@ -72,12 +77,24 @@ struct Tally {
     lost: u64,
 }
 
+/// A path's round trips as of the last acknowledgement.
+#[derive(Clone, Copy, Debug)]
+struct Rtts {
+    min: Duration,
+    smoothed: Duration,
+    /// From the most recently sent packet of the last batch of acknowledgements (quinn keeps
+    /// its own latest sample private), ACK delay included.
+    latest: Duration,
+}
+
 /// Decides whether a loss is congestion (see the module documentation).
 #[derive(Clone, Debug)]
 pub(crate) struct LossJudge {
-    /// The path's minimum round trip and smoothed round trip, as of the last acknowledgement;
-    /// `None` until the first one.
-    rtt: Option<(Duration, Duration)>,
+    /// `None` until the first acknowledgement.
+    rtt: Option<Rtts>,
+    /// When the batch of acknowledgements that `rtt.latest` comes from arrived: quinn hands
+    /// over one batch with one `now`, oldest packet first.
+    batch: Option<Instant>,
     round_start: Option<Instant>,
     current: Tally,
     previous: Tally,
@@ -88,6 +105,7 @@ impl LossJudge {
     pub(crate) fn new(mtu: u16) -> Self {
         Self {
             rtt: None,
+            batch: None,
             round_start: None,
             current: Tally::default(),
             previous: Tally::default(),
@@ -99,9 +117,26 @@ impl LossJudge {
         self.mtu = u64::from(mtu);
     }
 
-    /// `bytes` were acknowledged; the path's round trips as quinn measures them.
-    pub(crate) fn on_ack(&mut self, now: Instant, bytes: u64, min_rtt: Duration, srtt: Duration) {
-        self.rtt = Some((min_rtt, srtt));
+    /// `bytes` sent at `sent` were acknowledged; the path's round trips as quinn measures them.
+    pub(crate) fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        min_rtt: Duration,
+        srtt: Duration,
+    ) {
+        let sample = now.saturating_duration_since(sent);
+        let latest = match self.rtt {
+            Some(r) if self.batch == Some(now) => r.latest.min(sample),
+            _ => sample,
+        };
+        self.batch = Some(now);
+        self.rtt = Some(Rtts {
+            min: min_rtt,
+            smoothed: srtt,
+            latest,
+        });
         self.roll(now);
         self.current.acked = self.current.acked.saturating_add(bytes);
     }
@@ -116,11 +151,11 @@ impl LossJudge {
         if lost_bytes == 0 {
             return Verdict::Ecn;
         }
-        let Some((min_rtt, srtt)) = self.rtt else {
+        let Some(r) = self.rtt else {
             return Verdict::Unmeasured;
         };
-        let queue = srtt.saturating_sub(min_rtt);
-        if queue > (min_rtt / 4).max(QUEUE_FLOOR) {
+        let queue = r.smoothed.min(r.latest).saturating_sub(r.min);
+        if queue > (r.min / 2).max(QUEUE_FLOOR) {
             return Verdict::Queue { queue };
         }
         let lost = self.current.lost.saturating_add(self.previous.lost);
@@ -137,7 +172,7 @@ impl LossJudge {
     /// Starts a new round once a smoothed round trip has passed since the current one began;
     /// after a silence of two or more, neither the current nor the previous tally is recent.
     fn roll(&mut self, now: Instant) {
-        let srtt = self.rtt.map_or(Duration::ZERO, |(_, s)| s);
+        let srtt = self.rtt.map_or(Duration::ZERO, |r| r.smoothed);
         match self.round_start {
             None => self.round_start = Some(now),
             Some(start) => {
@@ -190,7 +225,7 @@ impl Controller for LossTolerant {
         app_limited: bool,
         rtt: &RttEstimator,
     ) {
-        self.judge.on_ack(now, bytes, rtt.min(), rtt.get());
+        self.judge.on_ack(now, sent, bytes, rtt.min(), rtt.get());
         self.cubic.on_ack(now, sent, bytes, app_limited, rtt);
     }
 
@@ -262,16 +297,21 @@ mod tests {
     const MTU: u16 = 1452;
     const MS: Duration = Duration::from_millis(1);
 
+    /// A time with room before it for the send times of packets acknowledged at it.
+    fn start() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
     /// A judge that has seen `rounds` rounds of `per_round` acknowledged bytes at a 50 ms
     /// minimum round trip and the given smoothed one, without loss; and the time of its last
     /// acknowledgement, late in the last round.
     fn judge_after(rounds: u32, per_round: u64, srtt: Duration) -> (LossJudge, Instant) {
         let mut j = LossJudge::new(MTU);
-        let mut now = Instant::now();
+        let mut now = start();
         for r in 0..rounds {
             // Ten acknowledgements spread over the round.
             for i in 0..10 {
-                j.on_ack(now, per_round / 10, 50 * MS, srtt);
+                j.on_ack(now, now - srtt, per_round / 10, 50 * MS, srtt);
                 if r + 1 < rounds || i < 9 {
                     now += srtt / 10;
                 }
@@ -295,30 +335,64 @@ mod tests {
 
     #[test]
     fn a_loss_with_a_queue_is_congestion() {
-        // Smoothed round trip 50 % over the minimum: a queue of 25 ms at 50 ms.
+        // Round trip 60 % over the minimum: a queue of 30 ms at 50 ms.
+        let (mut j, now) = judge_after(4, 625_000, 80 * MS);
+        assert_eq!(j.judge(now, false, 1452), Verdict::Queue { queue: 30 * MS });
+        // Half over the minimum is no queue yet; just over is one.
         let (mut j, now) = judge_after(4, 625_000, 75 * MS);
-        assert_eq!(j.judge(now, false, 1452), Verdict::Queue { queue: 25 * MS });
-        // Just under a quarter over the minimum is no queue yet; just over is one.
-        let (mut j, now) = judge_after(4, 625_000, 62 * MS);
         assert!(!j.judge(now, false, 1452).is_congestion());
-        let (mut j, now) = judge_after(4, 625_000, 63 * MS);
+        let (mut j, now) = judge_after(4, 625_000, 76 * MS);
         assert!(j.judge(now, false, 1452).is_congestion());
+    }
+
+    #[test]
+    fn a_queue_draining_after_a_reduction_is_no_reason_for_another() {
+        // The smoothed round trip still shows the queue an overshoot built (90 ms at 50 ms),
+        // but the latest packets came back at 51 ms: the queue is gone.
+        let (mut j, now) = judge_after(4, 625_000, 90 * MS);
+        j.on_ack(now, now - 51 * MS, 1452, 50 * MS, 90 * MS);
+        assert_eq!(j.judge(now, false, 1452), Verdict::Random);
+    }
+
+    #[test]
+    fn one_late_acknowledgement_is_not_a_queue() {
+        let (mut j, now) = judge_after(4, 625_000, 51 * MS);
+        j.on_ack(now, now - 80 * MS, 1452, 50 * MS, 51 * MS);
+        assert_eq!(j.judge(now, false, 1452), Verdict::Random);
+    }
+
+    #[test]
+    fn the_latest_sample_is_the_newest_packet_of_a_batch() {
+        let (mut j, now) = judge_after(4, 625_000, 90 * MS);
+        // One batch, oldest packet first: 95 ms, then 52 ms: the latest is 52, no queue.
+        let now = now + MS;
+        j.on_ack(now, now - 95 * MS, 1452, 50 * MS, 90 * MS);
+        j.on_ack(now, now - 52 * MS, 1452, 50 * MS, 90 * MS);
+        assert_eq!(j.judge(now, false, 1452), Verdict::Random);
+        // The next batch starts afresh: 85 ms and a smoothed 90 ms are a queue of 35 ms.
+        let now = now + MS;
+        j.on_ack(now, now - 85 * MS, 1452, 50 * MS, 90 * MS);
+        assert_eq!(j.judge(now, false, 1452), Verdict::Queue { queue: 35 * MS });
     }
 
     #[test]
     fn on_a_short_path_the_queue_must_exceed_the_floor() {
         let mut j = LossJudge::new(MTU);
-        let now = Instant::now();
-        // 100 µs minimum: a quarter of it would be 25 µs, the floor is 1 ms.
+        let now = start();
+        // 100 µs minimum: half of it would be 50 µs, the floor is 1 ms.
         j.on_ack(
             now,
+            now - Duration::from_micros(900),
             10_000_000,
             Duration::from_micros(100),
             Duration::from_micros(900),
         );
         assert!(!j.judge(now, false, 1452).is_congestion());
+        // A later batch (the same one would keep the smaller sample).
+        let now = now + MS;
         j.on_ack(
             now,
+            now - Duration::from_micros(1200),
             0,
             Duration::from_micros(100),
             Duration::from_micros(1200),
@@ -370,7 +444,7 @@ mod tests {
         }
         // Two rounds later the 20 are no longer counted: the 21st is one alone.
         for _ in 0..3 {
-            j.on_ack(now, 20 * 1452, 50 * MS, 51 * MS);
+            j.on_ack(now, now - 51 * MS, 20 * 1452, 50 * MS, 51 * MS);
             now += 51 * MS;
         }
         assert!(!j.judge(now, false, 1452).is_congestion());
@@ -391,7 +465,7 @@ mod tests {
     #[test]
     fn before_any_round_trip_is_known_a_loss_is_congestion() {
         let mut j = LossJudge::new(MTU);
-        assert_eq!(j.judge(Instant::now(), false, 1452), Verdict::Unmeasured);
+        assert_eq!(j.judge(start(), false, 1452), Verdict::Unmeasured);
     }
 
     #[test]
@@ -399,13 +473,13 @@ mod tests {
         // 64 KiB packets (loopback): the sample is at least 512 of them, 32 MiB, so one lost
         // beside 100 kB acknowledged is well under 4 %.
         let mut j = LossJudge::new(MTU);
-        let now = Instant::now();
+        let now = start();
         j.on_mtu_update(65_479);
-        j.on_ack(now, 100_000, 50 * MS, 51 * MS);
+        j.on_ack(now, now - 51 * MS, 100_000, 50 * MS, 51 * MS);
         assert!(!j.judge(now, false, 65_479).is_congestion());
         // 1452-byte packets: 512 of them is 743 kB, and the 21st loss passes 4 % of that.
         let mut j = LossJudge::new(MTU);
-        j.on_ack(now, 100_000, 50 * MS, 51 * MS);
+        j.on_ack(now, now - 51 * MS, 100_000, 50 * MS, 51 * MS);
         for _ in 0..20 {
             assert!(!j.judge(now, false, 1452).is_congestion());
         }
