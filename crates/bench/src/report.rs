@@ -728,6 +728,19 @@ impl Report {
                 let _ = writeln!(w, "- {l}");
             }
         }
+        let lines = self.netem_throughput();
+        if !lines.is_empty() {
+            let _ = writeln!(
+                w,
+                "\n### Issue #3 target: one stream ≥ 0.9× direct mode's download, over the link\n\n\
+                 Bulk download alone, each agent path against direct in the same profile. Here \
+                 every path's congestion control sees the link's round trip and loss, unlike the \
+                 TCP relay of the full mode's WAN profiles, which hides them from direct's TCP.\n"
+            );
+            for l in lines {
+                let _ = writeln!(w, "- {l}");
+            }
+        }
         let lines = self.netem_connects();
         if !lines.is_empty() {
             let _ = writeln!(
@@ -748,6 +761,29 @@ impl Report {
                 let _ = writeln!(w, "- {l}");
             }
         }
+    }
+
+    /// Per profile and agent path: its bulk download over direct mode's, against issue #3's
+    /// 0.9×.
+    pub fn netem_throughput(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for r in &self.netem {
+            if !matches!(r.path.as_str(), "agent-tls" | "agent-tcp" | "quic") {
+                continue;
+            }
+            let direct = self
+                .netem_row(&r.profile, "direct")
+                .and_then(|d| d.down_mbps);
+            if let (Some(mine), Some(direct)) = (r.down_mbps, direct) {
+                let x = mine / direct;
+                let met = if x >= 0.9 { "met" } else { "**not met**" };
+                out.push(format!(
+                    "{} {}: {mine:.1} / {direct:.1} Mbit/s = {x:.2}× ({met})",
+                    r.profile, r.path
+                ));
+            }
+        }
+        out
     }
 
     /// Per profile: every path's connect p50 in ms and round trips, then the connect targets of
@@ -1077,6 +1113,18 @@ mod tests {
         );
         assert!(
             md.contains("| wan100 | 100 | 100 | 0 % | 610 | direct | 90.0 | 90 % | 90 % | 100.0 | 102.0 | 300.0 |"),
+            "{md}"
+        );
+        // Only where direct was measured too.
+        assert_eq!(
+            report.netem_throughput(),
+            [
+                "wan100 quic: 93.0 / 90.0 Mbit/s = 1.03× (met)",
+                "wan100 agent-tls: 60.0 / 90.0 Mbit/s = 0.67× (**not met**)",
+            ]
+        );
+        assert!(
+            md.contains("- wan100 agent-tls: 60.0 / 90.0 Mbit/s = 0.67× (**not met**)"),
             "{md}"
         );
         let connects = report.netem_connects();
