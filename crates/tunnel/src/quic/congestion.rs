@@ -52,7 +52,8 @@ pub(crate) const MIN_SAMPLE_PACKETS: u64 = 512;
 pub(crate) enum Verdict {
     /// No queue and a low loss rate: the window stays.
     Random,
-    /// The smoothed round trip stands this far above the minimum.
+    /// The round trip (the smaller of the smoothed one and the latest sample) stands this far
+    /// above the minimum.
     Queue { queue: Duration },
     /// `lost` of the last two rounds' `counted` bytes were lost: over 4 %.
     Rate { lost: u64, counted: u64 },
@@ -93,7 +94,8 @@ pub(crate) struct LossJudge {
     /// `None` until the first acknowledgement.
     rtt: Option<Rtts>,
     /// When the batch of acknowledgements that `rtt.latest` comes from arrived: quinn hands
-    /// over one batch with one `now`, oldest packet first.
+    /// over the packets of one ACK frame with one `now`, and the newest of them gives the
+    /// smallest sample.
     batch: Option<Instant>,
     round_start: Option<Instant>,
     current: Tally,
