@@ -75,10 +75,10 @@ struct Args {
     /// WAN profiles, comma-separated (wan20, wan50, wan100, wan100-1g, lossy50) or "none".
     #[arg(long)]
     wan: Option<String>,
-    /// Packet-level WAN profiles, comma-separated (loss50, wan100, clean50). Runs only this
-    /// phase: the VM side in a network namespace behind an emulated link (delay, rate, queue,
-    /// loss), the client side here; needs root, /dev/net/tun and iproute2. Paths: raw, direct,
-    /// agent-tls, agent-tcp, quic, stunnel (others in --paths are skipped).
+    /// Packet-level WAN profiles, comma-separated (loss50, wan100, clean50, shallow50). Runs
+    /// only this phase: the VM side in a network namespace behind an emulated link (delay,
+    /// rate, queue, loss), the client side here; needs root, /dev/net/tun and iproute2. Paths:
+    /// raw, direct, agent-tls, agent-tcp, quic, stunnel (others in --paths are skipped).
     #[arg(long, value_name = "PROFILES")]
     netem: Option<String>,
     /// Seconds of each --netem bulk download (default 6, 3 with --quick); idle round trips and

@@ -166,5 +166,7 @@ fn profiles_have_a_bdp_queue() {
     assert_eq!(p.queue_bytes(), 625_000);
     assert_eq!(p.link_params().one_way, Duration::from_millis(25));
     assert_eq!(netem_profile("wan100").unwrap().queue_bytes(), 1_250_000);
+    // An eighth of 50 ms at 100 Mbit/s: 78 kB, 6.25 ms of queue.
+    assert_eq!(netem_profile("shallow50").unwrap().queue_bytes(), 78_125);
     assert!(netem_profile("nope").is_none());
 }
