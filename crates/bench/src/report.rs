@@ -412,7 +412,7 @@ impl Report {
             false,
             "×",
         );
-        for agent in ["agent-tls", "agent-tcp", "quic"] {
+        for agent in AGENT_PATHS {
             if let Some(r) = m(agent) {
                 row(
                     w,
@@ -704,7 +704,7 @@ impl Report {
         let ratios: Vec<String> = self
             .netem
             .iter()
-            .filter(|r| matches!(r.path.as_str(), "agent-tls" | "agent-tcp" | "quic"))
+            .filter(|r| AGENT_PATHS.contains(&r.path.as_str()))
             .filter_map(|r| {
                 let idle = r.idle_rtt.as_ref()?.p99_us;
                 let loaded = r.loaded_rtt.as_ref()?.p99_us;
@@ -768,7 +768,7 @@ impl Report {
     pub fn netem_throughput(&self) -> Vec<String> {
         let mut out = Vec::new();
         for r in &self.netem {
-            if !matches!(r.path.as_str(), "agent-tls" | "agent-tcp" | "quic") {
+            if !AGENT_PATHS.contains(&r.path.as_str()) {
                 continue;
             }
             let direct = self
@@ -824,7 +824,7 @@ impl Report {
                 ));
             }
             if let Some(direct) = of("direct") {
-                for path in ["agent-tls", "agent-tcp", "quic"] {
+                for path in AGENT_PATHS {
                     if let Some(ms) = of(path) {
                         let x = ms / direct;
                         out.push(format!(
@@ -918,6 +918,9 @@ impl Report {
         out
     }
 }
+
+/// The paths that carry streams over one carrier to an agent, each judged against direct mode.
+const AGENT_PATHS: [&str; 3] = ["agent-tls", "agent-tcp", "quic"];
 
 /// "Reaches the emulated bandwidth": 90 % of it, as payload over a link that counts IP bytes.
 const FILL_GOAL: f64 = 0.9;
