@@ -159,6 +159,42 @@ fn a_stalled_reader_does_not_block_the_other_streams() {
     assert_eq!(p.server.received[&stalled], pattern(99, 4 << 20));
 }
 
+/// Streams whose readers stopped hold most of the connection window, and the bytes that fill
+/// its last room arrive on them: nothing is read after that, so a credit rule checked only when
+/// bytes are read never returns what was read before. The carrier then stopped for every stream
+/// (e2e: a 4 MiB echo beside 200 stalled downloads got no byte in 60 s, 1 run in 4).
+#[test]
+fn credit_read_before_stalled_streams_fill_the_window_comes_back() {
+    let config = Config {
+        stream_window: 256 * 1024,
+        auto_tune: false,
+        connection_window: 1024 * 1024,
+        ..Config::default()
+    };
+    let mut p = Pair::new(config);
+    p.auth(GOOD_TOKEN);
+    // Read at once, but short of the half window that returns credit by itself.
+    let early = p.open(9000);
+    p.client.send(early, &pattern(1, 400 * 1024), true);
+    assert!(p.run_until(10 * SECOND, |p| p.server.fins.contains(&early)));
+    // Three stalled streams could hold 768 KiB; the 624 KiB of room left is theirs.
+    let stalled: Vec<u32> = (0..3).map(|_| p.open(9001)).collect();
+    for &id in &stalled {
+        p.server.stalled.insert(id);
+        p.client.send(id, &pattern(u64::from(id), 1 << 20), false);
+    }
+    p.run_until(10 * SECOND, |_| false);
+    let late = p.open(9002);
+    p.client.send(late, &pattern(2, 64 * 1024), true);
+    assert!(
+        p.run_until(30 * SECOND, |p| p.server.fins.contains(&late)),
+        "a new stream got {} of 65536 bytes with {} held by stalled streams",
+        p.server.received.get(&late).map_or(0, Vec::len),
+        p.server.session.connection_held()
+    );
+    assert_eq!(p.server.received[&late], pattern(2, 64 * 1024));
+}
+
 /// A client→server bulk transfer of `len` pattern bytes over a link `one_way` long, shaped by
 /// `shape`; returns the server's final receive window, after checking every byte arrived intact.
 fn bulk_upload(

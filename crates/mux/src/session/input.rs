@@ -248,6 +248,7 @@ impl Session {
     fn on_data(&mut self, id: StreamId, fin: bool, payload: Bytes) {
         let len = payload.len();
         self.conn_received += len as u64;
+        self.grant_connection_credit();
         let Some(s) = self.streams.get_mut(&id) else {
             // A stream we already reset: the bytes were in flight. Nobody reads them, so their
             // connection credit comes back at once.
