@@ -142,6 +142,12 @@ pub trait Endpoint: AsyncRead + AsyncWrite + Unpin + Send {
     fn poll_write_room(&mut self, _cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
         None
     }
+
+    /// The relay's destination for this source's bytes took nothing and the relay stopped
+    /// reading here (`true`), or it takes bytes again (`false`); called on each change. A
+    /// source that keeps what arrives unread on behalf of its peer (a QUIC stream, in quinn's
+    /// buffers) can tell from this that its reader stopped. The default does nothing.
+    fn sink_blocked(&self, _blocked: bool) {}
 }
 
 /// Makes the socket's close abortive (SO_LINGER 0) until the relay disarms it before an
@@ -253,6 +259,9 @@ impl<T: Endpoint + ?Sized> Endpoint for Box<T> {
     fn poll_write_room(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
         (**self).poll_write_room(cx)
     }
+    fn sink_blocked(&self, blocked: bool) {
+        (**self).sink_blocked(blocked);
+    }
 }
 
 impl<T: Endpoint + ?Sized> Endpoint for &mut T {
@@ -278,6 +287,9 @@ impl<T: Endpoint + ?Sized> Endpoint for &mut T {
     }
     fn poll_write_room(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
         (**self).poll_write_room(cx)
+    }
+    fn sink_blocked(&self, blocked: bool) {
+        (**self).sink_blocked(blocked);
     }
 }
 
@@ -645,6 +657,8 @@ struct Half {
     parked: usize,
     /// `before_shutdown` was called on the destination.
     shutting_down: bool,
+    /// The sink took nothing at the last attempt (see [`Endpoint::sink_blocked`]).
+    sink_blocked: bool,
     done: bool,
     bytes: u64,
 }
@@ -678,6 +692,7 @@ impl Half {
                     Some(Poll::Ready(Err(e))) => return Poll::Ready(Err((Op::Write, e))),
                     Some(Poll::Pending) => {
                         self.park();
+                        self.note_blocked(src, true);
                         ready!(self.flush(cx, dst))?;
                         return Poll::Pending;
                     }
@@ -697,17 +712,22 @@ impl Half {
                 }
             }
             while self.pending() > 0 {
-                let n = if self.chunked > 0 {
+                let written = if self.chunked > 0 {
                     let mut slices = [io::IoSlice::new(&[]); MAX_IOV];
                     let k = self.chunks.len().min(MAX_IOV);
                     for (slice, chunk) in slices.iter_mut().zip(&self.chunks) {
                         *slice = io::IoSlice::new(chunk);
                     }
-                    ready!(Pin::new(&mut *dst).poll_write_vectored(cx, &slices[..k]))
+                    Pin::new(&mut *dst).poll_write_vectored(cx, &slices[..k])
                 } else {
-                    ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[self.pos..self.end]))
-                }
-                .map_err(|e| (Op::Write, e))?;
+                    Pin::new(&mut *dst).poll_write(cx, &self.buf[self.pos..self.end])
+                };
+                let Poll::Ready(written) = written else {
+                    self.note_blocked(src, true);
+                    return Poll::Pending;
+                };
+                self.note_blocked(src, false);
+                let n = written.map_err(|e| (Op::Write, e))?;
                 if n == 0 {
                     return Poll::Ready(Err((
                         Op::Write,
@@ -746,6 +766,15 @@ impl Half {
             self.need_flush = false;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Tells the source when its sink stops or starts taking bytes again (see
+    /// [`Endpoint::sink_blocked`]), once per change.
+    fn note_blocked<R: Endpoint + ?Sized>(&mut self, src: &R, blocked: bool) {
+        if self.sink_blocked != blocked {
+            self.sink_blocked = blocked;
+            src.sink_blocked(blocked);
+        }
     }
 
     /// The sink has no room and nothing is pending: hold no buffer while it stays so.
@@ -1149,6 +1178,94 @@ mod tests {
         .await;
         assert_eq!(sha256(&sink.got.lock().unwrap()), sha256(&data));
         relay.abort();
+    }
+
+    /// A TCP socket as a relay source that records what the relay says of its sink.
+    struct Watched {
+        inner: TcpStream,
+        calls: Arc<std::sync::Mutex<Vec<bool>>>,
+    }
+
+    impl AsyncRead for Watched {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Watched {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    impl Endpoint for Watched {
+        fn sink_blocked(&self, blocked: bool) {
+            self.calls.lock().unwrap().push(blocked);
+        }
+    }
+
+    /// A source hears once when its sink stops taking bytes (a reader that stopped reading:
+    /// a QUIC stream counts such streams) and once when it takes them again; every byte still
+    /// arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_source_hears_when_its_sink_stops_and_resumes() {
+        let data = pattern(16 << 20, 5);
+        let (mut peer_a, a) = tcp_pair().await;
+        let (b, mut peer_b) = tcp_pair().await;
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let source = Watched {
+            inner: a,
+            calls: calls.clone(),
+        };
+        let relay = tokio::spawn(relay(source, b));
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            peer_a.write_all(&sent).await.unwrap();
+            peer_a.shutdown().await.unwrap();
+            peer_a
+        });
+        // peer_b reads nothing: 16 MiB do not fit in loopback socket buffers.
+        timed(async {
+            while calls.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [true],
+            "one call while the sink stays full"
+        );
+        let (got, end) = timed(read_all(&mut peer_b)).await;
+        end.unwrap();
+        assert_eq!(sha256(&got), sha256(&data));
+        let calls = calls.lock().unwrap().clone();
+        assert!(
+            calls.len() >= 2 && calls.last() == Some(&false),
+            "calls {calls:?}"
+        );
+        assert!(
+            calls.windows(2).all(|w| w[0] != w[1]),
+            "one call per change: {calls:?}"
+        );
+        drop(timed(writer).await.unwrap());
+        peer_b.shutdown().await.unwrap();
+        timed(relay).await.unwrap().unwrap();
     }
 
     /// A relay whose side a sent "request" and half-closed, which b has read up to the EOF.

@@ -37,11 +37,15 @@ fn token() -> Token {
 
 /// An agent allowing `LIMIT` streams per connection; returns its address, pin and stop switch.
 fn agent() -> (SocketAddr, forward_tunnel::quic::SpkiPin, CancellationToken) {
+    agent_with_limit(LIMIT)
+}
+
+fn agent_with_limit(limit: u32) -> (SocketAddr, forward_tunnel::quic::SpkiPin, CancellationToken) {
     let cert = QuicCert::generate(&[NAME.into()]).unwrap();
     let mut config = QuicAgentConfig::new(0, cert, token());
     config.listen = v6();
     config.grace = Duration::ZERO;
-    config.max_streams = LIMIT;
+    config.max_streams = limit;
     let agent = QuicAgent::bind(config).unwrap();
     let (addr, pin) = (agent.local_addr(), agent.pin());
     let stop = CancellationToken::new();
@@ -240,5 +244,93 @@ async fn past_the_stream_limit_new_connections_overflow_and_idle_ones_close() {
         concurrent(local, 30, async {}),
     )
     .await;
+    stop.cancel();
+}
+
+/// Backend that writes without end and never reads.
+async fn firehose() -> u16 {
+    let l = TcpListener::bind(v6()).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![0x5au8; 64 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    port
+}
+
+/// Readers that stopped reading a download make a connection take no new streams once 12 of
+/// them have been silent for a second (quinn gives each a fixed 16 MiB window and the
+/// connection's receive window holds 16, so more would stop every stream on it); readers
+/// that are only idle (a pooled database connection, an ssh session) do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_move_new_streams_to_another_connection_idle_ones_do_not() {
+    let (addr, pin, stop) = agent_with_limit(256);
+    let carrier = carrier(addr, pin, 64);
+    let echo_local = forward(carrier.clone(), echo(v6()).await).await;
+    let hose_local = forward(carrier.clone(), firehose().await).await;
+
+    // 16 idle connections, each after a first exchange, then a pause longer than the stall
+    // threshold: the next connection still goes on the same QUIC connection.
+    let mut idle = Vec::new();
+    for i in 0..16u8 {
+        let mut s = TcpStream::connect(echo_local).await.unwrap();
+        s.write_all(&[i]).await.unwrap();
+        let mut one = [0u8; 1];
+        timed("first echo byte", s.read_exact(&mut one))
+            .await
+            .unwrap();
+        assert_eq!(one, [i]);
+        idle.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let data = pattern(100_000, 7);
+    let got = timed(
+        "echo beside idle connections",
+        echo_round(echo_local, data.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sha(&got), sha(&data));
+    assert_eq!(
+        carrier.connections().await,
+        1,
+        "idle readers counted as stalled"
+    );
+
+    // 12 downloads whose readers never read; once they are silent for a second, a new
+    // connection opens on a second QUIC connection and its bytes come back intact.
+    let mut stalled = Vec::new();
+    for _ in 0..12 {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        // A small receive buffer, so the stall reaches the relay before the kernel has
+        // taken megabytes.
+        s.set_recv_buffer_size(16 * 1024).unwrap();
+        s.connect(&hose_local.into()).unwrap();
+        stalled.push(std::net::TcpStream::from(s));
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(carrier.connections().await, 1);
+    let mut s = TcpStream::connect(echo_local).await.unwrap();
+    s.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    timed("echo beside stalled readers", s.read_exact(&mut one))
+        .await
+        .unwrap();
+    // Asked while the stream is open: an idle overflow connection closes after 200 ms here.
+    assert_eq!(
+        carrier.connections().await,
+        2,
+        "a new stream beside 12 stalled readers should open an overflow connection"
+    );
+    let got = timed("echo beside stalled readers", round_trip(s, data.clone()))
+        .await
+        .unwrap();
+    assert_eq!(sha(&got), sha(&data));
+    drop(stalled);
+    drop(idle);
     stop.cancel();
 }

@@ -1,8 +1,8 @@
 //! The client side: one QUIC connection per agent ([`QuicCarrier`]), connected lazily,
 //! authenticated on its first stream, re-established with backoff when lost, and shared by the
 //! [`QuicConnector`]s of every forward to that agent. When it is at the agent's stream limit,
-//! new streams go to overflow connections (authenticated the same way), which close again once
-//! idle.
+//! or local readers that stopped reading hold most of its receive window, new streams go to
+//! overflow connections (authenticated the same way), which close again once idle.
 
 use std::future::Future;
 use std::io;
@@ -144,7 +144,48 @@ pub(super) struct Link {
     rx: std::sync::Mutex<(u64, Instant)>,
     /// See [`Link::expect_answer`].
     answer_due: std::sync::Mutex<Option<AnswerDue>>,
+    /// The read clocks of this connection's streams (see [`Link::stalled`]).
+    clocks: std::sync::Mutex<Vec<Weak<ReadClock>>>,
 }
+
+/// Since when the local socket a stream's bytes go to has taken none, in milliseconds since
+/// [`clock_epoch`] ([`NOT_HOLDING`] while it takes them). The relay reads no more from the
+/// stream meanwhile, so quinn keeps what arrives for it (see
+/// [`crate::relay::Endpoint::sink_blocked`]). An idle connection (a pooled database
+/// connection, an ssh session) has nothing to hand on: it is not stalled.
+pub(super) struct ReadClock(AtomicU64);
+
+const NOT_HOLDING: u64 = u64::MAX;
+
+fn clock_epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn clock_now() -> u64 {
+    u64::try_from(clock_epoch().elapsed().as_millis()).unwrap_or(NOT_HOLDING - 1)
+}
+
+impl ReadClock {
+    fn new() -> Self {
+        Self(AtomicU64::new(NOT_HOLDING))
+    }
+
+    fn stalled_at(&self, now: u64) -> bool {
+        let last = self.0.load(Ordering::Relaxed);
+        last != NOT_HOLDING && now.saturating_sub(last) >= STALL_AFTER_MS
+    }
+}
+
+/// A stream whose local socket has taken nothing for this long counts as stalled.
+const STALL_AFTER_MS: u64 = 1000;
+
+/// A connection with this many stalled streams takes no new ones while another connection can
+/// be had: three-quarters of the stream windows its receive window holds, as for the TCP
+/// carrier (`Carrier::has_room`). quinn gives every stream the same fixed window, so stalled
+/// readers (a pager, a paused player) each keep up to [`super::STREAM_WINDOW`] unread, and with
+/// the whole receive window held the connection stops for every stream on it.
+const STALLED_LIMIT: usize = super::STALLED_STREAMS_FIT * 3 / 4;
 
 impl Link {
     fn new(conn: quinn::Connection, overflow: bool, idle: Duration) -> Arc<Self> {
@@ -157,6 +198,7 @@ impl Link {
             reaper: AtomicBool::new(false),
             rx: std::sync::Mutex::new((conn_rx(&conn), Instant::now())),
             answer_due: std::sync::Mutex::new(None),
+            clocks: std::sync::Mutex::new(Vec::new()),
             conn,
         })
     }
@@ -263,6 +305,9 @@ impl Link {
         self: &Arc<Self>,
         carrier: &Weak<QuicCarrier>,
     ) -> Option<Result<Opened, quinn::ConnectionError>> {
+        if self.stalled() >= STALLED_LIMIT {
+            return None;
+        }
         let mut open = pin!(self.conn.open_bi());
         match open.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Pending => None,
@@ -272,11 +317,34 @@ impl Link {
     }
 
     fn lease(self: &Arc<Self>, carrier: &Weak<QuicCarrier>) -> Lease {
-        self.streams.fetch_add(1, Ordering::AcqRel);
+        let open = self.streams.fetch_add(1, Ordering::AcqRel) + 1;
+        let clock = Arc::new(ReadClock::new());
+        let mut clocks = self.clocks.lock().unwrap_or_else(PoisonError::into_inner);
+        // Ended streams' entries go when they outnumber the live ones.
+        if clocks.len() >= 2 * open {
+            clocks.retain(|c| c.strong_count() > 0);
+        }
+        clocks.push(Arc::downgrade(&clock));
+        drop(clocks);
         Lease {
             link: self.clone(),
             carrier: carrier.clone(),
+            clock,
         }
+    }
+
+    /// How many of this connection's streams stalled (see [`ReadClock`]). Looked at only once
+    /// enough streams are open to matter, so a busy connection's opens do not each walk them.
+    fn stalled(&self) -> usize {
+        if self.streams.load(Ordering::Acquire) < STALLED_LIMIT {
+            return 0;
+        }
+        let now = clock_now();
+        let clocks = self.clocks.lock().unwrap_or_else(PoisonError::into_inner);
+        clocks
+            .iter()
+            .filter(|c| c.upgrade().is_some_and(|c| c.stalled_at(now)))
+            .count()
     }
 }
 
@@ -287,9 +355,16 @@ type Opened = (Lease, quinn::SendStream, quinn::RecvStream);
 pub(super) struct Lease {
     link: Arc<Link>,
     carrier: Weak<QuicCarrier>,
+    clock: Arc<ReadClock>,
 }
 
 impl Lease {
+    /// The local socket this stream's bytes go to stopped taking them, or takes them again.
+    pub(super) fn sink_blocked(&self, blocked: bool) {
+        let mark = if blocked { clock_now() } else { NOT_HOLDING };
+        self.clock.0.store(mark, Ordering::Relaxed);
+    }
+
     /// The agent is shutting down: the carrier opens new streams on a new connection.
     pub(super) fn going_away(&self) {
         self.link.away.store(true, Ordering::Relaxed);
@@ -680,9 +755,10 @@ impl QuicCarrier {
         })
     }
 
-    /// A new stream on the primary if the agent's stream credit allows, else on an overflow
-    /// connection with room, else on a new overflow connection; past `max_connections` (or if
-    /// the agent cannot be reached again) it waits for credit on the primary.
+    /// A new stream on the primary if the agent's stream credit allows and its readers have
+    /// not stalled (see [`STALLED_LIMIT`]), else on an overflow connection with room, else on
+    /// a new overflow connection; past `max_connections` (or if the agent cannot be reached
+    /// again) it waits for credit on the primary.
     async fn open_stream(&self, primary: &Arc<Link>) -> Result<Opened, quinn::ConnectionError> {
         if let Some(opened) = primary.try_open(&self.me) {
             return opened;
@@ -704,7 +780,7 @@ impl QuicCarrier {
                     let link = Link::new(conn, true, self.overflow_idle);
                     let mut list = self.overflow_list();
                     list.push(link.clone());
-                    tracing::debug!(agent = %self.describe(), connections = list.len() + 1, "primary QUIC connection at the agent's stream limit: opened an overflow connection");
+                    tracing::debug!(agent = %self.describe(), connections = list.len() + 1, "primary QUIC connection at the agent's stream limit or held by stalled readers: opened an overflow connection");
                     if let Some(Ok(opened)) = link.try_open(&self.me) {
                         return Ok(opened);
                     }
@@ -1126,6 +1202,23 @@ fn race_lost(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_counts_as_stalled_a_second_after_its_sink_blocked() {
+        let clock = ReadClock(AtomicU64::new(5_000));
+        assert!(!clock.stalled_at(5_000));
+        assert!(!clock.stalled_at(5_000 + STALL_AFTER_MS - 1));
+        assert!(clock.stalled_at(5_000 + STALL_AFTER_MS));
+        // A clock read just after `now` was taken elsewhere is not stalled.
+        assert!(!clock.stalled_at(4_000));
+        clock.0.store(NOT_HOLDING, Ordering::Relaxed);
+        assert!(!clock.stalled_at(u64::MAX - 1));
+        // A new stream, and one whose sink takes bytes, holds nothing.
+        assert!(!ReadClock::new().stalled_at(u64::MAX - 1));
+        assert!(!clock.stalled_at(u64::MAX - 1));
+        // The receive window holds 16 stream windows; new streams move at three-quarters.
+        assert_eq!(STALLED_LIMIT, 12);
+    }
 
     fn timeout(addr: &str) -> (SocketAddr, QuicError) {
         let addr: SocketAddr = addr.parse().unwrap();

@@ -270,10 +270,15 @@ const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 /// read. quinn gives every stream the same fixed window ([`STREAM_WINDOW`]), never a small one
 /// that grows with its reader as the TCP carrier's do, so a local reader that stops reading
 /// (a pager, a paused client) holds up to a whole stream window of it. With 64 MiB, five such
-/// readers stopped the carrier for every stream; with 16 stream windows, 15 never do. It is a
-/// bound on memory only while readers stall: bytes that are read leave at once, and what is in
+/// readers stopped the carrier for every stream; with 16 stream windows, 15 never do, and from
+/// 12 stalled streams on, the client opens new streams on another connection (`client::Link`'s
+/// read clocks), as the TCP carrier does once its window is three-quarters held. It is a bound
+/// on memory only while readers stall: bytes that are read leave at once, and what is in
 /// flight is bounded by the sender's window ([`SEND_WINDOW`], [`fit_window`]).
-const RECEIVE_WINDOW: u32 = 16 * STREAM_WINDOW;
+const RECEIVE_WINDOW: u32 = STALLED_STREAMS_FIT as u32 * STREAM_WINDOW;
+
+/// How many whole stream windows the connection's receive window holds.
+const STALLED_STREAMS_FIT: usize = 16;
 
 /// Unacknowledged bytes a connection may have sent or queued, over a long path.
 const SEND_WINDOW: u64 = 64 * 1024 * 1024;

@@ -432,6 +432,12 @@ impl Endpoint for QuicStream {
         self.aborted.store(true, Ordering::Relaxed);
     }
 
+    fn sink_blocked(&self, blocked: bool) {
+        if let Some(lease) = &self.lease {
+            lease.sink_blocked(blocked);
+        }
+    }
+
     /// A peer that aborts stops our sending half (STOP_SENDING), which is how a reset after
     /// its FIN reaches us.
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
