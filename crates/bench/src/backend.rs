@@ -5,6 +5,8 @@
 //!   after the last one the sink answers the byte count as a big-endian u64. Framing the end in
 //!   band keeps the upload measurement independent of whether a path passes half-close through.
 //! - `D` source: writes as fast as the path accepts until the client goes away.
+//! - `C` the same as `D`, sent with TCP Cubic whatever the system's default (a competing flow
+//!   with the congestion control most laptops and servers run; this kernel defaults to BBR).
 //! - `E` echo: copies every byte back (1-byte ping-pong, connect + first byte, idle holds).
 
 use std::net::SocketAddr;
@@ -15,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const SINK: u8 = b'S';
 pub const SOURCE: u8 = b'D';
+pub const SOURCE_CUBIC: u8 = b'C';
 pub const ECHO: u8 = b'E';
 /// Upload chunk size; each chunk's first byte says whether more follow.
 pub const CHUNK: usize = 128 * 1024;
@@ -65,6 +68,11 @@ async fn serve(mut stream: TcpStream) {
     let _ = match mode[0] {
         SINK => sink(&mut stream).await,
         SOURCE => source(&mut stream).await,
+        SOURCE_CUBIC => match socket2::SockRef::from(&stream).set_tcp_congestion(b"cubic") {
+            Ok(()) => source(&mut stream).await,
+            // The client sees the stream end before any data, and says so.
+            Err(e) => Err(e),
+        },
         ECHO => echo(&mut stream).await,
         _ => Ok(()),
     };

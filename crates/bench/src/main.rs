@@ -82,7 +82,8 @@ struct Args {
     #[arg(long, value_name = "PROFILES")]
     netem: Option<String>,
     /// Seconds of each --netem bulk download (default 6, 3 with --quick); idle round trips and
-    /// round trips under load each run 3× that (for enough samples to read a p99).
+    /// round trips under load each run 3× that (for enough samples to read a p99), and a
+    /// download beside a raw TCP one 2× that.
     #[arg(long, value_name = "SECS")]
     netem_secs: Option<f64>,
     /// Paths to run under the WAN profiles.

@@ -119,10 +119,25 @@ pub struct NetemRow {
     pub loaded_down_mbps: Option<f64>,
     /// Sequential connect + first byte (echoed) through the path, on an otherwise idle link.
     pub connect: Option<Percentiles>,
-    /// The link's counters, client → VM and VM → client, over the whole path run.
+    /// One download through the path beside one raw TCP download straight from the backend,
+    /// once per competitor congestion control: how the path shares a bottleneck with an
+    /// ordinary flow.
+    pub sharing: Vec<Sharing>,
+    /// The link's counters, client → VM and VM → client, over the path's own workloads (up to
+    /// the run beside a raw download).
     pub link_up: Option<crate::netem::pipe::PipeStats>,
     pub link_down: Option<crate::netem::pipe::PipeStats>,
     pub error: Option<String>,
+}
+
+/// A download through a path and a raw TCP download at the same time over the link: their
+/// settled rates (from a third of the time on).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Sharing {
+    /// The raw flow's congestion control (the backend's sender).
+    pub competitor: String,
+    pub path_mbps: f64,
+    pub competitor_mbps: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -728,6 +743,37 @@ impl Report {
                 let _ = writeln!(w, "- {l}");
             }
         }
+        if self.netem.iter().any(|r| !r.sharing.is_empty()) {
+            let _ = writeln!(
+                w,
+                "\n### Sharing the link with an ordinary TCP flow\n\n\
+                 One download through the path and, at the same time, one raw TCP download straight \
+                 from the backend, over the same bottleneck; settled rates, from a third of the time \
+                 on. The raw flow's sender runs the competitor's congestion control: the system's \
+                 default, then Cubic (most laptops and servers). Equal shares are 50 %; raw beside \
+                 raw shows what two ordinary flows do here.\n"
+            );
+            let _ = writeln!(
+                w,
+                "| profile | path | competitor | path Mbit/s | competitor Mbit/s | path's share |\n\
+                 |---|---|---|---:|---:|---:|"
+            );
+            for r in &self.netem {
+                for sh in &r.sharing {
+                    let total = sh.path_mbps + sh.competitor_mbps;
+                    let share = if total > 0.0 {
+                        format!("{:.0} %", sh.path_mbps / total * 100.0)
+                    } else {
+                        "–".into()
+                    };
+                    let _ = writeln!(
+                        w,
+                        "| {} | {} | {} | {:.1} | {:.1} | {share} |",
+                        r.profile, r.path, sh.competitor, sh.path_mbps, sh.competitor_mbps
+                    );
+                }
+            }
+        }
         let lines = self.netem_throughput();
         if !lines.is_empty() {
             let _ = writeln!(
@@ -1075,6 +1121,15 @@ mod tests {
                 p50_us: rtt_ms as f64 * if path == "direct" { 3000.0 } else { 1000.0 },
                 ..Default::default()
             }),
+            sharing: if path == "quic" {
+                vec![Sharing {
+                    competitor: "cubic".into(),
+                    path_mbps: 60.0,
+                    competitor_mbps: 30.0,
+                }]
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         }
     }
@@ -1118,6 +1173,11 @@ mod tests {
             md.contains("| wan100 | 100 | 100 | 0 % | 610 | direct | 90.0 | 90 % | 90 % | 100.0 | 102.0 | 300.0 |"),
             "{md}"
         );
+        assert!(
+            md.contains("| loss50 | quic | cubic | 60.0 | 30.0 | 67 % |"),
+            "one row per path and competitor measured: {md}"
+        );
+        assert!(!md.contains("| wan100 | direct | cubic |"), "{md}");
         // Only where direct was measured too.
         assert_eq!(
             report.netem_throughput(),

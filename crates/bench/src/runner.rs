@@ -11,7 +11,9 @@ use crate::live::Live;
 use crate::netem::{self, Lab, NetemProfile};
 use crate::paths::{self, Env, PathKind, RunningPath};
 use crate::procstat;
-use crate::report::{self, NetemRow, PathReport, Percentiles, Report, Round, Scale, WanRow};
+use crate::report::{
+    self, NetemRow, PathReport, Percentiles, Report, Round, Scale, Sharing, WanRow,
+};
 use crate::wan::Profile;
 use crate::workload::{self, Direction, Transfer};
 
@@ -536,7 +538,8 @@ async fn run_netem(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Rep
     'all: for profile in &s.netem_profiles {
         for &kind in &lab_kinds {
             live.status(format!("{} · {}: starting", profile.name, kind.name()));
-            let Some(row) = unless_stopped(stop, netem_row(kind, profile, env, s, &live)).await
+            let Some(row) =
+                unless_stopped(stop, netem_row(kind, profile, env, s, &cc, &live)).await
             else {
                 break 'all;
             };
@@ -575,6 +578,7 @@ async fn netem_row(
     profile: &NetemProfile,
     env: &Env,
     s: &Settings,
+    cc: &str,
     live: &Live,
 ) -> NetemRow {
     let params = profile.link_params();
@@ -608,10 +612,10 @@ async fn netem_row(
             token_file: env.token_file.clone(),
         };
         let path = paths::start_in_lab(kind, &lab_env, &lab, &tag).await?;
-        anyhow::Ok((backend, path))
+        anyhow::Ok((backend, addr, path))
     }
     .await;
-    let (backend, mut path) = match started {
+    let (backend, backend_addr, mut path) = match started {
         Ok(v) => v,
         Err(e) => {
             row.error = Some(format!("failed to start: {e:#}"));
@@ -676,12 +680,42 @@ async fn netem_row(
         }
         Err(e) => errors.push(e),
     }
-    if let Err(e) = path.check_alive() {
-        errors.push(format!("{e:#}"));
-    }
+    // The link's counters describe the path alone: the shared runs below add another flow.
     let [up, down] = lab.stats();
     row.link_up = Some(up);
     row.link_down = Some(down);
+    // Twice the bulk time: two congestion controls take seconds to settle on their shares.
+    let shared = s.netem_bulk * 2;
+    let mut competitors = vec![(cc.to_string(), workload::SOURCE)];
+    if cc != "cubic" {
+        competitors.push(("cubic".to_string(), workload::SOURCE_CUBIC));
+    }
+    for (competitor, request) in competitors {
+        live.status(format!("{tag}: beside a raw TCP download ({competitor})"));
+        let (through, beside) = tokio::join!(
+            limited(
+                "shared down",
+                shared,
+                workload::download_settled(addr, shared, shared / 3)
+            ),
+            limited(
+                "raw beside",
+                shared,
+                workload::download_settled_as(backend_addr, request, shared, shared / 3)
+            ),
+        );
+        match (through, beside) {
+            (Ok((_, mine)), Ok((_, raw))) => row.sharing.push(Sharing {
+                competitor,
+                path_mbps: mine.gbps() * 1000.0,
+                competitor_mbps: raw.gbps() * 1000.0,
+            }),
+            (Err(e), _) | (_, Err(e)) => errors.push(e),
+        }
+    }
+    if let Err(e) = path.check_alive() {
+        errors.push(format!("{e:#}"));
+    }
     if !errors.is_empty() {
         row.error = Some(errors.join("; "));
     }

@@ -9,7 +9,8 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::backend::{CHUNK, ECHO, LAST, MORE, SINK, SOURCE};
+use crate::backend::{CHUNK, ECHO, LAST, MORE, SINK};
+pub use crate::backend::{SOURCE, SOURCE_CUBIC};
 
 /// Latencies are recorded in nanoseconds, from 1 ns up to 60 s with 3 significant digits.
 pub fn new_histogram() -> Histogram<u64> {
@@ -121,8 +122,19 @@ pub async fn download_settled(
     dur: Duration,
     settle: Duration,
 ) -> anyhow::Result<(Transfer, Transfer)> {
+    download_settled_as(addr, SOURCE, dur, settle).await
+}
+
+/// [`download_settled`] with the backend's request byte: [`SOURCE`], or [`SOURCE_CUBIC`]
+/// for a sender on TCP Cubic.
+pub async fn download_settled_as(
+    addr: SocketAddr,
+    request: u8,
+    dur: Duration,
+    settle: Duration,
+) -> anyhow::Result<(Transfer, Transfer)> {
     let mut stream = connect(addr).await?;
-    stream.write_all(&[SOURCE]).await?;
+    stream.write_all(&[request]).await?;
     let mut buf = vec![0u8; 256 * 1024];
     // The clock starts at the first byte, so the request's trip over an emulated WAN does not
     // count against the path's throughput.
@@ -326,5 +338,19 @@ mod tests {
             hold_idle(addr, 40, Instant::now() + Duration::from_secs(60), &|_| {}).await;
         assert_eq!(err, None);
         assert_eq!(held.len(), 40);
+    }
+
+    /// The competing flow of the netem sharing runs: a download sent with TCP Cubic.
+    #[tokio::test]
+    async fn a_download_can_be_sent_with_cubic() {
+        let backend = Backend::start("[::1]:0".parse().unwrap()).await.unwrap();
+        let d = Duration::from_millis(200);
+        let (all, settled) = download_settled_as(backend.addr, SOURCE_CUBIC, d, d / 2)
+            .await
+            .unwrap();
+        assert!(
+            all.bytes > settled.bytes && settled.bytes > 0,
+            "{all:?} {settled:?}"
+        );
     }
 }
