@@ -51,7 +51,8 @@ pub struct Cli {
     #[arg(long)]
     pub check: bool,
 
-    /// On SIGINT/SIGTERM stop accepting and give open connections this long to finish.
+    /// On SIGINT/SIGTERM stop accepting and give open connections this long to finish (one
+    /// still connecting to the edge or agent gets 2 s of it).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub grace: u64,
 

@@ -84,7 +84,7 @@ pub async fn serve<C: Connector>(
                         stream,
                         connector.clone(),
                         label.clone(),
-                        life.abort.clone(),
+                        life.clone(),
                         failures.clone(),
                     )
                     .instrument(span),
@@ -135,13 +135,21 @@ pub const HANG_UP_HINT_WITHIN: Duration = Duration::from_secs(1);
 
 static ACCEPT_FAILURES: crate::throttle::Throttle = crate::throttle::Throttle::new();
 
+/// How long a connection still dialling when forward is told to stop may go on dialling. The
+/// grace period is for connections that carry bytes: one whose dial hangs (an edge that does
+/// not answer, an agent being reconnected) held Ctrl-C for the whole grace, 10 s by default,
+/// with nothing of the user's to finish. A healthy dial completes well within this and is then
+/// relayed under the grace like any other.
+pub const DIAL_AT_STOP: Duration = Duration::from_secs(2);
+
 async fn handle<C: Connector>(
     local: LocalStream,
     connector: Arc<C>,
     label: Arc<str>,
-    abort: CancellationToken,
+    life: Lifecycle,
     failures: Arc<Repeats>,
 ) {
+    let abort = life.abort;
     let killed = Arc::new(AtomicBool::new(false));
     let local = Killable {
         inner: local,
@@ -149,12 +157,22 @@ async fn handle<C: Connector>(
     };
     let started = std::time::Instant::now();
     let work = async {
-        let remote = match connector.connect().await {
+        let stopped_while_dialling = async {
+            life.stop.cancelled().await;
+            tokio::time::sleep(DIAL_AT_STOP).await;
+        };
+        let dialled = tokio::select! {
+            r = connector.connect() => r.map_err(|e| e.to_string()),
+            _ = stopped_while_dialling => Err(format!(
+                "forward is shutting down and the connection was still being set up after {DIAL_AT_STOP:?}: reset"
+            )),
+        };
+        let remote = match dialled {
             Ok(r) => r,
             Err(e) => {
                 // The local client must not mistake a failed forward for an empty answer.
                 local.abort();
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         tracing::debug!(after = ?started.elapsed(), "connected");
