@@ -113,6 +113,28 @@ fn run(seed: u64) -> (usize, usize) {
             }
         }
     }
+    // While readers stay stalled, a new stream still gets through unless they hold the whole
+    // connection window: the receiver returns credit once what it consumed reaches what the
+    // sender may still send, so at rest either the sender has room or nothing is left to grant.
+    // (Credit checked only on reads stopped here with room 0 and credit unreturned.)
+    let probes = (
+        p.server.stalled.len(),
+        probe_stream(&mut p, seed, &mut sent),
+    );
+    if let (stalled, Some(probe)) = probes {
+        let window = u64::from(small_config().connection_window);
+        // Refused (the server sent GOAWAY) or reset by a random step: not the question here.
+        let arrived = p.run_until(Duration::from_secs(30), |p| {
+            p.server.received.contains_key(&probe)
+                || p.client.resets.contains_key(&probe)
+                || p.server.session.connection_held() >= window
+        });
+        assert!(
+            arrived,
+            "seed {seed}: a new stream beside {stalled} stalled ones got nothing, with {} of {window} bytes held (goaway {goaway})",
+            p.server.session.connection_held()
+        );
+    }
     for id in p.server.stalled.drain().collect::<Vec<_>>() {
         p.unstall_server(id);
     }
@@ -162,6 +184,15 @@ fn run(seed: u64) -> (usize, usize) {
     (completed, sent.len() - completed)
 }
 
+/// Opens a stream with a few bytes (finished), if the session still takes one.
+fn probe_stream(p: &mut Pair, seed: u64, sent: &mut HashMap<u32, Vec<u8>>) -> Option<u32> {
+    let id = p.client.session.open(Target::new("", 80).unwrap()).ok()?;
+    let data = pattern(seed ^ 0x5eed, 100);
+    p.client.send(id, &data, true);
+    sent.insert(id, data);
+    Some(id)
+}
+
 #[test]
 fn random_operations_never_break_the_protocol() {
     let (mut completed, mut reset) = (0, 0);
@@ -174,5 +205,63 @@ fn random_operations_never_break_the_protocol() {
     assert!(
         completed > 2000 && reset > 200,
         "the random runs exercise both outcomes"
+    );
+}
+
+/// Random windows, a random amount read first, then random numbers of streams whose reader
+/// stops: a new stream's bytes still arrive unless the stalled ones hold the whole connection
+/// window. (With credit returned only on reads, the bytes that fill the last room could land
+/// on stalled streams, and the credit read before them never went back: 1 MiB window, 400 KiB
+/// read, three stalled streams, and a new stream got nothing.)
+#[test]
+fn stalled_readers_never_stop_a_new_stream_while_the_window_has_room() {
+    let mut stopped_before_full = Vec::new();
+    for seed in 0..120u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let connection_window = 64 * 1024 + rng.below(1 << 20) as u32;
+        let stream_window = 4 * 1024 + rng.below(256 * 1024) as u32;
+        let config = Config {
+            stream_window,
+            auto_tune: rng.below(2) == 0,
+            connection_window,
+            ..Config::default()
+        };
+        let latency = Duration::from_millis(1 + rng.below(40));
+        let mut p = Pair::with(config.clone(), config, latency);
+        p.auth(GOOD_TOKEN);
+        let early = p.open(9000);
+        let read_first = rng.below(u64::from(connection_window)) as usize;
+        p.client.send(early, &pattern(seed, read_first), true);
+        assert!(
+            p.run_until(Duration::from_secs(60), |p| p.server.fins.contains(&early)),
+            "seed {seed}: the first stream did not arrive"
+        );
+        for _ in 0..1 + rng.below(8) {
+            let id = p.open(9001);
+            p.server.stalled.insert(id);
+            // More than a stream window: a stalled reader holds all of its window.
+            p.client
+                .send(id, &pattern(seed ^ u64::from(id), 512 * 1024), false);
+        }
+        p.run_until(Duration::from_secs(5), |_| false);
+        let probe = p.open(9002);
+        p.client.send(probe, b"probe", true);
+        let window = u64::from(connection_window);
+        p.run_until(Duration::from_secs(30), |p| p.server.fins.contains(&probe));
+        let held = p.server.session.connection_held();
+        if !p.server.fins.contains(&probe) && held < window {
+            stopped_before_full.push((seed, held, window));
+        } else if p.server.fins.contains(&probe) {
+            assert_eq!(p.server.received[&probe], b"probe", "seed {seed}");
+        }
+        assert!(
+            p.client.error.is_none() && p.server.error.is_none(),
+            "seed {seed}"
+        );
+    }
+    assert!(
+        stopped_before_full.is_empty(),
+        "a new stream got nothing while stalled streams held less than the window \
+         (seed, held, window): {stopped_before_full:?}"
     );
 }
