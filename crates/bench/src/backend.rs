@@ -7,6 +7,8 @@
 //! - `D` source: writes as fast as the path accepts until the client goes away.
 //! - `C` the same as `D`, sent with TCP Cubic whatever the system's default (a competing flow
 //!   with the congestion control most laptops and servers run; this kernel defaults to BBR).
+//!   It is set after accept, so on a BBR system the socket probably keeps the internal pacing
+//!   BBR turned on: a paced Cubic, unlike a system whose default is Cubic.
 //! - `E` echo: copies every byte back (1-byte ping-pong, connect + first byte, idle holds).
 
 use std::net::SocketAddr;
