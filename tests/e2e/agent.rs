@@ -406,8 +406,8 @@ fn stalled_readers_hold_at_most_their_windows(t: Transport) {
 /// quinn gives every stream the same fixed 16 MiB window, so each local reader that stops
 /// holds up to that much in forward; the connection's receive window holds 16 of them. With
 /// 64 MiB, five stopped the carrier for every stream: the exchange beside them timed out. Here
-/// 20 stall, more than one connection holds: 12 first, and once they count as stalled (a
-/// second without a read) the client puts the next 8 and the exchange on an overflow
+/// 20 stall, more than one connection holds: 12 first, and once they count as stalled (their
+/// local sockets took nothing for a second) the client puts the next 8 and the exchange on an overflow
 /// connection (before, all went on the first one, and the exchange got no byte). The agent
 /// holds little (13-15 MB live with MIMALLOC_PURGE_DELAY=0), but the allocator keeps more of
 /// the 320 MB that passed (up to 88 MB seen): an agent that held the streams' windows would
