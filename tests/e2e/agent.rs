@@ -370,6 +370,10 @@ fn thousand_streams_one_stalled(t: Transport) {
 /// and locals[1], one carrier.
 fn source_and_echo(t: Transport, byte: u8) -> (Backend, Backend, Stack, Forward) {
     let source = Backend::start(move |mut sock, _tx| {
+        // A fixed small send buffer: on loopback the kernel otherwise grows it to tcp_wmem's
+        // 4 MiB for every stalled stream, which is not forward's memory, and 200 of them put
+        // the whole box under TCP memory pressure.
+        let _ = socket2::SockRef::from(&sock).set_send_buffer_size(64 * 1024);
         let buf = vec![byte; CHUNK];
         while sock.write_all(&buf).is_ok() {}
     });
@@ -443,6 +447,9 @@ fn stalled_readers(
                     .unwrap();
                 // A small receive buffer, so the kernel does not hide the stall in megabytes.
                 s.set_recv_buffer_size(16 * 1024).unwrap();
+                // An Ethernet-sized segment, so forward's socket to it does not start with a
+                // send buffer for ten 64 KiB loopback segments (4 MiB once BBR grows it).
+                s.set_tcp_mss(1400).unwrap();
                 s.connect_timeout(&(*addr).into(), TIMEOUT).unwrap();
                 s.into()
             })
