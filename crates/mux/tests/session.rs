@@ -195,6 +195,71 @@ fn credit_read_before_stalled_streams_fill_the_window_comes_back() {
     assert_eq!(p.server.received[&late], pattern(2, 64 * 1024));
 }
 
+/// The sender's view of readers that stopped on the other side: while they keep the
+/// connection window, the credit left to the sender stays under a quarter of it (so the
+/// driver puts new streams on another carrier); once they read, it comes back. Auto-tuning is
+/// on, so their windows may grow while the peer's kernel would still take bytes.
+#[test]
+fn stalled_peer_readers_show_as_low_send_credit_until_they_read() {
+    let config = Config {
+        connection_window: 1024 * 1024,
+        ..Config::default()
+    };
+    let mut p = Pair::with(config.clone(), config, Duration::from_millis(5));
+    p.auth(GOOD_TOKEN);
+    assert_eq!(p.client.session.send_credit_low_since(), None);
+    let stalled: Vec<u32> = (0..5).map(|_| p.open(9001)).collect();
+    for &id in &stalled {
+        p.server.stalled.insert(id);
+        p.client.send(id, &pattern(u64::from(id), 1 << 20), true);
+    }
+    p.run_until(10 * SECOND, |_| false);
+    let since = p.client.session.send_credit_low_since();
+    assert!(
+        since.is_some(),
+        "the server holds {} of 1 MiB and the client still counts on its credit",
+        p.server.session.connection_held()
+    );
+    // Still the same moment: a low credit that lasts keeps its start.
+    p.run_until(2 * SECOND, |_| false);
+    assert_eq!(p.client.session.send_credit_low_since(), since);
+    for &id in &stalled {
+        p.unstall_server(id);
+    }
+    assert!(p.run_until(30 * SECOND, |p| stalled
+        .iter()
+        .all(|id| p.server.fins.contains(id))));
+    for &id in &stalled {
+        assert_eq!(p.server.received[&id], pattern(u64::from(id), 1 << 20));
+    }
+    assert_eq!(p.client.session.send_credit_low_since(), None);
+}
+
+/// A healthy bulk transfer never looks like a peer whose readers stopped: the peer returns
+/// credit by half windows, so the sender's credit dips under a quarter only with more than
+/// that in flight.
+#[test]
+fn a_bulk_upload_over_a_long_fat_link_keeps_its_send_credit() {
+    let mut low = None;
+    let mut p = Pair::with(
+        Config::default(),
+        Config::default(),
+        Duration::from_millis(50),
+    );
+    p.set_rate(100 << 20);
+    p.server.echo = false;
+    p.auth(GOOD_TOKEN);
+    let id = p.open(5201);
+    let len = 256 << 20;
+    p.client.send(id, &pattern(3, len), false);
+    assert!(p.run_until(120 * SECOND, |p| {
+        low = low.or(p.client.session.send_credit_low_since());
+        p.server.received.get(&id).is_some_and(|r| r.len() == len)
+    }));
+    assert_eq!(p.server.received[&id], pattern(3, len));
+    assert_eq!(low, None, "a healthy upload's credit went low");
+}
+
 /// A client→server bulk transfer of `len` pattern bytes over a link `one_way` long, shaped by
 /// `shape`; returns the server's final receive window, after checking every byte arrived intact.
 fn bulk_upload(

@@ -39,6 +39,11 @@ const RX_BUF: usize = 1024 * 1024;
 /// that does not read before the socket is simply dropped.
 const FLUSH_GRACE: Duration = Duration::from_secs(5);
 
+/// How long the peer's connection credit must stay below a quarter of its window before the
+/// carrier counts as full (`Carrier::has_room`): long past a healthy transfer's dip before a
+/// window update, as for the QUIC carrier's stalled readers.
+const PEER_FULL_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Default)]
 struct StreamSlot {
     read: Option<Waker>,
@@ -214,14 +219,19 @@ impl Carrier {
     }
 
     /// Whether another stream fits under the session's concurrent-stream cap, and the carrier
-    /// can still deliver to it: once streams whose readers stopped reading hold most of the
-    /// connection window (about 190 stalled downloads at the initial stream window), a new
-    /// stream here would soon wait with them, so it goes on another carrier instead.
+    /// can still carry it both ways: once streams whose readers stopped reading hold most of
+    /// the connection window (about 190 stalled downloads at the initial stream window), or
+    /// the peer's readers (VM services that stopped reading uploads) have left us less than a
+    /// quarter of its window for a second, a new stream here would soon wait with them, so it
+    /// goes on another carrier instead.
     pub fn has_room(&self) -> bool {
         let g = self.lock();
         let config = g.session.config();
         g.session.stream_count() < config.max_concurrent_streams
             && g.session.connection_held() < u64::from(config.connection_window) / 4 * 3
+            && g.session
+                .send_credit_low_since()
+                .is_none_or(|since| since.elapsed() < PEER_FULL_AFTER)
     }
 
     /// Client: queues the AUTH proof (before any open, so it goes first on the wire).

@@ -301,6 +301,7 @@ impl Session {
                     "WINDOW_UPDATE overflows the connection window",
                 ));
             }
+            self.note_send_credit();
             return Ok(());
         }
         let send_buffer = self.send_buffer();

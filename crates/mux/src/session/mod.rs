@@ -100,6 +100,8 @@ pub struct Session {
     transmit_enabled: bool,
     conn_send_limit: u64,
     conn_sent: u64,
+    /// Since when the peer has let us send less than a quarter of the connection window.
+    send_credit_low_since: Option<Instant>,
     conn_recv_limit: u64,
     conn_received: u64,
     conn_consumed: u64,
@@ -153,6 +155,7 @@ impl Session {
             transmit_enabled: false,
             conn_send_limit: window,
             conn_sent: 0,
+            send_credit_low_since: None,
             conn_recv_limit: window,
             conn_received: 0,
             conn_consumed: 0,
@@ -218,6 +221,27 @@ impl Session {
     /// once it reaches the window, the peer can send nothing more on any stream.
     pub fn connection_held(&self) -> u64 {
         self.conn_received.saturating_sub(self.conn_consumed)
+    }
+
+    /// Since when the peer has let this side send less than a quarter of the connection window
+    /// (`None` while it lets more). The sending side's view of [`Session::connection_held`]:
+    /// the peer returns connection credit as its streams' bytes are taken, so while its readers
+    /// take nothing the credit stays low, and a new stream here would get little of it. A
+    /// healthy transfer dips below a quarter only with over 16 MiB in flight (the peer grants
+    /// by half windows), so a driver treats a low credit that lasts as a full carrier.
+    pub fn send_credit_low_since(&self) -> Option<Instant> {
+        self.send_credit_low_since
+    }
+
+    /// Keeps [`Session::send_credit_low_since`] current; call when the credit changed.
+    pub(super) fn note_send_credit(&mut self) {
+        let low =
+            self.conn_send_limit - self.conn_sent < u64::from(self.config.connection_window) / 4;
+        match (low, self.send_credit_low_since) {
+            (true, None) => self.send_credit_low_since = Some(self.now),
+            (false, Some(_)) => self.send_credit_low_since = None,
+            _ => {}
+        }
     }
 
     /// Current receive window of a stream (grows with auto-tuning).

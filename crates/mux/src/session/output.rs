@@ -118,6 +118,7 @@ impl Session {
                 self.remove_if_done(id);
             }
         }
+        self.note_send_credit();
     }
 
     /// Whether anything waits to be transmitted (control frames or stream data, credit permitting).

@@ -148,12 +148,20 @@ pub(super) struct Link {
     clocks: std::sync::Mutex<Vec<Weak<ReadClock>>>,
 }
 
-/// Since when the local socket a stream's bytes go to has taken none, in milliseconds since
-/// [`clock_epoch`] ([`NOT_HOLDING`] while it takes them). The relay reads no more from the
-/// stream meanwhile, so quinn keeps what arrives for it (see
-/// [`crate::relay::Endpoint::sink_blocked`]). An idle connection (a pooled database
-/// connection, an ssh session) has nothing to hand on: it is not stalled.
-pub(super) struct ReadClock(AtomicU64);
+/// Since when a reader of a stream's bytes has taken none, in milliseconds since
+/// [`clock_epoch`] ([`NOT_HOLDING`] while it takes them), one stamp per direction:
+/// - `local`: the local socket a download goes to. The relay reads no more from the stream
+///   meanwhile, so quinn keeps what arrives for it here (see
+///   [`crate::relay::Endpoint::sink_blocked`]).
+/// - `agent`: quinn takes no more of an upload, because the VM service stopped reading and
+///   the agent keeps the stream's window of it (or, briefly, congestion).
+///
+/// An idle connection (a pooled database connection, an ssh session) has nothing to hand on:
+/// it is not stalled.
+pub(super) struct ReadClock {
+    local: AtomicU64,
+    agent: AtomicU64,
+}
 
 const NOT_HOLDING: u64 = u64::MAX;
 
@@ -168,12 +176,26 @@ fn clock_now() -> u64 {
 
 impl ReadClock {
     fn new() -> Self {
-        Self(AtomicU64::new(NOT_HOLDING))
+        Self {
+            local: AtomicU64::new(NOT_HOLDING),
+            agent: AtomicU64::new(NOT_HOLDING),
+        }
     }
 
     fn stalled_at(&self, now: u64) -> bool {
-        let last = self.0.load(Ordering::Relaxed);
-        last != NOT_HOLDING && now.saturating_sub(last) >= STALL_AFTER_MS
+        [&self.local, &self.agent].into_iter().any(|stamp| {
+            let last = stamp.load(Ordering::Relaxed);
+            last != NOT_HOLDING && now.saturating_sub(last) >= STALL_AFTER_MS
+        })
+    }
+
+    /// Starts or ends a stall of one direction; only a change is stored, so a transfer that
+    /// keeps going writes nothing shared.
+    fn mark(stamp: &AtomicU64, blocked: bool) {
+        if (stamp.load(Ordering::Relaxed) != NOT_HOLDING) != blocked {
+            let mark = if blocked { clock_now() } else { NOT_HOLDING };
+            stamp.store(mark, Ordering::Relaxed);
+        }
     }
 }
 
@@ -361,8 +383,12 @@ pub(super) struct Lease {
 impl Lease {
     /// The local socket this stream's bytes go to stopped taking them, or takes them again.
     pub(super) fn sink_blocked(&self, blocked: bool) {
-        let mark = if blocked { clock_now() } else { NOT_HOLDING };
-        self.clock.0.store(mark, Ordering::Relaxed);
+        ReadClock::mark(&self.clock.local, blocked);
+    }
+
+    /// quinn stopped taking this stream's bytes for the agent, or takes them again.
+    pub(super) fn send_blocked(&self, blocked: bool) {
+        ReadClock::mark(&self.clock.agent, blocked);
     }
 
     /// The agent is shutting down: the carrier opens new streams on a new connection.
@@ -1205,14 +1231,21 @@ mod tests {
 
     #[test]
     fn a_stream_counts_as_stalled_a_second_after_its_sink_blocked() {
-        let clock = ReadClock(AtomicU64::new(5_000));
-        assert!(!clock.stalled_at(5_000));
-        assert!(!clock.stalled_at(5_000 + STALL_AFTER_MS - 1));
-        assert!(clock.stalled_at(5_000 + STALL_AFTER_MS));
-        // A clock read just after `now` was taken elsewhere is not stalled.
-        assert!(!clock.stalled_at(4_000));
-        clock.0.store(NOT_HOLDING, Ordering::Relaxed);
-        assert!(!clock.stalled_at(u64::MAX - 1));
+        for blocked_side in 0..2 {
+            let clock = ReadClock::new();
+            let stamp = [&clock.local, &clock.agent][blocked_side];
+            stamp.store(5_000, Ordering::Relaxed);
+            assert!(!clock.stalled_at(5_000));
+            assert!(!clock.stalled_at(5_000 + STALL_AFTER_MS - 1));
+            assert!(clock.stalled_at(5_000 + STALL_AFTER_MS));
+            // A clock read just after `now` was taken elsewhere is not stalled.
+            assert!(!clock.stalled_at(4_000));
+            // A stall that goes on keeps its start; the end clears it.
+            ReadClock::mark(stamp, true);
+            assert_eq!(stamp.load(Ordering::Relaxed), 5_000);
+            ReadClock::mark(stamp, false);
+            assert!(!clock.stalled_at(u64::MAX - 1));
+        }
         // A new stream, and one whose sink takes bytes, holds nothing.
         assert!(!ReadClock::new().stalled_at(u64::MAX - 1));
         // The receive window holds 16 stream windows; new streams move at three-quarters.

@@ -373,7 +373,13 @@ impl AsyncWrite for QuicStream {
         let this = self.get_mut();
         loop {
             ready!(this.poll_replay_in_progress(cx))?;
-            match ready!(SendStream::poll_write(Pin::new(&mut this.send), cx, buf)) {
+            let written = SendStream::poll_write(Pin::new(&mut this.send), cx, buf);
+            if let Some(lease) = &this.lease {
+                // A VM service that stopped reading keeps this stream's window in the agent;
+                // the client sees only that quinn takes no more (see `Link::stalled`).
+                lease.send_blocked(written.is_pending());
+            }
+            match ready!(written) {
                 Ok(n) => {
                     if let Some(r) = this.replay.as_mut() {
                         if r.sent.len() + n > REPLAY_CAP {
