@@ -10,6 +10,7 @@
 mod full_queue;
 #[path = "agent/malformed.rs"]
 mod malformed;
+mod stall;
 #[path = "agent/support.rs"]
 mod support;
 
@@ -158,26 +159,6 @@ async fn a_new_connection_avoids_a_carrier_that_stalled_readers_filled() {
     assert_eq!(sha256(&got), sha256(&pattern(7, 512 * 1024)[..held]));
 }
 
-/// A VM service that accepts connections and never reads them. Its listener has a small
-/// receive buffer and an Ethernet-sized segment, which accepted sockets inherit, so the agent's
-/// sockets toward it do not grow loopback's megabyte send buffers: the stall reaches the
-/// agent's session instead of hiding in the kernel.
-async fn deaf_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let sock = TcpSocket::new_v6().unwrap();
-    sock.set_recv_buffer_size(16 * 1024).unwrap();
-    socket2::SockRef::from(&sock).set_tcp_mss(1400).unwrap();
-    sock.bind("[::1]:0".parse().unwrap()).unwrap();
-    let l = sock.listen(1024).unwrap();
-    let addr = l.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = l.accept().await {
-            held.push(s);
-        }
-    });
-    (addr, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_connection_avoids_a_carrier_that_stalled_uploads_filled() {
     // The mirror of the test above, on the agent's side: uploads to a VM service that never
@@ -189,37 +170,16 @@ async fn a_new_connection_avoids_a_carrier_that_stalled_uploads_filled() {
     const STALLED: usize = 600;
     let agent = start_agent(|_| {});
     let echo = echo_server("[::1]:0").await;
-    let (deaf, _deaf_task) = deaf_server().await;
+    let deaf = stall::deaf_server().await;
     let link = AgentLink::new(link_config(agent.addr, token()));
     let deaf_c = connector(&link, "", deaf.port());
     let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut uploads = Vec::new();
     for _ in 0..STALLED {
-        let mut s = within("a stalled upload", deaf_c.connect()).await.unwrap();
-        let written = written.clone();
-        uploads.push(tokio::spawn(async move {
-            let chunk = vec![0x42u8; 16 * 1024];
-            for _ in 0..64 {
-                if s.write_all(&chunk).await.is_err() {
-                    return;
-                }
-                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            }
-        }));
+        let s = within("a stalled upload", deaf_c.connect()).await.unwrap();
+        uploads.push(stall::upload(s, Some(1 << 20), written.clone()));
     }
-    // Settled: no upload moved for two seconds.
-    within("the uploads to stall", async {
-        let mut last = written.load(Ordering::Relaxed);
-        let mut quiet = 0;
-        while quiet < 8 {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            let now = written.load(Ordering::Relaxed);
-            quiet = if now == last { quiet + 1 } else { 0 };
-            last = now;
-        }
-    })
-    .await;
-    let stuck = written.load(Ordering::Relaxed);
+    let stuck = stall::settled(&written).await;
     assert!(
         stuck >= u64::from(forward_mux::Config::default().connection_window),
         "only {stuck} bytes went out before the uploads stalled: the agent's window is not full"

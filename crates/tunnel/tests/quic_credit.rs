@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 mod quic_support;
+mod stall;
 use quic_support::{echo, pattern, round_trip, sha, v6, NAME, TOKEN};
 
 const LIMIT: u32 = 8;
@@ -335,25 +336,6 @@ async fn stalled_readers_move_new_streams_to_another_connection_idle_ones_do_not
     stop.cancel();
 }
 
-/// A VM service that accepts connections and never reads them. A small receive buffer and an
-/// Ethernet-sized segment (accepted sockets inherit both) keep the kernel from absorbing
-/// megabytes per connection, so the stall reaches the agent at once.
-async fn deaf() -> u16 {
-    let sock = tokio::net::TcpSocket::new_v6().unwrap();
-    sock.set_recv_buffer_size(16 * 1024).unwrap();
-    socket2::SockRef::from(&sock).set_tcp_mss(1400).unwrap();
-    sock.bind(v6()).unwrap();
-    let l = sock.listen(64).unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = l.accept().await {
-            held.push(s);
-        }
-    });
-    port
-}
-
 /// The upload side of the test above: a VM service that stops reading leaves each upload's
 /// bytes in the agent, up to the 16 MiB stream window, and 16 of them fill the agent's
 /// receive window, so the connection carries nothing more for any stream (a new connection
@@ -361,12 +343,11 @@ async fn deaf() -> u16 {
 /// bytes; once 12 were refused for a second, new connections go on another QUIC connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_uploads_move_new_streams_to_another_connection() {
-    use std::sync::atomic::{AtomicU64, Ordering};
     let (addr, pin, stop) = agent_with_limit(256);
     let carrier = carrier(addr, pin, 64);
     let echo_local = forward(carrier.clone(), echo(v6()).await).await;
-    let deaf_local = forward(carrier.clone(), deaf().await).await;
-    let written = Arc::new(AtomicU64::new(0));
+    let deaf_local = forward(carrier.clone(), stall::deaf_server().await.port()).await;
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut uploads = Vec::new();
     for _ in 0..16 {
         let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
@@ -374,28 +355,10 @@ async fn stalled_uploads_move_new_streams_to_another_connection() {
         s.set_send_buffer_size(64 * 1024).unwrap();
         s.connect(&deaf_local.into()).unwrap();
         s.set_nonblocking(true).unwrap();
-        let mut s = TcpStream::from_std(s.into()).unwrap();
-        let written = written.clone();
-        uploads.push(tokio::spawn(async move {
-            let chunk = vec![0x42u8; 64 * 1024];
-            while s.write_all(&chunk).await.is_ok() {
-                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            }
-        }));
+        let s = TcpStream::from_std(s.into()).unwrap();
+        uploads.push(stall::upload(s, None, written.clone()));
     }
-    // Settled: no upload moved for two seconds (each stalled for longer than the threshold).
-    timed("the uploads to stall", async {
-        let mut last = written.load(Ordering::Relaxed);
-        let mut quiet = 0;
-        while quiet < 8 {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            let now = written.load(Ordering::Relaxed);
-            quiet = if now == last { quiet + 1 } else { 0 };
-            last = now;
-        }
-    })
-    .await;
-    let stuck = written.load(Ordering::Relaxed);
+    let stuck = stall::settled(&written).await;
     assert!(
         stuck >= 16 * (16 << 20),
         "only {stuck} bytes went out before the uploads stalled: the agent's window is not full"
