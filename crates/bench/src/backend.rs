@@ -5,11 +5,13 @@
 //!   after the last one the sink answers the byte count as a big-endian u64. Framing the end in
 //!   band keeps the upload measurement independent of whether a path passes half-close through.
 //! - `D` source: writes as fast as the path accepts until the client goes away.
-//! - `C` the same as `D`, sent with TCP Cubic whatever the system's default (a competing flow
-//!   with the congestion control most laptops and servers run; this kernel defaults to BBR).
-//!   It is set after accept, so on a BBR system the socket probably keeps the internal pacing
-//!   BBR turned on: a paced Cubic, unlike a system whose default is Cubic.
 //! - `E` echo: copies every byte back (1-byte ping-pong, connect + first byte, idle holds).
+//!
+//! [`Backend::start_cubic`] serves the same on a listener whose sockets send with TCP Cubic
+//! whatever the system's default: a competing flow with the congestion control most laptops
+//! and servers run (this kernel defaults to BBR). The listener is set before it listens, so
+//! accepted sockets start with Cubic and BBR never turns on its internal pacing for them (a
+//! socket switched after accept, as in session 15, keeps it: a paced Cubic).
 
 use std::net::SocketAddr;
 
@@ -19,7 +21,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const SINK: u8 = b'S';
 pub const SOURCE: u8 = b'D';
-pub const SOURCE_CUBIC: u8 = b'C';
 pub const ECHO: u8 = b'E';
 /// Upload chunk size; each chunk's first byte says whether more follow.
 pub const CHUNK: usize = 128 * 1024;
@@ -44,7 +45,29 @@ impl Backend {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("backend: cannot listen on {addr}"))?;
-        let addr = listener.local_addr()?;
+        Ok(Backend::serve_on(listener))
+    }
+
+    /// [`Backend::start`] on a listener set to TCP Cubic before it listens (see the module).
+    pub async fn start_cubic(addr: SocketAddr) -> anyhow::Result<Backend> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket2::SockRef::from(&socket)
+            .set_tcp_congestion(b"cubic")
+            .context("backend: cannot set TCP Cubic (is it in net.ipv4.tcp_available_congestion_control?)")?;
+        socket
+            .bind(addr)
+            .with_context(|| format!("backend: cannot listen on {addr}"))?;
+        Ok(Backend::serve_on(socket.listen(1024)?))
+    }
+
+    fn serve_on(listener: TcpListener) -> Backend {
+        let addr = listener
+            .local_addr()
+            .expect("a listening socket has an address");
         let task = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
@@ -56,7 +79,7 @@ impl Backend {
                 }
             }
         });
-        Ok(Backend { addr, task })
+        Backend { addr, task }
     }
 }
 
@@ -70,11 +93,6 @@ async fn serve(mut stream: TcpStream) {
     let _ = match mode[0] {
         SINK => sink(&mut stream).await,
         SOURCE => source(&mut stream).await,
-        SOURCE_CUBIC => match socket2::SockRef::from(&stream).set_tcp_congestion(b"cubic") {
-            Ok(()) => source(&mut stream).await,
-            // The client sees the stream end before any data, and says so.
-            Err(e) => Err(e),
-        },
         ECHO => echo(&mut stream).await,
         _ => Ok(()),
     };

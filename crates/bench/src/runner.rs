@@ -601,7 +601,7 @@ async fn netem_row(
     };
     let started = async {
         let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("own path: {e}"))?;
-        let (backend, addr) = lab
+        let (backend, addr, cubic_addr) = lab
             .start_backend(&exe, env.tmp.join(format!("{tag}-backend.log")))
             .await?;
         let lab_env = Env {
@@ -612,10 +612,10 @@ async fn netem_row(
             token_file: env.token_file.clone(),
         };
         let path = paths::start_in_lab(kind, &lab_env, &lab, &tag).await?;
-        anyhow::Ok((backend, addr, path))
+        anyhow::Ok((backend, addr, cubic_addr, path))
     }
     .await;
-    let (backend, backend_addr, mut path) = match started {
+    let (backend, backend_addr, cubic_addr, mut path) = match started {
         Ok(v) => v,
         Err(e) => {
             row.error = Some(format!("failed to start: {e:#}"));
@@ -686,11 +686,11 @@ async fn netem_row(
     row.link_down = Some(down);
     // Twice the bulk time: two congestion controls take seconds to settle on their shares.
     let shared = s.netem_bulk * 2;
-    let mut competitors = vec![(cc.to_string(), workload::SOURCE)];
+    let mut competitors = vec![(cc.to_string(), backend_addr)];
     if cc != "cubic" {
-        competitors.push(("cubic".to_string(), workload::SOURCE_CUBIC));
+        competitors.push(("cubic".to_string(), cubic_addr));
     }
-    for (competitor, request) in competitors {
+    for (competitor, source) in competitors {
         live.status(format!("{tag}: beside a raw TCP download ({competitor})"));
         let (through, beside) = tokio::join!(
             limited(
@@ -701,7 +701,7 @@ async fn netem_row(
             limited(
                 "raw beside",
                 shared,
-                workload::download_settled_as(backend_addr, request, shared, shared / 3)
+                workload::download_settled(source, shared, shared / 3)
             ),
         );
         match (through, beside) {

@@ -9,8 +9,7 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::backend::{CHUNK, ECHO, LAST, MORE, SINK};
-pub use crate::backend::{SOURCE, SOURCE_CUBIC};
+use crate::backend::{CHUNK, ECHO, LAST, MORE, SINK, SOURCE};
 
 /// Latencies are recorded in nanoseconds, from 1 ns up to 60 s with 3 significant digits.
 pub fn new_histogram() -> Histogram<u64> {
@@ -122,19 +121,8 @@ pub async fn download_settled(
     dur: Duration,
     settle: Duration,
 ) -> anyhow::Result<(Transfer, Transfer)> {
-    download_settled_as(addr, SOURCE, dur, settle).await
-}
-
-/// [`download_settled`] with the backend's request byte: [`SOURCE`], or [`SOURCE_CUBIC`]
-/// for a sender on TCP Cubic.
-pub async fn download_settled_as(
-    addr: SocketAddr,
-    request: u8,
-    dur: Duration,
-    settle: Duration,
-) -> anyhow::Result<(Transfer, Transfer)> {
     let mut stream = connect(addr).await?;
-    stream.write_all(&[request]).await?;
+    stream.write_all(&[SOURCE]).await?;
     let mut buf = vec![0u8; 256 * 1024];
     // The clock starts at the first byte, so the request's trip over an emulated WAN does not
     // count against the path's throughput.
@@ -340,14 +328,34 @@ mod tests {
         assert_eq!(held.len(), 40);
     }
 
-    /// The competing flow of the netem sharing runs: a download sent with TCP Cubic.
+    /// What `Backend::start_cubic` relies on: a socket accepted from a listener set to Cubic
+    /// sends with Cubic from the start (on a BBR system, never paced by BBR).
     #[tokio::test]
-    async fn a_download_can_be_sent_with_cubic() {
-        let backend = Backend::start("[::1]:0".parse().unwrap()).await.unwrap();
-        let d = Duration::from_millis(200);
-        let (all, settled) = download_settled_as(backend.addr, SOURCE_CUBIC, d, d / 2)
+    async fn accepted_sockets_inherit_the_listeners_congestion_control() {
+        let socket = tokio::net::TcpSocket::new_v6().unwrap();
+        socket2::SockRef::from(&socket)
+            .set_tcp_congestion(b"cubic")
+            .unwrap();
+        socket.bind("[::1]:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(8).unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let cc = socket2::SockRef::from(&accepted).tcp_congestion().unwrap();
+        let name: Vec<u8> = cc.into_iter().take_while(|&b| b != 0).collect();
+        assert_eq!(String::from_utf8_lossy(&name), "cubic");
+    }
+
+    /// The competing flow of the netem sharing runs: a download sent with TCP Cubic, from a
+    /// listener set to Cubic before it listens.
+    #[tokio::test]
+    async fn a_download_can_be_sent_with_cubic() {
+        let backend = Backend::start_cubic("[::1]:0".parse().unwrap())
+            .await
+            .unwrap();
+        let d = Duration::from_millis(200);
+        let (all, settled) = download_settled(backend.addr, d, d / 2).await.unwrap();
         assert!(
             all.bytes > settled.bytes && settled.bytes > 0,
             "{all:?} {settled:?}"

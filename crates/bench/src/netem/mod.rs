@@ -417,23 +417,31 @@ impl Lab {
     }
 
     /// Starts `program --serve-backend VM_IP` in the namespace (this harness's hidden backend
-    /// mode) and returns the process and the backend's address on the VM.
+    /// mode) and returns the process, the backend's address on the VM, and that of its twin
+    /// whose sockets send with TCP Cubic (`Backend::start_cubic`).
     pub async fn start_backend(
         &self,
         program: &Path,
         log: PathBuf,
-    ) -> anyhow::Result<(Proc, SocketAddr)> {
+    ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
         let (bin, args) = self.wrap(
             program,
             &["--serve-backend".to_string(), self.vm_ip.to_string()],
         );
         let (mut proc, lines) = Proc::spawn("backend", Side::Server, &bin, &args, log)?;
-        let port = wait_line(&mut proc, lines, Duration::from_secs(15), |l| {
-            l.strip_prefix("backend port ")
-                .and_then(|p| p.trim().parse::<u16>().ok())
+        let (port, cubic) = wait_line(&mut proc, lines, Duration::from_secs(15), |l| {
+            let (port, cubic) = l.strip_prefix("backend port ")?.split_once(" cubic ")?;
+            Some((
+                port.trim().parse::<u16>().ok()?,
+                cubic.trim().parse::<u16>().ok()?,
+            ))
         })
         .await?;
-        Ok((proc, SocketAddr::from((self.vm_ip, port))))
+        Ok((
+            proc,
+            SocketAddr::from((self.vm_ip, port)),
+            SocketAddr::from((self.vm_ip, cubic)),
+        ))
     }
 
     /// Stops the link and deletes the namespace.
@@ -443,13 +451,15 @@ impl Lab {
 }
 
 /// The hidden `--serve-backend IP` mode: the backend on `[IP]:P` and `[::1]:P` (P picked by
-/// the system), `backend port P` on stdout, then serve until killed.
+/// the system) and its Cubic twin on `[IP]:Q`, `backend port P cubic Q` on stdout, then serve
+/// until killed.
 pub async fn serve_backend(ip: Ipv6Addr) -> anyhow::Result<()> {
     let first = crate::backend::Backend::start(SocketAddr::from((ip, 0))).await?;
     let port = first.addr.port();
     let _local =
         crate::backend::Backend::start(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await?;
-    println!("backend port {port}");
+    let cubic = crate::backend::Backend::start_cubic(SocketAddr::from((ip, 0))).await?;
+    println!("backend port {port} cubic {}", cubic.addr.port());
     std::future::pending::<()>().await;
     Ok(())
 }
