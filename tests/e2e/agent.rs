@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::harness::{forward_bin, run, Src, TempDir, TIMEOUT};
-use crate::net::{echo_exchange, Backend, Local, CHUNK};
+use crate::net::{echo_exchange, Backend, Conn, Local, CHUNK};
 use crate::stack::{Forward, Stack, Transport};
 
 per_transport!(wrong_token_is_rejected: agent_tls, agent_tcp, quic);
@@ -19,6 +19,7 @@ per_transport!(ipv4_only_service_is_reachable: agent_tls, agent_tcp, quic);
 per_transport!(thousand_streams_one_stalled: agent_tls, agent_tcp, quic);
 per_transport!(stalled_readers_hold_at_most_their_windows: agent_tls, agent_tcp);
 per_transport!(stalled_readers_do_not_stop_a_quic_carrier: quic);
+per_transport!(stalled_uploads_do_not_stop_a_quic_carrier: quic);
 per_transport!(wrong_pin_is_rejected: quic);
 per_transport!(check_reaches_the_target: agent_tls, agent_tcp, quic);
 per_transport!(agent_second_signal_cuts_the_drain: agent_tls, quic);
@@ -418,6 +419,90 @@ fn stalled_readers_hold_at_most_their_windows(t: Transport) {
 /// hold all of it.
 fn stalled_readers_do_not_stop_a_quic_carrier(t: Transport) {
     stalled_readers(t, [12, 8], 404 * 1024, 128 * 1024);
+}
+
+/// The upload side, through the binaries: a VM service that stops reading leaves each
+/// upload's bytes in the agent, up to quinn's 16 MiB stream window, and 16 of them filled the
+/// agent's receive window, so the exchange beside them got no byte. forward sees only that
+/// quinn refuses those streams' writes; from 12 refused for a second, new connections go on
+/// another QUIC connection. (The TCP carriers' form needs 300-600 uploads, whose local kernel
+/// buffers would approach the box's TCP memory limit beside the rest of the suite; the tunnel
+/// test `a_new_connection_avoids_a_carrier_that_stalled_uploads_filled` covers it.)
+fn stalled_uploads_do_not_stop_a_quic_carrier(t: Transport) {
+    let deaf = deaf_service();
+    let echo = Backend::echo();
+    let stack = Stack::start(t, &[]);
+    let fwd = stack.forward(
+        &[],
+        &[
+            format!("127.0.0.1:0:{}", stack.target(deaf)),
+            format!("127.0.0.1:0:{}", stack.target(echo.port)),
+        ],
+        2,
+    );
+    let uploads: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let Conn::Tcp(s) = fwd.locals[0].connect() else {
+                panic!("a TCP listener was asked for");
+            };
+            // A small send buffer, so the stall reaches forward rather than this socket.
+            socket2::SockRef::from(&s)
+                .set_send_buffer_size(64 * 1024)
+                .unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    // Push until no upload moved for two seconds (each then stalled past the threshold).
+    let chunk = vec![0x42u8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut written = 0u64;
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(2) {
+        assert!(Instant::now() < deadline, "uploads kept moving for 60 s");
+        let mut moved = false;
+        for mut s in &uploads {
+            match s.write(&chunk) {
+                Ok(n) => {
+                    written += n as u64;
+                    moved |= n > 0;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("an upload failed after {written} bytes in all: {e}"),
+            }
+        }
+        if moved {
+            quiet_since = Instant::now();
+        } else {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert!(
+        written >= 16 * (16 << 20),
+        "only {written} bytes went out before the uploads stalled: the agent's window is not full"
+    );
+    let sent = echo_exchange(fwd.locals[1].connect(), rand::random(), 4 << 20);
+    assert_eq!(echo.next_report().hash, sent);
+}
+
+/// A VM service that accepts connections and never reads them; returns its port. A small
+/// receive buffer and an Ethernet-sized segment (accepted sockets inherit both) keep the
+/// kernel from absorbing megabytes per connection, so the stall reaches the agent at once.
+/// Its sockets stay open until the test process ends.
+fn deaf_service() -> u16 {
+    let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    sock.set_tcp_mss(1400).unwrap();
+    sock.bind(&SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)).into())
+        .unwrap();
+    sock.listen(64).unwrap();
+    let listener = std::net::TcpListener::from(sock);
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        let held: Vec<TcpStream> = listener.incoming().map_while(Result::ok).collect();
+        drop(held);
+    });
+    port
 }
 
 /// Local readers stop reading a firehose, `batches[0]` of them, then once they settled (long
