@@ -266,16 +266,16 @@ impl AgentLink {
     /// (reused while it has room, dropped from the list once dead).
     pub async fn carrier_with_room(self: &Arc<Self>) -> Result<Arc<Carrier>, DialError> {
         let primary = self.carrier().await?;
-        if primary.has_room() {
+        let Some(full) = primary.full() else {
             return Ok(primary);
-        }
+        };
         let mut st = self.state.lock().await;
         st.overflow.retain(|c| c.is_usable());
         if let Some(c) = st.overflow.iter().find(|c| c.has_room()) {
             return Ok(c.clone());
         }
         let (c, _) = self.establish(None).await?;
-        tracing::debug!(link = %self.describe(), carriers = st.overflow.len() + 2, "opened an overflow carrier");
+        tracing::debug!(link = %self.describe(), carriers = st.overflow.len() + 2, primary = full, "opened an overflow carrier");
         st.overflow.push(c.clone());
         tokio::spawn(reap_overflow(Arc::downgrade(self), c.clone()));
         Ok(c)

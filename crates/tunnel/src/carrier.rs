@@ -225,13 +225,26 @@ impl Carrier {
     /// quarter of its window for a second, a new stream here would soon wait with them, so it
     /// goes on another carrier instead.
     pub fn has_room(&self) -> bool {
+        self.full().is_none()
+    }
+
+    /// Why [`Carrier::has_room`] says no, for the log; `None` when it has room.
+    pub fn full(&self) -> Option<&'static str> {
         let g = self.lock();
         let config = g.session.config();
-        g.session.stream_count() < config.max_concurrent_streams
-            && g.session.connection_held() < u64::from(config.connection_window) / 4 * 3
-            && g.session
-                .send_credit_low_since()
-                .is_none_or(|since| since.elapsed() < PEER_FULL_AFTER)
+        if g.session.stream_count() >= config.max_concurrent_streams {
+            Some("at its stream limit")
+        } else if g.session.connection_held() >= u64::from(config.connection_window) / 4 * 3 {
+            Some("local readers that stopped reading hold its window")
+        } else if g
+            .session
+            .send_credit_low_since()
+            .is_some_and(|since| since.elapsed() >= PEER_FULL_AFTER)
+        {
+            Some("the agent holds most of its window (VM services not reading)")
+        } else {
+            None
+        }
     }
 
     /// Client: queues the AUTH proof (before any open, so it goes first on the wire).

@@ -137,6 +137,11 @@ async fn a_new_connection_avoids_a_carrier_that_stalled_readers_filled() {
         }
     })
     .await;
+    let primary = link.carrier().await.unwrap();
+    assert_eq!(
+        primary.full(),
+        Some("local readers that stopped reading hold its window")
+    );
     within(
         "a new connection beside 300 stalled ones",
         echo_round_trip(&connector(&link, "", echo.port()), 11, 1 << 20),
@@ -183,6 +188,11 @@ async fn a_new_connection_avoids_a_carrier_that_stalled_uploads_filled() {
     assert!(
         stuck >= u64::from(forward_mux::Config::default().connection_window),
         "only {stuck} bytes went out before the uploads stalled: the agent's window is not full"
+    );
+    let primary = link.carrier().await.unwrap();
+    assert_eq!(
+        primary.full(),
+        Some("the agent holds most of its window (VM services not reading)")
     );
     within(
         "a new connection beside stalled uploads",

@@ -806,7 +806,7 @@ impl QuicCarrier {
                     let link = Link::new(conn, true, self.overflow_idle);
                     let mut list = self.overflow_list();
                     list.push(link.clone());
-                    tracing::debug!(agent = %self.describe(), connections = list.len() + 1, "primary QUIC connection at the agent's stream limit or held by stalled readers: opened an overflow connection");
+                    tracing::debug!(agent = %self.describe(), connections = list.len() + 1, "primary QUIC connection at the agent's stream limit or held by stalled streams (local readers or VM services not reading): opened an overflow connection");
                     if let Some(Ok(opened)) = link.try_open(&self.me) {
                         return Ok(opened);
                     }
