@@ -137,21 +137,13 @@ async fn a_new_connection_avoids_a_carrier_that_stalled_readers_filled() {
         }
     })
     .await;
-    let primary = link.carrier().await.unwrap();
-    assert_eq!(
-        primary.full(),
-        Some("local readers that stopped reading hold its window")
-    );
-    within(
-        "a new connection beside 300 stalled ones",
-        echo_round_trip(&connector(&link, "", echo.port()), 11, 1 << 20),
+    echo_on_an_overflow_carrier(
+        &link,
+        echo.port(),
+        11,
+        "local readers that stopped reading hold its window",
     )
-    .await
-    .expect("a new connection beside 300 stalled ones");
-    assert!(
-        link.carrier_count().await >= 2,
-        "it went on another carrier"
-    );
+    .await;
     // What a stalled stream holds is intact. (Its rest does not follow while the others stay
     // stalled: the credit it frees goes, round-robin, to those whose windows are not full.)
     let (held, _) = stalled[0]
@@ -162,6 +154,23 @@ async fn a_new_connection_avoids_a_carrier_that_stalled_readers_filled() {
         .await
         .unwrap();
     assert_eq!(sha256(&got), sha256(&pattern(7, 512 * 1024)[..held]));
+}
+
+/// The primary carrier is full for the reason `full` names, so a new connection's 1 MiB echo
+/// goes on another carrier and comes back intact.
+async fn echo_on_an_overflow_carrier(link: &Arc<AgentLink>, echo_port: u16, seed: u64, full: &str) {
+    let primary = link.carrier().await.unwrap();
+    assert_eq!(primary.full(), Some(full));
+    within(
+        "a new connection beside stalled streams",
+        echo_round_trip(&connector(link, "", echo_port), seed, 1 << 20),
+    )
+    .await
+    .expect("a new connection beside stalled streams");
+    assert!(
+        link.carrier_count().await >= 2,
+        "it went on another carrier"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,21 +198,13 @@ async fn a_new_connection_avoids_a_carrier_that_stalled_uploads_filled() {
         stuck >= u64::from(forward_mux::Config::default().connection_window),
         "only {stuck} bytes went out before the uploads stalled: the agent's window is not full"
     );
-    let primary = link.carrier().await.unwrap();
-    assert_eq!(
-        primary.full(),
-        Some("the agent holds most of its window (VM services not reading)")
-    );
-    within(
-        "a new connection beside stalled uploads",
-        echo_round_trip(&connector(&link, "", echo.port()), 12, 1 << 20),
+    echo_on_an_overflow_carrier(
+        &link,
+        echo.port(),
+        12,
+        "the agent holds most of its window (VM services not reading)",
     )
-    .await
-    .expect("a new connection beside stalled uploads");
-    assert!(
-        link.carrier_count().await >= 2,
-        "it went on another carrier"
-    );
+    .await;
     for u in uploads {
         u.abort();
     }
