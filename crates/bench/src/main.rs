@@ -51,10 +51,12 @@ struct Args {
     /// Short run (under a minute): one round, short transfers, small scale test, one WAN profile.
     #[arg(long)]
     quick: bool,
-    /// Comma-separated paths: raw, direct, agent-tls, agent-tcp, quic, stunnel, socat, ssh.
+    /// Comma-separated paths: raw, tls-client, direct, agent-tls, agent-tcp, quic, stunnel,
+    /// socat, ssh. tls-client is the harness's own TLS straight to the edge: what direct mode
+    /// and stunnel would measure if their relay cost nothing.
     #[arg(
         long,
-        default_value = "raw,direct,agent-tls,agent-tcp,quic,stunnel,socat,ssh"
+        default_value = "raw,tls-client,direct,agent-tls,agent-tcp,quic,stunnel,socat,ssh"
     )]
     paths: String,
     /// Output directory for the report, JSON and plots.

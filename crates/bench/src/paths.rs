@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!  raw        client ─────────────────────────────────────────────► backend [::1]:P
+//!  tls-client client ════════════TLS──► edge 127.0.0.1:P ──────────► backend
 //!  direct     client ─► forward ──TLS──► edge 127.0.0.1:P ──────────► backend
 //!  agent-tls  client ─► forward ══TLS══► edge 127.0.0.1:A ─► agent ─► backend
 //!  agent-tcp  client ─► forward ══TCP═════════════════════► agent ─► backend
@@ -30,10 +31,12 @@ use crate::peers;
 use crate::process::{self, wait_line, wait_port, Proc, Side};
 use crate::procstat;
 use crate::wan::{Profile, TcpRelay, UdpRelay};
+use crate::workload::{Target, Tls};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum PathKind {
     Raw,
+    TlsClient,
     Direct,
     AgentTls,
     AgentTcp,
@@ -45,6 +48,7 @@ pub enum PathKind {
 
 pub const ALL: &[PathKind] = &[
     PathKind::Raw,
+    PathKind::TlsClient,
     PathKind::Direct,
     PathKind::AgentTls,
     PathKind::AgentTcp,
@@ -58,6 +62,7 @@ impl PathKind {
     pub fn name(self) -> &'static str {
         match self {
             PathKind::Raw => "raw",
+            PathKind::TlsClient => "tls-client",
             PathKind::Direct => "direct",
             PathKind::AgentTls => "agent-tls",
             PathKind::AgentTcp => "agent-tcp",
@@ -86,6 +91,10 @@ impl PathKind {
     pub fn describe(self) -> &'static str {
         match self {
             PathKind::Raw => "client → backend, no tunnel (baseline)",
+            PathKind::TlsClient => {
+                "the harness's own TLS client (rustls) straight to the edge: direct mode and \
+                 stunnel without their relay process, the best either could do through this edge"
+            }
             PathKind::Direct => "forward direct: TLS per connection to the local edge",
             PathKind::AgentTls => {
                 "forward --agent: one mux carrier, TLS to the edge, agent behind it"
@@ -134,12 +143,21 @@ const READY: Duration = Duration::from_secs(15);
 pub struct RunningPath {
     pub kind: PathKind,
     pub addr: SocketAddr,
+    /// The TLS the workloads speak themselves (`tls-client`).
+    pub tls: Option<Tls>,
     pub procs: Vec<Proc>,
     _tcp_relay: Option<TcpRelay>,
     _udp_relay: Option<UdpRelay>,
 }
 
 impl RunningPath {
+    pub fn target(&self) -> Target {
+        Target {
+            addr: self.addr,
+            tls: self.tls.clone(),
+        }
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.procs.iter().map(|p| p.pid).collect()
     }
@@ -176,6 +194,10 @@ impl RunningPath {
 pub fn unavailable(kind: PathKind, env: &Env) -> Option<String> {
     match kind {
         PathKind::Raw => None,
+        PathKind::TlsClient if env.edge.is_none() => {
+            Some("needs the edge imitation: neither forward-edge nor forward was found".into())
+        }
+        PathKind::TlsClient => None,
         PathKind::Direct | PathKind::AgentTls | PathKind::AgentTcp | PathKind::Quic => {
             match &env.forward {
                 Some(_) => None,
@@ -237,9 +259,24 @@ pub async fn start(
     let mut procs = Vec::new();
     let mut tcp_relay = None;
     let mut udp_relay = None;
+    let mut tls = None;
     let log = |name: &str| env.tmp.join(format!("{tag}-{name}.log"));
     let p = env.backend.port();
     let addr = match kind {
+        PathKind::TlsClient => {
+            let ca = start_edge(env, p, &log("edge"), &mut procs).await?;
+            tls = Some(Tls::new(&ca, &format!("{VM}.{DOMAIN}"))?);
+            let edge = SocketAddr::from(([127, 0, 0, 1], p));
+            match wan {
+                Some(w) => {
+                    let r = TcpRelay::start(relay_listen(edge, false), edge, w).await?;
+                    let a = r.addr;
+                    tcp_relay = Some(r);
+                    a
+                }
+                None => edge,
+            }
+        }
         PathKind::Raw => match wan {
             Some(w) => {
                 let r = TcpRelay::start(relay_listen(env.backend, false), env.backend, w).await?;
@@ -392,6 +429,7 @@ pub async fn start(
     Ok(RunningPath {
         kind,
         addr,
+        tls,
         procs,
         _tcp_relay: tcp_relay,
         _udp_relay: udp_relay,
@@ -516,6 +554,7 @@ pub async fn start_in_lab(
     Ok(RunningPath {
         kind,
         addr,
+        tls: None,
         procs,
         _tcp_relay: None,
         _udp_relay: None,

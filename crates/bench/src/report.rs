@@ -368,15 +368,21 @@ impl Report {
         let _ = writeln!(w, "\n## Targets from the issues\n");
         let _ = writeln!(w, "| target | measured | met |\n|---|---|---|");
         let m = |name: &str| self.path(name).map(|p| &p.median);
-        let row = |w: &mut String,
-                   what: &str,
-                   measured: Option<f64>,
-                   goal: f64,
-                   higher: bool,
-                   unit: &str| {
+        // `floor`: the same ratio for the tls-client path, i.e. with no relay process at all,
+        // which no relay can beat through this edge.
+        let floor_row = |w: &mut String,
+                         what: &str,
+                         measured: Option<f64>,
+                         floor: Option<f64>,
+                         goal: f64,
+                         higher: bool,
+                         unit: &str| {
+            let floor = floor
+                .map(|v| format!(" (tls-client, no relay: {v:.2}{unit})"))
+                .unwrap_or_default();
             let (txt, ok) = match measured {
                 Some(v) => (
-                    format!("{v:.2}{unit}"),
+                    format!("{v:.2}{unit}{floor}"),
                     if (higher && v >= goal) || (!higher && v <= goal) {
                         "yes"
                     } else {
@@ -387,42 +393,53 @@ impl Report {
             };
             let _ = writeln!(w, "| {what} | {txt} | {ok} |");
         };
+        let row =
+            |w: &mut String,
+             what: &str,
+             measured: Option<f64>,
+             goal: f64,
+             higher: bool,
+             unit: &str| floor_row(w, what, measured, None, goal, higher, unit);
         let direct = m("direct");
         let stunnel = m("stunnel");
+        let floor = m("tls-client");
         let get = |r: Option<&Round>, f: fn(&Round) -> Option<f64>| r.and_then(f);
-        row(
+        let vs_stunnel =
+            |p: Option<&Round>, f: fn(&Round) -> Option<f64>| ratio(get(p, f), get(stunnel, f));
+        floor_row(
             w,
             "direct bytes/s ≥ 1.5× stunnel (download, 1 stream)",
-            ratio(
-                get(direct, |r| r.down1_gbps),
-                get(stunnel, |r| r.down1_gbps),
-            ),
+            vs_stunnel(direct, |r| r.down1_gbps),
+            vs_stunnel(floor, |r| r.down1_gbps),
             1.5,
             true,
             "×",
         );
-        row(
+        floor_row(
             w,
             "direct bytes/s ≥ 1.5× stunnel (upload, 1 stream)",
-            ratio(get(direct, |r| r.up1_gbps), get(stunnel, |r| r.up1_gbps)),
+            vs_stunnel(direct, |r| r.up1_gbps),
+            vs_stunnel(floor, |r| r.up1_gbps),
             1.5,
             true,
             "×",
         );
         let p50 = |r: &Round| r.rtt.as_ref().map(|p| p.p50_us);
         let c50 = |r: &Round| r.connect.as_ref().map(|p| p.p50_us);
-        row(
+        floor_row(
             w,
             "direct RTT p50 ≤ 0.85× stunnel",
             ratio(direct.and_then(p50), stunnel.and_then(p50)),
+            ratio(floor.and_then(p50), stunnel.and_then(p50)),
             0.85,
             false,
             "×",
         );
-        row(
+        floor_row(
             w,
             "direct connect p50 ≤ 0.5× stunnel",
             ratio(direct.and_then(c50), stunnel.and_then(c50)),
+            ratio(floor.and_then(c50), stunnel.and_then(c50)),
             0.5,
             false,
             "×",
@@ -524,6 +541,7 @@ impl Report {
             let r = &p.median;
             let cpu = match (r.cpu_pct_per_gbps, r.client_cpu_pct_per_gbps) {
                 (Some(a), Some(c)) => format!("{a:.0} / {c:.0}"),
+                (Some(a), None) => format!("{a:.0} / –"),
                 _ => "–".into(),
             };
             let _ = writeln!(
@@ -1086,6 +1104,46 @@ mod tests {
         assert!(md.contains("skipped `ssh`: sshd not installed"));
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.contains("\"down1_gbps\":6.0"));
+    }
+
+    /// With the tls-client path measured, direct mode's targets against stunnel also say what
+    /// no relay at all would score: the floor this edge leaves.
+    #[test]
+    fn targets_show_the_no_relay_floor() {
+        let report = Report {
+            paths: vec![
+                path("tls-client", false, 7.0, 30.0),
+                path("direct", false, 6.0, 40.0),
+                path("stunnel", true, 3.0, 80.0),
+            ],
+            ..Default::default()
+        };
+        let md = report.to_markdown();
+        assert!(
+            md.contains(
+                "| direct bytes/s ≥ 1.5× stunnel (download, 1 stream) | 2.00× (tls-client, no relay: 2.33×) | yes |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| direct RTT p50 ≤ 0.85× stunnel | 0.50× (tls-client, no relay: 0.38×) | yes |"
+            ),
+            "{md}"
+        );
+        // Without it, the rows are as before.
+        let report = Report {
+            paths: vec![
+                path("direct", false, 6.0, 40.0),
+                path("stunnel", true, 3.0, 80.0),
+            ],
+            ..Default::default()
+        };
+        let md = report.to_markdown();
+        assert!(
+            md.contains("| direct RTT p50 ≤ 0.85× stunnel | 0.50× | yes |"),
+            "{md}"
+        );
     }
 
     fn netem_row(

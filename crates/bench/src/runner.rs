@@ -130,7 +130,11 @@ pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Repor
         .filter(|(p, k)| !p.is_lossy() || k.is_udp())
         .collect();
     let steps = (s.rounds * kinds.len()
-        + if s.scale > 0 { kinds.len() } else { 0 }
+        + if s.scale > 0 {
+            kinds.iter().filter(|&&k| holds_connections(k)).count()
+        } else {
+            0
+        }
         + wan_runs.len()) as u64;
     let live = Live::new(steps);
     let tck = procstat::clk_tck() as f64;
@@ -190,7 +194,7 @@ pub async fn run(kinds: &[PathKind], env: &Env, s: &Settings, report: &mut Repor
             if hwm > 0 {
                 a.peak_rss_kib = Some(a.peak_rss_kib.unwrap_or(0).max(hwm));
             }
-            if round + 1 == s.rounds && s.scale > 0 {
+            if round + 1 == s.rounds && s.scale > 0 && holds_connections(kind) {
                 live.status(format!("{}: scale", kind.name()));
                 // Fresh processes: ones that just ran bulk transfers hold freed buffers that
                 // new connections reuse, which made the "before" figure too high and the cost
@@ -309,7 +313,8 @@ async fn measure(
     tck: f64,
     acc: &mut Acc,
 ) -> Round {
-    let addr = path.addr;
+    let target = path.target();
+    let addr = &target;
     let mut r = Round::default();
     let (all0, client0) = (path.sample(), procstat::sample(&path.client_pids()));
     let mut bits = 0.0;
@@ -339,7 +344,9 @@ async fn measure(
     if bits > 0.0 && !path.procs.is_empty() {
         let per_gbit = |t0: u64, t1: u64| t1.saturating_sub(t0) as f64 / tck * 100.0 / (bits / 1e9);
         r.cpu_pct_per_gbps = Some(per_gbit(all0.ticks, all1.ticks));
-        r.client_cpu_pct_per_gbps = Some(per_gbit(client0.ticks, client1.ticks));
+        // The tls-client path's client is the harness itself, whose CPU is not the path's.
+        r.client_cpu_pct_per_gbps =
+            (!path.client_pids().is_empty()).then(|| per_gbit(client0.ticks, client1.ticks));
     }
     if let Err(e) = path.check_alive() {
         r.errors.push(format!("{e:#}"));
@@ -394,6 +401,12 @@ async fn measure(
     r
 }
 
+/// Whether the scale test applies: the connections' memory is in the path's processes. For
+/// `tls-client` it would be in the harness.
+fn holds_connections(kind: PathKind) -> bool {
+    kind != PathKind::TlsClient
+}
+
 async fn scale(path: &mut RunningPath, s: &Settings, live: &Live) -> Scale {
     let mut n = s.scale;
     let mut note = None;
@@ -411,7 +424,7 @@ async fn scale(path: &mut RunningPath, s: &Settings, live: &Live) -> Scale {
     let bar = live.counter(n as u64, format!("{}: idle connections", path.kind.name()));
     let deadline = Instant::now() + s.scale_time;
     let (held, err) =
-        workload::hold_idle(path.addr, n, deadline, &|k| bar.set_position(k as u64)).await;
+        workload::hold_idle(&path.target(), n, deadline, &|k| bar.set_position(k as u64)).await;
     bar.finish_and_clear();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (all1, client1) = (path.sample(), procstat::sample(&path.client_pids()));
@@ -464,7 +477,8 @@ async fn wan_row(kind: PathKind, profile: &Profile, env: &Env, s: &Settings) -> 
             return row;
         }
     };
-    let addr = path.addr;
+    let target = path.target();
+    let addr = &target;
     let mut errors = Vec::new();
     let t: Result<Transfer, String> = limited(
         "down ×1",
@@ -623,7 +637,8 @@ async fn netem_row(
             return row;
         }
     };
-    let addr = path.addr;
+    let target = path.target();
+    let addr = &target;
     let mut errors = Vec::new();
     let tag = format!("{} · {}", profile.name, kind.name());
     live.status(format!("{tag}: bulk download"));
@@ -692,6 +707,7 @@ async fn netem_row(
     }
     for (competitor, source) in competitors {
         live.status(format!("{tag}: beside a raw TCP download ({competitor})"));
+        let source = workload::Target::from(source);
         let (through, beside) = tokio::join!(
             limited(
                 "shared down",
@@ -701,7 +717,7 @@ async fn netem_row(
             limited(
                 "raw beside",
                 shared,
-                workload::download_settled(source, shared, shared / 3)
+                workload::download_settled(&source, shared, shared / 3)
             ),
         );
         match (through, beside) {

@@ -448,7 +448,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let hist = workload::ping_pong(relay.addr, Duration::ZERO, 5)
+        let hist = workload::ping_pong(&relay.addr.into(), Duration::ZERO, 5)
             .await
             .unwrap();
         assert!(hist.min() >= 40_000_000, "min RTT {} ns", hist.min());
@@ -466,7 +466,7 @@ mod tests {
         .await
         .unwrap();
         let t = workload::bulk(
-            relay.addr,
+            &relay.addr.into(),
             workload::Direction::Up,
             1,
             Duration::from_millis(300),

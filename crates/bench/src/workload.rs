@@ -2,12 +2,17 @@
 //! the runner decides how long, how often and what to keep.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
 
 use crate::backend::{CHUNK, ECHO, LAST, MORE, SINK, SOURCE};
 
@@ -40,12 +45,67 @@ impl Transfer {
     }
 }
 
-pub async fn connect(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+/// What a workload connects to: a path's TCP address, and for the `tls-client` path the TLS
+/// the harness itself speaks there (to the edge, as forward's direct mode does).
+#[derive(Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub tls: Option<Tls>,
+}
+
+/// A TLS client of our own: one shared config, so sessions resume as in forward.
+#[derive(Clone)]
+pub struct Tls {
+    pub connector: TlsConnector,
+    pub name: ServerName<'static>,
+}
+
+impl Tls {
+    /// Trusts only `ca` (PEM) and names the server `name`.
+    pub fn new(ca: &std::path::Path, name: &str) -> anyhow::Result<Tls> {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("read CA {}", ca.display()))?
+        {
+            roots.add(cert.with_context(|| format!("parse CA {}", ca.display()))?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Tls {
+            connector: TlsConnector::from(Arc::new(config)),
+            name: ServerName::try_from(name.to_string())?,
+        })
+    }
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Target {
+        Target { addr, tls: None }
+    }
+}
+
+/// A connection a workload drives: plain TCP, or TLS over it.
+pub type Conn = Either<TcpStream, TlsStream<TcpStream>>;
+
+pub async fn connect(target: &Target) -> anyhow::Result<Conn> {
+    let addr = target.addr;
     let stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect to {addr}"))?;
     stream.set_nodelay(true)?;
-    Ok(stream)
+    Ok(match &target.tls {
+        None => Either::Left(stream),
+        Some(tls) => Either::Right(
+            tls.connector
+                .connect(tls.name.clone(), stream)
+                .await
+                .with_context(|| format!("TLS handshake with {addr}"))?,
+        ),
+    })
 }
 
 /// `streams` parallel bulk transfers for `dur`; returns the summed bytes over the wall time
@@ -55,17 +115,18 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<TcpStream> {
 /// byte runs them one after another, and each still reports `dur` of its own, so that figure
 /// read up to ×3 the real rate (QUIC, one run of session 8: 31 Gbit/s).
 pub async fn bulk(
-    addr: SocketAddr,
+    target: &Target,
     dir: Direction,
     streams: usize,
     dur: Duration,
 ) -> anyhow::Result<Transfer> {
     let mut tasks = Vec::with_capacity(streams);
     for _ in 0..streams {
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
             let t = match dir {
-                Direction::Up => upload(addr, dur).await,
-                Direction::Down => download(addr, dur).await,
+                Direction::Up => upload(&target, dur).await,
+                Direction::Down => download(&target, dur).await,
             }?;
             let end = Instant::now();
             let start = end - Duration::from_secs_f64(t.secs);
@@ -87,8 +148,8 @@ pub async fn bulk(
 }
 
 /// Sends chunks for `dur`, then waits for the sink's count so only delivered bytes are counted.
-async fn upload(addr: SocketAddr, dur: Duration) -> anyhow::Result<Transfer> {
-    let mut stream = connect(addr).await?;
+async fn upload(target: &Target, dur: Duration) -> anyhow::Result<Transfer> {
+    let mut stream = connect(target).await?;
     stream.write_all(&[SINK]).await?;
     let mut chunk = vec![0xa5u8; CHUNK];
     chunk[0] = MORE;
@@ -110,18 +171,18 @@ async fn upload(addr: SocketAddr, dur: Duration) -> anyhow::Result<Transfer> {
     })
 }
 
-async fn download(addr: SocketAddr, dur: Duration) -> anyhow::Result<Transfer> {
-    Ok(download_settled(addr, dur, dur).await?.0)
+async fn download(target: &Target, dur: Duration) -> anyhow::Result<Transfer> {
+    Ok(download_settled(target, dur, dur).await?.0)
 }
 
 /// One download for `dur`, and separately the part after `settle`: the rate once the
 /// sender's ramp-up (slow start, BBR's startup and its queue overshoot) is over.
 pub async fn download_settled(
-    addr: SocketAddr,
+    target: &Target,
     dur: Duration,
     settle: Duration,
 ) -> anyhow::Result<(Transfer, Transfer)> {
-    let mut stream = connect(addr).await?;
+    let mut stream = connect(target).await?;
     stream.write_all(&[SOURCE]).await?;
     let mut buf = vec![0u8; 256 * 1024];
     // The clock starts at the first byte, so the request's trip over an emulated WAN does not
@@ -167,11 +228,11 @@ pub async fn download_settled(
 
 /// 1-byte ping-pong on one connection for `dur` (at least `min_samples` round trips).
 pub async fn ping_pong(
-    addr: SocketAddr,
+    target: &Target,
     dur: Duration,
     min_samples: u64,
 ) -> anyhow::Result<Histogram<u64>> {
-    let mut stream = connect(addr).await?;
+    let mut stream = connect(target).await?;
     stream.write_all(&[ECHO]).await?;
     let mut hist = new_histogram();
     let mut byte = [0u8; 1];
@@ -196,9 +257,9 @@ pub async fn ping_pong(
 }
 
 /// One connection: connect, send the mode byte and one payload byte, wait for the echo.
-async fn connect_first_byte(addr: SocketAddr) -> anyhow::Result<(TcpStream, Duration)> {
+async fn connect_first_byte(target: &Target) -> anyhow::Result<(Conn, Duration)> {
     let t = Instant::now();
-    let mut stream = connect(addr).await?;
+    let mut stream = connect(target).await?;
     stream.write_all(&[ECHO, b'x']).await?;
     let mut byte = [0u8; 1];
     stream
@@ -209,25 +270,26 @@ async fn connect_first_byte(addr: SocketAddr) -> anyhow::Result<(TcpStream, Dura
 }
 
 /// Sequential connect + first byte latencies.
-pub async fn connect_latency(addr: SocketAddr, count: u64) -> anyhow::Result<Histogram<u64>> {
+pub async fn connect_latency(target: &Target, count: u64) -> anyhow::Result<Histogram<u64>> {
     let mut hist = new_histogram();
     for _ in 0..count {
-        let (_stream, took) = connect_first_byte(addr).await?;
+        let (_stream, took) = connect_first_byte(target).await?;
         hist.saturating_record(took.as_nanos() as u64);
     }
     Ok(hist)
 }
 
 /// Connections per second with `workers` concurrent connect + first byte loops for `dur`.
-pub async fn connect_rate(addr: SocketAddr, workers: usize, dur: Duration) -> anyhow::Result<f64> {
+pub async fn connect_rate(target: &Target, workers: usize, dur: Duration) -> anyhow::Result<f64> {
     let start = Instant::now();
     let end = start + dur;
     let mut tasks = Vec::new();
     for _ in 0..workers {
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < end {
-                connect_first_byte(addr).await?;
+                connect_first_byte(&target).await?;
                 n += 1;
             }
             anyhow::Ok(n)
@@ -242,27 +304,26 @@ pub async fn connect_rate(addr: SocketAddr, workers: usize, dur: Duration) -> an
 
 /// Interactive round trips while one bulk download runs on the same path.
 pub async fn fairness(
-    addr: SocketAddr,
+    target: &Target,
     dur: Duration,
 ) -> anyhow::Result<(Histogram<u64>, Transfer)> {
-    fairness_after(addr, Duration::from_millis(100), dur).await
+    fairness_after(target, Duration::from_millis(100), dur).await
 }
 
 /// [`fairness`] with the time the bulk stream gets to reach steady state before the first
 /// round trip (on an emulated WAN that is many round trips).
 pub async fn fairness_after(
-    addr: SocketAddr,
+    target: &Target,
     warmup: Duration,
     dur: Duration,
 ) -> anyhow::Result<(Histogram<u64>, Transfer)> {
-    let bulk = tokio::spawn(bulk(
-        addr,
-        Direction::Down,
-        1,
-        warmup + dur + Duration::from_millis(200),
-    ));
+    let bulk = {
+        let target = target.clone();
+        let dur = warmup + dur + Duration::from_millis(200);
+        tokio::spawn(async move { bulk(&target, Direction::Down, 1, dur).await })
+    };
     tokio::time::sleep(warmup).await;
-    let hist = ping_pong(addr, dur, 10).await?;
+    let hist = ping_pong(target, dur, 10).await?;
     let transfer = bulk.await.context("fairness bulk task")??;
     Ok((hist, transfer))
 }
@@ -270,11 +331,11 @@ pub async fn fairness_after(
 /// Opens `n` echo connections (each proven end to end with one byte) and keeps them open.
 /// Returns the streams opened so far when one fails, with the error as text.
 pub async fn hold_idle(
-    addr: SocketAddr,
+    target: &Target,
     n: usize,
     deadline: Instant,
     progress: &dyn Fn(usize),
-) -> (Vec<TcpStream>, Option<String>) {
+) -> (Vec<Conn>, Option<String>) {
     let mut held = Vec::with_capacity(n);
     // A handful at a time: fast, but without a SYN flood that would measure the backlog instead.
     const PARALLEL: usize = 32;
@@ -286,10 +347,10 @@ pub async fn hold_idle(
         let batch = PARALLEL.min(n - held.len());
         let mut tasks = Vec::with_capacity(batch);
         for _ in 0..batch {
-            tasks.push(tokio::spawn(tokio::time::timeout(
-                Duration::from_secs(10),
-                connect_first_byte(addr),
-            )));
+            let target = target.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(10), connect_first_byte(&target)).await
+            }));
         }
         for task in tasks {
             match task.await {
@@ -312,20 +373,84 @@ mod tests {
     #[tokio::test]
     async fn workloads_run_against_the_backend() {
         let backend = Backend::start("[::1]:0".parse().unwrap()).await.unwrap();
-        let addr = backend.addr;
+        run_every_workload(&Target::from(backend.addr)).await;
+    }
+
+    async fn run_every_workload(target: &Target) {
         let d = Duration::from_millis(100);
-        let up = bulk(addr, Direction::Up, 2, d).await.unwrap();
+        let up = bulk(target, Direction::Up, 2, d).await.unwrap();
         assert!(up.bytes >= 2 * CHUNK as u64);
-        let down = bulk(addr, Direction::Down, 1, d).await.unwrap();
+        let down = bulk(target, Direction::Down, 1, d).await.unwrap();
         assert!(down.bytes > 0);
-        let rtt = ping_pong(addr, d, 5).await.unwrap();
+        let rtt = ping_pong(target, d, 5).await.unwrap();
         assert!(rtt.len() >= 5);
-        let conn = connect_latency(addr, 3).await.unwrap();
+        let conn = connect_latency(target, 3).await.unwrap();
         assert_eq!(conn.len(), 3);
-        let (held, err) =
-            hold_idle(addr, 40, Instant::now() + Duration::from_secs(60), &|_| {}).await;
+        let (held, err) = hold_idle(
+            target,
+            40,
+            Instant::now() + Duration::from_secs(60),
+            &|_| {},
+        )
+        .await;
         assert_eq!(err, None);
         assert_eq!(held.len(), 40);
+    }
+
+    /// The `tls-client` path: the workloads speak TLS themselves, here to a TLS terminator
+    /// in front of the backend (as the edge is), with a CA made for the test.
+    #[tokio::test]
+    async fn workloads_speak_tls_when_the_target_asks() {
+        let backend = Backend::start("[::1]:0".parse().unwrap()).await.unwrap();
+        let dir = std::env::temp_dir().join(format!("bench-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["vm1.vm.vers.sh".into()]).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![ca.cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(ca.signing_key.serialize_der().into()),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let edge = listener.local_addr().unwrap();
+        let upstream = backend.addr;
+        let accepts = tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let mut tls = acceptor.accept(tcp).await.unwrap();
+                    let mut plain = TcpStream::connect(upstream).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        let tls = Tls::new(&ca_file, "vm1.vm.vers.sh").unwrap();
+        run_every_workload(&Target {
+            addr: edge,
+            tls: Some(tls),
+        })
+        .await;
+        // A name the certificate does not hold fails the workload, so nothing passes as TLS
+        // that is not.
+        let wrong = Target {
+            addr: edge,
+            tls: Some(Tls::new(&ca_file, "vm2.vm.vers.sh").unwrap()),
+        };
+        let err = ping_pong(&wrong, Duration::from_millis(10), 1)
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("TLS handshake"), "{err:#}");
+        accepts.abort();
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// What `Backend::start_cubic` relies on: a socket accepted from a listener set to Cubic
@@ -355,7 +480,9 @@ mod tests {
             .await
             .unwrap();
         let d = Duration::from_millis(200);
-        let (all, settled) = download_settled(backend.addr, d, d / 2).await.unwrap();
+        let (all, settled) = download_settled(&Target::from(backend.addr), d, d / 2)
+            .await
+            .unwrap();
         assert!(
             all.bytes > settled.bytes && settled.bytes > 0,
             "{all:?} {settled:?}"
