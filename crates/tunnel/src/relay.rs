@@ -35,6 +35,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const INITIAL_BUF: usize = 16 * 1024;
 /// Largest buffer: a TLS read yields at most ~16 KiB per record, a bulk transfer wants big writes.
 const MAX_BUF: usize = 256 * 1024;
+/// Bytes one direction of a relay moves per poll before it lets the runtime's other tasks run.
+/// forward runs on one thread; without a share, a bulk transfer moved until its local socket's
+/// send buffer was full (up to 4 MiB, a few milliseconds of decrypting and copying) while an
+/// interactive connection's byte waited behind it.
+const FAIR_SHARE: usize = MAX_BUF;
 /// First and longest wait between checks for a reset of a half-closed TCP side.
 const RESET_WATCH_FIRST: Duration = Duration::from_millis(100);
 const RESET_WATCH_MAX: Duration = Duration::from_secs(10);
@@ -683,7 +688,13 @@ impl Half {
         if self.done {
             return Poll::Ready(Ok(()));
         }
+        let mut moved = 0;
         loop {
+            if moved >= FAIR_SHARE {
+                // Back of the run queue: whatever else is ready goes first.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             if self.pending() == 0 && !self.read_eof {
                 let room = match dst.poll_write_room(cx) {
                     None => MAX_BUF,
@@ -739,6 +750,7 @@ impl Half {
                 }
                 self.consume(n);
                 self.bytes += n as u64;
+                moved += n;
                 self.need_flush = true;
             }
             ready!(self.flush(cx, dst))?;
@@ -1004,6 +1016,104 @@ mod tests {
             }
         );
         drop((wa.await, wb.await));
+    }
+
+    /// As fast as memory: reads `left` bytes, always ready, then nothing more (not EOF), and
+    /// takes every write at once, counting it.
+    struct Unbounded {
+        left: usize,
+        taken: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl AsyncRead for Unbounded {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.left == 0 {
+                return Poll::Pending;
+            }
+            let n = buf.remaining().min(self.left);
+            buf.put_slice(&vec![7; n]);
+            self.left -= n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Unbounded {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.taken
+                .fetch_add(buf.len(), std::sync::atomic::Ordering::Relaxed);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Endpoint for Unbounded {}
+
+    struct CountWakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// forward runs every connection on one thread: a transfer whose source and sink are
+    /// always ready must still hand the thread back after its share, asking to be polled
+    /// again, or an interactive connection beside it waits until its socket buffers fill.
+    #[test]
+    fn a_transfer_that_never_blocks_yields_after_its_share() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let total = 64 * 1024 * 1024;
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let source = Unbounded {
+            left: total,
+            taken: Arc::default(),
+        };
+        let sink = Unbounded {
+            left: 0,
+            taken: taken.clone(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let wakes = Arc::new(CountWakes(Default::default()));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut relay = Box::pin(relay(source, sink));
+        let mut polls = 0;
+        let mut before = 0;
+        while taken.load(Relaxed) < total {
+            let woken = wakes.0.load(Relaxed);
+            assert!(relay.as_mut().poll(&mut cx).is_pending());
+            polls += 1;
+            let now = taken.load(Relaxed);
+            // A share and the buffer that crossed it: a millisecond or so of work on one core.
+            assert!(
+                now - before <= 2 * MAX_BUF,
+                "poll {polls} moved {} bytes",
+                now - before
+            );
+            assert!(
+                now == total || wakes.0.load(Relaxed) > woken,
+                "poll {polls} stopped without asking to run again"
+            );
+            before = now;
+        }
+        assert!(polls >= total / (2 * MAX_BUF), "{polls} polls");
     }
 
     /// A source that hands out its own chunks (as a mux stream does), of uneven sizes.
