@@ -53,7 +53,7 @@ pub struct Cli {
 
     /// On SIGINT/SIGTERM stop accepting and give open connections this long to finish (one
     /// still connecting to the edge or agent gets 2 s of it).
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = secs)]
     pub grace: u64,
 
     /// Agent mode.
@@ -129,7 +129,7 @@ pub struct ClientOpts {
 
     /// Give up on a TCP connect (each address; a name's addresses are raced 250 ms apart), a
     /// TLS handshake, or the agent's answer after this long.
-    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = positive_secs)]
     pub connect_timeout: u64,
 }
 
@@ -239,7 +239,7 @@ pub struct AgentArgs {
     pub tls_key: Option<PathBuf>,
 
     /// On SIGTERM, give open streams this long to finish after GOAWAY.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = secs)]
     pub drain: u64,
 
     /// Also listen on UDP (same port) for QUIC clients (`--transport quic`).
@@ -337,15 +337,34 @@ fn agent_name(s: &str) -> Result<String, String> {
     }
 }
 
-/// `forward agent --idle-timeout`: whole seconds, at least 30: an idle client pings every
-/// 15 s, and a shorter timeout would close healthy idle carriers.
-fn idle_secs(s: &str) -> Result<u64, String> {
-    match s.parse::<u64>() {
-        Ok(n) if n >= 30 => Ok(n),
+/// Longest time any SECS option takes: a year. A deadline is `now + SECS`, and far beyond
+/// that it overflows the clock (a panic, found by review, with `--drain 18446744073709551615`).
+const MAX_SECS: u64 = 365 * 24 * 3600;
+
+/// Whole seconds from `min` to [`MAX_SECS`]; `why` explains the minimum.
+fn secs_from(s: &str, min: u64, why: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if (min..=MAX_SECS).contains(&n) => Ok(n),
         _ => Err(format!(
-            "'{s}' is not a number of seconds of at least 30 (idle clients ping every 15 s)"
+            "'{s}' is not a whole number of seconds from {min} to {MAX_SECS} (a year){why}"
         )),
     }
+}
+
+/// `--grace`, `--drain`: 0 allowed (reset, or close, at once).
+fn secs(s: &str) -> Result<u64, String> {
+    secs_from(s, 0, "")
+}
+
+/// `--connect-timeout`: 0 would fail every connection.
+fn positive_secs(s: &str) -> Result<u64, String> {
+    secs_from(s, 1, "")
+}
+
+/// `forward agent --idle-timeout`: at least 30: an idle client pings every 15 s, and a shorter
+/// timeout would close healthy idle carriers.
+fn idle_secs(s: &str) -> Result<u64, String> {
+    secs_from(s, 30, "; idle clients ping every 15 s")
 }
 
 #[cfg(test)]
@@ -388,6 +407,33 @@ mod tests {
         assert!(listen_addr("localhost:9999")
             .unwrap_err()
             .contains("IP:PORT"));
+    }
+
+    #[test]
+    fn seconds() {
+        assert_eq!(secs("0"), Ok(0));
+        assert_eq!(secs(" 10 "), Ok(10));
+        assert_eq!(secs("31536000"), Ok(MAX_SECS));
+        assert_eq!(positive_secs("1"), Ok(1));
+        assert_eq!(idle_secs("30"), Ok(30));
+        for (parse, bad) in [
+            (secs as fn(&str) -> Result<u64, String>, "31536001"),
+            (secs, "18446744073709551615"),
+            (secs, "1.5"),
+            (secs, "-1"),
+            (secs, "5s"),
+            (positive_secs, "0"),
+            (idle_secs, "29"),
+            (idle_secs, "9223372036854775807"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(
+                e.contains("is not a whole number of seconds from"),
+                "{bad}: {e}"
+            );
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+        assert!(idle_secs("29").unwrap_err().contains("ping every 15 s"));
     }
 
     #[test]

@@ -99,15 +99,22 @@ fn usage_error(e: clap::Error) -> ! {
     let line = format!("{}; see --help", one_line(&e.render().to_string()));
     if json_asked() {
         // A script that asked for JSON parses every error line, this one too.
-        tracing_subscriber::fmt()
-            .json()
-            .with_writer(std::io::stderr)
-            .init();
-        tracing::error!("{line}");
+        fatal_json(&line);
     } else {
         eprintln!("error: {line}");
     }
     std::process::exit(2);
+}
+
+/// The reason we exit, as a JSON log line on stderr, past any filter: `RUST_LOG=off` (or one
+/// naming only another crate) must not leave a failed run without a word (found by review).
+fn fatal_json(message: &str) {
+    let unfiltered = tracing_subscriber::fmt()
+        .json()
+        .with_max_level(tracing::Level::ERROR)
+        .with_writer(std::io::stderr)
+        .finish();
+    tracing::subscriber::with_default(unfiltered, || tracing::error!("{message}"));
 }
 
 /// Whether the command line asked for `--log-format json`, read without clap (which just
@@ -184,7 +191,7 @@ fn main() {
         Err(e) => {
             // A log shipper reading JSON gets the reason we exit as JSON too.
             if json_logs {
-                tracing::error!("{e:#}");
+                fatal_json(&format!("{e:#}"));
             } else {
                 eprintln!("error: {e:#}");
             }

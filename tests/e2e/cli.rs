@@ -121,6 +121,30 @@ fn bad_flag_values_are_usage_errors() {
         &["--connect-timeout"],
     );
     assert_rejected(&["--agent", "0", "0:vm1:80"], &[2], &["--agent <PORT>"]);
+    // Seconds past a year overflowed a deadline and panicked (review, session 17); a
+    // fraction said only "invalid digit found in string".
+    const HUGE: &str = "18446744073709551615";
+    for (args, flag) in [
+        (
+            vec!["--connect-timeout", HUGE, "0:vm1:80"],
+            "--connect-timeout",
+        ),
+        (vec!["--grace", HUGE, "0:vm1:80"], "--grace"),
+        (vec!["--grace", "1.5", "0:vm1:80"], "--grace"),
+        (
+            vec![
+                "stdio",
+                "--connect-timeout",
+                "9223372036854775807",
+                "vm1:22",
+            ],
+            "--connect-timeout",
+        ),
+        (vec!["agent", "--drain", HUGE], "--drain"),
+        (vec!["agent", "--idle-timeout", HUGE], "--idle-timeout"),
+    ] {
+        assert_rejected(&args, &[2], &[flag, "whole number of seconds", "a year"]);
+    }
     assert_rejected(
         &[
             "--agent",
@@ -300,6 +324,31 @@ fn json_mode_reports_the_fatal_error_as_json() {
         last.contains("\"level\":\"ERROR\"") && last.contains("/nonexistent/ca.pem"),
         "{last}"
     );
+
+    // Whatever RUST_LOG filters out, the reason we exit is printed (it was lost with these).
+    for rust_log in ["off", "rustls=debug", "degub"] {
+        let mut cmd = Command::new(forward_bin());
+        cmd.env("RUST_LOG", rust_log).args([
+            "--log-format",
+            "json",
+            "--ca-file",
+            "/nonexistent/ca.pem",
+            "0:vm1:80",
+        ]);
+        let (status, _out, stderr) = run("forward", cmd);
+        assert_eq!(status.code(), Some(1), "RUST_LOG={rust_log}: {stderr}");
+        let last = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+        let v: serde_json::Value = serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("RUST_LOG={rust_log}: not JSON ({e}): {stderr}"));
+        assert_eq!(v["level"], "ERROR", "RUST_LOG={rust_log}: {last}");
+        assert!(
+            v["fields"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("/nonexistent/ca.pem"),
+            "RUST_LOG={rust_log}: {last}"
+        );
+    }
 
     // A usage error too (clap failed before any logging was set up), still exit 2.
     let o = forward(&["--log-format", "json", "--bogus", "0:vm1:80"]);

@@ -79,6 +79,9 @@ impl Default for Config {
     }
 }
 
+/// Longest interval the session keeps (a year).
+pub const MAX_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl Config {
     /// Clamp values that would break the protocol (zero or oversized windows, quantum above the frame
     /// limit, caps that would never let a stream open).
@@ -95,6 +98,18 @@ impl Config {
             .clamp(1, crate::frame::MAX_PAYLOAD as usize);
         self.stream_send_buffer = self.stream_send_buffer.max(1);
         self.send_budget = self.send_budget.max(1);
+        // Deadlines are `now + interval`: an absurd interval would overflow the clock and panic.
+        for d in [
+            &mut self.budget_interval,
+            &mut self.keepalive_interval,
+            &mut self.rtt_probe_interval,
+            &mut self.tune_queue_floor,
+            &mut self.shared_queue_floor,
+            &mut self.idle_timeout,
+            &mut self.auth_timeout,
+        ] {
+            *d = (*d).min(MAX_INTERVAL);
+        }
         self
     }
 }

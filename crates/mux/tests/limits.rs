@@ -649,3 +649,26 @@ fn a_close_keeps_streams_the_peer_finished_readable_and_drops_the_others() {
     assert!(matches!(out.last(), Some(Frame::GoAway { .. })), "{out:?}");
     assert_eq!(drain(&mut s, now), Vec::<Frame>::new());
 }
+
+/// A library user's absurd timeouts are clamped: deadlines are `now + interval`, and
+/// `Duration::MAX` overflowed the clock (a panic in `poll_timeout`).
+#[test]
+fn absurd_timeouts_do_not_overflow_the_clock() {
+    let now = Instant::now();
+    let config = Config {
+        idle_timeout: Duration::MAX,
+        auth_timeout: Duration::MAX,
+        keepalive_interval: Duration::MAX,
+        rtt_probe_interval: Duration::MAX,
+        ..Config::default()
+    };
+    for mut s in [
+        Session::client(config.clone(), now),
+        Session::server(config.clone(), now),
+    ] {
+        let due = s.poll_timeout().expect("a live session has a deadline");
+        assert!(due > now + Duration::from_secs(364 * 24 * 3600), "{due:?}");
+        s.handle_timeout(now + Duration::from_secs(3600));
+        assert!(s.poll_timeout().is_some());
+    }
+}
