@@ -327,7 +327,20 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
         .map_err(|e| anyhow::anyhow!("installing the SIGHUP handler: {e}"))?;
     let mut terminate = signal(SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("installing the SIGTERM handler: {e}"))?;
-    let remote = connector.connect().await?;
+    // Signals while connecting too: the handlers above replaced the default action, and ssh
+    // that gave up (SIGHUP) or a supervisor (SIGTERM) waited up to --connect-timeout for an
+    // edge that does not answer (found by review).
+    let remote = tokio::select! {
+        remote = connector.connect() => remote?,
+        _ = hangup.recv() => {
+            tracing::debug!("SIGHUP while connecting: nobody is left to relay for");
+            return Ok(0);
+        }
+        _ = terminate.recv() => {
+            tracing::info!("SIGTERM while connecting: exiting");
+            return Ok(128 + 15);
+        }
+    };
     // Shutting stdout down only flushes it; the process exit closes fd 1.
     let stdio = forward_tunnel::relay::Joined::new(tokio::io::stdin(), tokio::io::stdout());
     let relay_started = std::time::Instant::now();

@@ -203,6 +203,108 @@ fn stdio_to_a_port_with_nothing_behind_it_says_so() {
     );
 }
 
+/// ssh sends its ProxyCommand SIGHUP when it gives up, a supervisor SIGTERM: while the edge or
+/// agent has not answered yet, `forward stdio` leaves at once (0 and 143), not after
+/// `--connect-timeout` (it waited the whole timeout, and over QUIC longer).
+#[test]
+fn signals_end_stdio_while_it_is_still_connecting() {
+    // Accepts TCP and never says a word: a TLS handshake that never completes.
+    let silent_tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    silent_tcp.set_nonblocking(true).unwrap();
+    let tcp_port = silent_tcp.local_addr().unwrap().port();
+    // Takes datagrams and never answers: a QUIC handshake that never completes.
+    let silent_udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    silent_udp.set_nonblocking(true).unwrap();
+    let udp_port = silent_udp.local_addr().unwrap().port();
+    let token = crate::harness::TempDir::new("stdio-signals");
+    let token_file = token.join("token");
+    let secret = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
+    std::fs::write(&token_file, secret).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token_file = token_file.display().to_string();
+    let tcp = tcp_port.to_string();
+    let udp = udp_port.to_string();
+    let pin = "sha256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let modes: [(&str, Vec<&str>, String); 3] = [
+        ("direct", vec![], format!("vm1:{tcp}")),
+        (
+            "agent",
+            vec!["--agent", &tcp, "--token-file", &token_file],
+            "vm1:22".into(),
+        ),
+        (
+            "quic",
+            vec![
+                "--agent",
+                &udp,
+                "--transport",
+                "quic",
+                "--agent-pin",
+                pin,
+                "--token-file",
+                &token_file,
+            ],
+            "vm1:22".into(),
+        ),
+    ];
+    let mut held = Vec::new();
+    for (mode, args, target) in &modes {
+        for (sig, code) in [("HUP", 0), ("TERM", 143)] {
+            let mut cmd = Command::new(forward_bin());
+            cmd.args(["stdio", "--edge", "127.0.0.1", "--connect-timeout", "60"])
+                .args(args)
+                .arg(target)
+                .env_remove("RUST_LOG")
+                .stdin(Stdio::piped());
+            let (mut proc, _stdout) = Proc::spawn_raw_stdout("forward stdio connecting", cmd);
+            let _stdin = proc.take_stdin();
+            // Until the client's first packet arrives: then it is stuck in its handshake (the
+            // TCP connection is held open).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let arrived = if *mode != "quic" {
+                    silent_tcp.accept().map(|(c, _)| held.push(c)).is_ok()
+                } else {
+                    silent_udp.recv_from(&mut [0u8; 2048]).is_ok()
+                };
+                if arrived {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline && proc.try_status().is_none(),
+                    "{mode}: forward stdio never tried to connect: {}",
+                    proc.transcript()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let sent = std::time::Instant::now();
+            proc.signal(sig);
+            let status = proc.wait_exit();
+            assert_eq!(
+                status.code(),
+                Some(code),
+                "{mode}, SIG{sig}: {}",
+                proc.transcript()
+            );
+            assert!(
+                sent.elapsed() < std::time::Duration::from_secs(10),
+                "{mode}: SIG{sig} took {:?} to end forward stdio",
+                sent.elapsed()
+            );
+            assert!(
+                !proc.stderr_text().contains("panicked"),
+                "{}",
+                proc.transcript()
+            );
+        }
+    }
+}
+
 /// SIGTERM (a supervisor, `kill`) cuts `forward stdio` mid-upload: the service sees a reset at
 /// once, not a clean end, and over QUIC not only at the agent's 30 s idle timeout; the exit
 /// status is what a shell shows for death by SIGTERM.
