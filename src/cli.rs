@@ -304,6 +304,17 @@ fn domain(s: &str) -> Result<String, String> {
                 .into(),
         );
     }
+    // A name whose last label is a number is no TLS server name: every host under such a
+    // "domain" failed later with a message that did not mention --domain.
+    if t.rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!(
+            "'{t}' is an IP address or ends in a number, not a DNS domain; give the domain VM ids \
+             live under, e.g. vm.vers.sh (to connect to an address, use --edge)"
+        ));
+    }
     Ok(t.to_owned())
 }
 
@@ -445,6 +456,13 @@ mod tests {
             .unwrap_err()
             .contains("not a DNS domain"));
         assert!(domain("vm/x").unwrap_err().contains("not a DNS domain"));
+        for ip in ["127.0.0.1", "vm.42"] {
+            let e = domain(ip).unwrap_err();
+            assert!(
+                e.contains("ends in a number") && e.contains("--edge"),
+                "{ip}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -273,6 +273,12 @@ pub fn parse_host_port(s: &str) -> Result<(String, u16)> {
     if host.is_empty() {
         return Err(bad());
     }
+    if !forward_tunnel::policy::is_name(host) && host.parse::<std::net::IpAddr>().is_err() {
+        return Err(anyhow::anyhow!(
+            "invalid target '{s}': '{host}' is not a VM id, host name or IP address; expected \
+             HOST:PORT, e.g. abc123:443 or abc123.vm.vers.sh:443"
+        ));
+    }
     let port: u16 = port
         .parse()
         .ok()

@@ -150,6 +150,13 @@ impl Spec {
         if t.is_empty() {
             return Err(err(text, format!("empty; {FORM}")));
         }
+        if !t.contains(':') && t.bytes().all(|b| b.is_ascii_lowercase()) {
+            // A mistyped command (`forward agnet`) lands here as a spec.
+            return Err(err(
+                text,
+                format!("{FORM}, or a command: stdio, agent, demo (see --help)"),
+            ));
+        }
         let (rest, rport) = rsplit_colon(t).ok_or_else(|| err(text, FORM))?;
         let (local_text, host_field) = rsplit_colon(rest).ok_or_else(|| err(text, FORM))?;
         if local_text.is_empty() {
@@ -178,6 +185,16 @@ impl Spec {
             }
         }
         let local = if local_text.contains('/') {
+            // `5433:abc/::1:5432` splits as a socket path `5433:abc/:` and host `1`: an
+            // unbracketed IPv6 target, not a path that starts with a port number.
+            if let Some((lport, _)) = local_text.split_once(':') {
+                if !lport.is_empty() && lport.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(err(
+                        text,
+                        "an IPv6 target after '/' goes in brackets, e.g. 5433:abc/[fd00::5]:5432",
+                    ));
+                }
+            }
             if let Some((bind, _)) = local_text.split_once(":/") {
                 return Err(err(
                     text,
@@ -314,6 +331,7 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("", "empty"),
             ("abc", "expected [bind:]lport:host:rport"),
+            ("agnet", "or a command: stdio, agent, demo"),
             ("5432:abc", "expected [bind:]lport:host:rport"),
             ("99999:abc:80", "local port '99999' is not a port number"),
             ("x:abc:80", "local port 'x'"),
@@ -327,6 +345,11 @@ mod tests {
             ("[::1:80:abc:22", "bind address"),
             (":abc:22", "local port is missing"),
             ("1:abc/:22", "target '' after '/'"),
+            ("0:abc/::1:1", "IPv6 target after '/' goes in brackets"),
+            (
+                "5433:abc/fd00::5:5432",
+                "IPv6 target after '/' goes in brackets",
+            ),
             ("+42001:abc:22", "local port '+42001' is not a port number"),
             ("42001:abc:+22", "remote port '+22'"),
             (

@@ -183,6 +183,18 @@ fn unreadable_or_non_pem_ca_file() {
     std::fs::write(&garbage, "this is not a certificate\n").unwrap();
     let garbage = garbage.to_str().unwrap();
     assert_rejected(&["--ca-file", garbage, "0:vm1:80"], &[1], &[garbage, "PEM"]);
+
+    // Cut short: said so in words (the parser's own text was a list of byte values).
+    let cut = dir.join("cut.pem");
+    std::fs::write(&cut, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+    let cut = cut.to_str().unwrap();
+    assert_rejected(
+        &["--ca-file", cut, "0:vm1:80"],
+        &[1],
+        &[cut, "no -----END----- line (is the file cut short?)"],
+    );
+    let o = forward(&["--ca-file", cut, "0:vm1:80"]);
+    assert!(!o.stderr.contains("[67, 69"), "{}", o.stderr);
 }
 
 #[test]

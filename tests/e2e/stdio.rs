@@ -46,6 +46,16 @@ fn stdio_via_target_needs_the_agent() {
     let (st, _out, err) = crate::harness::run("forward stdio vm/:22", cmd);
     assert_eq!(st.code(), Some(1), "{err}");
     assert!(err.contains("invalid target 'vm1/:22'"), "{err}");
+
+    // One colon too many is named as a bad target, not as a bad TLS name.
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["stdio", "--edge", "127.0.0.1", "vm1:80:90"]);
+    let (st, _out, err) = crate::harness::run("forward stdio vm1:80:90", cmd);
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("invalid target 'vm1:80:90'") && err.contains("expected HOST:PORT"),
+        "{err}"
+    );
 }
 
 /// `forward stdio TARGET` with piped stdin and stdout, as ssh runs a ProxyCommand.

@@ -92,7 +92,7 @@ pub enum DialError {
     #[error("{0}")]
     Tls(String),
     /// The host is not a valid TLS server name.
-    #[error("'{0}' is not a valid TLS server name")]
+    #[error("'{0}' is not a valid TLS server name (labels of letters, digits and '-', at most 253 bytes, not ending in a number); check the VM id and --domain")]
     BadName(String),
     /// Failure reported by an agent carrier (auth, refusal, carrier loss).
     #[error("{0}")]

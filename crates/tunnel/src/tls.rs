@@ -83,6 +83,22 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(provider)
 }
 
+/// What is wrong with a PEM file, in words: the parser's own text shows the expected end line
+/// as a list of byte values.
+fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { .. } => {
+            "a -----BEGIN----- section has no -----END----- line (is the file cut short?)".into()
+        }
+        E::IllegalSectionStart { .. } => "a -----BEGIN----- line is malformed".into(),
+        E::Base64Decode(_) => {
+            "the text between -----BEGIN----- and -----END----- is not base64".into()
+        }
+        other => other.to_string(),
+    }
+}
+
 /// Reads every certificate from a PEM file, with errors a user can act on.
 pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
     let bytes = std::fs::read(path).map_err(|cause| TlsConfigError::CaFileUnreadable {
@@ -96,7 +112,7 @@ pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConf
             Err(e) => {
                 return Err(TlsConfigError::CaFileNotPem {
                     path: path.to_owned(),
-                    detail: format!(": {e}"),
+                    detail: format!(": {}", pem_problem(&e)),
                 })
             }
         }
@@ -172,9 +188,12 @@ pub fn describe_handshake_error(host: &str, err: &io::Error) -> String {
         | Some(E::InvalidCertificate(CertificateError::ExpiredContext { .. })) => {
             format!("certificate of {host} has expired")
         }
-        Some(E::InvalidCertificate(other)) => {
-            format!("certificate of {host} rejected: {other:?}")
-        }
+        Some(E::InvalidCertificate(CertificateError::Other(rustls::OtherError(inner)))) => format!(
+            "certificate of {host} rejected ({inner}); --ca-file must hold the CA that issued it, not the certificate itself"
+        ),
+        Some(E::InvalidCertificate(other)) => format!(
+            "certificate of {host} rejected ({other}); --ca-file must hold the CA that issued it, not the certificate itself"
+        ),
         Some(E::AlertReceived(alert)) => format!(
             "TLS handshake with {host} refused by the peer ({alert:?}); is {host} a name the edge serves?"
         ),
@@ -201,14 +220,20 @@ pub fn server_config_from_files(
         detail,
     };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| bad("certificate", cert, e.to_string()))?
+        .map_err(|e| bad("certificate", cert, pem_problem(&e)))?
         .collect::<Result<_, _>>()
-        .map_err(|e| bad("certificate", cert, e.to_string()))?;
+        .map_err(|e| bad("certificate", cert, pem_problem(&e)))?;
     if certs.is_empty() {
         return Err(bad("certificate", cert, "no CERTIFICATE block".into()));
     }
-    let key_der =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| bad("private key", key, e.to_string()))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => bad(
+            "private key",
+            key,
+            "no PRIVATE KEY block (is it the certificate?)".into(),
+        ),
+        other => bad("private key", key, pem_problem(&other)),
+    })?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -226,6 +251,33 @@ pub fn server_config_from_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Certificate errors without a sentence of their own read as words, not as Rust debug
+    /// output (a review got `Other(OtherError(CaUsedAsEndEntity))`).
+    #[test]
+    fn other_certificate_errors_read_as_a_sentence() {
+        #[derive(Debug)]
+        struct CaUsedAsEndEntity;
+        impl std::fmt::Display for CaUsedAsEndEntity {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("CaUsedAsEndEntity")
+            }
+        }
+        impl std::error::Error for CaUsedAsEndEntity {}
+        let err = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(CaUsedAsEndEntity),
+            ))),
+        );
+        let text = describe_handshake_error("vm1.vm.vers.sh", &err);
+        assert!(
+            text.starts_with("certificate of vm1.vm.vers.sh rejected ("),
+            "{text}"
+        );
+        assert!(text.contains("not the certificate itself"), "{text}");
+        assert!(!text.contains("OtherError("), "{text}");
+    }
 
     #[test]
     fn a_key_of_another_certificate_is_named_as_such() {
