@@ -247,7 +247,7 @@ pub struct AgentArgs {
     pub quic: bool,
 
     /// Where the agent keeps the certificate it generates for QUIC when --tls-cert is not given,
-    /// so its pin survives restarts.
+    /// so its pin survives restarts [default: ~/.forward].
     #[arg(long, value_name = "DIR", env = "FORWARD_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 }
