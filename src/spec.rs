@@ -224,13 +224,28 @@ impl Spec {
     }
 }
 
+/// Whether two socket paths name the same file: compared absolute and with `.` and `..`
+/// resolved through the directories that exist (the socket files themselves do not yet).
+fn same_file(x: &std::path::Path, y: &std::path::Path) -> bool {
+    let resolve = |p: &std::path::Path| {
+        let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+        match (abs.parent().map(std::fs::canonicalize), abs.file_name()) {
+            (Some(Ok(dir)), Some(name)) => dir.join(name),
+            _ => abs,
+        }
+    };
+    x == y || resolve(x) == resolve(y)
+}
+
 /// The first two SPECs that would listen on the same local address, as "what they share":
 /// binding would fail on the second with "already in use", which blames some other program.
 pub fn first_clash(specs: &[Spec]) -> Option<(&Spec, &Spec, String)> {
     for (i, a) in specs.iter().enumerate() {
         for b in &specs[i + 1..] {
             let shared = match (&a.local, &b.local) {
-                (LocalSide::Unix(x), LocalSide::Unix(y)) if x == y => {
+                // The same file spelled two ways (`./s`, `/abs/s`, `dir/../s`) too: binding the
+                // second was blamed on "what is listening there", this very process.
+                (LocalSide::Unix(x), LocalSide::Unix(y)) if same_file(x, y) => {
                     Some(format!("socket {}", x.display()))
                 }
                 (LocalSide::Tcp { addrs: x, port: p }, LocalSide::Tcp { addrs: y, port: q })
@@ -399,6 +414,11 @@ mod tests {
         assert!(clash(&["*:80:abc:80", "127.0.0.1:80:abc:81"]).is_some());
         assert_eq!(clash(&["0:abc:80", "0:abc:81"]), None);
         assert_eq!(clash(&["/tmp/a.sock:abc:1", "/tmp/b.sock:abc:1"]), None);
+        // One file, two spellings.
+        let here = std::env::current_dir().unwrap().join("a.sock");
+        let abs = format!("{}:abc:2", here.display());
+        assert!(clash(&["./a.sock:abc:1", &abs]).is_some());
+        assert!(clash(&["/tmp/a.sock:abc:1", "/tmp/../tmp/./a.sock:abc:2"]).is_some());
     }
 
     #[test]
