@@ -29,7 +29,10 @@ used as given. TLS is always verified (OS trust store plus --ca-file).";
     version,
     after_help = EXAMPLES,
     args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
+    subcommand_negates_reqs = true,
+    // Bare `forward` is someone looking for how to start: the help with its examples, not a
+    // one-line complaint about a missing SPEC.
+    arg_required_else_help = true
 )]
 pub struct Cli {
     /// Subcommand; without one, forward the SPECs.

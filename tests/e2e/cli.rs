@@ -85,7 +85,18 @@ fn malformed_specs_name_the_bad_part() {
 
 #[test]
 fn missing_spec_is_a_usage_error() {
-    assert_rejected(&[], &[2], &["SPEC"]);
+    // With options but no SPEC: the one-line usage error.
+    assert_rejected(&["-v"], &[2], &["SPEC"]);
+    // Bare `forward`: the help with its examples, still exit 2 (nothing was done).
+    let o = forward(&[]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("Usage:")
+            && o.stderr.contains("Examples:")
+            && !o.stderr.contains("panicked"),
+        "{}",
+        o.stderr
+    );
 }
 
 #[test]
