@@ -142,22 +142,14 @@ const READY: Duration = Duration::from_secs(15);
 
 pub struct RunningPath {
     pub kind: PathKind,
-    pub addr: SocketAddr,
-    /// The TLS the workloads speak themselves (`tls-client`).
-    pub tls: Option<Tls>,
+    /// Where the workloads connect, with the TLS they speak themselves for `tls-client`.
+    pub target: Target,
     pub procs: Vec<Proc>,
     _tcp_relay: Option<TcpRelay>,
     _udp_relay: Option<UdpRelay>,
 }
 
 impl RunningPath {
-    pub fn target(&self) -> Target {
-        Target {
-            addr: self.addr,
-            tls: self.tls.clone(),
-        }
-    }
-
     pub fn pids(&self) -> Vec<u32> {
         self.procs.iter().map(|p| p.pid).collect()
     }
@@ -229,6 +221,22 @@ fn relay_listen(upstream: SocketAddr, same_port: bool) -> SocketAddr {
     SocketAddr::new(IpAddr::from([127, 0, 0, 2]), port)
 }
 
+/// `upstream`, or with a WAN profile a relay in front of it on 127.0.0.2 (kept in `relay`,
+/// which must live as long as the path).
+async fn through_wan(
+    upstream: SocketAddr,
+    wan: Option<&Profile>,
+    relay: &mut Option<TcpRelay>,
+) -> anyhow::Result<SocketAddr> {
+    let Some(w) = wan else {
+        return Ok(upstream);
+    };
+    let r = TcpRelay::start(relay_listen(upstream, false), upstream, w).await?;
+    let addr = r.addr;
+    *relay = Some(r);
+    Ok(addr)
+}
+
 /// `forward agent` arguments for an agent path listening on `listen`.
 fn agent_args(env: &Env, listen: SocketAddr, kind: PathKind) -> Vec<String> {
     let mut args = vec![
@@ -267,25 +275,9 @@ pub async fn start(
             let ca = start_edge(env, p, &log("edge"), &mut procs).await?;
             tls = Some(Tls::new(&ca, &format!("{VM}.{DOMAIN}"))?);
             let edge = SocketAddr::from(([127, 0, 0, 1], p));
-            match wan {
-                Some(w) => {
-                    let r = TcpRelay::start(relay_listen(edge, false), edge, w).await?;
-                    let a = r.addr;
-                    tcp_relay = Some(r);
-                    a
-                }
-                None => edge,
-            }
+            through_wan(edge, wan, &mut tcp_relay).await?
         }
-        PathKind::Raw => match wan {
-            Some(w) => {
-                let r = TcpRelay::start(relay_listen(env.backend, false), env.backend, w).await?;
-                let a = r.addr;
-                tcp_relay = Some(r);
-                a
-            }
-            None => env.backend,
-        },
+        PathKind::Raw => through_wan(env.backend, wan, &mut tcp_relay).await?,
         PathKind::Direct => {
             let ca = start_edge(env, p, &log("edge"), &mut procs).await?;
             let edge_ip = match wan {
@@ -388,48 +380,22 @@ pub async fn start(
         PathKind::Stunnel => {
             let ca = start_edge(env, p, &log("edge"), &mut procs).await?;
             let edge = SocketAddr::from(([127, 0, 0, 1], p));
-            let connect = match wan {
-                Some(w) => {
-                    let r = TcpRelay::start(relay_listen(edge, false), edge, w).await?;
-                    let a = r.addr;
-                    tcp_relay = Some(r);
-                    a
-                }
-                None => edge,
-            };
+            let connect = through_wan(edge, wan, &mut tcp_relay).await?;
             peers::start_stunnel(env, &ca, connect, &log("stunnel"), &mut procs).await?
         }
         PathKind::Socat => {
-            let connect = match wan {
-                Some(w) => {
-                    let r =
-                        TcpRelay::start(relay_listen(env.backend, false), env.backend, w).await?;
-                    let a = r.addr;
-                    tcp_relay = Some(r);
-                    a
-                }
-                None => env.backend,
-            };
+            let connect = through_wan(env.backend, wan, &mut tcp_relay).await?;
             peers::start_socat(connect, &log("socat"), &mut procs).await?
         }
         PathKind::Ssh => {
             let sshd = peers::start_sshd(env, &log("sshd"), &mut procs).await?;
-            let connect = match wan {
-                Some(w) => {
-                    let r = TcpRelay::start(relay_listen(sshd, false), sshd, w).await?;
-                    let a = r.addr;
-                    tcp_relay = Some(r);
-                    a
-                }
-                None => sshd,
-            };
+            let connect = through_wan(sshd, wan, &mut tcp_relay).await?;
             peers::start_ssh(env, connect, &log("ssh"), &mut procs).await?
         }
     };
     Ok(RunningPath {
         kind,
-        addr,
-        tls,
+        target: Target { addr, tls },
         procs,
         _tcp_relay: tcp_relay,
         _udp_relay: udp_relay,
@@ -553,8 +519,7 @@ pub async fn start_in_lab(
     };
     Ok(RunningPath {
         kind,
-        addr,
-        tls: None,
+        target: Target::from(addr),
         procs,
         _tcp_relay: None,
         _udp_relay: None,

@@ -313,7 +313,7 @@ async fn measure(
     tck: f64,
     acc: &mut Acc,
 ) -> Round {
-    let target = path.target();
+    let target = path.target.clone();
     let addr = &target;
     let mut r = Round::default();
     let (all0, client0) = (path.sample(), procstat::sample(&path.client_pids()));
@@ -424,7 +424,7 @@ async fn scale(path: &mut RunningPath, s: &Settings, live: &Live) -> Scale {
     let bar = live.counter(n as u64, format!("{}: idle connections", path.kind.name()));
     let deadline = Instant::now() + s.scale_time;
     let (held, err) =
-        workload::hold_idle(&path.target(), n, deadline, &|k| bar.set_position(k as u64)).await;
+        workload::hold_idle(&path.target, n, deadline, &|k| bar.set_position(k as u64)).await;
     bar.finish_and_clear();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (all1, client1) = (path.sample(), procstat::sample(&path.client_pids()));
@@ -477,7 +477,7 @@ async fn wan_row(kind: PathKind, profile: &Profile, env: &Env, s: &Settings) -> 
             return row;
         }
     };
-    let target = path.target();
+    let target = path.target.clone();
     let addr = &target;
     let mut errors = Vec::new();
     let t: Result<Transfer, String> = limited(
@@ -637,7 +637,7 @@ async fn netem_row(
             return row;
         }
     };
-    let target = path.target();
+    let target = path.target.clone();
     let addr = &target;
     let mut errors = Vec::new();
     let tag = format!("{} · {}", profile.name, kind.name());
