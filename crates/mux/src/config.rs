@@ -80,7 +80,7 @@ impl Default for Config {
 }
 
 /// Longest interval the session keeps (a year).
-pub const MAX_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
+const MAX_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl Config {
     /// Clamp values that would break the protocol (zero or oversized windows, quantum above the frame

@@ -188,12 +188,16 @@ pub fn describe_handshake_error(host: &str, err: &io::Error) -> String {
         | Some(E::InvalidCertificate(CertificateError::ExpiredContext { .. })) => {
             format!("certificate of {host} has expired")
         }
-        Some(E::InvalidCertificate(CertificateError::Other(rustls::OtherError(inner)))) => format!(
-            "certificate of {host} rejected ({inner}); --ca-file must hold the CA that issued it, not the certificate itself"
-        ),
-        Some(E::InvalidCertificate(other)) => format!(
-            "certificate of {host} rejected ({other}); --ca-file must hold the CA that issued it, not the certificate itself"
-        ),
+        Some(E::InvalidCertificate(other)) => {
+            // rustls prints `Other` as Rust debug output; its inner error reads as words.
+            let why = match other {
+                CertificateError::Other(rustls::OtherError(inner)) => inner.to_string(),
+                other => other.to_string(),
+            };
+            format!(
+                "certificate of {host} rejected ({why}); --ca-file must hold the CA that issued it, not the certificate itself"
+            )
+        }
         Some(E::AlertReceived(alert)) => format!(
             "TLS handshake with {host} refused by the peer ({alert:?}); is {host} a name the edge serves?"
         ),
