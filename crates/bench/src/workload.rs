@@ -2,7 +2,6 @@
 //! the runner decides how long, how often and what to keep.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -53,7 +52,8 @@ pub struct Target {
     pub tls: Option<Tls>,
 }
 
-/// A TLS client of our own: one shared config, so sessions resume as in forward.
+/// A TLS client in the harness, with forward's own client config (the same cipher order,
+/// verification and session cache as direct mode), shared so sessions resume.
 #[derive(Clone)]
 pub struct Tls {
     pub connector: TlsConnector,
@@ -61,22 +61,11 @@ pub struct Tls {
 }
 
 impl Tls {
-    /// Trusts only `ca` (PEM) and names the server `name`.
+    /// Trusts `ca` (PEM) besides the OS store and names the server `name`.
     pub fn new(ca: &std::path::Path, name: &str) -> anyhow::Result<Tls> {
-        use rustls_pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)
-            .with_context(|| format!("read CA {}", ca.display()))?
-        {
-            roots.add(cert.with_context(|| format!("parse CA {}", ca.display()))?)?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = forward_tunnel::tls::client_config(Some(ca), &[])?;
         Ok(Tls {
-            connector: TlsConnector::from(Arc::new(config)),
+            connector: TlsConnector::from(config),
             name: ServerName::try_from(name.to_string())?,
         })
     }
@@ -369,6 +358,7 @@ pub async fn hold_idle(
 mod tests {
     use super::*;
     use crate::backend::Backend;
+    use std::sync::Arc;
 
     #[tokio::test]
     async fn workloads_run_against_the_backend() {
