@@ -111,7 +111,8 @@ pub enum ErrorCode {
     ProtocolError,
     /// The peer sent more data than the window allowed, or overflowed a window.
     FlowControlError,
-    /// A frame was malformed: too large, unknown type, bad length or flags.
+    /// A frame was too large, or its length is not allowed for its type (an unknown type,
+    /// bad flags or a reserved field are `ProtocolError`).
     FrameSizeError,
     /// The peer exceeded a rate budget (resets, pings): rapid-reset style abuse.
     EnhanceYourCalm,

@@ -533,7 +533,9 @@ fn dispatch(g: &mut Inner, state: &Notify) {
                     None => true,
                 };
                 if refused {
-                    let _ = g.session.reset(id, ResetCode::Refused);
+                    // Nobody takes streams any more: the agent is shutting down, and never
+                    // dialled this one (not a refusal by the target).
+                    let _ = g.session.reset(id, ResetCode::GoingAway);
                 } else {
                     // Holds the peer's reset of a stream still being dialled (`abandoned`).
                     g.slots.insert(id, StreamSlot::default());

@@ -138,6 +138,9 @@ impl TargetPolicy {
         if !self.allows(host, port) {
             return Err(DialRefusal::NotAllowed(shown));
         }
+        // The name lookup counts against the deadline: a resolver that hangs must not hold
+        // the client's stream longer than a silent target would.
+        let deadline = tokio::time::Instant::now() + timeout;
         let h = host.trim_start_matches('[').trim_end_matches(']');
         let addrs: Vec<SocketAddr> = if h.is_empty() || h.eq_ignore_ascii_case("localhost") {
             // ::1 first: a VM service reachable through the edge binds ::, and an IPv4-only
@@ -147,12 +150,12 @@ impl TargetPolicy {
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
             ]
         } else {
-            tokio::net::lookup_host((h, port))
+            tokio::time::timeout_at(deadline, tokio::net::lookup_host((h, port)))
                 .await
+                .map_err(|_| DialRefusal::Timeout(format!("{shown} (resolving its name)")))?
                 .map_err(|e| DialRefusal::Unreachable(shown.clone(), e))?
                 .collect()
         };
-        let deadline = tokio::time::Instant::now() + timeout;
         let mut last = DialRefusal::Unreachable(
             shown.clone(),
             io::Error::new(io::ErrorKind::NotFound, "no address"),
