@@ -87,7 +87,12 @@ impl LinkState {
             return false;
         }
         self.current = None;
-        self.lost_id = self.current_id.take();
+        let id = self.current_id.take();
+        // A draining carrier (the agent's GOAWAY) still takes its streams to their end: named
+        // in the next upgrade, it would be closed by the agent and its streams reset.
+        if !c.is_draining() {
+            self.lost_id = id;
+        }
         if !c.is_authenticated() {
             self.failures = self.failures.saturating_add(1);
             self.last_attempt = Some(Instant::now());
@@ -668,5 +673,43 @@ impl Connector for AgentConnector {
 
     fn describe(&self) -> String {
         self.shown.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(c: &Arc<Carrier>) -> LinkState {
+        LinkState {
+            current: Some(c.clone()),
+            overflow: Vec::new(),
+            failures: 0,
+            last_attempt: None,
+            last_error: None,
+            current_id: Some("c1".into()),
+            lost_id: None,
+        }
+    }
+
+    /// The next carrier's upgrade names the one the link lost, so the agent closes it; never
+    /// one that is only draining, whose streams are still running.
+    #[tokio::test]
+    async fn only_a_lost_carrier_is_named_for_replacement() {
+        let (io, _peer) = tokio::io::duplex(64 * 1024);
+        let session =
+            forward_mux::Session::client(forward_mux::Config::default(), std::time::Instant::now());
+        let (c, _) = Carrier::start(io, session, Vec::new(), "test".into());
+        let mut st = state(&c);
+        c.go_away("draining");
+        assert!(c.is_draining());
+        assert!(st.retire(&c));
+        assert_eq!(st.lost_id, None, "a draining carrier was named");
+
+        let mut st = state(&c);
+        c.close("lost");
+        assert!(!c.is_draining());
+        assert!(st.retire(&c));
+        assert_eq!(st.lost_id.as_deref(), Some("c1"));
     }
 }

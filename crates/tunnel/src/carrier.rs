@@ -172,6 +172,12 @@ impl Carrier {
         g.dead.is_none() && !g.going_away && !g.session.is_closed()
     }
 
+    /// Alive and still carrying its streams, but taking no new ones (a GOAWAY went either way).
+    pub fn is_draining(&self) -> bool {
+        let g = self.lock();
+        g.dead.is_none() && g.going_away && !g.session.is_closed()
+    }
+
     /// Client: before a new stream is trusted to this carrier, makes sure it is alive. One that
     /// has heard nothing for longer than `silence` (a live peer answers keepalives well within
     /// it) is pinged, and this waits up to `within` for any byte from the peer; if none comes,
