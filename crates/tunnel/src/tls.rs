@@ -184,6 +184,9 @@ pub fn describe_handshake_error(host: &str, err: &io::Error) -> String {
         | Some(E::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => format!(
             "certificate presented for {host} is not valid for that name (is --domain or the host right?)"
         ),
+        Some(E::InvalidCertificate(CertificateError::BadSignature)) => format!(
+            "certificate of {host} is not trusted (its signature does not verify: issued by another CA with the same name?); --ca-file must hold the CA that issued it"
+        ),
         Some(E::InvalidCertificate(CertificateError::Expired))
         | Some(E::InvalidCertificate(CertificateError::ExpiredContext { .. })) => {
             format!("certificate of {host} has expired")

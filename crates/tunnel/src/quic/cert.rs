@@ -279,8 +279,21 @@ pub(super) struct PinVerifier {
     pin: SpkiPin,
     provider: Arc<CryptoProvider>,
     /// The pin of the last mismatching certificate, to word the error.
-    pub(super) seen: Arc<Mutex<Option<String>>>,
+    pub(super) seen: Seen,
 }
+
+/// Why a verifier refused the agent's certificate: quinn passes on only the TLS alert and
+/// rustls' debug text, so the verifier keeps the cause for the client's error message.
+#[derive(Debug, Clone)]
+pub(super) enum Rejection {
+    /// The certificate's pin, which is not `--agent-pin`.
+    Pin(String),
+    /// What CA verification (`--ca-file`, the OS store) said.
+    Cert(rustls::Error),
+}
+
+/// The last [`Rejection`] of a client's verifier.
+pub(super) type Seen = Arc<Mutex<Option<Rejection>>>;
 
 impl PinVerifier {
     pub(super) fn new(pin: SpkiPin, provider: Arc<CryptoProvider>) -> Self {
@@ -289,6 +302,70 @@ impl PinVerifier {
             provider,
             seen: Arc::default(),
         }
+    }
+}
+
+/// rustls' own verification against roots, keeping its error for the message.
+#[derive(Debug)]
+pub(super) struct CaVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    pub(super) seen: Seen,
+}
+
+impl CaVerifier {
+    pub(super) fn new(
+        roots: rustls::RootCertStore,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, QuicError> {
+        let inner =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| QuicError::Tls(e.to_string()))?;
+        Ok(Self {
+            inner,
+            seen: Arc::default(),
+        })
+    }
+}
+
+impl ServerCertVerifier for CaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .inspect_err(|e| {
+                if let Ok(mut seen) = self.seen.lock() {
+                    *seen = Some(Rejection::Cert(e.clone()));
+                }
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -310,7 +387,7 @@ impl ServerCertVerifier for PinVerifier {
             return Ok(ServerCertVerified::assertion());
         }
         if let Ok(mut seen) = self.seen.lock() {
-            *seen = Some(got.to_string());
+            *seen = Some(Rejection::Pin(got.to_string()));
         }
         Err(rustls::Error::InvalidCertificate(
             CertificateError::ApplicationVerificationFailure,

@@ -18,7 +18,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::time::Instant;
 
 use super::agent::udp_socket;
-use super::cert::PinVerifier;
+use super::cert::{CaVerifier, PinVerifier, Rejection, Seen};
 use super::stream::{Reopening, Replay};
 use super::{
     close, encode_target, is_loopback, proof_host, transport, QuicError, QuicStream, SpkiPin, ALPN,
@@ -90,32 +90,29 @@ pub fn client_config(verify: &AgentVerify) -> Result<quinn::ClientConfig, QuicEr
     Ok(build_client_config(verify)?.0)
 }
 
-type SeenPin = Option<Arc<Mutex<Option<String>>>>;
-
-fn build_client_config(verify: &AgentVerify) -> Result<(quinn::ClientConfig, SeenPin), QuicError> {
+fn build_client_config(verify: &AgentVerify) -> Result<(quinn::ClientConfig, Seen), QuicError> {
     let provider = crate::tls::provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| QuicError::Tls(e.to_string()))?;
-    let (mut tls, seen) = match verify {
-        AgentVerify::CaFile(ca) => (
-            builder
-                .with_root_certificates(crate::tls::root_store(ca.as_deref())?)
-                .with_no_client_auth(),
-            None,
-        ),
+    // Both verifiers keep why they refused a certificate (see `Rejection`).
+    let (verifier, seen): (Arc<dyn rustls::client::danger::ServerCertVerifier>, Seen) = match verify
+    {
+        AgentVerify::CaFile(ca) => {
+            let v = CaVerifier::new(crate::tls::root_store(ca.as_deref())?, provider)?;
+            let seen = v.seen.clone();
+            (Arc::new(v), seen)
+        }
         AgentVerify::Pin(pin) => {
             let v = PinVerifier::new(*pin, provider);
             let seen = v.seen.clone();
-            (
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(v))
-                    .with_no_client_auth(),
-                Some(seen),
-            )
+            (Arc::new(v), seen)
         }
     };
+    let mut tls = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.enable_early_data = false;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
@@ -123,6 +120,28 @@ fn build_client_config(verify: &AgentVerify) -> Result<(quinn::ClientConfig, See
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport(0, false));
     Ok((config, seen))
+}
+
+/// The other way to trust an agent, for messages about an untrusted certificate.
+const PIN_HINT: &str =
+    "; or pin the agent's own certificate with --agent-pin sha256:... (printed by `forward agent --quic`)";
+
+/// The sentence for a certificate CA verification refused, worded as for TLS carriers.
+fn untrusted(host: &str, e: rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    let unknown_issuer = matches!(
+        e,
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)
+    );
+    let text = crate::tls::describe_handshake_error(
+        &format!("agent {host}"),
+        &std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    );
+    if unknown_issuer {
+        format!("{text}{PIN_HINT}")
+    } else {
+        text
+    }
 }
 
 /// One authenticated quinn connection of a carrier.
@@ -482,7 +501,7 @@ pub struct QuicCarrier {
     client: quinn::ClientConfig,
     /// The same for an agent on this host (large packets).
     client_loopback: quinn::ClientConfig,
-    seen_pin: SeenPin,
+    seen: Seen,
     state: tokio::sync::Mutex<State>,
     /// Overflow connections, in the order they were opened.
     overflow: Mutex<Vec<Arc<Link>>>,
@@ -522,7 +541,7 @@ impl QuicCarrier {
     /// Builds the TLS configuration and binds the local UDP socket; connects on first use.
     /// Must be called inside a tokio runtime.
     pub fn new(config: QuicCarrierConfig) -> Result<Arc<Self>, QuicError> {
-        let (client, seen_pin) = build_client_config(&config.verify)?;
+        let (client, seen) = build_client_config(&config.verify)?;
         let mut client_loopback = client.clone();
         client_loopback.transport_config(transport(0, true));
         let socket = match udp_socket(config.bind) {
@@ -550,7 +569,7 @@ impl QuicCarrier {
             endpoint,
             client,
             client_loopback,
-            seen_pin,
+            seen,
             state: tokio::sync::Mutex::default(),
             overflow: Mutex::default(),
             dialing: tokio::sync::Mutex::default(),
@@ -887,10 +906,8 @@ impl QuicCarrier {
     }
 
     async fn handshake(&self, addr: SocketAddr) -> Result<quinn::Connection, QuicError> {
-        if let Some(seen) = &self.seen_pin {
-            if let Ok(mut s) = seen.lock() {
-                *s = None;
-            }
+        if let Ok(mut s) = self.seen.lock() {
+            *s = None;
         }
         let connecting = self
             .endpoint
@@ -935,12 +952,15 @@ impl QuicCarrier {
 
     fn handshake_error(&self, e: quinn::ConnectionError, addr: SocketAddr) -> QuicError {
         use quinn::ConnectionError as C;
-        let seen = self
-            .seen_pin
-            .as_ref()
-            .and_then(|s| s.lock().ok().and_then(|mut s| s.take()));
-        if let Some(got) = seen {
-            return QuicError::PinMismatch { got };
+        let seen = self.seen.lock().ok().and_then(|mut s| s.take());
+        match seen {
+            Some(Rejection::Pin(got)) => return QuicError::PinMismatch { got },
+            Some(Rejection::Cert(e)) => {
+                return QuicError::Untrusted {
+                    message: untrusted(&self.host, e),
+                }
+            }
+            None => {}
         }
         // TLS alert 120: no_application_protocol.
         let no_alpn = quinn::TransportErrorCode::crypto(120);
@@ -953,11 +973,14 @@ impl QuicCarrier {
                 host: self.host.clone(),
                 port: self.port,
             },
-            // A crypto error raised here is our verifier refusing the certificate.
+            // A crypto error raised here is our verifier refusing the certificate (its cause
+            // was taken above; this is the fallback).
             C::TransportError(t) if (0x100..0x200).contains(&u64::from(t.code)) => {
                 QuicError::Untrusted {
-                    host: self.host.clone(),
-                    reason: t.reason.clone(),
+                    message: format!(
+                        "certificate of agent {} rejected: {}{PIN_HINT}",
+                        self.host, t.reason
+                    ),
                 }
             }
             C::TimedOut => QuicError::Timeout {

@@ -125,12 +125,10 @@ pub enum QuicError {
         got: String,
     },
     /// `--ca-file` verification failed.
-    #[error("certificate of agent {host} rejected: {reason}; pass the CA that signed it with --ca-file, or pin it with --agent-pin sha256:... (printed by `forward agent --quic`)")]
+    #[error("{message}")]
     Untrusted {
-        /// The name that was verified.
-        host: String,
-        /// What the verifier said.
-        reason: String,
+        /// What was wrong and what to do, naming the agent.
+        message: String,
     },
     /// The peer does not speak our ALPN.
     #[error("{host}:{port} does not speak forward-mux/1 over QUIC (ALPN mismatch); is it a forward agent started with --quic?")]
