@@ -217,7 +217,8 @@ pub struct AgentArgs {
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 
-    /// Also allow targets beyond the VM's loopback: HOST:PORT, `*` wildcards, `*.suffix`.
+    /// Also allow targets beyond the VM's loopback: HOST:PORT, `*` wildcards, `*.suffix`,
+    /// IPv6 in brackets.
     #[arg(long, value_name = "HOST:PORT", value_parser = allow)]
     pub allow: Vec<String>,
 
@@ -266,7 +267,7 @@ fn edge(s: &str) -> Result<String, String> {
     });
     if host_port {
         return Err(format!(
-            "'{t}' has a port; --edge takes only the address (the port is the SPEC's remote port), e.g. 127.0.0.1"
+            "'{t}' has a port; --edge takes only the address (the port is the SPEC's remote port, or --agent PORT in agent mode), e.g. 127.0.0.1"
         ));
     }
     // What is left must be an IP (IPv6 with or without brackets) or a host name: anything

@@ -56,6 +56,13 @@ fn err(spec: &str, problem: impl Into<String>) -> SpecError {
 fn port(spec: &str, what: &str, s: &str, allow_zero: bool) -> Result<u16, SpecError> {
     let range = if allow_zero { "0-65535" } else { "1-65535" };
     // Digits only: `u16::from_str` also takes a sign ("+22").
+    if what == "remote port" && s.contains('/') {
+        // `5433:abc/[::1]`: the last field is the target itself.
+        return Err(err(
+            spec,
+            format!("remote port is missing after the target '{s}'; {FORM}"),
+        ));
+    }
     let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let p: u16 = s.parse().ok().filter(|_| digits).ok_or_else(|| {
         err(
@@ -185,9 +192,12 @@ impl Spec {
             }
         }
         let local = if local_text.contains('/') {
-            // `5433:abc/::1:5432` splits as a socket path `5433:abc/:` and host `1`: an
-            // unbracketed IPv6 target, not a path that starts with a port number.
-            if let Some((lport, _)) = local_text.split_once(':') {
+            // `[bind:]5433:abc/::1:5432` splits as a socket path `[bind:]5433:abc/:` and host
+            // `1`: an unbracketed IPv6 target, not a path whose first part ends in
+            // `port:name`.
+            let head = local_text.split('/').next().unwrap_or_default();
+            if let Some((before, _vm)) = rsplit_colon(head) {
+                let lport = rsplit_colon(before).map_or(before, |(_, p)| p);
                 if !lport.is_empty() && lport.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(err(
                         text,
@@ -361,6 +371,22 @@ mod tests {
             (":abc:22", "local port is missing"),
             ("1:abc/:22", "target '' after '/'"),
             ("0:abc/::1:1", "IPv6 target after '/' goes in brackets"),
+            (
+                "127.0.0.1:0:vm/::1:22001",
+                "IPv6 target after '/' goes in brackets",
+            ),
+            (
+                "localhost:1:vm/::1:2",
+                "IPv6 target after '/' goes in brackets",
+            ),
+            (
+                "[::1]:1:vm/fd00::5:2",
+                "IPv6 target after '/' goes in brackets",
+            ),
+            (
+                "127.0.0.1:0:vm/[::1]",
+                "remote port is missing after the target",
+            ),
             (
                 "5433:abc/fd00::5:5432",
                 "IPv6 target after '/' goes in brackets",

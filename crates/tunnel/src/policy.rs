@@ -15,7 +15,7 @@ use crate::dial::tune_tcp;
 
 /// A malformed `--allow` pattern.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid --allow pattern '{0}': expected HOST:PORT with one host name or IP (no ranges), e.g. db.internal:5432, 10.0.0.5:*, *.internal:443 or *:*")]
+#[error("invalid --allow pattern '{0}': expected HOST:PORT with one host name or IP (no ranges; IPv6 in brackets), e.g. db.internal:5432, 10.0.0.5:*, [fd00::5]:5432, *.internal:443 or *:*")]
 pub struct PolicyError(String);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +23,9 @@ enum HostPattern {
     Any,
     Suffix(String),
     Exact(String),
+    /// Compared as an address, so `fd00::9` and `fd00:0::9` (or `::ffff:10.0.0.5` and
+    /// `10.0.0.5`) are one target.
+    Ip(IpAddr),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +63,8 @@ fn is_loopback_name(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
     h.is_empty()
         || h.eq_ignore_ascii_case("localhost")
-        || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || h.parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// A DNS name: dot-separated labels of letters, digits, '-' and '_', no label starting or
@@ -89,6 +93,11 @@ impl TargetPolicy {
                 "*" => None,
                 n => Some(n.parse::<u16>().ok().filter(|n| *n != 0).ok_or_else(bad)?),
             };
+            let bracketed = host.starts_with('[') && host.ends_with(']');
+            if host.contains(':') && !bracketed {
+                // `2001:db8::1:22` is also a whole address without a port: say which is meant.
+                return Err(bad());
+            }
             let host = host.trim_start_matches('[').trim_end_matches(']');
             let host = match host {
                 "" => return Err(bad()),
@@ -98,9 +107,10 @@ impl TargetPolicy {
                 }
                 // Anything else must be one host: `10.0.0.0/8` or `http://db` would be taken for
                 // a name no target ever has, and the allowance would silently never apply.
-                h if is_name(h) || h.parse::<IpAddr>().is_ok() => {
-                    HostPattern::Exact(h.to_ascii_lowercase())
+                h if h.parse::<IpAddr>().is_ok() => {
+                    HostPattern::Ip(h.parse::<IpAddr>().map_err(|_| bad())?.to_canonical())
                 }
+                h if is_name(h) => HostPattern::Exact(h.to_ascii_lowercase()),
                 _ => return Err(bad()),
             };
             allow.push(Allow { host, port });
@@ -117,12 +127,14 @@ impl TargetPolicy {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_ascii_lowercase();
+        let ip = h.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
         self.allow.iter().any(|a| {
             a.port.is_none_or(|p| p == port)
                 && match &a.host {
                     HostPattern::Any => true,
                     HostPattern::Suffix(s) => h.ends_with(s.as_str()),
                     HostPattern::Exact(e) => *e == h,
+                    HostPattern::Ip(allowed) => ip == Some(*allowed),
                 }
         })
     }
@@ -227,6 +239,26 @@ mod tests {
         assert!(TargetPolicy::new(&["*:*"]).unwrap().allows("x", 1));
     }
 
+    /// Addresses are compared as addresses, however they are written.
+    #[test]
+    fn ip_patterns_match_every_spelling_of_the_address() {
+        let p = TargetPolicy::new(&["[fd00::9]:7", "[2001:DB8::1]:22", "10.0.0.5:*"]).unwrap();
+        for (h, port) in [
+            ("[fd00::9]", 7),
+            ("fd00:0::9", 7),
+            ("[fd00:0:0:0:0:0:0:9]", 7),
+            ("2001:0db8::1", 22),
+            ("[2001:db8::1]", 22),
+            ("::ffff:10.0.0.5", 80),
+        ] {
+            assert!(p.allows(h, port), "{h}:{port}");
+        }
+        assert!(!p.allows("fd00::9", 8));
+        assert!(!p.allows("fd00::10", 7));
+        // A v4-mapped loopback is loopback.
+        assert!(TargetPolicy::default().allows("::ffff:127.0.0.1", 1));
+    }
+
     #[test]
     fn bad_patterns() {
         for bad in [
@@ -240,6 +272,9 @@ mod tests {
             "http://x:5432",
             "*.:443",
             "db..internal:1",
+            // An address and a port, or one address? Brackets say.
+            "2001:db8::1:22",
+            "fd00::9:*",
         ] {
             let e = TargetPolicy::new(&[bad]).unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains("HOST:PORT"), "{e}");

@@ -2,6 +2,7 @@
 //! connections): one per [`LOG_EVERY`] and site, saying how many like it were left out, so a
 //! flood cannot fill the disk or bury the lines that matter.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -65,12 +66,18 @@ impl Budget {
 /// The same line over and over (every connection of a forward failing for one reason while
 /// the agent is down: 1,180 identical lines a minute for a client retrying 20 times a second,
 /// in a review): once per [`LOG_EVERY`], with how many were left out; a different line passes
-/// at once. What a repeat leaves out is the timestamp and the peer, which the debug log keeps.
-pub(crate) struct Repeats(Mutex<Option<(String, Budget)>>);
+/// at once. The last few different lines are each remembered: a failure is often reported two
+/// ways in turn (the attempt's own error, then "the last attempt failed moments ago: ..." for
+/// the connections that share it), and remembering one line let both through every time.
+/// What a repeat leaves out is the timestamp and the peer, which the debug log keeps.
+pub(crate) struct Repeats(Mutex<VecDeque<(String, Budget)>>);
+
+/// Different lines [`Repeats`] remembers at once.
+const LINES_KEPT: usize = 4;
 
 impl Repeats {
     pub(crate) const fn new() -> Self {
-        Repeats(Mutex::new(None))
+        Repeats(Mutex::new(VecDeque::new()))
     }
 
     /// `Some(left_out)` when `line` may be logged: how many identical lines were left out
@@ -80,11 +87,15 @@ impl Repeats {
     }
 
     fn pass_at(&self, line: &str, now: Instant) -> Option<u64> {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match g.as_mut() {
-            Some((last, budget)) if last == line => budget.pass_at(now),
-            _ => g.insert((line.to_owned(), Budget::new())).1.pass_at(now),
+        let mut lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, budget)) = lines.iter_mut().find(|(l, _)| l == line) {
+            return budget.pass_at(now);
         }
+        if lines.len() == LINES_KEPT {
+            lines.pop_back();
+        }
+        lines.push_front((line.to_owned(), Budget::new()));
+        lines[0].1.pass_at(now)
     }
 }
 
@@ -101,9 +112,28 @@ mod tests {
             assert_eq!(r.pass_at("down", t0 + Duration::from_millis(i)), None);
         }
         assert_eq!(r.pass_at("other", t0 + Duration::from_millis(200)), Some(0));
-        assert_eq!(r.pass_at("down", t0 + Duration::from_millis(300)), Some(0));
-        assert_eq!(r.pass_at("down", t0 + Duration::from_millis(400)), None);
-        assert_eq!(r.pass_at("down", t0 + LOG_EVERY * 2), Some(1));
+        assert_eq!(r.pass_at("down", t0 + LOG_EVERY * 2), Some(100));
+    }
+
+    /// One failure told two ways in turn passes once per interval each, not every time.
+    #[test]
+    fn lines_that_take_turns_are_each_held_back() {
+        let r = Repeats::new();
+        let t0 = Instant::now();
+        let (a, b) = ("refused", "the last attempt failed moments ago: refused");
+        assert_eq!(r.pass_at(a, t0), Some(0));
+        assert_eq!(r.pass_at(b, t0), Some(0));
+        for i in 1..=10 {
+            let t = t0 + Duration::from_millis(i * 100);
+            assert_eq!(r.pass_at(a, t), None);
+            assert_eq!(r.pass_at(b, t), None);
+        }
+        assert_eq!(r.pass_at(a, t0 + LOG_EVERY), Some(10));
+        // Four other lines push both out of memory: each passes again at once.
+        for other in ["1", "2", "3", "4"] {
+            assert_eq!(r.pass_at(other, t0 + LOG_EVERY), Some(0));
+        }
+        assert_eq!(r.pass_at(b, t0 + LOG_EVERY), Some(0));
     }
 
     #[test]
