@@ -172,12 +172,29 @@ pub async fn serve_all<C: Connector>(
                 tokio::spawn(async move { c.check().await })
             })
             .collect();
+        // Every failure is reported, not only the first: fixing one target at a time and
+        // running again to learn of the next would waste the user's time.
+        let mut failed = Vec::new();
         for (f, check) in forwards.iter().zip(checks) {
-            check
-                .await
-                .context("check task")?
-                .with_context(|| format!("check of {} failed", f.connector.describe()))?;
-            tracing::info!("check ok: {}", f.connector.describe());
+            match check.await.context("check task")? {
+                Ok(()) => tracing::info!("check ok: {}", f.connector.describe()),
+                Err(e) => failed.push(
+                    anyhow::Error::new(e)
+                        .context(format!("check of {} failed", f.connector.describe())),
+                ),
+            }
+        }
+        match failed.len() {
+            0 => {}
+            1 => return Err(failed.remove(0)),
+            n => {
+                let all: Vec<String> = failed.iter().map(|e| format!("{e:#}")).collect();
+                anyhow::bail!(
+                    "{n} of {} checks failed: {}",
+                    forwards.len(),
+                    all.join("; ")
+                );
+            }
         }
     }
     let mut signals = Signals::install()?;

@@ -717,6 +717,21 @@ fn check_reaches_the_target(t: Transport) {
     assert_eq!(code, Some(1), "192.0.2.1 is not allowed:\n{out}{err}");
     assert!(err.contains("not allowed"), "{err}");
 
+    // Several at once: every failure is named, not only the first.
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(stack.client_args()).arg("--check").args([
+        format!("127.0.0.1:0:{}", stack.target(closed)),
+        format!("127.0.0.1:0:{}", stack.target(backend.port)),
+        format!("127.0.0.1:0:{}/192.0.2.1:22", crate::stack::VM),
+    ]);
+    let (st, out, err) = run("forward --check (three targets)", cmd);
+    assert_eq!(st.code(), Some(1), "two of three fail:\n{out}{err}");
+    assert!(err.contains("2 of 3 checks failed"), "{err}");
+    assert!(
+        err.contains("refused") && err.contains("not allowed"),
+        "{err}"
+    );
+
     let spec = format!("127.0.0.1:0:{}", stack.target(backend.port));
     let mut args = stack.client_args();
     args.push("--check".into());
