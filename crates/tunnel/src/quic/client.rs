@@ -323,11 +323,15 @@ impl Link {
             Some(_) if d.opened.elapsed() < d.within => return false,
             Some(_) => {}
         }
+        let opened = d.opened.elapsed();
         *due = None;
         drop(due);
+        // Name the new stream: the connections opened before the agent fell silent were
+        // answered, and a reader of the log would take "a stream" for one of them.
         tracing::info!(
             silent = ?heard.elapsed(),
-            "nothing heard from the agent since a stream was opened: closing the QUIC connection"
+            "the agent has not answered a new stream opened {:.1}s ago, nor sent anything else: closing the QUIC connection",
+            opened.as_secs_f64()
         );
         self.conn.close(
             quinn::VarInt::from_u32(close::NORMAL),
