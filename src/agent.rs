@@ -22,9 +22,15 @@ use crate::cli::{AgentArgs, AgentClientOpts, ClientOpts, Transport};
 use crate::run::{self, Bound};
 use crate::spec::Spec;
 
-/// Runs the agent until SIGINT/SIGTERM, then drains.
+/// Runs the agent until SIGINT/SIGTERM/SIGHUP, then drains.
 pub async fn serve(args: AgentArgs) -> Result<i32> {
     let mut signals = run::Signals::install()?;
+    // An agent started from an ssh session gets SIGHUP when the session closes; the default
+    // action killed it on the spot (exit 129, no drain, not a word in the log). It drains as
+    // for SIGTERM: the operator left, the clients did not. Installed with the others, before
+    // the first line is printed, for the same reason (see `run::Signals`).
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let token = Token::load(args.token_file.as_deref())?;
     let policy = TargetPolicy::new(&args.allow)?;
     let drain = Duration::from_secs(args.drain);
@@ -67,25 +73,52 @@ pub async fn serve(args: AgentArgs) -> Result<i32> {
             "plain TCP, TLS ends at the edge"
         }
     );
-    let mut task = tokio::spawn(agent.run(stop.clone(), drain));
-    signals.recv().await;
-    stop.cancel();
-    // As the client does: a second signal does not wait out the drain. Exiting closes every
-    // carrier, and clients reset the streams of a carrier that breaks.
+    let task = tokio::spawn(agent.run(stop.clone(), drain));
     tokio::select! {
-        done = &mut task => done.context("agent task")?,
-        _ = signals.recv() => {
-            tracing::warn!("second signal: exiting now, open streams are cut");
-            if let Some((_, closer)) = &quic {
-                closer.close_now().await;
-            }
-            return Ok(0);
+        _ = signals.recv() => {}
+        _ = hangup.recv() => {
+            tracing::info!(
+                "SIGHUP (the terminal or ssh session that started the agent closed?): stopping \
+                 as for SIGTERM"
+            );
         }
     }
-    if let Some((q, _)) = quic {
-        q.await.context("quic agent task")??;
+    stop.cancel();
+    let (quic_task, closer) = quic.unzip();
+    // Both drains, QUIC's included: with QUIC clients only, the TCP side has nothing to drain
+    // and ends at once, and a second signal that came after it went unheard for the rest of
+    // the QUIC grace period.
+    let drained = async {
+        task.await.context("agent task")?;
+        if let Some(q) = quic_task {
+            q.await.context("quic agent task")??;
+        }
+        anyhow::Ok(())
+    };
+    tokio::pin!(drained);
+    // As the client does: a second signal does not wait out the drain. Exiting closes every
+    // carrier, and clients reset the streams of a carrier that breaks. Only SIGINT or SIGTERM
+    // count: one hang-up often brings two SIGHUPs (the shell passes its own on to its jobs,
+    // then the kernel signals the foreground group as the shell exits), and the second is no
+    // one's impatience. Further SIGHUPs are still taken, so they cannot kill.
+    loop {
+        tokio::select! {
+            done = &mut drained => {
+                done?;
+                return Ok(0);
+            }
+            _ = hangup.recv() => {
+                tracing::debug!("SIGHUP while draining: ignored (SIGINT or SIGTERM ends the drain)");
+            }
+            _ = signals.recv() => {
+                tracing::warn!("second signal: exiting now, open streams are cut");
+                if let Some(closer) = &closer {
+                    closer.close_now().await;
+                }
+                return Ok(0);
+            }
+        }
     }
-    Ok(0)
 }
 
 /// The QUIC certificate: given files, or one generated once and kept in the state directory

@@ -887,3 +887,123 @@ fn client_exit_is_a_clean_goodbye(t: Transport) {
     let log = agent.stderr_text();
     assert!(!log.contains("reset by peer"), "{log}");
 }
+
+per_transport!(agent_sighup_drains_like_sigterm: agent_tls, agent_tcp, quic);
+per_transport!(client_resets_are_quiet_and_refusals_name_the_client: agent_tls, agent_tcp, quic);
+
+/// A connection through `fwd` with one byte echoed: its stream is open at the agent.
+fn open_echoed(fwd: &Forward) -> Conn {
+    let mut conn = fwd.local().connect();
+    conn.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    conn.read_exact(&mut one).unwrap();
+    conn
+}
+
+/// SIGHUP (the ssh session that started the agent closed) drains as SIGTERM does: open streams
+/// go on, and the agent exits 0. A second SIGHUP (one hang-up often sends two) does not cut the
+/// drain; SIGTERM then does, as after a first SIGTERM. Before, SIGHUP killed the agent at once
+/// (exit 129) without a word.
+fn agent_sighup_drains_like_sigterm(t: Transport) {
+    use crate::harness::Src;
+    let backend = Backend::echo();
+    let mut stack = Stack::start(t, &[backend.port]);
+    let fwd = stack.forward_to(backend.port);
+    let finishing = open_echoed(&fwd);
+    let mut idle = open_echoed(&fwd);
+
+    let agent = stack.agent_proc_mut();
+    agent.signal("HUP");
+    agent.wait_line(Src::Stderr, "the SIGHUP line", |l| l.contains("SIGHUP"));
+    agent.wait_line(Src::Stderr, "the drain line", |l| l.contains("draining"));
+    agent.signal("HUP");
+    // Long enough for the TCP side's drain to end when it has nothing to wait for (QUIC).
+    thread::sleep(Duration::from_millis(500));
+    echo_exchange(finishing, rand::random(), 1 << 16);
+    let agent = stack.agent_proc_mut();
+    assert_eq!(
+        agent.try_status(),
+        None,
+        "the agent exited while draining a stream"
+    );
+
+    let second = Instant::now();
+    agent.signal("TERM");
+    let status = agent.wait_exit();
+    assert!(
+        status.success(),
+        "agent exit after SIGHUP, SIGTERM: {status}"
+    );
+    assert!(
+        second.elapsed() < Duration::from_secs(15),
+        "the agent drained on for {:?} after SIGTERM",
+        second.elapsed()
+    );
+    let mut rest = Vec::new();
+    let err = idle
+        .read_to_end(&mut rest)
+        .expect_err("a stream cut by the agent's exit must be reset, not cleanly closed");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+}
+
+/// A client that resets its streams (a browser cancelling requests) is everyday work: nothing
+/// at INFO in the agent's log (the QUIC agent wrote a line per reset). A refused stream is
+/// logged, inside the span that names the client's address.
+fn client_resets_are_quiet_and_refusals_name_the_client(t: Transport) {
+    use crate::harness::Src;
+    const RESETS: usize = 20;
+    let backend = Backend::echo();
+    let closed = {
+        let l = std::net::TcpListener::bind("[::1]:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut stack = Stack::start(t, &[backend.port]);
+    let fwd = stack.forward_to(backend.port);
+    for _ in 0..RESETS {
+        let conn = open_echoed(&fwd);
+        let Conn::Tcp(tcp) = conn else {
+            unreachable!("forward_to listens on TCP")
+        };
+        socket2::SockRef::from(&tcp)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+    // Each reset has reached the service, so the agent is done with it.
+    for _ in 0..RESETS {
+        let r = backend.next_report();
+        assert_ne!(
+            r.note, "eof",
+            "a reset stream was closed cleanly at the service"
+        );
+    }
+
+    let refused = stack.forward_to(closed);
+    let mut conn = refused.local().connect();
+    let _ = conn.read_to_end(&mut Vec::new());
+    let agent = stack.agent_proc_mut();
+    let line = agent.wait_line(Src::Stderr, "the refusal line", |l| {
+        l.contains("refus") && l.contains(&closed.to_string())
+    });
+    let span = match t {
+        Transport::Quic => "quic_conn{remote=[::1]:",
+        _ => "conn{peer=[::1]:",
+    };
+    assert!(
+        line.contains(span),
+        "the refusal does not name the client ({span}...): {line}"
+    );
+    let level = |l: &str| l.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let loud: Vec<String> = agent
+        .stderr_text()
+        .lines()
+        .filter(|l| ["INFO", "WARN", "ERROR"].contains(&level(l).as_str()))
+        .filter(|l| l.contains("reset by the client"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "{} lines at INFO or above for {RESETS} client resets:\n{}",
+        loud.len(),
+        loud.join("\n")
+    );
+}

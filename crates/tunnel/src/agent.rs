@@ -349,13 +349,29 @@ async fn respond_raw<S: AsyncWrite + Unpin>(s: &mut S, response: &str) {
 /// closing a socket with unread bytes sends a reset, which can destroy the answer before the
 /// client reads it. Nothing more is waited for: a flood of silent connections is what evicts.
 async fn respond_busy<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    discard_unread(s).await;
+    respond(s, "503 Service Unavailable", upgrade::BUSY_BODY).await;
+}
+
+/// Reads and drops what the client already sent, waiting for nothing more (see
+/// [`respond_busy`] for why).
+async fn discard_unread<S: AsyncRead + Unpin>(s: &mut S) {
     let mut sink = [0u8; 1024];
     while let Ok(Ok(n)) = tokio::time::timeout(Duration::ZERO, s.read(&mut sink)).await {
         if n == 0 {
             break;
         }
     }
-    respond(s, "503 Service Unavailable", upgrade::BUSY_BODY).await;
+}
+
+/// `405` for `/health` asked with another method: the path exists, so "not found" sent a
+/// probe's author looking for a typo instead of at the method.
+fn health_method_not_allowed() -> String {
+    upgrade::simple(
+        "405 Method Not Allowed",
+        "forward agent: /health answers GET and HEAD only\n",
+    )
+    .replacen("\r\n", "\r\nAllow: GET, HEAD\r\n", 1)
 }
 
 async fn serve_conn<S>(
@@ -403,6 +419,13 @@ async fn serve_conn<S>(
         ("HEAD", "/health") => {
             let full = upgrade::simple("200 OK", "ok\n");
             respond_raw(&mut s, full.trim_end_matches("ok\n")).await;
+            return;
+        }
+        (_, "/health") => {
+            // A POST's body may still be unread; closing over it would reset the connection
+            // and could destroy the answer.
+            discard_unread(&mut s).await;
+            respond_raw(&mut s, &health_method_not_allowed()).await;
             return;
         }
         ("GET", upgrade::TUNNEL_PATH) if head.is_upgrade() => {}
@@ -517,8 +540,13 @@ async fn serve_conn<S>(
         };
         let carrier = carrier.clone();
         let config = config.clone();
+        // Inside the connection's span too: the stream span is debug, so at the default level
+        // it is off, and a spawned task does not inherit the span it was spawned from; a
+        // `refusing stream` line then did not say which client asked.
         tokio::spawn(
-            open_stream(carrier, id, target, config).instrument(tracing::debug_span!("stream", id)),
+            open_stream(carrier, id, target, config)
+                .instrument(tracing::debug_span!("stream", id))
+                .in_current_span(),
         );
     }
 }

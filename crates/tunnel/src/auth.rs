@@ -65,6 +65,15 @@ pub enum TokenError {
         /// What is wrong with it.
         what: &'static str,
     },
+    /// A shell line (`export VERS_AUTH_TOKEN=…`) where the token alone belongs: taken as the
+    /// token, it failed only later, as a rejected authentication with no hint why.
+    #[error("token from {source_name} looks like a shell line ({assignment}...); it must hold only the token itself, without the variable name (e.g. what openssl rand -hex 32 prints)")]
+    ShellLine {
+        /// Where it came from.
+        source_name: String,
+        /// The line up to its `=` (the part after it is the secret).
+        assignment: String,
+    },
     /// Too short to resist guessing.
     #[error("token from {source_name} is too weak ({bits} bits); use at least 128 bits, e.g. openssl rand -hex 32")]
     TooWeak {
@@ -75,8 +84,13 @@ pub enum TokenError {
     },
 }
 
-/// A rough strength estimate: hex strings carry 4 bits a character, base64-like 6, anything
-/// else 8 (raw bytes). Enough to refuse `secret` and `1234` without rejecting real tokens.
+/// A rough strength estimate: hex strings carry 4 bits a character, padded base64 (what
+/// `openssl rand -base64` prints) 6 a character before the padding, and anything else what the
+/// character classes it uses allow: lower case alone log2(26) ≈ 4.7, lower case and digits
+/// log2(36), letters of both cases and digits log2(62), and with anything else as well
+/// (symbols, spaces, non-ASCII) log2(95).
+/// Counting every token as drawn from the widest alphabet its characters could belong to let
+/// `correcthorsebatterystaple` pass for 150 bits; a human-chosen token is drawn from far fewer.
 /// A token that repeats itself is as strong as one repetition (`passwordpassword…`), nearly
 /// so as one repetition plus its differences, one that mostly counts up or down (`abcd…`) as
 /// the characters that break the runs, and one made of a handful of characters (`000…0`) is
@@ -84,16 +98,15 @@ pub enum TokenError {
 /// token must not pass for a strong one. A heuristic against mistakes, not a proof of
 /// randomness: generate tokens with `openssl rand -hex 32`.
 fn estimated_bits(s: &str) -> usize {
-    let chars: Vec<char> = s.chars().collect();
-    let per_char = if chars.iter().all(|c| c.is_ascii_hexdigit()) {
-        4
-    } else if chars
-        .iter()
-        .all(|c| c.is_ascii_alphanumeric() || "+/=-_".contains(*c))
-    {
-        6
+    let all: Vec<char> = s.chars().collect();
+    let (chars, per_char) = if all.iter().all(|c| c.is_ascii_hexdigit()) {
+        (&all[..], 4.0)
+    } else if let Some(body) = padded_base64_body(&all) {
+        (body, 6.0)
     } else {
-        8
+        // Trailing `=` that is no base64 padding is still no sign of a wider alphabet.
+        let end = all.iter().rposition(|c| *c != '=').map_or(0, |i| i + 1);
+        (&all[..end], class_bits(&all[..end]))
     };
     let n = chars.len();
     // A period shows only when it repeats at least once: with any longer "period", a token
@@ -118,17 +131,79 @@ fn estimated_bits(s: &str) -> usize {
         })
         .count();
     let novel = if stepped * 2 > n { n - stepped } else { n };
-    let bits = period.min(near).min(novel) * per_char;
-    let mut distinct = chars.clone();
+    let bits = (period.min(near).min(novel) as f64 * per_char) as usize;
+    let mut distinct = chars.to_vec();
     distinct.sort_unstable();
     distinct.dedup();
     // 32 random hex digits use fewer than 8 of the 16 about once in 10^7 draws.
     if distinct.len() < 8 {
-        let by_alphabet = chars.len() as f64 * (distinct.len() as f64).log2();
+        let by_alphabet = n as f64 * (distinct.len() as f64).log2();
         bits.min(by_alphabet as usize)
     } else {
         bits
     }
+}
+
+/// Bits a character for text judged by its character classes (see [`estimated_bits`]).
+fn class_bits(chars: &[char]) -> f64 {
+    let has = |class: fn(&char) -> bool, size: u32| {
+        if chars.iter().any(class) {
+            size
+        } else {
+            0
+        }
+    };
+    let mut alphabet = has(char::is_ascii_lowercase, 26)
+        + has(char::is_ascii_uppercase, 26)
+        + has(char::is_ascii_digit, 10);
+    // Printable ASCII has 33 more (punctuation and the space). Non-ASCII counts with them: a
+    // token file is UTF-8 text, so it is an accented letter or a symbol someone typed, not
+    // a random byte.
+    if chars.iter().any(|c| !c.is_ascii_alphanumeric()) {
+        alphabet += 33;
+    }
+    f64::from(alphabet.max(2)).log2()
+}
+
+/// The characters before the padding, if `chars` is base64 as encoders write it: a multiple of
+/// four long, one or two `=` at the end, and the bits those leave over in the last character
+/// zero. The padding says "encoded random bytes" where the character classes cannot:
+/// `openssl rand -base64 16` gives 22 characters for its 132 bits, and one in a hundred of them
+/// has no digit, `+` or `/`, which by its classes alone (log2(52) a character) falls short of
+/// 128.
+fn padded_base64_body(chars: &[char]) -> Option<&[char]> {
+    const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    if !chars.len().is_multiple_of(4) {
+        return None;
+    }
+    let pad = chars.iter().rev().take_while(|c| **c == '=').count();
+    if !(1..=2).contains(&pad) {
+        return None;
+    }
+    let body = &chars[..chars.len() - pad];
+    let values: Option<Vec<usize>> = body.iter().map(|c| ALPHABET.find(*c)).collect();
+    // Two `=`: the last character holds 2 bits of data, one `=`: 4; the rest must be zero.
+    let unused = if pad == 2 { 0b1111 } else { 0b11 };
+    match values?.last() {
+        Some(last) if last & unused == 0 => Some(body),
+        _ => None,
+    }
+}
+
+/// `export NAME=` or `VERS_AUTH_TOKEN=` at the start of a token: a shell or environment file
+/// line copied whole. Returned up to the `=`, which is all of it that may be shown. Other
+/// `NAME=` starts are left alone: random tokens with symbols (`pwgen -sy`) begin like that
+/// about once in 200.
+fn shell_assignment(t: &str) -> Option<&str> {
+    let is_name = |n: &str| {
+        n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let (head, _) = t.split_once('=')?;
+    let exported = head
+        .strip_prefix("export ")
+        .is_some_and(|rest| is_name(rest.trim_start()));
+    (exported || head == TOKEN_ENV).then(|| &t[..=head.len()])
 }
 
 impl Token {
@@ -150,6 +225,12 @@ impl Token {
         }
         if t.contains(char::is_control) {
             return Err(malformed("control characters"));
+        }
+        if let Some(assignment) = shell_assignment(t) {
+            return Err(TokenError::ShellLine {
+                source_name: source_name.to_owned(),
+                assignment: assignment.to_owned(),
+            });
         }
         let bits = estimated_bits(t);
         if bits < 128 {
@@ -371,22 +452,120 @@ mod tests {
         assert!(!format!("{t:?}").contains(GOOD));
     }
 
+    /// Standard base64 with `=` padding, as `openssl rand -base64` prints it.
+    fn base64(bytes: &[u8]) -> String {
+        const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let mut b = [0u8; 3];
+            b[..chunk.len()].copy_from_slice(chunk);
+            let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
     #[test]
     fn random_tokens_of_128_bits_always_pass() {
-        // The strength rules must not refuse what `openssl rand -hex 16` or `-base64 24` gives.
+        // The strength rules must not refuse what `openssl rand -hex 16|32` or
+        // `openssl rand -base64 16|24|32` gives (padding included).
+        assert_eq!(base64(b"\xff\xef"), "/+8=");
+        assert_eq!(base64(&[0; 16]).len(), 24);
         let rng = SystemRandom::new();
-        for _ in 0..20_000 {
-            let mut b = [0u8; 16];
-            rng.fill(&mut b).unwrap();
-            let hex = to_hex(&b);
-            Token::new(&hex, "test").unwrap_or_else(|e| panic!("{hex}: {e}"));
+        for len in [16, 32] {
+            for _ in 0..20_000 {
+                let mut b = vec![0u8; len];
+                rng.fill(&mut b).unwrap();
+                let hex = to_hex(&b);
+                Token::new(&hex, "test").unwrap_or_else(|e| panic!("{hex}: {e}"));
+            }
         }
-        const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        for _ in 0..20_000 {
-            let mut b = [0u8; 32];
-            rng.fill(&mut b).unwrap();
-            let text: String = b.iter().map(|x| B64[usize::from(x % 64)] as char).collect();
-            Token::new(&text, "test").unwrap_or_else(|e| panic!("{text}: {e}"));
+        for len in [16, 24, 32] {
+            for _ in 0..20_000 {
+                let mut b = vec![0u8; len];
+                rng.fill(&mut b).unwrap();
+                let text = base64(&b);
+                Token::new(&text, "test").unwrap_or_else(|e| panic!("{text}: {e}"));
+            }
+        }
+        // The hardest of them for the classes: 22 characters of data without a digit.
+        for edge in ["QxbKtzRnWfYpLmGvHdJsCg==", "q+xbKtzR/nWfYpLmGvHdJw=="] {
+            Token::new(edge, "test").unwrap_or_else(|e| panic!("{edge}: {e}"));
+        }
+    }
+
+    #[test]
+    fn human_chosen_tokens_are_judged_by_the_characters_they_use() {
+        // From a review: each passed as if every character could have been any of 64 or 256.
+        for weak in [
+            "Password1234567890!",
+            "correcthorsebatterystaple",
+            "qwertyuiopasdfghjklzxcvbnm",
+            "Password12345678",
+            // Padding alone does not make base64: the last character must fit it.
+            "correcthorsebatterystap=",
+            "correcthorsebatterysta==",
+        ] {
+            let e = Token::new(weak, "VERS_AUTH_TOKEN").unwrap_err().to_string();
+            assert!(
+                e.starts_with("token from VERS_AUTH_TOKEN is too weak (")
+                    && e.ends_with("bits); use at least 128 bits, e.g. openssl rand -hex 32"),
+                "{weak}: {e}"
+            );
+            assert!(!e.contains(weak), "the token leaked into {e}");
+        }
+    }
+
+    #[test]
+    fn a_shell_line_is_refused_as_such_without_printing_the_token() {
+        for (line, shown) in [
+            (
+                format!("export VERS_AUTH_TOKEN={GOOD}\n"),
+                "export VERS_AUTH_TOKEN=",
+            ),
+            (format!("VERS_AUTH_TOKEN={GOOD}"), "VERS_AUTH_TOKEN="),
+            (format!("VERS_AUTH_TOKEN=\"{GOOD}\""), "VERS_AUTH_TOKEN="),
+            (format!("export  TOKEN='{GOOD}'"), "export  TOKEN="),
+        ] {
+            let e = Token::new(&line, "/etc/forward/token")
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "token from /etc/forward/token looks like a shell line ({shown}...); it must \
+                     hold only the token itself, without the variable name (e.g. what openssl \
+                     rand -hex 32 prints)"
+                ),
+                "{line}"
+            );
+            assert!(!e.contains(GOOD), "the token leaked into {e}");
+        }
+        // The same words fit the variable: `VERS_AUTH_TOKEN="VERS_AUTH_TOKEN=…"`.
+        let e = Token::new(&format!("VERS_AUTH_TOKEN={GOOD}"), TOKEN_ENV)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("token from VERS_AUTH_TOKEN looks like a shell line"),
+            "{e}"
+        );
+        // Tokens with `=` in them are still tokens.
+        for fine in [
+            "Xk2+9fQ/aLmR7tZp0WcYbN==",
+            "AB_C=9fQ/aLmR7tZp0WcYbNe4uVhJ",
+            "export=9fQ/aLmR7tZp0WcYbNe4uVhJ",
+        ] {
+            let r = Token::new(fine, "test");
+            assert!(
+                !matches!(r, Err(TokenError::ShellLine { .. })),
+                "{fine}: {r:?}"
+            );
         }
     }
 

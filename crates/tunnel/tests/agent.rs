@@ -367,7 +367,6 @@ async fn health_answers_without_auth_and_other_paths_are_404() {
     for req in [
         &b"GET / HTTP/1.1\r\nHost: vm\r\n\r\n"[..],
         b"GET /metrics HTTP/1.1\r\n\r\n",
-        b"POST /health HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
         b"GET /v1/tunnel HTTP/1.1\r\nHost: vm\r\n\r\n", // no Upgrade header
         b"GET /v1/tunnel HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
     ] {
@@ -378,6 +377,42 @@ async fn health_answers_without_auth_and_other_paths_are_404() {
             String::from_utf8_lossy(req)
         );
     }
+}
+
+/// `/health` exists: another method is told which ones it takes (405 with `Allow`), not that
+/// the path is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_with_another_method_is_405_naming_get_and_head() {
+    let agent = start_agent(|_| {});
+    for req in [
+        &b"POST /health HTTP/1.1\r\nHost: vm\r\nContent-Length: 0\r\n\r\n"[..],
+        b"POST /health HTTP/1.1\r\nHost: vm\r\nContent-Length: 5\r\n\r\nhello",
+        b"PUT /health HTTP/1.1\r\nHost: vm\r\nContent-Length: 2\r\n\r\nok",
+        b"DELETE /health HTTP/1.1\r\nHost: vm\r\n\r\n",
+        b"OPTIONS /health HTTP/1.1\r\n\r\n",
+    ] {
+        let answer = http(agent.addr, req).await;
+        let req = String::from_utf8_lossy(req);
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{req}: no complete answer: {answer:?}"));
+        assert!(
+            head.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{req}: {answer}"
+        );
+        assert!(head.contains("\r\nAllow: GET, HEAD\r\n"), "{req}: {answer}");
+        assert_eq!(
+            body, "forward agent: /health answers GET and HEAD only\n",
+            "{req}"
+        );
+        assert!(
+            head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())),
+            "{req}: {answer}"
+        );
+    }
+    // Still open to its own methods afterwards.
+    let answer = http(agent.addr, b"GET /health HTTP/1.1\r\nHost: vm\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 // ----- TLS --------------------------------------------------------------------------------------

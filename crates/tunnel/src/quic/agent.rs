@@ -18,7 +18,7 @@ use super::{
 };
 use crate::auth::{challenge, AgentNames, Token, CHALLENGE_LEN};
 use crate::policy::{DialRefusal, Shown, TargetPolicy};
-use crate::relay::{relay, Endpoint};
+use crate::relay::{relay, Direction, Endpoint, RelayError};
 use crate::throttle::Throttle;
 
 static REFUSALS: Throttle = Throttle::new();
@@ -476,9 +476,14 @@ async fn serve_streams(conn: quinn::Connection, shared: Arc<Shared>, stop: Cance
                     continue;
                 }
                 let span = tracing::debug_span!("stream", id = %send.id());
-                shared
-                    .streams
-                    .spawn(handle_stream(send, recv, shared.clone()).instrument(span));
+                // Inside the connection's span too, so that its lines name the client: the
+                // stream span is off at the default level, and a spawned task does not inherit
+                // the span it was spawned from.
+                shared.streams.spawn(
+                    handle_stream(send, recv, shared.clone())
+                        .instrument(span)
+                        .in_current_span(),
+                );
             }
             Err(e) => {
                 match &e {
@@ -558,11 +563,28 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, shared: Arc<S
             down = stats.b_to_a,
             "stream done"
         ),
+        // A client that resets its stream is its user cancelling (a browser dropping a
+        // request), everyday work that the TCP agent does not log either.
+        Err(e) if reset_by_client(&e) => tracing::debug!(
+            "stream to {shown} ended: {}",
+            e.describe("client", "target")
+        ),
         Err(e) => tracing::info!(
             "stream to {shown} ended: {}",
             e.describe("client", "target")
         ),
     }
+}
+
+/// Whether the relay of `handle_stream` (client first, target second) ended because the
+/// client reset the stream or stopped reading it. A lost connection is not that, nor is
+/// anything the target did.
+fn reset_by_client(e: &RelayError) -> bool {
+    let client_side = matches!(
+        (e, e.direction()),
+        (RelayError::Read { .. }, Direction::AToB) | (RelayError::Write { .. }, Direction::BToA)
+    );
+    client_side && e.io_error().kind() == std::io::ErrorKind::ConnectionReset
 }
 
 /// See [`QuicAgent::closer`].
