@@ -125,7 +125,11 @@ pub async fn serve(args: AgentArgs) -> Result<i32> {
 /// so the pin clients were told stays valid across restarts.
 fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        return Ok(QuicCert::load(cert, key)?);
+        return QuicCert::load(cert, key).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; pass the agent's certificate chain to --tls-cert and its key to --tls-key"
+            )
+        });
     }
     let dir = match args.state_dir.clone().or_else(default_state_dir) {
         Some(d) => d,
@@ -134,12 +138,23 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
         ),
     };
     let (cert_path, key_path) = (dir.join("quic-cert.pem"), dir.join("quic-key.pem"));
+    if let Some(w) = open_to_others(&dir) {
+        tracing::warn!("{w}");
+    }
     match (cert_path.exists(), key_path.exists()) {
         (true, true) => {
             if let Some(w) = forward_tunnel::auth::loose_permissions(&key_path, "QUIC key") {
                 tracing::warn!("{w}");
             }
-            return Ok(QuicCert::load(&cert_path, &key_path)?);
+            // Files this agent wrote itself: a damaged one is no --tls-cert mistake.
+            return QuicCert::load(&cert_path, &key_path).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}: the certificate kept in {} is damaged; remove {} and {} to generate a new one (clients then need the new --agent-pin)",
+                    dir.display(),
+                    cert_path.display(),
+                    key_path.display()
+                )
+            });
         }
         (false, false) => {}
         // A new certificate would change the pin every client was given: never silently.
@@ -177,11 +192,32 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
             dir.display()
         )
     })?;
-    write_private(&key_path, key_pem.as_bytes())?;
+    let in_state_dir = || {
+        format!(
+            "keeping the generated QUIC certificate in {} (choose another directory with --state-dir)",
+            dir.display()
+        )
+    };
+    write_private(&key_path, key_pem.as_bytes()).with_context(in_state_dir)?;
     std::fs::write(&cert_path, cert_pem)
-        .with_context(|| format!("writing {}", cert_path.display()))?;
+        .with_context(|| format!("writing {}", cert_path.display()))
+        .with_context(in_state_dir)?;
     tracing::info!(dir = %dir.display(), "generated a QUIC certificate");
     Ok(cert)
+}
+
+/// A warning when other users may write to the state directory: they could put their own key
+/// there, and clients would keep trusting its pin.
+fn open_to_others(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir).ok()?.permissions().mode();
+    (mode & 0o022 != 0).then(|| {
+        format!(
+            "state directory {} can be written by other users (mode {:o}): one could replace the agent's QUIC key; run chmod 700 on it",
+            dir.display(),
+            mode & 0o777
+        )
+    })
 }
 
 /// `~/.forward`; never a directory relative to wherever a supervisor happened to start us.

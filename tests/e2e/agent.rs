@@ -870,6 +870,61 @@ fn quic_state_dir_with_a_lost_key_is_refused() {
     assert!(!state.join("quic-key.pem").exists(), "a new key was made");
 }
 
+/// The state directory's other troubles name it and what to do: damaged files (remove them;
+/// not "--tls-cert", which was not used), a place the certificate cannot be written (another
+/// --state-dir), and a directory other users may write to (a warning: one could swap the key).
+#[test]
+fn quic_state_dir_problems_say_what_to_do() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("agent-state-problems");
+    let token = dir.join("token");
+    std::fs::write(&token, "9c41e07a2bd35f86c1e94a7d0b3f52e8a6d17c04f9b25e3a").unwrap();
+    let agent = |state: &std::path::Path| {
+        let mut cmd = Command::new(forward_bin());
+        cmd.args(["agent", "--listen", "[::1]:0", "--quic", "--token-file"])
+            .arg(&token)
+            .arg("--state-dir")
+            .arg(state);
+        cmd
+    };
+
+    let damaged = dir.join("damaged");
+    std::fs::create_dir_all(&damaged).unwrap();
+    std::fs::write(damaged.join("quic-cert.pem"), "not a certificate\n").unwrap();
+    std::fs::write(damaged.join("quic-key.pem"), "not a key\n").unwrap();
+    let (st, out, err) = run("agent with damaged state", agent(&damaged));
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("is damaged") && err.contains("remove") && err.contains("--agent-pin"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("--tls-cert"),
+        "--tls-cert was not used:\n{err}"
+    );
+
+    // The key's path leads nowhere (root may write anywhere, so no read-only directory).
+    let unwritable = dir.join("unwritable");
+    std::fs::create_dir_all(&unwritable).unwrap();
+    std::os::unix::fs::symlink(dir.join("no-such-dir/key"), unwritable.join("quic-key.pem"))
+        .unwrap();
+    let (st, out, err) = run("agent with an unwritable state dir", agent(&unwritable));
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(err.contains("--state-dir"), "{err}");
+
+    let open = dir.join("open");
+    std::fs::create_dir_all(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut p = crate::harness::Proc::spawn("agent", agent(&open));
+    p.wait_line(
+        crate::harness::Src::Stderr,
+        "the open-directory warning",
+        |l| l.contains("can be written by other users") && l.contains("chmod 700"),
+    );
+    p.signal("TERM");
+    assert!(p.wait_exit().success());
+}
+
 /// A client that exits normally says goodbye (GOAWAY, then the end of the stream): the agent
 /// logs it as such, not as a reset.
 fn client_exit_is_a_clean_goodbye(t: Transport) {

@@ -47,13 +47,13 @@ impl QuicCert {
             .map_err(|e| QuicError::CertFile(format!("{}: bad PEM: {e}", cert_file.display())))?;
         if chain.is_empty() {
             return Err(QuicError::CertFile(format!(
-                "{} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----); pass the agent certificate to --tls-cert",
+                "{} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
                 cert_file.display()
             )));
         }
         let key = PrivateKeyDer::from_pem_slice(&read(key_file)?).map_err(|e| {
             QuicError::CertFile(format!(
-                "{} holds no usable PEM private key ({e}); pass the key of the certificate to --tls-key",
+                "{} holds no usable PEM private key ({e})",
                 key_file.display()
             ))
         })?;
