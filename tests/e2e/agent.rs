@@ -744,6 +744,29 @@ fn check_reaches_the_target(t: Transport) {
     echo_exchange(fwd.local().connect(), rand::random(), 1 << 16);
 }
 
+/// SIGTERM to a draining agent: it exits 0 at once, and `open`, a stream it still carried, is
+/// reset, not cleanly closed. Returns when the signal was sent.
+fn sigterm_cuts_the_drain(agent: &mut crate::harness::Proc, open: &mut impl Read) -> Instant {
+    let second = Instant::now();
+    agent.signal("TERM");
+    let status = agent.wait_exit();
+    assert!(
+        status.success(),
+        "agent exit after SIGTERM while draining: {status}"
+    );
+    assert!(
+        second.elapsed() < Duration::from_secs(15),
+        "the agent drained on for {:?} after SIGTERM",
+        second.elapsed()
+    );
+    let mut rest = Vec::new();
+    let err = open
+        .read_to_end(&mut rest)
+        .expect_err("a stream cut by the agent's exit must be reset, not cleanly closed");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    second
+}
+
 /// SIGTERM makes the agent drain (30 s by default); a second one ends it at once, and the
 /// client resets the streams of the carrier that broke.
 fn agent_second_signal_cuts_the_drain(t: Transport) {
@@ -759,23 +782,7 @@ fn agent_second_signal_cuts_the_drain(t: Transport) {
     let agent = stack.agent_proc_mut();
     agent.signal("TERM");
     agent.wait_line(Src::Stderr, "the drain line", |l| l.contains("draining"));
-    let second = Instant::now();
-    agent.signal("TERM");
-    let status = agent.wait_exit();
-    assert!(
-        status.success(),
-        "agent exit after the second signal: {status}"
-    );
-    assert!(
-        second.elapsed() < Duration::from_secs(15),
-        "the agent drained on for {:?} after the second signal",
-        second.elapsed()
-    );
-    let mut rest = Vec::new();
-    let err = open
-        .read_to_end(&mut rest)
-        .expect_err("a stream cut by the agent's exit must be reset, not cleanly closed");
-    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    let second = sigterm_cuts_the_drain(agent, &mut open);
     // Told, not found out at an idle timeout (QUIC: 30 s).
     assert!(
         second.elapsed() < Duration::from_secs(15),
@@ -982,23 +989,7 @@ fn agent_sighup_drains_like_sigterm(t: Transport) {
         "the agent exited while draining a stream"
     );
 
-    let second = Instant::now();
-    agent.signal("TERM");
-    let status = agent.wait_exit();
-    assert!(
-        status.success(),
-        "agent exit after SIGHUP, SIGTERM: {status}"
-    );
-    assert!(
-        second.elapsed() < Duration::from_secs(15),
-        "the agent drained on for {:?} after SIGTERM",
-        second.elapsed()
-    );
-    let mut rest = Vec::new();
-    let err = idle
-        .read_to_end(&mut rest)
-        .expect_err("a stream cut by the agent's exit must be reset, not cleanly closed");
-    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    sigterm_cuts_the_drain(agent, &mut idle);
 }
 
 /// A client that resets its streams (a browser cancelling requests) is everyday work: nothing
