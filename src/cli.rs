@@ -242,7 +242,8 @@ pub struct AgentArgs {
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
-    /// On SIGTERM, give open streams this long to finish after GOAWAY.
+    /// On SIGTERM, SIGINT or SIGHUP, give open streams this long to finish after GOAWAY (a
+    /// second SIGTERM or SIGINT ends it at once).
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = secs)]
     pub drain: u64,
 
