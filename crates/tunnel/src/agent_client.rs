@@ -215,6 +215,11 @@ impl AgentLink {
                 return Ok(c);
             }
             st.retire(&c);
+            if c.is_draining() {
+                // Its streams finish there; then nobody needs it (the agent closes one it
+                // drains itself, not one that used up its stream ids).
+                tokio::spawn(close_when_drained(c, "drained"));
+            }
         }
         if let (Some(at), Some(err), false) = (st.last_attempt, &st.last_error, forced) {
             if at.elapsed() < USER_RETRY {
@@ -511,11 +516,16 @@ async fn reap_overflow(link: Weak<AgentLink>, c: Arc<Carrier>) {
     // A connection that took this carrier just before may still open on it: GOAWAY makes
     // that open fail over to another carrier, and one that got in first drains.
     c.go_away("idle overflow carrier");
+    close_when_drained(c, "idle overflow carrier").await;
+}
+
+/// Closes `c`, which takes no new streams, once its last stream ended.
+async fn close_when_drained(c: Arc<Carrier>, reason: &'static str) {
     while c.stream_count() > 0 && c.is_alive() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    c.close("idle overflow carrier");
-    tracing::debug!("closed an idle overflow carrier");
+    c.close(reason);
+    tracing::debug!(carrier = %c.label(), "closed a drained carrier ({reason})");
 }
 
 async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {

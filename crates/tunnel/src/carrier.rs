@@ -169,13 +169,13 @@ impl Carrier {
     /// session that closed is not, though its writer may still be flushing the last frames.
     pub fn is_usable(&self) -> bool {
         let g = self.lock();
-        g.dead.is_none() && !g.going_away && !g.session.is_closed()
+        g.dead.is_none() && !g.going_away && !g.session.is_going_away() && !g.session.is_closed()
     }
 
     /// Alive and still carrying its streams, but taking no new ones (a GOAWAY went either way).
     pub fn is_draining(&self) -> bool {
         let g = self.lock();
-        g.dead.is_none() && g.going_away && !g.session.is_closed()
+        g.dead.is_none() && (g.going_away || g.session.is_going_away()) && !g.session.is_closed()
     }
 
     /// Client: before a new stream is trusted to this carrier, makes sure it is alive. One that

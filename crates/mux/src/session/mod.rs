@@ -479,7 +479,18 @@ impl Session {
             self.deferred_opens.push_back((id, target));
         }
         self.streams.insert(id, stream);
+        if self.next_id > u64::from(u32::MAX) {
+            // The last id: this carrier drains, and the driver opens the next stream on a new
+            // one (it did not before, and every connection failed with `IdsExhausted` until
+            // the carrier ended for another reason).
+            self.go_away(ErrorCode::NoError, "stream ids used up");
+        }
         Ok(id)
+    }
+
+    /// A `GOAWAY` was sent or received: no new streams here, existing ones go on.
+    pub fn is_going_away(&self) -> bool {
+        self.local_goaway || self.peer_goaway.is_some()
     }
 
     /// Server: the target of stream `id` is connected; sends `OPEN_OK`.
@@ -835,5 +846,40 @@ impl Session {
             Some((code, detail)),
         );
         err
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that used its last stream id says GOAWAY and opens nothing more, so its driver
+    /// moves on to a new carrier; the last stream itself works.
+    #[test]
+    fn the_last_stream_id_makes_the_session_go_away() {
+        let now = Instant::now();
+        let mut c = Session::client(Config::default(), now);
+        c.send_auth(&[7; 32]).unwrap();
+        let target = || Target::new("", 80).unwrap();
+        c.next_id = u64::from(u32::MAX) - 2;
+        assert_eq!(c.open(target()).unwrap(), u32::MAX - 2);
+        assert!(!c.is_going_away());
+        assert_eq!(c.open(target()).unwrap(), u32::MAX);
+        assert!(c.is_going_away(), "the last id was used");
+        assert_eq!(c.open(target()), Err(StreamError::GoingAway));
+        assert_eq!(c.write(u32::MAX, b"still works").unwrap(), 11);
+        let mut wire = Vec::new();
+        while c.poll_transmit(now, &mut wire, 64 * 1024) > 0 {}
+        let frames = crate::decoder::decode_all(&wire).unwrap();
+        assert!(
+            frames.iter().any(|f| matches!(
+                f,
+                Frame::GoAway {
+                    code: ErrorCode::NoError,
+                    ..
+                }
+            )),
+            "no GOAWAY among {frames:?}"
+        );
     }
 }
