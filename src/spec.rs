@@ -56,13 +56,6 @@ fn err(spec: &str, problem: impl Into<String>) -> SpecError {
 fn port(spec: &str, what: &str, s: &str, allow_zero: bool) -> Result<u16, SpecError> {
     let range = if allow_zero { "0-65535" } else { "1-65535" };
     // Digits only: `u16::from_str` also takes a sign ("+22").
-    if what == "remote port" && s.contains('/') {
-        // `5433:abc/[::1]`: the last field is the target itself.
-        return Err(err(
-            spec,
-            format!("remote port is missing after the target '{s}'; {FORM}"),
-        ));
-    }
     let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let p: u16 = s.parse().ok().filter(|_| digits).ok_or_else(|| {
         err(
@@ -168,6 +161,13 @@ impl Spec {
         let (local_text, host_field) = rsplit_colon(rest).ok_or_else(|| err(text, FORM))?;
         if local_text.is_empty() {
             return Err(err(text, format!("local port is missing; {FORM}")));
+        }
+        if rport.contains('/') {
+            // `5433:abc/[::1]`: the last field is the target itself.
+            return Err(err(
+                text,
+                format!("remote port is missing after the target '{rport}'; {FORM}"),
+            ));
         }
         let rport = port(text, "remote port", rport, false)?;
         let (host, via_target) = match host_field.split_once('/') {

@@ -62,6 +62,9 @@ struct Inner {
     dead: Option<String>,
     /// Streams still open when the carrier died: they were reset.
     cut: usize,
+    /// A GOAWAY was sent or received, as far as this carrier logged: the peer's first is news,
+    /// a second (a drain often ends with one) is not. Whether new streams may open is the
+    /// session's to say (`Session::is_going_away`).
     going_away: bool,
     /// The last reason the peer gave in a GOAWAY: a carrier it then closes died for that reason,
     /// which says more than "closed" (an agent whose drain time ran out says so).
@@ -169,13 +172,13 @@ impl Carrier {
     /// session that closed is not, though its writer may still be flushing the last frames.
     pub fn is_usable(&self) -> bool {
         let g = self.lock();
-        g.dead.is_none() && !g.going_away && !g.session.is_going_away() && !g.session.is_closed()
+        g.dead.is_none() && !g.session.is_going_away() && !g.session.is_closed()
     }
 
     /// Alive and still carrying its streams, but taking no new ones (a GOAWAY went either way).
     pub fn is_draining(&self) -> bool {
         let g = self.lock();
-        g.dead.is_none() && (g.going_away || g.session.is_going_away()) && !g.session.is_closed()
+        g.dead.is_none() && g.session.is_going_away() && !g.session.is_closed()
     }
 
     /// Client: before a new stream is trusted to this carrier, makes sure it is alive. One that

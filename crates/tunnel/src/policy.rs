@@ -107,11 +107,11 @@ impl TargetPolicy {
                 }
                 // Anything else must be one host: `10.0.0.0/8` or `http://db` would be taken for
                 // a name no target ever has, and the allowance would silently never apply.
-                h if h.parse::<IpAddr>().is_ok() => {
-                    HostPattern::Ip(h.parse::<IpAddr>().map_err(|_| bad())?.to_canonical())
-                }
-                h if is_name(h) => HostPattern::Exact(h.to_ascii_lowercase()),
-                _ => return Err(bad()),
+                h => match h.parse::<IpAddr>() {
+                    Ok(ip) => HostPattern::Ip(ip.to_canonical()),
+                    Err(_) if is_name(h) => HostPattern::Exact(h.to_ascii_lowercase()),
+                    Err(_) => return Err(bad()),
+                },
             };
             allow.push(Allow { host, port });
         }

@@ -363,8 +363,7 @@ impl Session {
     /// A `GOAWAY` was sent or received and no stream is left, or the session is closed: the driver can
     /// flush `poll_transmit` and drop the carrier.
     pub fn is_drained(&self) -> bool {
-        self.closed.is_some()
-            || ((self.local_goaway || self.peer_goaway.is_some()) && self.streams.is_empty())
+        self.closed.is_some() || (self.is_going_away() && self.streams.is_empty())
     }
 
     /// Next event for the driver.
@@ -458,7 +457,7 @@ impl Session {
         if self.closed.is_some() {
             return Err(StreamError::SessionClosed);
         }
-        if self.local_goaway || self.peer_goaway.is_some() {
+        if self.is_going_away() {
             return Err(StreamError::GoingAway);
         }
         if self.streams.len() >= self.config.max_concurrent_streams {
