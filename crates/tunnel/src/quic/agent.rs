@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::cert::SpkiPin;
+use super::window::WindowFit;
 use super::{
     close, code, is_loopback, proof_host, read_target, transport, HeaderError, QuicCert, QuicError,
     QuicStream, ALPN, AUTH_HELLO, AUTH_TIMEOUT, MAX_STREAMS, MAX_UNAUTHENTICATED,
@@ -341,7 +342,7 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: C
             return;
         }
     };
-    super::fit_window(&conn);
+    let fit = Arc::new(WindowFit::new(&conn));
     let hd = conn
         .handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok());
@@ -372,7 +373,7 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: C
         }
     }
     drop(pending);
-    serve_streams(conn, shared, stop).await;
+    serve_streams(conn, shared, stop, fit).await;
 }
 
 fn reject(send: &mut SendStream, recv: &mut RecvStream, c: u32) {
@@ -458,7 +459,12 @@ async fn authenticate(
     }
 }
 
-async fn serve_streams(conn: quinn::Connection, shared: Arc<Shared>, stop: CancellationToken) {
+async fn serve_streams(
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    fit: Arc<WindowFit>,
+) {
     let mut stopping = false;
     loop {
         let accepted = tokio::select! {
@@ -480,7 +486,7 @@ async fn serve_streams(conn: quinn::Connection, shared: Arc<Shared>, stop: Cance
                 // stream span is off at the default level, and a spawned task does not inherit
                 // the span it was spawned from.
                 shared.streams.spawn(
-                    handle_stream(send, recv, shared.clone())
+                    handle_stream(send, recv, shared.clone(), fit.clone())
                         .instrument(span)
                         .in_current_span(),
                 );
@@ -499,7 +505,12 @@ async fn serve_streams(conn: quinn::Connection, shared: Arc<Shared>, stop: Cance
     }
 }
 
-async fn handle_stream(mut send: SendStream, mut recv: RecvStream, shared: Arc<Shared>) {
+async fn handle_stream(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    shared: Arc<Shared>,
+    fit: Arc<WindowFit>,
+) {
     let target = match tokio::time::timeout(HEADER_TIMEOUT, read_target(&mut recv)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
@@ -543,7 +554,7 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, shared: Arc<S
         }
     };
     tracing::debug!(target = %shown, "stream opened");
-    let mut quic = QuicStream::new(send, recv, "client", shown.clone());
+    let mut quic = QuicStream::new(send, recv, "client", shown.clone()).with_fit(fit);
     let mut tcp = tcp;
     let outcome = tokio::select! {
         // The cut is checked first: a busy relay must not hide it.

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use super::agent::udp_socket;
 use super::cert::{CaVerifier, PinVerifier, Rejection, Seen};
 use super::stream::{Reopening, Replay};
+use super::window::WindowFit;
 use super::{
     close, encode_target, is_loopback, proof_host, transport, QuicError, QuicStream, SpkiPin, ALPN,
     AUTH_HELLO,
@@ -147,6 +148,8 @@ fn untrusted(host: &str, e: rustls::Error) -> String {
 /// One authenticated quinn connection of a carrier.
 pub(super) struct Link {
     conn: quinn::Connection,
+    /// Its send window's sizing, shared by its streams.
+    fit: Arc<WindowFit>,
     /// The agent said it is shutting down: no new streams here.
     away: AtomicBool,
     /// Streams open on this connection (each holds a [`Lease`]).
@@ -240,6 +243,7 @@ impl Link {
             rx: std::sync::Mutex::new((conn_rx(&conn), Instant::now())),
             answer_due: std::sync::Mutex::new(None),
             clocks: std::sync::Mutex::new(Vec::new()),
+            fit: Arc::new(WindowFit::new(&conn)),
             conn,
         })
     }
@@ -765,8 +769,9 @@ impl QuicCarrier {
                     quinn::WriteError::ConnectionLost(c) => c,
                     _ => quinn::ConnectionError::LocallyClosed,
                 })?;
-                let mut stream =
-                    QuicStream::new(send, recv, "agent", shown.clone()).with_lease(lease);
+                let mut stream = QuicStream::new(send, recv, "agent", shown.clone())
+                    .with_fit(link.fit.clone())
+                    .with_lease(lease);
                 if replayable {
                     let replay =
                         Replay::new(link.conn.clone(), rx_at_open, self.reopener(header, &shown));
@@ -950,7 +955,6 @@ impl QuicCarrier {
                 port: self.port,
             });
         }
-        super::fit_window(&conn);
         Ok(conn)
     }
 

@@ -31,6 +31,7 @@ mod client;
 mod congestion;
 mod stream;
 mod udp;
+mod window;
 
 use std::io;
 use std::net::SocketAddr;
@@ -216,7 +217,7 @@ fn transport(max_streams: u32, loopback: bool) -> Arc<quinn::TransportConfig> {
     t.congestion_controller_factory(Arc::new(congestion::LossTolerantConfig::default()));
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW))
         .receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW))
-        .send_window(SEND_WINDOW)
+        .send_window(window::SEND_WINDOW)
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_streams))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
         .keep_alive_interval(Some(KEEPALIVE))
@@ -234,24 +235,6 @@ fn is_loopback(ip: std::net::IpAddr) -> bool {
 
 /// Largest UDP payload either side accepts, and probes for on loopback (the IPv6 maximum).
 const MAX_UDP_PAYLOAD: u16 = 65527;
-
-/// Sizes the connection's send window to its path once the handshake has measured it.
-///
-/// quinn's windows are fixed, not tuned, and a bulk transfer keeps all it may in flight. On a
-/// path of under a millisecond (loopback, a LAN), where the receiver's CPU is the bottleneck,
-/// 64 MiB of it sat queued ahead of every other stream's bytes: a 1-byte round trip beside a
-/// bulk download took 11-12 ms p50 / 23-28 ms p99 on loopback; with 2 MiB in flight
-/// 2.6-2.7 / 5.6-7.4 ms, throughput unchanged within the noise (1 MiB cost a fifth of it).
-/// The sender's window sets that bound, not the receiver's: a receive window that small let one
-/// local reader that stopped reading hold all of it, and stop the carrier (see
-/// [`RECEIVE_WINDOW`]). The path is judged by the handshake's round trip, not by the address:
-/// a loopback peer can be a relay in front of a long path (the benchmark's WAN emulation is
-/// one, where a 2 MiB *stream* window held 1 Gbit/s at 100 ms to 14 %).
-pub(crate) fn fit_window(conn: &quinn::Connection) {
-    if conn.rtt() < SHORT_PATH_RTT {
-        conn.set_send_window(SHORT_PATH_SEND_WINDOW);
-    }
-}
 
 /// How often an idle connection sends a PING. Short, because UDP has no reset: an agent that
 /// was killed and restarted forgets the connection, and only answers its next packet with a
@@ -272,20 +255,11 @@ const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 /// 12 stalled streams on, the client opens new streams on another connection (`client::Link`'s
 /// read clocks), as the TCP carrier does once its window is three-quarters held. It is a bound
 /// on memory only while readers stall: bytes that are read leave at once, and what is in
-/// flight is bounded by the sender's window ([`SEND_WINDOW`], [`fit_window`]).
+/// flight is bounded by the sender's window (see [`window`]).
 const RECEIVE_WINDOW: u32 = STALLED_STREAMS_FIT as u32 * STREAM_WINDOW;
 
 /// How many whole stream windows the connection's receive window holds.
 const STALLED_STREAMS_FIT: usize = 16;
-
-/// Unacknowledged bytes a connection may have sent or queued, over a long path.
-const SEND_WINDOW: u64 = 64 * 1024 * 1024;
-
-/// Below this handshake round trip a path counts as short (see [`fit_window`]).
-const SHORT_PATH_RTT: Duration = Duration::from_millis(1);
-
-/// Send window of a whole connection over a short path.
-const SHORT_PATH_SEND_WINDOW: u64 = 2 * 1024 * 1024;
 
 /// How long a loopback connection keeps small packets after quinn suspected a black hole.
 const LOOPBACK_BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(1);

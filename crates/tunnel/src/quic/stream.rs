@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::client::Lease;
 use super::code;
+use super::window::WindowFit;
 use crate::relay::Endpoint;
 
 type Acked = Pin<Box<dyn Future<Output = Result<Option<VarInt>, StoppedError>> + Send>>;
@@ -41,6 +42,8 @@ pub struct QuicStream {
     /// Client: what to send again on a new connection if this one is reset before the agent
     /// was heard from (see [`Replay`]).
     replay: Option<Box<Replay>>,
+    /// The connection's send window sizing, told what this stream writes.
+    fit: Option<Arc<WindowFit>>,
 }
 
 /// A client stream's way back from an agent restart it could not know of.
@@ -124,7 +127,13 @@ impl QuicStream {
             aborted: AtomicBool::new(false),
             lease: None,
             replay: None,
+            fit: None,
         }
+    }
+
+    pub(super) fn with_fit(mut self, fit: Arc<WindowFit>) -> Self {
+        self.fit = Some(fit);
+        self
     }
 
     pub(super) fn with_lease(mut self, lease: Lease) -> Self {
@@ -194,6 +203,7 @@ impl QuicStream {
                         std::mem::swap(&mut self.send, &mut fresh.send);
                         std::mem::swap(&mut self.recv, &mut fresh.recv);
                         std::mem::swap(&mut self.lease, &mut fresh.lease);
+                        std::mem::swap(&mut self.fit, &mut fresh.fit);
                         self.acked = None;
                         self.peer_stop = None;
                         // `fresh` now holds the dead connection's halves; dropping it resets
@@ -431,6 +441,9 @@ impl AsyncWrite for QuicStream {
             }
             match ready!(written) {
                 Ok(n) => {
+                    if let Some(fit) = &this.fit {
+                        fit.wrote(this.send.id(), n);
+                    }
                     if let Some(r) = this.replay.as_mut() {
                         if r.sent.len() + n > REPLAY_CAP {
                             this.replay = None;
@@ -529,6 +542,9 @@ impl Endpoint for QuicStream {
 
 impl Drop for QuicStream {
     fn drop(&mut self) {
+        if let Some(fit) = &self.fit {
+            fit.closed(self.send.id());
+        }
         let aborted = self.aborted.load(Ordering::Relaxed);
         // quinn would finish a dropped send stream, which the peer would take for a complete
         // one: only an explicit shutdown may end it cleanly.
