@@ -42,7 +42,7 @@ pub struct Config {
     /// auto-tuning compares against current (1 s; well inside the peer's `ping_budget`).
     pub rtt_probe_interval: Duration,
     /// Auto-tuning lets a stream window reach `delivery rate × (2 × minimum RTT + this)`: the
-    /// queue it may always build, however short the path (1 ms).
+    /// queue it may always build, however short the path (4 ms).
     pub tune_queue_floor: Duration,
     /// The same for a stream with company (another stream carried data lately): its window
     /// reaches `rate × (1.5 × minimum RTT + this)` (250 µs). Smaller, because that queue is
@@ -71,7 +71,7 @@ impl Default for Config {
             budget_interval: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(15),
             rtt_probe_interval: Duration::from_secs(1),
-            tune_queue_floor: Duration::from_millis(1),
+            tune_queue_floor: Duration::from_millis(4),
             shared_queue_floor: Duration::from_micros(250),
             idle_timeout: Duration::from_secs(45),
             auth_timeout: Duration::from_secs(10),
