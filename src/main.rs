@@ -178,6 +178,7 @@ fn main() {
     if threads > 1 {
         builder.worker_threads(threads);
     }
+    builder.event_interval(forward_tunnel::relay::EVENT_INTERVAL);
     let json_logs = matches!(cli.log.log_format, LogFormat::Json);
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,

@@ -40,6 +40,15 @@ const MAX_BUF: usize = 256 * 1024;
 /// send buffer was full (up to 4 MiB, a few milliseconds of decrypting and copying) while an
 /// interactive connection's byte waited behind it.
 const FAIR_SHARE: usize = MAX_BUF;
+/// Tasks a busy runtime runs between looks at the sockets: every one. tokio's default is 61, and
+/// with one bulk transfer always ready a byte on another connection went unseen for up to 61
+/// of its shares: a 1-byte round trip beside a direct download took 37-61 ms p99 on loopback,
+/// 13 ms at 1. (Deferring the share's wake until the runtime has polled for I/O, as tokio's
+/// `yield_now` does, did as well for direct mode, but cost sixteen QUIC downloads together a
+/// third of their throughput: the relays then refilled quinn's buffers only once its driver
+/// had drained them.) The price is a non-blocking `epoll_wait` per task while the runtime is
+/// busy, which the benchmark's CPU per Gbit/s did not show. Used by the binary's runtimes.
+pub const EVENT_INTERVAL: u32 = 1;
 /// First and longest wait between checks for a reset of a half-closed TCP side.
 const RESET_WATCH_FIRST: Duration = Duration::from_millis(100);
 const RESET_WATCH_MAX: Duration = Duration::from_secs(10);
@@ -691,13 +700,10 @@ impl Half {
         let mut moved = 0;
         loop {
             if moved >= FAIR_SHARE {
-                // Back of the run queue, and only after the runtime has looked at the sockets:
-                // tokio's `yield_now` defers the wake until then. A plain self-wake went
-                // straight back into the run queue, and a busy current-thread runtime polls
-                // for I/O only every 61 tasks, so an interactive connection beside a bulk one
-                // went unnoticed for up to 61 shares: a 1-byte round trip beside a direct
-                // download took 2.7-7.0 / 37-61 ms p50 / p99 on loopback.
-                let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
+                // Back of the run queue: whatever else is ready goes first. That includes
+                // connections whose sockets became ready only if the runtime looks at the
+                // sockets between tasks (see `EVENT_INTERVAL`).
+                cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
             if self.pending() == 0 && !self.read_eof {
@@ -1121,10 +1127,8 @@ mod tests {
         assert!(polls >= total / (2 * MAX_BUF), "{polls} polls");
     }
 
-    /// The yield after a share must let the runtime look at the sockets first: a busy
-    /// current-thread runtime polls for I/O only every 61 tasks, and a transfer that put itself
-    /// straight back in the run queue left a byte on another connection unseen for up to 61
-    /// shares.
+    /// On forward's runtime a byte on another connection is seen within a share or so of a
+    /// transfer that is always ready: with tokio's default `event_interval` it was 61 shares.
     #[test]
     fn a_byte_on_another_socket_is_seen_within_a_share_of_a_busy_transfer() {
         use std::io::Write;
@@ -1132,6 +1136,7 @@ mod tests {
         use tokio::io::AsyncReadExt;
         const PINGS: usize = 5;
         let rt = tokio::runtime::Builder::new_current_thread()
+            .event_interval(EVENT_INTERVAL)
             .enable_all()
             .build()
             .unwrap();
