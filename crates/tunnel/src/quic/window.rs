@@ -172,10 +172,11 @@ impl Fit {
         if !self.short {
             return None;
         }
-        let company = self.light.is_some_and(|(l, at)| {
-            now.saturating_duration_since(at) < COMPANY_FOR
-                && self.streams.get(&l).is_some_and(|a| a.is_light(now))
-        });
+        // The light stream is still light: one that wrote more since was forgotten above (or
+        // when it ended), and a quiet one's counts only fall.
+        let company = self
+            .light
+            .is_some_and(|(_, at)| now.saturating_duration_since(at) < COMPANY_FOR);
         let window = if company {
             SHARED_WINDOW
         } else {
