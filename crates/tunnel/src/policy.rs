@@ -59,14 +59,6 @@ pub struct TargetPolicy {
     allow: Vec<Allow>,
 }
 
-fn is_loopback_name(host: &str) -> bool {
-    let h = host.trim_start_matches('[').trim_end_matches(']');
-    h.is_empty()
-        || h.eq_ignore_ascii_case("localhost")
-        || h.parse::<IpAddr>()
-            .is_ok_and(|ip| ip.to_canonical().is_loopback())
-}
-
 /// A DNS name: dot-separated labels of letters, digits, '-' and '_', no label starting or
 /// ending with '-' (also how SPECs check their host names; a TLS name must pass too).
 pub fn is_name(h: &str) -> bool {
@@ -120,14 +112,16 @@ impl TargetPolicy {
 
     /// Whether `host:port` may be dialled.
     pub fn allows(&self, host: &str, port: u16) -> bool {
-        if is_loopback_name(host) {
+        let h = host.trim_start_matches('[').trim_end_matches(']');
+        let ip = h.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
+        // The VM's loopback, however it is written, is always allowed.
+        if h.is_empty()
+            || h.eq_ignore_ascii_case("localhost")
+            || ip.is_some_and(|ip| ip.is_loopback())
+        {
             return true;
         }
-        let h = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_ascii_lowercase();
-        let ip = h.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
+        let h = h.to_ascii_lowercase();
         self.allow.iter().any(|a| {
             a.port.is_none_or(|p| p == port)
                 && match &a.host {
