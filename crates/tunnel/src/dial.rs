@@ -132,6 +132,20 @@ fn no_listener_hint(port: u16) -> String {
 /// laptop's clock stands still, so sleeping does not count.
 pub const PATH_DEAD_AFTER: Duration = Duration::from_secs(45);
 
+/// Applies [`PATH_DEAD_AFTER`] where the kernel offers it (TCP_USER_TIMEOUT: Linux). macOS and
+/// the BSDs have no such option in socket2; there a dead path under a direct connection lasts
+/// the kernel's own retransmission limit, while agent carriers still end at their 45 s of
+/// silence (the mux's keepalive, in user space).
+#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+fn give_up_on_dead_path(stream: &TcpStream) -> io::Result<()> {
+    SockRef::from(stream).set_tcp_user_timeout(Some(PATH_DEAD_AFTER))
+}
+
+#[cfg(not(any(target_os = "android", target_os = "fuchsia", target_os = "linux")))]
+fn give_up_on_dead_path(_stream: &TcpStream) -> io::Result<()> {
+    Ok(())
+}
+
 /// Socket options every TCP connection of ours gets.
 pub fn tune_tcp(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
@@ -306,8 +320,7 @@ pub(crate) async fn connect_addrs(
     };
     match race(addrs, attempt, |_| false).await {
         Ok(stream) => {
-            let tuned = tune_tcp(&stream)
-                .and_then(|()| SockRef::from(&stream).set_tcp_user_timeout(Some(PATH_DEAD_AFTER)));
+            let tuned = tune_tcp(&stream).and_then(|()| give_up_on_dead_path(&stream));
             if let Err(e) = tuned {
                 tracing::debug!(error = %e, "could not tune TCP socket");
             }
@@ -559,6 +572,7 @@ mod tests {
         );
     }
 
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn connections_to_the_edge_give_up_on_a_dead_path_after_45_s() {
         let l = tokio::net::TcpListener::bind(a("127.0.0.1:0"))
