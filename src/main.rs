@@ -3,6 +3,11 @@
 //! The binary is thin: it parses arguments (`cli`, `spec`), wires the library crates together
 //! (`run`, `demo`) and turns errors into one line on stderr with a non-zero exit.
 
+// Said once, plainly, instead of a page of errors from the Unix-only parts (signals, Unix
+// sockets, file modes).
+#[cfg(not(unix))]
+compile_error!("forward runs on Linux and macOS; on Windows, build and run it in WSL");
+
 mod agent;
 mod cli;
 mod demo;
