@@ -125,8 +125,12 @@ fn unix_path_problem(path: &Path, e: &io::Error) -> Option<String> {
     None
 }
 
-/// `sun_path` of `sockaddr_un` on Linux, with its terminating NUL.
+/// `sun_path` of `sockaddr_un`, with its terminating NUL: 108 bytes on Linux, 104 on macOS and
+/// the BSDs.
+#[cfg(any(target_os = "linux", target_os = "android"))]
 const UNIX_PATH_MAX: usize = 108;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const UNIX_PATH_MAX: usize = 104;
 
 /// A bound listener.
 #[derive(Debug)]
@@ -497,7 +501,7 @@ mod tests {
         let long = LocalAddr::Unix(PathBuf::from(format!("/tmp/{}.sock", "x".repeat(120))));
         let e = Listener::bind(&long).unwrap_err().to_string();
         assert!(
-            e.contains("the path is 130 bytes") && e.contains("under 108"),
+            e.contains("the path is 130 bytes") && e.contains(&format!("under {UNIX_PATH_MAX}")),
             "{e}"
         );
     }
