@@ -59,6 +59,16 @@ pub struct TargetPolicy {
     allow: Vec<Allow>,
 }
 
+/// A target host without the brackets an IPv6 literal may carry.
+fn unbracketed(host: &str) -> &str {
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The VM's own loopback by name: no host (a SPEC's `vm:port`) or `localhost`.
+fn names_localhost(h: &str) -> bool {
+    h.is_empty() || h.eq_ignore_ascii_case("localhost")
+}
+
 /// A DNS name: dot-separated labels of letters, digits, '-' and '_', no label starting or
 /// ending with '-' (also how SPECs check their host names; a TLS name must pass too).
 pub fn is_name(h: &str) -> bool {
@@ -90,7 +100,7 @@ impl TargetPolicy {
                 // `2001:db8::1:22` is also a whole address without a port: say which is meant.
                 return Err(bad());
             }
-            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let host = unbracketed(host);
             let host = match host {
                 "" => return Err(bad()),
                 "*" => HostPattern::Any,
@@ -112,13 +122,10 @@ impl TargetPolicy {
 
     /// Whether `host:port` may be dialled.
     pub fn allows(&self, host: &str, port: u16) -> bool {
-        let h = host.trim_start_matches('[').trim_end_matches(']');
+        let h = unbracketed(host);
         let ip = h.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
         // The VM's loopback, however it is written, is always allowed.
-        if h.is_empty()
-            || h.eq_ignore_ascii_case("localhost")
-            || ip.is_some_and(|ip| ip.is_loopback())
-        {
+        if names_localhost(h) || ip.is_some_and(|ip| ip.is_loopback()) {
             return true;
         }
         let h = h.to_ascii_lowercase();
@@ -147,8 +154,8 @@ impl TargetPolicy {
         // The name lookup counts against the deadline: a resolver that hangs must not hold
         // the client's stream longer than a silent target would.
         let deadline = tokio::time::Instant::now() + timeout;
-        let h = host.trim_start_matches('[').trim_end_matches(']');
-        let addrs: Vec<SocketAddr> = if h.is_empty() || h.eq_ignore_ascii_case("localhost") {
+        let h = unbracketed(host);
+        let addrs: Vec<SocketAddr> = if names_localhost(h) {
             // ::1 first: a VM service reachable through the edge binds ::, and an IPv4-only
             // one still answers on 127.0.0.1.
             vec![

@@ -384,10 +384,10 @@ const MIN_TUNE_RTT: Duration = Duration::from_micros(50);
 ///   few milliseconds of queue behind a stream alone nobody notices. It was 1 ms until a
 ///   slower host (session 19): through the edge, with four processes on two cores, agent-tls
 ///   pulled 2.6–3.3 Gbit/s at 1 ms and 3.2–4.4 at 4 ms (six alternating 6 s pulls each), the
-///   agent's CPU per Gbit/s falling with it; agent-tcp, one process fewer, was the same. With company it is 250 µs (`shared_queue_floor`):
-///   that queue is what the other stream waits behind, and at 1 ms a 1-byte round trip beside
-///   a loopback bulk download took 1.1 ms p50 / 2.4–2.9 ms p99 (idle: 0.2 ms p99); at 250 µs
-///   0.34–0.41 / 0.63–0.76 ms.
+///   agent's CPU per Gbit/s falling with it; agent-tcp, one process fewer, was the same. With
+///   company it is 250 µs (`shared_queue_floor`): that queue is what the other stream waits
+///   behind, and at 1 ms a 1-byte round trip beside a loopback bulk download took 1.1 ms p50 /
+///   2.4–2.9 ms p99 (idle: 0.2 ms p99); at 250 µs 0.34–0.41 / 0.63–0.76 ms.
 fn grown_window(
     s: &crate::stream::Stream,
     now: Instant,
