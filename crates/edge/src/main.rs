@@ -6,9 +6,9 @@ use clap::Parser;
 use forward_edge::EdgeArgs;
 
 // The same allocator as `forward edge`, so the imitation costs the same however it is started.
-// Under glibc's, where rustls' per-record buffers landed against the deframer's decided per
-// connection whether copying received plaintext hit this CPU's slow memcpy case (a fifth of
-// those copies did in one upload), which made upload figures through the edge swing run to run.
+// Under glibc's, where each connection's buffers happened to land decided whether rustls' copy
+// of received plaintext hit this CPU's slow memcpy case (19 % and 44 % of those copies in two
+// uploads), so upload figures through the edge swung from run to run.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

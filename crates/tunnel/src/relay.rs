@@ -39,10 +39,11 @@ const MAX_BUF: usize = 256 * 1024;
 /// glibc's memcpy of 4 KiB and more runs at 2 GB/s instead of 40 when the destination lies 1 to
 /// 31 bytes past the source, modulo 4 KiB (its `rep movsb` path). rustls copies every record it
 /// sends to 5 bytes into a fresh allocation, page-aligned under mimalloc: from a page-aligned
-/// relay buffer that is the slow case exactly, and it was 39 % of the client's CPU in a direct
-/// upload. Half a page more keeps source and destination 2 KiB apart for that copy and for the
-/// copy of received plaintext out of rustls (from offset 0 of a fresh allocation into here),
-/// so an allocator that places its blocks a little differently stays clear of the window too.
+/// relay buffer that is the slow case exactly, and it was 39 % of the client's CPU samples in a
+/// direct upload. Half a page more keeps source and destination 2 KiB apart for that copy and
+/// for the copy of received plaintext out of rustls (from offset 0 of a fresh allocation into
+/// here), so an allocator that places its blocks a little differently stays clear of the
+/// window too.
 const SKEW: usize = 2048 + 5;
 /// Bytes one direction of a relay moves per poll before it lets the runtime's other tasks run.
 /// forward runs on one thread; without a share, a bulk transfer moved until its local socket's
