@@ -69,7 +69,8 @@ pub struct Cli {
 
     /// Threads that run connections. Default: 1 for forwarding and the agent (a relay is
     /// bound by the network, and one thread saves the cross-thread wakeups that cost agent
-    /// mode a quarter of its CPU per byte); one per core for the edge and the demo.
+    /// mode a quarter of its CPU per byte), plus, in direct mode, a spare thread for
+    /// connections accepted while that one is busy; one per core for the edge and the demo.
     #[arg(
         long,
         global = true,

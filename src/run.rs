@@ -204,7 +204,14 @@ pub async fn serve_all<C: Connector>(
     // signals once it read them must not meet the default action.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    let life = Lifecycle::default();
+    let mut life = Lifecycle::default();
+    // On the default one thread, a connection accepted while a transfer keeps that thread busy
+    // goes to a spare one (forward_tunnel::spare); a multi-thread runtime spreads them itself.
+    if tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::CurrentThread
+    {
+        life.spare = Some(Arc::new(forward_tunnel::spare::Spare::new()));
+    }
     let mut tasks = Vec::new();
     for f in forwards {
         let label: Arc<str> = f.connector.describe().into();

@@ -119,11 +119,21 @@ impl Proc {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Proc::forward_logging(name, args, "info")
+    }
+
+    /// Spawns `forward ARGS...` logging at `filter` (a RUST_LOG value), for a test that reads
+    /// a debug line.
+    pub fn forward_logging<I, S>(name: &str, args: I, filter: &str) -> Proc
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut cmd = Command::new(forward_bin());
         cmd.args(args).stdin(Stdio::null());
         // Keep the child's logs readable in failure output; a developer's RUST_LOG still wins.
         if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
+            cmd.env("RUST_LOG", filter);
         }
         cmd.env("NO_COLOR", "1");
         Proc::spawn(name, cmd)

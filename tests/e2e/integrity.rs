@@ -3,7 +3,9 @@
 
 use std::sync::{Arc, Barrier};
 use std::thread;
+use std::time::{Duration, Instant};
 
+use crate::harness::TIMEOUT;
 use crate::net::{echo_exchange, hex, Backend, Payload};
 use crate::stack::{Stack, Transport};
 
@@ -78,5 +80,34 @@ fn hundred_concurrent_connections(t: Transport) {
     assert_eq!(
         sent, seen,
         "the service did not receive exactly the N payloads"
+    );
+}
+
+/// Direct mode on its default one thread: a connection accepted while a transfer keeps that
+/// thread busy moves to the spare thread before its first byte (forward_tunnel::spare), and its
+/// bytes, and the transfer's, arrive intact.
+#[test]
+fn a_connection_accepted_beside_a_busy_transfer_moves_to_the_spare_thread_intact() {
+    let backend = Backend::echo();
+    let stack = Stack::start(Transport::Direct, &[backend.port]);
+    let spec = format!("127.0.0.1:0:{}", stack.target(backend.port));
+    let fwd = stack.forward_logging("info,forward_tunnel::serve=debug", &[spec], 1);
+    let local = fwd.local().clone();
+    let seed = rand::random();
+    let bulk = thread::spawn(move || echo_exchange(local.connect(), seed, 128 * MIB));
+    let deadline = Instant::now() + TIMEOUT;
+    let mut moved = false;
+    while !moved && !bulk.is_finished() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+        // echo_exchange asserts that the 64 KiB came back as sent.
+        echo_exchange(fwd.local().connect(), rand::random(), 64 * 1024);
+        moved = fwd.proc.stderr_text().contains("moved to the spare thread");
+    }
+    bulk.join()
+        .expect("the 128 MiB transfer beside the moved connections");
+    assert!(
+        moved,
+        "no connection moved to the spare thread while forward relayed 128 MiB each way; its log:\n{}",
+        fwd.proc.stderr_text()
     );
 }

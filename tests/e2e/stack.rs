@@ -284,6 +284,17 @@ impl Stack {
         Forward::start(args, listeners, self.transport)
     }
 
+    /// [`Stack::forward`] with forward logging at `filter` (a RUST_LOG value).
+    pub fn forward_logging(&self, filter: &str, specs: &[String], listeners: usize) -> Forward {
+        let mut args = self.client_args();
+        args.extend(specs.iter().map(OsString::from));
+        Forward::start_with(
+            Proc::forward_logging("forward", args, filter),
+            listeners,
+            self.transport,
+        )
+    }
+
     /// `forward 127.0.0.1:0:vm1:PORT` — the common single-listener case.
     pub fn forward_to(&self, service_port: u16) -> Forward {
         self.forward(
@@ -312,7 +323,11 @@ pub struct Forward {
 
 impl Forward {
     pub fn start(args: Vec<OsString>, listeners: usize, transport: Transport) -> Forward {
-        let mut proc = Proc::forward("forward", args);
+        Forward::start_with(Proc::forward("forward", args), listeners, transport)
+    }
+
+    /// Waits for `listeners` forwarding lines of an already spawned `forward`.
+    pub fn start_with(mut proc: Proc, listeners: usize, transport: Transport) -> Forward {
         let lines = proc.wait_lines(Src::Stdout, listeners, "`forwarding ...` lines", |l| {
             l.starts_with("forwarding ") || l.starts_with("{\"forwarding\":")
         });

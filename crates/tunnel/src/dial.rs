@@ -114,6 +114,12 @@ pub trait Connector: Send + Sync + 'static {
     fn hint_no_answer(&self) -> Option<String> {
         None
     }
+    /// Whether a local connection for this connector may be handed to another thread before it
+    /// carries a byte ([`crate::spare`]): true only when its remote stream needs nothing of the
+    /// accepting thread's tasks. The default keeps it where it was accepted.
+    fn movable(&self) -> bool {
+        false
+    }
 }
 
 /// What an edge that hangs up on a fresh connection most likely means: the VM port has no
@@ -461,6 +467,12 @@ impl Connector for DirectConnector {
 
     fn hint_no_answer(&self) -> Option<String> {
         Some(no_listener_hint(self.remote.port))
+    }
+
+    fn movable(&self) -> bool {
+        // Its own TCP + TLS connection, resolved and dialled on whatever thread runs it; the
+        // shared TLS config and the answers cache are thread-safe.
+        true
     }
 }
 

@@ -22,12 +22,13 @@ pub mod policy;
 pub mod readahead;
 pub mod relay;
 pub mod serve;
+pub mod spare;
 mod throttle;
 pub mod tls;
 pub mod upgrade;
 
 pub use dial::{Connector, DialError, DirectConnector, Remote};
-pub use listen::{ListenError, Listener, LocalAddr, LocalStream};
+pub use listen::{DetachedStream, ListenError, Listener, LocalAddr, LocalStream};
 pub use relay::{relay, Endpoint, RelayError, RelayStats};
 pub use serve::{serve, Lifecycle};
 pub mod quic;

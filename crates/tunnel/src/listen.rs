@@ -312,6 +312,35 @@ pub enum LocalStream {
     Unix(UnixStream),
 }
 
+/// A [`LocalStream`] taken off its runtime, to be registered with another one.
+#[derive(Debug)]
+pub enum DetachedStream {
+    /// A TCP connection.
+    Tcp(std::net::TcpStream),
+    /// A Unix-socket connection.
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl LocalStream {
+    /// Deregisters the connection from this runtime's reactor (it stays open and non-blocking).
+    pub fn detach(self) -> io::Result<DetachedStream> {
+        Ok(match self {
+            LocalStream::Tcp(s) => DetachedStream::Tcp(s.into_std()?),
+            LocalStream::Unix(s) => DetachedStream::Unix(s.into_std()?),
+        })
+    }
+}
+
+impl DetachedStream {
+    /// Registers the connection with the runtime this is called on.
+    pub fn attach(self) -> io::Result<LocalStream> {
+        Ok(match self {
+            DetachedStream::Tcp(s) => LocalStream::Tcp(TcpStream::from_std(s)?),
+            DetachedStream::Unix(s) => LocalStream::Unix(UnixStream::from_std(s)?),
+        })
+    }
+}
+
 impl Endpoint for LocalStream {
     fn abort(&self) {
         if let LocalStream::Tcp(s) = self {

@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::dial::Connector;
 use crate::listen::{Listener, LocalStream};
 use crate::relay::{relay, Direction, Endpoint, RelayError};
+use crate::spare::{self, Spare};
 use crate::throttle::Repeats;
 
 /// Shared lifecycle of all forwards of a process.
@@ -35,6 +36,10 @@ pub struct Lifecycle {
     pub abort: CancellationToken,
     /// Tracks open connections so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Where a connection accepted while its thread is busy goes ([`crate::spare`]); `None`
+    /// keeps every connection on the thread that accepted it (a multi-thread runtime spreads
+    /// them itself).
+    pub spare: Option<Arc<Spare>>,
 }
 
 impl Lifecycle {
@@ -79,15 +84,54 @@ pub async fn serve<C: Connector>(
         match accepted {
             Ok((stream, peer)) => {
                 let span = tracing::debug_span!("conn", forward = %label, %peer);
-                life.tracker.spawn(
-                    handle(
-                        stream,
-                        connector.clone(),
-                        label.clone(),
-                        life.clone(),
-                        failures.clone(),
-                    )
+                let spare = life
+                    .spare
+                    .as_ref()
+                    .filter(|_| connector.movable() && spare::this_thread_busy())
+                    .and_then(|s| s.handle());
+                let Some(spare) = spare else {
+                    life.tracker.spawn(
+                        handle(
+                            stream,
+                            connector.clone(),
+                            label.clone(),
+                            life.clone(),
+                            failures.clone(),
+                        )
+                        .instrument(span),
+                    );
+                    continue;
+                };
+                let detached = match stream.detach() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // Taken off this runtime but not usable elsewhere: it is closed.
+                        tracing::warn!(forward = %label, %peer, error = %e, "could not move a new connection to the spare thread");
+                        continue;
+                    }
+                };
+                let (connector, label2, life2, failures) = (
+                    connector.clone(),
+                    label.clone(),
+                    life.clone(),
+                    failures.clone(),
+                );
+                life.tracker.spawn_on(
+                    async move {
+                        match detached.attach() {
+                            Ok(stream) => {
+                                tracing::debug!("moved to the spare thread: this one is busy");
+                                handle(stream, connector, label2, life2, failures).await
+                            }
+                            Err(e) => tracing::warn!(
+                                forward = %label2,
+                                error = %e,
+                                "could not take over a new connection on the spare thread"
+                            ),
+                        }
+                    }
                     .instrument(span),
+                    spare,
                 );
             }
             Err(e) => {
