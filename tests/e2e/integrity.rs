@@ -91,7 +91,7 @@ fn a_connection_accepted_beside_a_busy_transfer_moves_to_the_spare_thread_intact
     let backend = Backend::echo();
     let stack = Stack::start(Transport::Direct, &[backend.port]);
     let spec = format!("127.0.0.1:0:{}", stack.target(backend.port));
-    let fwd = stack.forward_logging("info,forward_tunnel::serve=debug", &[spec], 1);
+    let fwd = stack.forward_logging("info,forward_tunnel::serve=debug", &[], &[spec], 1);
     let local = fwd.local().clone();
     let seed = rand::random();
     let bulk = thread::spawn(move || echo_exchange(local.connect(), seed, 128 * MIB));

@@ -278,15 +278,19 @@ impl Stack {
 
     /// Starts `forward [client args] [extra] SPECS` and waits for `listeners` forwarding lines.
     pub fn forward(&self, extra: &[&str], specs: &[String], listeners: usize) -> Forward {
-        let mut args = self.client_args();
-        args.extend(extra.iter().map(OsString::from));
-        args.extend(specs.iter().map(OsString::from));
-        Forward::start(args, listeners, self.transport)
+        self.forward_logging("info", extra, specs, listeners)
     }
 
     /// [`Stack::forward`] with forward logging at `filter` (a RUST_LOG value).
-    pub fn forward_logging(&self, filter: &str, specs: &[String], listeners: usize) -> Forward {
+    pub fn forward_logging(
+        &self,
+        filter: &str,
+        extra: &[&str],
+        specs: &[String],
+        listeners: usize,
+    ) -> Forward {
         let mut args = self.client_args();
+        args.extend(extra.iter().map(OsString::from));
         args.extend(specs.iter().map(OsString::from));
         Forward::start_with(
             Proc::forward_logging("forward", args, filter),

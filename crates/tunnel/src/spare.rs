@@ -10,9 +10,10 @@
 //! So a connection accepted while its thread has used more than a quarter of a core over the
 //! last [`SAMPLE_EVERY`] is handed, before it carries a byte, to a second thread with a runtime
 //! of its own, and lives there entirely: no wakeup crosses threads for it afterwards. A
-//! connection accepted while the thread is quiet stays, as before. Only connections whose remote end needs
-//! nothing of the accepting thread move (direct mode: a TCP + TLS connection of its own); a mux
-//! stream would wake its carrier's tasks on the other thread for every message.
+//! connection accepted while the thread is quiet stays, as before. Only connections whose
+//! remote end needs nothing of the accepting thread move (direct mode: a TCP + TLS connection
+//! of its own); a mux stream would wake its carrier's tasks on the other thread for every
+//! message.
 //!
 //! Linux only: the thread's CPU time comes from `/proc/thread-self/schedstat`; where that cannot
 //! be read, nothing moves.
@@ -76,21 +77,30 @@ pub(crate) struct Judged {
 }
 
 /// Busy means more than a quarter of a core since the last sample, once [`SAMPLE_EVERY`] has
-/// passed; until then the last verdict stands. The first sample has nothing to compare with:
-/// quiet. A quarter, not a half: a relay's thread at a third of a core (a debug build's
-/// transfer, paced by its peers) already keeps a newcomer's first bytes waiting behind its
-/// batches, and an interactive or idle thread uses a few percent.
-pub(crate) fn judge(prev: Judged, now: Sample) -> Judged {
-    match prev.last {
-        Some(last) if now.at.saturating_duration_since(last.at) < SAMPLE_EVERY => prev,
-        Some(last) => Judged {
-            last: Some(now),
-            busy: now.cpu.saturating_sub(last.cpu) * 4 > now.at - last.at,
-        },
-        None => Judged {
-            last: Some(now),
+/// passed; until then the last verdict stands and the clock is not read (`cpu` is called only
+/// for a new sample: reading it is a file read). The first sample has nothing to compare with:
+/// quiet. A clock that cannot be read counts as quiet and keeps the last sample. A quarter, not
+/// a half: a relay's thread at a third of a core (a debug build's transfer, paced by its peers)
+/// already keeps a newcomer's first bytes waiting behind its batches, and an interactive or
+/// idle thread uses a few percent.
+pub(crate) fn judge(prev: Judged, at: Instant, cpu: impl FnOnce() -> Option<Duration>) -> Judged {
+    if let Some(last) = prev.last {
+        if at.saturating_duration_since(last.at) < SAMPLE_EVERY {
+            return prev;
+        }
+    }
+    let Some(cpu) = cpu() else {
+        return Judged {
             busy: false,
-        },
+            ..prev
+        };
+    };
+    let now = Sample { at, cpu };
+    Judged {
+        last: Some(now),
+        busy: prev
+            .last
+            .is_some_and(|last| now.cpu.saturating_sub(last.cpu) * 4 > now.at - last.at),
     }
 }
 
@@ -99,18 +109,8 @@ pub(crate) fn this_thread_busy() -> bool {
     thread_local! {
         static STATE: Cell<Judged> = const { Cell::new(Judged { last: None, busy: false }) };
     }
-    let at = Instant::now();
     STATE.with(|s| {
-        let prev = s.get();
-        if let Some(last) = prev.last {
-            if at.saturating_duration_since(last.at) < SAMPLE_EVERY {
-                return prev.busy;
-            }
-        }
-        let Some(cpu) = thread_cpu() else {
-            return false;
-        };
-        let next = judge(prev, Sample { at, cpu });
+        let next = judge(s.get(), Instant::now(), thread_cpu);
         s.set(next);
         next.busy
     })
@@ -127,33 +127,57 @@ fn thread_cpu() -> Option<Duration> {
 mod tests {
     use super::*;
 
-    fn at(base: Instant, ms: u64, cpu_ms: u64) -> Sample {
-        Sample {
-            at: base + Duration::from_millis(ms),
-            cpu: Duration::from_millis(cpu_ms),
-        }
+    fn ms(base: Instant, ms: u64) -> Instant {
+        base + Duration::from_millis(ms)
+    }
+
+    fn cpu(ms: u64) -> impl FnOnce() -> Option<Duration> {
+        move || Some(Duration::from_millis(ms))
     }
 
     #[test]
     fn the_first_sample_is_quiet_and_later_ones_compare_cpu_with_wall_time() {
         let t = Instant::now();
-        let first = judge(Judged::default(), at(t, 0, 10));
+        let first = judge(Judged::default(), ms(t, 0), cpu(10));
         assert!(!first.busy);
         // 20 ms of CPU in 60 ms: a third of a core.
-        let busy = judge(first, at(t, 60, 30));
+        let busy = judge(first, ms(t, 60), cpu(30));
         assert!(busy.busy);
         // 10 ms of CPU in the next 60 ms: a sixth.
-        let quiet = judge(busy, at(t, 120, 40));
+        let quiet = judge(busy, ms(t, 120), cpu(40));
         assert!(!quiet.busy);
     }
 
     #[test]
-    fn within_the_sample_period_the_last_verdict_stands() {
+    fn within_the_sample_period_the_last_verdict_stands_and_the_clock_is_not_read() {
         let t = Instant::now();
-        let busy = judge(judge(Judged::default(), at(t, 0, 0)), at(t, 50, 50));
+        let busy = judge(
+            judge(Judged::default(), ms(t, 0), cpu(0)),
+            ms(t, 50),
+            cpu(50),
+        );
         assert!(busy.busy);
-        // 10 ms later, with no CPU used since: still busy, and the sample is not replaced.
-        assert_eq!(judge(busy, at(t, 60, 50)), busy);
+        // 10 ms later: still busy, the sample is not replaced, and the clock is left alone.
+        let unread = || -> Option<Duration> { panic!("the clock was read within the period") };
+        assert_eq!(judge(busy, ms(t, 60), unread), busy);
+    }
+
+    #[test]
+    fn an_unreadable_clock_is_quiet_and_keeps_the_last_sample() {
+        let t = Instant::now();
+        let busy = judge(
+            judge(Judged::default(), ms(t, 0), cpu(0)),
+            ms(t, 50),
+            cpu(50),
+        );
+        let blind = judge(busy, ms(t, 200), || None);
+        assert_eq!(
+            blind,
+            Judged {
+                busy: false,
+                ..busy
+            }
+        );
     }
 
     #[test]
