@@ -53,6 +53,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stream.read_to_string(&mut answer).await?;
         stream.shutdown().await?;
         print!("stream {i}: {answer}");
+        if answer != "hello from an IPv4-only service\n" {
+            return Err(format!("stream {i} answered {answer:?}").into());
+        }
     }
     stop.cancel();
     running.await?;

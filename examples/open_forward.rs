@@ -28,8 +28,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
 
-    // The "edge": TLS for *.vm.vers.sh with a CA made here, routing to [::1]:port.
-    let edge = Edge::start(EdgeConfig::with_ports([PortMap::same(port)])).await?;
+    // The "edge": TLS for *.vm.vers.sh with a CA made here, listening on a free port of
+    // 127.0.0.1 and routing to [::1]:port (the real edge listens on the VM port's number).
+    let edge = Edge::start(EdgeConfig::with_ports([PortMap::to(0, port)])).await?;
+    let edge_port = edge.addr().port();
     let ca = std::env::temp_dir().join(format!("open-forward-{}.pem", std::process::id()));
     edge.ca().write_ca_pem(&ca)?;
 
@@ -38,7 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let connector = DirectConnector::new(
         Remote {
             host: edge.host_for("demo"),
-            port,
+            port: edge_port,
         },
         Some(edge.addr().ip().to_string()),
         tls,
@@ -53,7 +55,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "demo".into(),
         life.clone(),
     ));
-    println!("forwarding {local} -> {}:{port}", edge.host_for("demo"));
+    println!(
+        "forwarding {local} -> {}:{edge_port}",
+        edge.host_for("demo")
+    );
 
     // Use it like any local port.
     let LocalAddr::Tcp(addr) = local else {
@@ -65,6 +70,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut back = String::new();
     s.read_to_string(&mut back).await?;
     print!("echoed: {back}");
+    if back != "hello through TLS\n" {
+        return Err(format!("the echo came back as {back:?}").into());
+    }
 
     life.shutdown(Duration::from_secs(1)).await;
     std::fs::remove_file(&ca)?;

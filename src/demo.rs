@@ -1,8 +1,8 @@
 //! `forward demo`: the whole path on one machine, no Vers account.
 //!
 //! ```text
-//!  you ─► 127.0.0.1:7007 ─► forward ══TLS══► local edge 127.0.0.1:P ─► echo  on [::1]:P
-//!  you ─► 127.0.0.1:8080 ─► forward ══TLS══► local edge 127.0.0.1:Q ─► hello on [::1]:Q
+//!  you ─► 127.0.0.1:7007 ─► forward ══TLS══► local edge 127.0.0.1:E ─► echo  on [::1]:P
+//!  you ─► 127.0.0.1:8080 ─► forward ══TLS══► local edge 127.0.0.1:F ─► hello on [::1]:Q
 //! ```
 //!
 //! The services bind IPv6 only, as a Vers VM service must; the edge terminates TLS for
@@ -41,19 +41,29 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<i32> {
     tokio::spawn(echo_service(echo));
     tokio::spawn(hello_service(hello));
 
+    // The edge listens on ports of its own choosing: asking it for the services' numbers
+    // would need the same number free on 127.0.0.1 too, which another program may hold.
     let edge = Edge::start(EdgeConfig::with_ports([
-        PortMap::same(echo_port),
-        PortMap::same(hello_port),
+        PortMap::to(0, echo_port),
+        PortMap::to(0, hello_port),
     ]))
     .await
     .context("starting the local edge")?;
+    let edge_port = |service: u16| {
+        edge.listeners()
+            .iter()
+            .find(|l| l.vm.port() == service)
+            .map(|l| l.addr.port())
+            .context("the local edge has no listener for a demo service")
+    };
+    let (echo_edge, hello_edge) = (edge_port(echo_port)?, edge_port(hello_port)?);
     let ca_path = std::env::temp_dir().join(format!("forward-demo-{}-ca.pem", std::process::id()));
     edge.ca().write_ca_pem(&ca_path)?;
     let tls = forward_tunnel::tls::client_config(Some(&ca_path), &[])?;
 
     let life = Lifecycle::default();
     let mut local_ports = Vec::new();
-    for (preferred, port) in [(7007u16, echo_port), (8080, hello_port)] {
+    for (preferred, port) in [(7007u16, echo_edge), (8080, hello_edge)] {
         let listeners = match crate::run::bind(&Spec::parse(&format!("{preferred}:{VM}:{port}"))?) {
             Ok(l) => l,
             Err(e) => {
@@ -88,14 +98,14 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<i32> {
         }
     }
     let (echo_local, http_local) = (local_ports[0], local_ports[1]);
-    let edge_addrs: Vec<String> = edge
+    let edge_routes: Vec<String> = edge
         .listeners()
         .iter()
-        .map(|l| l.addr.to_string())
+        .map(|l| format!("{} -> {}", l.addr, l.vm))
         .collect();
     crate::say::say!(
-        "\nlocal edge on {} (TLS for *.{}, CA {}), services on [::1] (IPv6 only)",
-        edge_addrs.join(" and "),
+        "\nlocal edge {} (TLS for *.{}, CA {}); the services listen on [::1] only",
+        edge_routes.join(", "),
         edge.domain(),
         ca_path.display()
     );
