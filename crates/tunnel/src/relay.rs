@@ -223,99 +223,61 @@ impl Endpoint for tokio::net::UnixStream {}
 
 impl Endpoint for tokio::io::DuplexStream {}
 
-impl<T: Endpoint> Endpoint for tokio_rustls::client::TlsStream<T> {
-    fn abort(&self) {
-        self.get_ref().0.abort();
-    }
-    fn before_shutdown(&self) {
-        self.get_ref().0.before_shutdown();
-    }
-    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        self.get_mut().0.poll_reset(cx)
-    }
+/// A TLS stream aborts and reports resets through the socket under it.
+macro_rules! tls_endpoint {
+    ($($ty:ident)::+) => {
+        impl<T: Endpoint> Endpoint for $($ty)::+<T> {
+            fn abort(&self) {
+                self.get_ref().0.abort();
+            }
+            fn before_shutdown(&self) {
+                self.get_ref().0.before_shutdown();
+            }
+            fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+                self.get_mut().0.poll_reset(cx)
+            }
+        }
+    };
 }
+tls_endpoint!(tokio_rustls::client::TlsStream);
+tls_endpoint!(tokio_rustls::server::TlsStream);
+tls_endpoint!(tokio_rustls::TlsStream);
 
-impl<T: Endpoint> Endpoint for tokio_rustls::server::TlsStream<T> {
-    fn abort(&self) {
-        self.get_ref().0.abort();
-    }
-    fn before_shutdown(&self) {
-        self.get_ref().0.before_shutdown();
-    }
-    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        self.get_mut().0.poll_reset(cx)
-    }
+/// `Box<dyn Endpoint>` and `&mut impl Endpoint` are endpoints too, forwarding every method
+/// (the defaults would silently drop a wrapped endpoint's chunked reads and resets).
+macro_rules! delegate_endpoint {
+    ($($ty:ty),*) => {$(
+        impl<T: Endpoint + ?Sized> Endpoint for $ty {
+            fn abort(&self) {
+                (**self).abort();
+            }
+            fn before_shutdown(&self) {
+                (**self).before_shutdown();
+            }
+            fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+                (**self).poll_reset(cx)
+            }
+            fn poll_read_chunks(
+                &mut self,
+                cx: &mut Context<'_>,
+                max: usize,
+                out: &mut VecDeque<Bytes>,
+            ) -> Option<Poll<io::Result<usize>>> {
+                (**self).poll_read_chunks(cx, max, out)
+            }
+            fn chunks_written(&mut self, n: usize) {
+                (**self).chunks_written(n);
+            }
+            fn poll_write_room(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
+                (**self).poll_write_room(cx)
+            }
+            fn sink_blocked(&self, blocked: bool) {
+                (**self).sink_blocked(blocked);
+            }
+        }
+    )*};
 }
-
-impl<T: Endpoint> Endpoint for tokio_rustls::TlsStream<T> {
-    fn abort(&self) {
-        self.get_ref().0.abort();
-    }
-    fn before_shutdown(&self) {
-        self.get_ref().0.before_shutdown();
-    }
-    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        self.get_mut().0.poll_reset(cx)
-    }
-}
-
-impl<T: Endpoint + ?Sized> Endpoint for Box<T> {
-    fn abort(&self) {
-        (**self).abort();
-    }
-    fn before_shutdown(&self) {
-        (**self).before_shutdown();
-    }
-    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        (**self).poll_reset(cx)
-    }
-    fn poll_read_chunks(
-        &mut self,
-        cx: &mut Context<'_>,
-        max: usize,
-        out: &mut VecDeque<Bytes>,
-    ) -> Option<Poll<io::Result<usize>>> {
-        (**self).poll_read_chunks(cx, max, out)
-    }
-    fn chunks_written(&mut self, n: usize) {
-        (**self).chunks_written(n);
-    }
-    fn poll_write_room(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
-        (**self).poll_write_room(cx)
-    }
-    fn sink_blocked(&self, blocked: bool) {
-        (**self).sink_blocked(blocked);
-    }
-}
-
-impl<T: Endpoint + ?Sized> Endpoint for &mut T {
-    fn abort(&self) {
-        (**self).abort();
-    }
-    fn before_shutdown(&self) {
-        (**self).before_shutdown();
-    }
-    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        (**self).poll_reset(cx)
-    }
-    fn poll_read_chunks(
-        &mut self,
-        cx: &mut Context<'_>,
-        max: usize,
-        out: &mut VecDeque<Bytes>,
-    ) -> Option<Poll<io::Result<usize>>> {
-        (**self).poll_read_chunks(cx, max, out)
-    }
-    fn chunks_written(&mut self, n: usize) {
-        (**self).chunks_written(n);
-    }
-    fn poll_write_room(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
-        (**self).poll_write_room(cx)
-    }
-    fn sink_blocked(&self, blocked: bool) {
-        (**self).sink_blocked(blocked);
-    }
-}
+delegate_endpoint!(Box<T>, &mut T);
 
 /// Any byte stream with no way to reset it (a pipe, a test double): its abort does nothing.
 #[derive(Debug)]
