@@ -149,6 +149,10 @@ async fn upload(target: &Target, dur: Duration) -> anyhow::Result<Transfer> {
     }
     chunk[0] = LAST;
     stream.write_all(&chunk).await?;
+    // A TLS stream buffers like a `BufWriter`: when the socket is full, a write can return
+    // with bytes still in rustls, and only a flush sends them. Without it the sink waited for
+    // the last chunk forever (one tls-client upload ×16 of session 23's full run).
+    stream.flush().await?;
     let mut count = [0u8; 8];
     stream
         .read_exact(&mut count)
@@ -173,6 +177,7 @@ pub async fn download_settled(
 ) -> anyhow::Result<(Transfer, Transfer)> {
     let mut stream = connect(target).await?;
     stream.write_all(&[SOURCE]).await?;
+    stream.flush().await?;
     let mut buf = vec![0u8; 256 * 1024];
     // The clock starts at the first byte, so the request's trip over an emulated WAN does not
     // count against the path's throughput.
@@ -228,6 +233,7 @@ pub async fn ping_pong(
     // One unrecorded round trip first: tunnels that set up lazily (stunnel's TLS handshake
     // happens on the first byte) would otherwise put their setup into the RTT tail.
     stream.write_all(b"w").await?;
+    stream.flush().await?;
     stream
         .read_exact(&mut byte)
         .await
@@ -236,6 +242,7 @@ pub async fn ping_pong(
     while Instant::now() < end || hist.len() < min_samples {
         let t = Instant::now();
         stream.write_all(b"p").await?;
+        stream.flush().await?;
         stream
             .read_exact(&mut byte)
             .await
@@ -250,6 +257,7 @@ async fn connect_first_byte(target: &Target) -> anyhow::Result<(Conn, Duration)>
     let t = Instant::now();
     let mut stream = connect(target).await?;
     stream.write_all(&[ECHO, b'x']).await?;
+    stream.flush().await?;
     let mut byte = [0u8; 1];
     stream
         .read_exact(&mut byte)

@@ -456,10 +456,14 @@ async fn serve_conn<S>(
         .header(upgrade::REPLACES_HEADER)
         .filter(|v| upgrade::is_carrier_id(v))
         .map(str::to_owned);
-    if let Err(e) = s
-        .write_all(upgrade::switching(&auth::to_hex(&challenge), &carrier_id).as_bytes())
-        .await
-    {
+    let switching = upgrade::switching(&auth::to_hex(&challenge), &carrier_id);
+    // With --tls-cert the answer may still sit in rustls until a flush, and the client waits
+    // for it before it sends anything the carrier's writer would flush with.
+    let answered = async {
+        s.write_all(switching.as_bytes()).await?;
+        s.flush().await
+    };
+    if let Err(e) = answered.await {
         tracing::debug!(error = %e, "client left during the upgrade");
         return;
     }

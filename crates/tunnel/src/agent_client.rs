@@ -396,6 +396,8 @@ impl AgentLink {
         let exchange = async {
             s.write_all(upgrade::request_replacing(&c.host, c.port, replaces).as_bytes())
                 .await?;
+            // Over TLS the request may still sit in rustls (it buffers like a `BufWriter`).
+            s.flush().await?;
             upgrade::read_head(&mut s).await
         };
         let (head, leftover) = match tokio::time::timeout(c.timeout, exchange).await {
