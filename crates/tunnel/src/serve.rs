@@ -84,22 +84,22 @@ pub async fn serve<C: Connector>(
         match accepted {
             Ok((stream, peer)) => {
                 let span = tracing::debug_span!("conn", forward = %label, %peer);
+                let conn = {
+                    let (connector, label, life, failures) = (
+                        connector.clone(),
+                        label.clone(),
+                        life.clone(),
+                        failures.clone(),
+                    );
+                    move |stream| handle(stream, connector, label, life, failures)
+                };
                 let spare = life
                     .spare
                     .as_ref()
                     .filter(|_| connector.movable() && spare::this_thread_busy())
                     .and_then(|s| s.handle());
                 let Some(spare) = spare else {
-                    life.tracker.spawn(
-                        handle(
-                            stream,
-                            connector.clone(),
-                            label.clone(),
-                            life.clone(),
-                            failures.clone(),
-                        )
-                        .instrument(span),
-                    );
+                    life.tracker.spawn(conn(stream).instrument(span));
                     continue;
                 };
                 let detached = match stream.detach() {
@@ -110,21 +110,17 @@ pub async fn serve<C: Connector>(
                         continue;
                     }
                 };
-                let (connector, label2, life2, failures) = (
-                    connector.clone(),
-                    label.clone(),
-                    life.clone(),
-                    failures.clone(),
-                );
+                // The span is at debug level: the warning names the forward itself.
+                let label = label.clone();
                 life.tracker.spawn_on(
                     async move {
                         match detached.attach() {
                             Ok(stream) => {
                                 tracing::debug!("moved to the spare thread: this one is busy");
-                                handle(stream, connector, label2, life2, failures).await
+                                conn(stream).await
                             }
                             Err(e) => tracing::warn!(
-                                forward = %label2,
+                                forward = %label,
                                 error = %e,
                                 "could not take over a new connection on the spare thread"
                             ),

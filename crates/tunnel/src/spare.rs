@@ -135,6 +135,15 @@ mod tests {
         move || Some(Duration::from_millis(ms))
     }
 
+    /// A thread that used all of the 50 ms since its first sample at `t`.
+    fn busy_at_50ms(t: Instant) -> Judged {
+        judge(
+            judge(Judged::default(), ms(t, 0), cpu(0)),
+            ms(t, 50),
+            cpu(50),
+        )
+    }
+
     #[test]
     fn the_first_sample_is_quiet_and_later_ones_compare_cpu_with_wall_time() {
         let t = Instant::now();
@@ -151,11 +160,7 @@ mod tests {
     #[test]
     fn within_the_sample_period_the_last_verdict_stands_and_the_clock_is_not_read() {
         let t = Instant::now();
-        let busy = judge(
-            judge(Judged::default(), ms(t, 0), cpu(0)),
-            ms(t, 50),
-            cpu(50),
-        );
+        let busy = busy_at_50ms(t);
         assert!(busy.busy);
         // 10 ms later: still busy, the sample is not replaced, and the clock is left alone.
         let unread = || -> Option<Duration> { panic!("the clock was read within the period") };
@@ -165,11 +170,7 @@ mod tests {
     #[test]
     fn an_unreadable_clock_is_quiet_and_keeps_the_last_sample() {
         let t = Instant::now();
-        let busy = judge(
-            judge(Judged::default(), ms(t, 0), cpu(0)),
-            ms(t, 50),
-            cpu(50),
-        );
+        let busy = busy_at_50ms(t);
         let blind = judge(busy, ms(t, 200), || None);
         assert_eq!(
             blind,
