@@ -97,6 +97,15 @@ pub async fn connect(target: &Target) -> anyhow::Result<Conn> {
     })
 }
 
+/// Writes `bytes` and pushes them out before the caller waits for an answer. A TLS stream
+/// buffers like a `BufWriter`: when the socket is full, a write can return with bytes still in
+/// rustls, and only a flush sends them (without it, one tls-client upload ×16 of session 23's
+/// full run waited for the sink's count forever).
+async fn send(stream: &mut Conn, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
 /// `streams` parallel bulk transfers for `dur`; returns the summed bytes over the wall time
 /// from the first stream's start to the last one's end (connection setup excluded).
 ///
@@ -148,11 +157,7 @@ async fn upload(target: &Target, dur: Duration) -> anyhow::Result<Transfer> {
         stream.write_all(&chunk).await?;
     }
     chunk[0] = LAST;
-    stream.write_all(&chunk).await?;
-    // A TLS stream buffers like a `BufWriter`: when the socket is full, a write can return
-    // with bytes still in rustls, and only a flush sends them. Without it the sink waited for
-    // the last chunk forever (one tls-client upload ×16 of session 23's full run).
-    stream.flush().await?;
+    send(&mut stream, &chunk).await?;
     let mut count = [0u8; 8];
     stream
         .read_exact(&mut count)
@@ -176,8 +181,7 @@ pub async fn download_settled(
     settle: Duration,
 ) -> anyhow::Result<(Transfer, Transfer)> {
     let mut stream = connect(target).await?;
-    stream.write_all(&[SOURCE]).await?;
-    stream.flush().await?;
+    send(&mut stream, &[SOURCE]).await?;
     let mut buf = vec![0u8; 256 * 1024];
     // The clock starts at the first byte, so the request's trip over an emulated WAN does not
     // count against the path's throughput.
@@ -232,8 +236,7 @@ pub async fn ping_pong(
     let mut byte = [0u8; 1];
     // One unrecorded round trip first: tunnels that set up lazily (stunnel's TLS handshake
     // happens on the first byte) would otherwise put their setup into the RTT tail.
-    stream.write_all(b"w").await?;
-    stream.flush().await?;
+    send(&mut stream, b"w").await?;
     stream
         .read_exact(&mut byte)
         .await
@@ -241,8 +244,7 @@ pub async fn ping_pong(
     let end = Instant::now() + dur;
     while Instant::now() < end || hist.len() < min_samples {
         let t = Instant::now();
-        stream.write_all(b"p").await?;
-        stream.flush().await?;
+        send(&mut stream, b"p").await?;
         stream
             .read_exact(&mut byte)
             .await
@@ -256,8 +258,7 @@ pub async fn ping_pong(
 async fn connect_first_byte(target: &Target) -> anyhow::Result<(Conn, Duration)> {
     let t = Instant::now();
     let mut stream = connect(target).await?;
-    stream.write_all(&[ECHO, b'x']).await?;
-    stream.flush().await?;
+    send(&mut stream, &[ECHO, b'x']).await?;
     let mut byte = [0u8; 1];
     stream
         .read_exact(&mut byte)
