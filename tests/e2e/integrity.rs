@@ -5,12 +5,15 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::harness::TIMEOUT;
+use std::process::{Command, Stdio};
+
+use crate::harness::{forward_bin, Proc, TIMEOUT};
 use crate::net::{echo_exchange, hex, Backend, Payload};
-use crate::stack::{Stack, Transport};
+use crate::stack::{Forward, Stack, Transport};
 
 per_transport!(bulk_64mib_each_way);
 per_transport!(hundred_concurrent_connections);
+per_transport!(hundred_connections_under_a_soft_file_limit_of_64);
 
 const MIB: usize = 1024 * 1024;
 
@@ -35,15 +38,60 @@ fn bulk_64mib_each_way(t: Transport) {
 }
 
 fn hundred_concurrent_connections(t: Transport) {
-    const N: usize = 100;
     let backend = Backend::echo();
     let stack = Stack::start(t, &[backend.port]);
     let fwd = stack.forward_to(backend.port);
+    concurrent_echoes(&fwd, &backend, 100);
+}
 
+/// A user's shell may give forward a soft open-file limit far below what it serves (1024 under
+/// systemd, 256 on macOS): forward raises it to the hard limit at start, so 100 connections at
+/// once (200 descriptors in direct mode) pass through a forward started with a soft limit of 64.
+fn hundred_connections_under_a_soft_file_limit_of_64(t: Transport) {
+    let backend = Backend::echo();
+    let stack = Stack::start(t, &[backend.port]);
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"ulimit -S -n 64 && exec "$0" "$@""#)
+        .arg(forward_bin())
+        .args(stack.client_args())
+        .arg(format!("127.0.0.1:0:{}", stack.target(backend.port)))
+        .stdin(Stdio::null())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    let fwd = Forward::start_with(Proc::spawn("forward", cmd), 1, t);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", fwd.proc.pid())).unwrap();
+    let (soft, hard) = open_files(&limits);
+    assert!(
+        soft > 64,
+        "forward kept its soft limit of {soft}:\n{limits}"
+    );
+    assert_eq!(
+        soft, hard,
+        "forward did not raise its soft limit to the hard one"
+    );
+    concurrent_echoes(&fwd, &backend, 100);
+}
+
+/// Soft and hard "Max open files" of a /proc/PID/limits text ("unlimited" as `u64::MAX`).
+fn open_files(limits: &str) -> (u64, u64) {
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut v = line["Max open files".len()..]
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(u64::MAX));
+    (v.next().unwrap(), v.next().unwrap())
+}
+
+/// `n` connections through `fwd`, all open at once, each echoing a payload of its own through
+/// `backend`: every one must come back intact and the service must see exactly those payloads.
+fn concurrent_echoes(fwd: &Forward, backend: &Backend, n: usize) {
     let base: u64 = rand::random();
-    // All N are connected before any sends, so they really are open at the same time.
-    let barrier = Arc::new(Barrier::new(N));
-    let clients: Vec<_> = (0..N)
+    // All n are connected before any sends, so they really are open at the same time.
+    let barrier = Arc::new(Barrier::new(n));
+    let clients: Vec<_> = (0..n)
         .map(|i| {
             let local = fwd.local().clone();
             let barrier = Arc::clone(&barrier);
@@ -65,10 +113,10 @@ fn hundred_concurrent_connections(t: Transport) {
     // Join all before judging, so one failure does not tear down the others mid-transfer.
     let results: Vec<_> = clients.into_iter().map(|c| c.join()).collect();
     let failed = results.iter().filter(|r| r.is_err()).count();
-    assert_eq!(failed, 0, "{failed} of {N} connections failed (see above)");
+    assert_eq!(failed, 0, "{failed} of {n} connections failed (see above)");
     let mut sent: Vec<_> = results.into_iter().map(Result::unwrap).collect();
 
-    let mut seen: Vec<_> = (0..N)
+    let mut seen: Vec<_> = (0..n)
         .map(|_| {
             let r = backend.next_report();
             assert_eq!(r.note, "eof", "service saw {r:?}");
@@ -79,7 +127,7 @@ fn hundred_concurrent_connections(t: Transport) {
     seen.sort();
     assert_eq!(
         sent, seen,
-        "the service did not receive exactly the N payloads"
+        "the service did not receive exactly the {n} payloads"
     );
 }
 

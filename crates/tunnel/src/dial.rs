@@ -61,7 +61,7 @@ pub enum DialError {
         host: String,
     },
     /// The TCP connection was refused or failed.
-    #[error("cannot connect to {host} at {addr}: {cause}")]
+    #[error("cannot connect to {host} at {addr}: {cause}{}", files_hint(.cause))]
     Connect {
         /// The name being reached.
         host: String,
@@ -97,6 +97,13 @@ pub enum DialError {
     /// Failure reported by an agent carrier (auth, refusal, carrier loss).
     #[error("{0}")]
     Agent(String),
+}
+
+/// What to do about a connect that failed for want of a descriptor, after the OS's words.
+fn files_hint(cause: &io::Error) -> String {
+    crate::limits::out_of_files_hint(cause)
+        .map(|h| format!("; {h}"))
+        .unwrap_or_default()
 }
 
 /// Opens remote streams for one forward.
@@ -487,6 +494,28 @@ mod tests {
 
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_connect_out_of_descriptors_says_to_raise_the_limit() {
+        let connect = |cause| DialError::Connect {
+            host: "vm1.vm.vers.sh".into(),
+            addr: a("127.0.0.1:443"),
+            cause,
+        };
+        let emfile = io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+        let text = connect(emfile).to_string();
+        assert!(
+            text.starts_with("cannot connect to vm1.vm.vers.sh at 127.0.0.1:443: ")
+                && text.contains("open-file limit")
+                && text.contains("ulimit -n"),
+            "{text}"
+        );
+        let refused = connect(io::ErrorKind::ConnectionRefused.into()).to_string();
+        assert_eq!(
+            refused,
+            "cannot connect to vm1.vm.vers.sh at 127.0.0.1:443: connection refused"
+        );
     }
 
     #[test]

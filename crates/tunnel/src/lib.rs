@@ -17,6 +17,7 @@ pub mod agent_client;
 pub mod auth;
 pub mod carrier;
 pub mod dial;
+pub mod limits;
 pub mod listen;
 pub mod policy;
 pub mod readahead;

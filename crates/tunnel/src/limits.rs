@@ -1,0 +1,118 @@
+//! The open-file limit.
+//!
+//! Every connection costs descriptors: two per local connection in direct mode (the local
+//! socket and the one to the edge), one per stream on either end of an agent carrier. The soft
+//! limit most processes start with is far below what forward serves: 1024 on a Linux desktop
+//! under systemd, 256 on macOS, so a direct forward stopped at about 500 concurrent connections
+//! (about 120 on macOS: a `pgbench -c 200` through it failed) while the hard limit allowed
+//! hundreds of times more (524288 under systemd). A process may raise its soft limit up to its
+//! hard limit without privileges, and Go's runtime does so for every Go program (`kubectl
+//! port-forward`, `cloudflared`), so forward does it at start too.
+
+use std::io;
+
+use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+
+/// macOS refuses a soft limit above `OPEN_MAX` when the hard limit is unlimited.
+const OPEN_MAX_MACOS: u64 = 10_240;
+
+/// Linux's default ceiling (`fs.nr_open`), tried when the hard limit says unlimited.
+const NR_OPEN_DEFAULT: u64 = 1 << 20;
+
+/// What [`raise_open_files`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Raised {
+    /// The soft limit went from the first value to the second.
+    To(u64, u64),
+    /// The soft limit already was the hard limit (or unlimited).
+    Already(Option<u64>),
+    /// The system refused every higher value; the soft limit stays.
+    Refused(u64),
+}
+
+/// Soft limits to try, best first, to take `soft` up to `hard` (`None`: unlimited). Empty when
+/// there is nothing to gain.
+pub(crate) fn candidates(soft: Option<u64>, hard: Option<u64>) -> Vec<u64> {
+    let Some(soft) = soft else {
+        return Vec::new();
+    };
+    let mut tries = match hard {
+        Some(hard) => vec![hard, hard.min(OPEN_MAX_MACOS)],
+        None => vec![NR_OPEN_DEFAULT, OPEN_MAX_MACOS],
+    };
+    tries.retain(|&t| t > soft);
+    tries.dedup();
+    tries
+}
+
+/// Raises this process's soft open-file limit as far as its hard limit allows. Call once at
+/// start, before any other thread opens files (children inherit the raised limit, which a
+/// program using `select(2)` would not expect; forward starts none).
+pub fn raise_open_files() -> Raised {
+    let now = getrlimit(Resource::Nofile);
+    let tries = candidates(now.current, now.maximum);
+    let Some(soft) = now.current.filter(|_| !tries.is_empty()) else {
+        return Raised::Already(now.current);
+    };
+    for want in tries {
+        let new = Rlimit {
+            current: Some(want),
+            maximum: now.maximum,
+        };
+        if setrlimit(Resource::Nofile, new).is_ok() {
+            return Raised::To(soft, want);
+        }
+    }
+    Raised::Refused(soft)
+}
+
+/// For an error that means "out of descriptors" (EMFILE, ENFILE): what to tell the user, with
+/// the limit in force. `None` for any other error.
+pub fn out_of_files_hint(e: &io::Error) -> Option<String> {
+    let code = e.raw_os_error()?;
+    if code == rustix::io::Errno::MFILE.raw_os_error() {
+        let limit = getrlimit(Resource::Nofile)
+            .current
+            .map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+        Some(format!(
+            "the open-file limit ({limit}) is reached: start forward with a higher one \
+             (ulimit -n; LimitNOFILE= in a systemd unit)"
+        ))
+    } else if code == rustix::io::Errno::NFILE.raw_os_error() {
+        Some("the system's table of open files is full (fs.file-max)".to_string())
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_go_to_the_hard_limit_then_to_what_macos_allows() {
+        assert_eq!(candidates(Some(1024), Some(524_288)), [524_288, 10_240]);
+        assert_eq!(candidates(Some(256), None), [1 << 20, 10_240]);
+        assert_eq!(candidates(Some(64), Some(4096)), [4096]);
+        assert_eq!(candidates(Some(20_000), Some(20_000)), Vec::<u64>::new());
+        assert_eq!(candidates(Some(20_000), Some(30_000)), [30_000]);
+        assert_eq!(candidates(None, None), Vec::<u64>::new());
+        assert_eq!(candidates(Some(1 << 20), None), [] as [u64; 0]);
+    }
+
+    #[test]
+    fn the_hint_names_the_limit_for_emfile_only() {
+        let emfile = io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+        let hint = out_of_files_hint(&emfile).expect("EMFILE has a hint");
+        assert!(hint.contains("ulimit -n"), "{hint}");
+        let limit = getrlimit(Resource::Nofile).current.unwrap();
+        assert!(
+            hint.contains(&format!("limit ({limit}) is reached")),
+            "{hint}"
+        );
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(out_of_files_hint(&refused), None);
+        let enfile = io::Error::from_raw_os_error(rustix::io::Errno::NFILE.raw_os_error());
+        assert!(out_of_files_hint(&enfile).unwrap().contains("fs.file-max"));
+    }
+}
