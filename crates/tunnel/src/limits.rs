@@ -4,7 +4,7 @@
 //! socket and the one to the edge), one per stream on either end of an agent carrier. The soft
 //! limit most processes start with is far below what forward serves: 1024 on a Linux desktop
 //! under systemd, 256 on macOS, so a direct forward stopped at about 500 concurrent connections
-//! (about 120 on macOS: a `pgbench -c 200` through it failed) while the hard limit allowed
+//! (about 120 on macOS, fewer than a `pgbench -c 200` opens) while the hard limit allowed
 //! hundreds of times more (524288 under systemd). A process may raise its soft limit up to its
 //! hard limit without privileges, and Go's runtime does so for every Go program (`kubectl
 //! port-forward`, `cloudflared`), so forward does it at start too.
@@ -45,9 +45,9 @@ pub(crate) fn candidates(soft: Option<u64>, hard: Option<u64>) -> Vec<u64> {
     tries
 }
 
-/// Raises this process's soft open-file limit as far as its hard limit allows. Call once at
-/// start, before any other thread opens files (children inherit the raised limit, which a
-/// program using `select(2)` would not expect; forward starts none).
+/// Raises this process's soft open-file limit as far as its hard limit allows; call once at
+/// start. Children would inherit the raised limit, which a program using `select(2)` does not
+/// expect; forward starts none.
 pub fn raise_open_files() -> Raised {
     let now = getrlimit(Resource::Nofile);
     let tries = candidates(now.current, now.maximum);
