@@ -575,3 +575,85 @@ fn connection_window_used_up(ids: &[u32]) -> (Session, Instant) {
     };
     accepted_server(config, ids, 1000)
 }
+
+#[test]
+fn a_window_held_down_and_grown_again_below_the_credit_out_grants_nothing_more() {
+    // A 6 s round trip (a saturated mobile link's queue). Alone, the window grows to 16 MiB
+    // (as in the test above); another stream sends a line, and the next read holds the window
+    // down to 256 KiB with 16 MiB of credit still out. 10.5 s later the other stream is no
+    // company any more, the grant sample is quiet, and the window grows 8x to 2 MiB: still
+    // below the credit out, so there is nothing to grant yet. The update used to subtract
+    // anyway, which wrapped (release builds) into an increment of nearly 4 GiB that the peer
+    // rejects, ending the carrier: a pair_ops fuzz finding
+    // (fuzz/seeds/pair_ops/regress-window-shrunk-then-grown).
+    let rtt = std::time::Duration::from_secs(6);
+    let ms = std::time::Duration::from_millis(1);
+    let (mut c, t0, id) = client_on_a_measured_path(rtt);
+    let mut granted = 256 * 1024;
+    let mut sent = 0;
+    // Stream data at `at`, the first batch behind the OPEN_OK; counts what was sent.
+    fn deliver(c: &mut Session, id: u32, at: Instant, bytes: usize, sent: &mut usize) {
+        let mut input = if *sent == 0 {
+            vec![Frame::OpenOk { id }]
+        } else {
+            Vec::new()
+        };
+        input.extend(data_frames(id, bytes));
+        c.handle_input(at, &wire(&input)).unwrap();
+        *sent += bytes;
+    }
+    let t1 = t0 + rtt + ms;
+    deliver(&mut c, id, t1, 256 * 1024, &mut sent);
+    read_all(&mut c, id);
+    granted += stream_updates(drain(&mut c, t1), id).iter().sum::<u32>() as usize;
+    let t2 = t1 + rtt;
+    deliver(&mut c, id, t2, 512 * 1024, &mut sent);
+    read_all(&mut c, id);
+    granted += stream_updates(drain(&mut c, t2), id).iter().sum::<u32>() as usize;
+    let rest = granted - sent;
+    deliver(&mut c, id, t2 + ms, rest, &mut sent);
+    let mut buf = vec![0u8; 16 * 1024];
+    assert_eq!(c.read(id, &mut buf).unwrap(), ReadOutcome::Data(16 * 1024));
+    granted += stream_updates(drain(&mut c, t2 + ms), id)
+        .iter()
+        .sum::<u32>() as usize;
+    assert_eq!(c.stream_window(id), Some(16 << 20));
+
+    let t3 = t2 + 2 * ms;
+    let other = c.open(target()).unwrap();
+    c.write(other, b"ls\n").unwrap();
+    drain(&mut c, t3);
+    c.handle_input(t3, &wire(&[Frame::OpenOk { id: other }]))
+        .unwrap();
+    assert_eq!(c.read(id, &mut buf).unwrap(), ReadOutcome::Data(16 * 1024));
+    assert!(stream_updates(drain(&mut c, t3), id).is_empty());
+    assert_eq!(
+        c.stream_window(id),
+        Some(256 * 1024),
+        "held down beside company"
+    );
+
+    // The 16 MiB update's last byte comes back one round trip after it left: a quiet sample.
+    let rest = granted - sent;
+    deliver(&mut c, id, t2 + ms + rtt, rest, &mut sent);
+    let t5 = t3 + std::time::Duration::from_millis(10_500);
+    c.handle_timeout(t5);
+    assert_eq!(c.read(id, &mut buf).unwrap(), ReadOutcome::Data(16 * 1024));
+    assert_eq!(c.stream_window(id), Some(2 << 20), "grown again, alone");
+    assert!(
+        stream_updates(drain(&mut c, t5), id).is_empty(),
+        "no credit while more than the window is still out"
+    );
+    // Once the reader catches up, credit flows again in quarter-window steps, and never more
+    // than the window is out.
+    read_all(&mut c, id);
+    let more: u32 = stream_updates(drain(&mut c, t5), id).iter().sum();
+    let out = granted + more as usize - sent;
+    assert!(
+        out <= 2 << 20 && out > (2 << 20) - (512 << 10),
+        "{out} bytes of credit out beyond what was read"
+    );
+    assert!(events(&mut c)
+        .iter()
+        .all(|e| !matches!(e, Event::Closed { .. })));
+}

@@ -199,9 +199,14 @@ impl Session {
                             "stream window grown"
                         );
                     }
-                    if step_due || s.window > before {
+                    // Nothing to grant while credit given under a larger window is still
+                    // unused: a window held down beside company and grown again once alone can
+                    // stay below it. (Subtracting anyway wrapped, in release builds, into an
+                    // increment of nearly 4 GiB that the peer rejects, ending the carrier: a
+                    // pair_ops fuzz finding.)
+                    let inc = (s.recv_consumed + u64::from(s.window)).saturating_sub(s.recv_limit);
+                    if (step_due || s.window > before) && inc > 0 {
                         s.window_epoch = Some(now);
-                        let inc = (s.recv_consumed + u64::from(s.window)) - s.recv_limit;
                         s.recv_limit += inc;
                         if s.rtt_mark.is_none() {
                             s.rtt_mark = Some((s.recv_limit, now));
