@@ -230,9 +230,7 @@ impl Agent {
                     Ok(x) => x,
                     Err(e) => {
                         if let Some(more) = ACCEPT_FAILURES.pass() {
-                            let hint = crate::limits::out_of_files_hint(&e)
-                                .map(|h| format!(": {h}"))
-                                .unwrap_or_default();
+                            let hint = crate::limits::out_of_files_suffix(&e, ": ");
                             tracing::warn!(error = %e, not_logged = more, "accept failed{hint}");
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;

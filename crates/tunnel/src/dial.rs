@@ -61,7 +61,7 @@ pub enum DialError {
         host: String,
     },
     /// The TCP connection was refused or failed.
-    #[error("cannot connect to {host} at {addr}: {cause}{}", files_hint(.cause))]
+    #[error("cannot connect to {host} at {addr}: {cause}{}", crate::limits::out_of_files_suffix(.cause, "; "))]
     Connect {
         /// The name being reached.
         host: String,
@@ -97,13 +97,6 @@ pub enum DialError {
     /// Failure reported by an agent carrier (auth, refusal, carrier loss).
     #[error("{0}")]
     Agent(String),
-}
-
-/// What to do about a connect that failed for want of a descriptor, after the OS's words.
-fn files_hint(cause: &io::Error) -> String {
-    crate::limits::out_of_files_hint(cause)
-        .map(|h| format!("; {h}"))
-        .unwrap_or_default()
 }
 
 /// Opens remote streams for one forward.

@@ -85,6 +85,13 @@ pub fn out_of_files_hint(e: &io::Error) -> Option<String> {
     }
 }
 
+/// [`out_of_files_hint`] behind `sep`, to append to a message; empty for any other error.
+pub(crate) fn out_of_files_suffix(e: &io::Error, sep: &str) -> String {
+    out_of_files_hint(e)
+        .map(|h| format!("{sep}{h}"))
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

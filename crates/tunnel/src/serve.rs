@@ -135,9 +135,7 @@ pub async fn serve<C: Connector>(
                 // but do not spin, and do not write a line per attempt (out of descriptors,
                 // 60 waiting connections wrote 585 in 30 s).
                 if let Some(more) = ACCEPT_FAILURES.pass() {
-                    let hint = crate::limits::out_of_files_hint(&e)
-                        .map(|h| format!(": {h}"))
-                        .unwrap_or_default();
+                    let hint = crate::limits::out_of_files_suffix(&e, ": ");
                     tracing::warn!(forward = %label, error = %e, not_logged = more, "accept failed{hint}");
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
