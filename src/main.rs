@@ -23,7 +23,6 @@ use clap::{CommandFactory, Parser};
 use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command, LogFormat, LogOpts};
-use forward_tunnel::limits::Raised;
 
 // The mux and TLS paths allocate and free a chunk per frame or record across threads; glibc's
 // allocator returned those pages to the OS and faulted them back in on every burst (10% of the
@@ -173,13 +172,7 @@ fn main() {
     }
     let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     init_logging(&cli.log, matches!(cli.command, Some(Command::Stdio(_))));
-    match forward_tunnel::limits::raise_open_files() {
-        Raised::To(from, to) => tracing::debug!(from, to, "raised the open-file limit"),
-        Raised::Already(limit) => tracing::debug!(?limit, "open-file limit"),
-        Raised::Refused(limit) => {
-            tracing::debug!(limit, "the system refused a higher open-file limit")
-        }
-    }
+    forward_tunnel::limits::raise_open_files();
     let threads = cli.threads.map(usize::from).unwrap_or(match cli.command {
         Some(Command::Edge(_)) | Some(Command::Demo(_)) => 0,
         _ => 1,

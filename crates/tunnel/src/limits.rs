@@ -19,17 +19,6 @@ const OPEN_MAX_MACOS: u64 = 10_240;
 /// Linux's default ceiling (`fs.nr_open`), tried when the hard limit says unlimited.
 const NR_OPEN_DEFAULT: u64 = 1 << 20;
 
-/// What [`raise_open_files`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Raised {
-    /// The soft limit went from the first value to the second.
-    To(u64, u64),
-    /// The soft limit already was the hard limit (or unlimited).
-    Already(Option<u64>),
-    /// The system refused every higher value; the soft limit stays.
-    Refused(u64),
-}
-
 /// Soft limits to try, best first, to take `soft` up to `hard` (`None`: unlimited). Empty when
 /// there is nothing to gain.
 pub(crate) fn candidates(soft: Option<u64>, hard: Option<u64>) -> Vec<u64> {
@@ -45,25 +34,27 @@ pub(crate) fn candidates(soft: Option<u64>, hard: Option<u64>) -> Vec<u64> {
     tries
 }
 
-/// Raises this process's soft open-file limit as far as its hard limit allows; call once at
-/// start. Children would inherit the raised limit, which a program using `select(2)` does not
-/// expect; forward starts none.
-pub fn raise_open_files() -> Raised {
+/// Raises this process's soft open-file limit as far as its hard limit allows (what it did is
+/// logged at debug level); call once at start. Children would inherit the raised limit, which
+/// a program using `select(2)` does not expect; forward starts none.
+pub fn raise_open_files() {
     let now = getrlimit(Resource::Nofile);
     let tries = candidates(now.current, now.maximum);
-    let Some(soft) = now.current.filter(|_| !tries.is_empty()) else {
-        return Raised::Already(now.current);
-    };
+    if tries.is_empty() {
+        tracing::debug!(limit = ?now.current, "open-file limit");
+        return;
+    }
     for want in tries {
         let new = Rlimit {
             current: Some(want),
             maximum: now.maximum,
         };
         if setrlimit(Resource::Nofile, new).is_ok() {
-            return Raised::To(soft, want);
+            tracing::debug!(from = ?now.current, to = want, "raised the open-file limit");
+            return;
         }
     }
-    Raised::Refused(soft)
+    tracing::debug!(limit = ?now.current, "the system refused a higher open-file limit");
 }
 
 /// For an error that means "out of descriptors" (EMFILE, ENFILE): what to tell the user, with
