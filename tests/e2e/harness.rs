@@ -19,6 +19,17 @@ pub fn forward_bin() -> &'static str {
     env!("CARGO_BIN_EXE_forward")
 }
 
+/// What every `forward` a test starts gets, also when a wrapper (a shell) execs it: no stdin,
+/// logs at `filter` (a RUST_LOG value) without colour.
+pub fn forward_env(cmd: &mut Command, filter: &str) {
+    cmd.stdin(Stdio::null());
+    // Keep the child's logs readable in failure output; a developer's RUST_LOG still wins.
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", filter);
+    }
+    cmd.env("NO_COLOR", "1");
+}
+
 /// A directory under the system temp dir, removed with everything in it on drop.
 pub struct TempDir {
     path: PathBuf,
@@ -130,12 +141,8 @@ impl Proc {
         S: AsRef<OsStr>,
     {
         let mut cmd = Command::new(forward_bin());
-        cmd.args(args).stdin(Stdio::null());
-        // Keep the child's logs readable in failure output; a developer's RUST_LOG still wins.
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", filter);
-        }
-        cmd.env("NO_COLOR", "1");
+        cmd.args(args);
+        forward_env(&mut cmd, filter);
         Proc::spawn(name, cmd)
     }
 

@@ -1,13 +1,12 @@
 //! Bytes arrive intact, in order, and complete: one large transfer each way, and many connections
 //! at once with distinct payloads.
 
+use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use std::process::{Command, Stdio};
-
-use crate::harness::{forward_bin, Proc, TIMEOUT};
+use crate::harness::{forward_bin, forward_env, Proc, TIMEOUT};
 use crate::net::{echo_exchange, hex, Backend, Payload};
 use crate::stack::{Forward, Stack, Transport};
 
@@ -55,10 +54,8 @@ fn hundred_connections_under_a_soft_file_limit_of_64(t: Transport) {
         .arg(r#"ulimit -S -n 64 && exec "$0" "$@""#)
         .arg(forward_bin())
         .args(stack.client_args())
-        .arg(format!("127.0.0.1:0:{}", stack.target(backend.port)))
-        .stdin(Stdio::null())
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1");
+        .arg(format!("127.0.0.1:0:{}", stack.target(backend.port)));
+    forward_env(&mut cmd, "info");
     let fwd = Forward::start_with(Proc::spawn("forward", cmd), 1, t);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", fwd.proc.pid())).unwrap();
     let (soft, hard) = open_files(&limits);
