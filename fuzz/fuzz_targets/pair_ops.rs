@@ -1,5 +1,6 @@
 //! Two correct sessions under operations chosen by the fuzzer (open, write, finish, reset, read,
-//! partial deliveries, time, GOAWAY): never a protocol error between them, never a corrupted byte.
+//! partial deliveries, time, GOAWAY): never a protocol error between them, never a corrupted byte,
+//! and once both sides read everything, no byte or writer left stuck.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

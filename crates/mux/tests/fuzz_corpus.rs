@@ -155,6 +155,17 @@ fn pair_ops_survives_corpus_and_generated_inputs() {
     }
 }
 
+#[test]
+fn pair_tuned_survives_corpus_and_generated_inputs() {
+    for (path, bytes) in corpus("pair_tuned") {
+        eprintln!("corpus {}", path.display());
+        fuzzing::pair_tuned(&bytes);
+    }
+    for input in random_inputs(3000) {
+        fuzzing::pair_tuned(&input);
+    }
+}
+
 /// Add generated seeds (the committed set was then minimized from libFuzzer runs, see fuzz/README.md):
 /// `cargo test -p forward-mux --test fuzz_corpus -- --ignored`.
 #[test]
