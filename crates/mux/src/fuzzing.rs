@@ -269,8 +269,8 @@ struct Profile {
 /// Two correct sessions driven by operations read from `data` (open, write, finish, reset, read,
 /// partial deliveries, time, GOAWAY). They must never accuse each other of a protocol violation,
 /// every byte read must be the byte written at that offset, and once the operations end and both
-/// sides read everything, every byte written to a stream that was not reset arrives (no credit is
-/// lost on the way).
+/// sides read everything, every byte written to a stream that was not reset arrives and every
+/// stream still open for writing takes more (see `settle`).
 ///
 /// Small windows (2 KiB growing to 16 KiB, a connection window of 8 KiB), so few operations
 /// reach every limit.
@@ -334,7 +334,7 @@ pub fn pair_tuned(data: &[u8]) {
     );
 }
 
-/// Streams ids and what became of them, shared by the operations and the final check.
+/// Stream ids and what became of them, shared by the operations and the final check.
 #[derive(Default)]
 struct Streams {
     ids: Vec<u32>,
