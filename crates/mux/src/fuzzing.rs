@@ -455,7 +455,8 @@ fn handle_events(client: &mut Side, server: &mut Side, st: &mut Streams) {
 /// that hangs.
 fn settle(client: &mut Side, server: &mut Side, st: &mut Streams, now: Instant) {
     // Each round trip of credit moves at least a quarter window, so this is far more rounds than
-    // the largest run of operations can need; running out of them is a stall.
+    // the largest run of operations can need; running out of them is frames that never end.
+    let mut quiet = false;
     for _ in 0..100_000 {
         if client.session.is_closed() || server.session.is_closed() {
             // Only a simulated timeout ends a session here (checked by handle_events).
@@ -475,6 +476,7 @@ fn settle(client: &mut Side, server: &mut Side, st: &mut Streams, now: Instant) 
         client.transmit(now);
         server.transmit(now);
         if client.in_flight.is_empty() && server.in_flight.is_empty() {
+            quiet = true;
             break;
         }
         deliver(client, server, now, usize::MAX);
@@ -485,6 +487,7 @@ fn settle(client: &mut Side, server: &mut Side, st: &mut Streams, now: Instant) 
     if client.session.is_closed() || server.session.is_closed() {
         return;
     }
+    assert!(quiet, "the sessions never stop sending each other frames");
     for &id in st.ids.iter().filter(|id| !st.reset.contains(id)) {
         check_settled(client, server, id, "client");
         check_settled(server, client, id, "server");
