@@ -736,6 +736,110 @@ async fn dropping_a_stream_without_shutdown_resets_the_backend() {
     assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
 }
 
+/// More streams than the connection's first receive window has stream windows for: 16 of
+/// 16 MiB in 256 MiB. Each stream carries more than its window, so the ones not being read
+/// fill theirs while the test reads the streams one after another.
+const IN_ORDER_STREAMS: usize = 18;
+const IN_ORDER_BYTES: usize = 17 * 1024 * 1024;
+
+/// Reads `stream` to its end, failing if it stops moving for 30 s; returns the bytes' hash.
+async fn hash_to_end<R: tokio::io::AsyncRead + Unpin>(mut stream: R, what: &str) -> Vec<u8> {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let (mut buf, mut total) = (vec![0u8; 256 * 1024], 0usize);
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no byte for 30 s after {total}"))
+            .unwrap_or_else(|e| panic!("{what}: {e} after {total}"));
+        if n == 0 {
+            return digest.finish().as_ref().to_vec();
+        }
+        digest.update(&buf[..n]);
+        total += n;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_opened_together_and_read_one_by_one_all_finish() {
+    // With the connection's window fixed at 16 stream windows, the 17th stream deadlocked
+    // this: the unread streams took all the credit the read one gave back.
+    let a = agent();
+    let l = TcpListener::bind(v6()).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let data = Arc::new(pattern(IN_ORDER_BYTES, 7));
+    let source = data.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let source = source.clone();
+            tokio::spawn(async move {
+                s.write_all(&source).await?;
+                s.shutdown().await
+            });
+        }
+    });
+    let c = carrier(&a);
+    let mut streams = Vec::new();
+    for _ in 0..IN_ORDER_STREAMS {
+        streams.push(timed(c.open("localhost", port)).await.unwrap());
+    }
+    // Time for the unread streams to fill their windows.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (i, s) in streams.into_iter().enumerate() {
+        assert_eq!(
+            hash_to_end(s, &format!("download {i}")).await,
+            sha(&data),
+            "download {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_to_a_service_that_reads_one_connection_at_a_time_all_arrive() {
+    // The same deadlock in the agent: a VM service that serves its connections one after
+    // another, while the client uploads on all of them at once. The kernel buffers several
+    // MiB of each connection the service has not reached yet (socket buffers at both ends), so
+    // each upload carries that much more than a stream window, and a few more streams than
+    // above make sure the unread ones can fill the connection's window.
+    let a = agent();
+    let l = TcpListener::bind(v6()).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let data = Arc::new(pattern(IN_ORDER_BYTES + 24 * 1024 * 1024, 9));
+    let c = carrier(&a);
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    for _ in 0..IN_ORDER_STREAMS + 6 {
+        let s = timed(c.open("localhost", port)).await.unwrap();
+        let (r, mut w) = tokio::io::split(s);
+        let data = data.clone();
+        writers.push(tokio::spawn(async move {
+            w.write_all(&data).await?;
+            w.shutdown().await?;
+            Ok::<_, io::Error>(w)
+        }));
+        readers.push(r);
+    }
+    // Every connection is open at the service before it starts reading the first.
+    let mut accepted = Vec::new();
+    while accepted.len() < writers.len() {
+        accepted.push(timed(l.accept()).await.unwrap().0);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (i, mut s) in accepted.into_iter().enumerate() {
+        let got = hash_to_end(&mut s, &format!("upload {i}")).await;
+        assert_eq!(got, sha(&data), "upload {i}");
+        s.shutdown().await.unwrap();
+    }
+    for (i, (w, mut r)) in writers.into_iter().zip(readers).enumerate() {
+        let _w = timed(w)
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("upload {i}: {e}"));
+        let mut rest = Vec::new();
+        timed(r.read_to_end(&mut rest)).await.unwrap();
+        assert!(rest.is_empty(), "upload {i}: the service sent nothing");
+    }
+}
+
 /// The test's runtime, and an agent on a runtime of its own: dropping that runtime kills the
 /// agent outright (its tasks and socket vanish without a word to the client). The certificate
 /// lets a successor keep the pin.

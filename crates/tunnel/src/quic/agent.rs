@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::cert::SpkiPin;
+use super::receive::{ReceiveHold, ReceiveWindow};
 use super::window::WindowFit;
 use super::{
     close, code, is_loopback, proof_host, read_target, transport, HeaderError, QuicCert, QuicError,
@@ -465,6 +466,8 @@ async fn serve_streams(
     stop: CancellationToken,
     fit: Arc<WindowFit>,
 ) {
+    // Uploads: the VM services' sockets are what read these streams.
+    let recv_window = ReceiveWindow::new(&conn);
     let mut stopping = false;
     loop {
         let accepted = tokio::select! {
@@ -485,8 +488,9 @@ async fn serve_streams(
                 // Inside the connection's span too, so that its lines name the client: the
                 // stream span is off at the default level, and a spawned task does not inherit
                 // the span it was spawned from.
+                let held = recv_window.hold();
                 shared.streams.spawn(
-                    handle_stream(send, recv, shared.clone(), fit.clone())
+                    handle_stream(send, recv, shared.clone(), fit.clone(), held)
                         .instrument(span)
                         .in_current_span(),
                 );
@@ -510,6 +514,7 @@ async fn handle_stream(
     mut recv: RecvStream,
     shared: Arc<Shared>,
     fit: Arc<WindowFit>,
+    _held: ReceiveHold,
 ) {
     let target = match tokio::time::timeout(HEADER_TIMEOUT, read_target(&mut recv)).await {
         Ok(Ok(t)) => t,

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use super::agent::udp_socket;
 use super::cert::{CaVerifier, PinVerifier, Rejection, Seen};
+use super::receive::{ReceiveHold, ReceiveWindow};
 use super::stream::{Reopening, Replay};
 use super::window::WindowFit;
 use super::{
@@ -150,6 +151,8 @@ pub(super) struct Link {
     conn: quinn::Connection,
     /// Its send window's sizing, shared by its streams.
     fit: Arc<WindowFit>,
+    /// Its receive window, kept above what its streams can hold (downloads).
+    recv: Arc<ReceiveWindow>,
     /// The agent said it is shutting down: no new streams here.
     away: AtomicBool,
     /// Streams open on this connection (each holds a [`Lease`]).
@@ -225,10 +228,11 @@ impl ReadClock {
 const STALL_AFTER_MS: u64 = 1000;
 
 /// A connection with this many stalled streams takes no new ones while another connection can
-/// be had: three-quarters of the stream windows its receive window holds, as for the TCP
+/// be had: three-quarters of the stream windows its first receive window holds, as for the TCP
 /// carrier (`Carrier::has_room`). quinn gives every stream the same fixed window, so stalled
-/// readers (a pager, a paused player) each keep up to [`super::STREAM_WINDOW`] unread, and with
-/// the whole receive window held the connection stops for every stream on it.
+/// readers (a pager, a paused player) each keep up to [`super::STREAM_WINDOW`] unread. The
+/// receive window now grows with the streams (`super::receive`), so they no longer stop the
+/// others; a new stream still starts on a connection whose streams are moving.
 const STALLED_LIMIT: usize = super::STALLED_STREAMS_FIT * 3 / 4;
 
 impl Link {
@@ -244,6 +248,7 @@ impl Link {
             answer_due: std::sync::Mutex::new(None),
             clocks: std::sync::Mutex::new(Vec::new()),
             fit: Arc::new(WindowFit::new(&conn)),
+            recv: ReceiveWindow::new(&conn),
             conn,
         })
     }
@@ -379,6 +384,7 @@ impl Link {
             link: self.clone(),
             carrier: carrier.clone(),
             clock,
+            _recv: self.recv.hold(),
         }
     }
 
@@ -405,6 +411,7 @@ pub(super) struct Lease {
     link: Arc<Link>,
     carrier: Weak<QuicCarrier>,
     clock: Arc<ReadClock>,
+    _recv: ReceiveHold,
 }
 
 impl Lease {

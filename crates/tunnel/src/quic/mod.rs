@@ -29,6 +29,7 @@ mod agent;
 mod cert;
 mod client;
 mod congestion;
+mod receive;
 mod stream;
 mod udp;
 mod window;
@@ -253,14 +254,14 @@ const KEEPALIVE: Duration = Duration::from_secs(3);
 /// Receive window per stream: a 100 ms, 1 Gbit/s path needs 12.5 MB in flight.
 const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 
-/// Receive window of a whole connection: what the peer may have sent that our streams have not
-/// read. quinn gives every stream the same fixed window ([`STREAM_WINDOW`]), never a small one
-/// that grows with its reader as the TCP carrier's do, so a local reader that stops reading
+/// Receive window a connection starts with: what the peer may have sent that our streams have
+/// not read. quinn gives every stream the same fixed window ([`STREAM_WINDOW`]), never a small
+/// one that grows with its reader as the TCP carrier's do, so a local reader that stops reading
 /// (a pager, a paused client) holds up to a whole stream window of it. With 64 MiB, five such
-/// readers stopped the carrier for every stream; with 16 stream windows, 15 never do, and from
-/// 12 stalled streams on, the client opens new streams on another connection (`client::Link`'s
-/// read clocks), as the TCP carrier does once its window is three-quarters held. It is a bound
-/// on memory only while readers stall: bytes that are read leave at once, and what is in
+/// readers stopped the carrier for every stream. From 16 open streams on it grows with them
+/// ([`receive`]), so unread streams never hold all of it; from 12 stalled streams on, the
+/// client also opens new streams on another connection (`client::Link`'s read clocks). It
+/// bounds memory only while readers stall: bytes that are read leave at once, and what is in
 /// flight is bounded by the sender's window (see [`window`]).
 const RECEIVE_WINDOW: u32 = STALLED_STREAMS_FIT as u32 * STREAM_WINDOW;
 
