@@ -29,8 +29,7 @@ pub async fn serve(args: AgentArgs) -> Result<i32> {
     // action killed it on the spot (exit 129, no drain, not a word in the log). It drains as
     // for SIGTERM: the operator left, the clients did not. Installed with the others, before
     // the first line is printed, for the same reason (see `run::Signals`).
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
+    let mut hangup = run::Hangup::install()?;
     let token = Token::load(args.token_file.as_deref())?;
     let policy = TargetPolicy::new(&args.allow)?;
     let drain = Duration::from_secs(args.drain);

@@ -330,8 +330,7 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
     // ssh sends its ProxyCommand SIGHUP as it exits, right after writing its last message
     // (the disconnect) and closing the pipe. Dying there lost that message and cut the
     // connection: sshd logged a reset instead of "disconnected by user".
-    let mut hangup = signal(SignalKind::hangup())
-        .map_err(|e| anyhow::anyhow!("installing the SIGHUP handler: {e}"))?;
+    let mut hangup = run::Hangup::install()?;
     let mut terminate = signal(SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("installing the SIGTERM handler: {e}"))?;
     // Signals while connecting too: the handlers above replaced the default action, and ssh

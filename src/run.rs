@@ -202,8 +202,7 @@ pub async fn serve_all<C: Connector>(
     // listeners close on the way out and a Unix socket's file is removed (the default action
     // left it behind). Installed before the start-up lines, as the others: a script that
     // signals once it read them must not meet the default action.
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
+    let mut hangup = Hangup::install()?;
     let mut life = Lifecycle::default();
     // On the default one thread, a connection accepted while a transfer keeps that thread busy
     // goes to a spare one (forward_tunnel::spare); a multi-thread runtime spreads them itself.
@@ -285,6 +284,56 @@ impl Signals {
     }
 }
 
+/// SIGHUP, unless the process started with it ignored. `nohup` (and some supervisors) start a
+/// program with SIGHUP ignored so that it outlives the terminal; installing a handler replaced
+/// that, and `nohup forward agent &` died with the ssh session that started it (a tester's
+/// finding). As with any Unix program, an ignored SIGHUP then stays ignored, and [`recv`]
+/// never resolves.
+///
+/// [`recv`]: Hangup::recv
+pub struct Hangup(Option<tokio::signal::unix::Signal>);
+
+impl Hangup {
+    /// Installs the handler, unless SIGHUP is ignored.
+    pub fn install() -> Result<Self> {
+        if hangup_ignored() {
+            tracing::debug!("SIGHUP is ignored (nohup?): it stays ignored");
+            return Ok(Self(None));
+        }
+        let s = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        Ok(Self(Some(s)))
+    }
+
+    /// Resolves on SIGHUP; never, when it is ignored.
+    pub async fn recv(&mut self) {
+        match &mut self.0 {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Whether this process started with SIGHUP ignored, read from `/proc/self/status` (its
+/// `SigIgn` mask; SIGHUP is bit 0), which needs no unsafe code. Elsewhere (macOS has no
+/// /proc) `false`: SIGHUP is handled as before.
+fn hangup_ignored() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    ignored_mask_has_hangup(&status)
+}
+
+fn ignored_mask_has_hangup(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & 1 != 0)
+}
+
 /// Parses `HOST:PORT` for `forward stdio`.
 pub fn parse_host_port(s: &str) -> Result<(String, u16)> {
     let bad = || {
@@ -309,4 +358,22 @@ pub fn parse_host_port(s: &str) -> Result<(String, u16)> {
         .filter(|p| *p != 0)
         .ok_or_else(|| anyhow::anyhow!("invalid target '{s}': port '{port}' is not 1-65535"))?;
     Ok((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ignored_mask_has_hangup;
+
+    #[test]
+    fn sighup_is_bit_zero_of_the_ignored_mask() {
+        let status = |mask: &str| {
+            format!("Name:\tforward\nSigBlk:\t0000000000000001\nSigIgn:\t{mask}\nSigCgt:\t0000000180004002\n")
+        };
+        assert!(ignored_mask_has_hangup(&status("0000000000000001")));
+        assert!(ignored_mask_has_hangup(&status("0000000000001001")));
+        // SIGINT (bit 1) and SIGPIPE (bit 12, which Rust ignores) are not SIGHUP.
+        assert!(!ignored_mask_has_hangup(&status("0000000000001002")));
+        assert!(!ignored_mask_has_hangup("Name:\tforward\n"));
+        assert!(!ignored_mask_has_hangup(&status("garbage")));
+    }
 }

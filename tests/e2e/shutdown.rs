@@ -12,6 +12,7 @@ per_transport!(sigterm_drains_open_connection);
 per_transport!(sigterm_exits_after_grace);
 per_transport!(second_signal_skips_the_grace: direct, agent_tls);
 per_transport!(sighup_ends_at_once_and_removes_the_socket_file: direct, agent_tcp);
+per_transport!(under_nohup_a_hangup_changes_nothing: direct, agent_tcp);
 
 /// Asserts a clean exit 0. Death by SIGTERM itself means the signal arrived before forward had
 /// installed its handler, although it had already printed its `forwarding` lines (readiness):
@@ -233,4 +234,73 @@ fn sighup_ends_at_once_and_removes_the_socket_file(t: Transport) {
         sock.display()
     );
     assert_reset(conn, "a connection cut by SIGHUP must be reset");
+}
+
+/// `nohup forward ...` starts forward with SIGHUP ignored, to outlive the terminal; forward
+/// keeps it ignored. Before, its own handler replaced nohup's, and the hang-up ended it
+/// (status 129) as if nohup were not there (a tester's finding).
+fn under_nohup_a_hangup_changes_nothing(t: Transport) {
+    use crate::harness::{forward_bin, forward_env, Proc};
+    let backend = Backend::echo();
+    let stack = Stack::start(t, &[backend.port]);
+    let mut cmd = std::process::Command::new("nohup");
+    cmd.arg(forward_bin())
+        .args(stack.client_args())
+        .arg(format!("127.0.0.1:0:{}", stack.target(backend.port)));
+    forward_env(&mut cmd, "info");
+    let mut fwd = Forward::start_with(Proc::spawn("forward", cmd), 1, t);
+    let open = fwd.local().connect();
+    fwd.proc.signal("HUP");
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        fwd.proc.try_status(),
+        None,
+        "SIGHUP ended forward under nohup"
+    );
+    echo_exchange(open, rand::random(), 1 << 16);
+    echo_exchange(fwd.local().connect(), rand::random(), 1 << 16);
+    fwd.proc.signal("TERM");
+    assert_clean_exit(fwd.proc.wait_exit());
+}
+
+/// The same for the agent (README: `nohup forward agent ... &` where there is no systemd): it
+/// goes on serving after the ssh session that started it hangs up.
+#[test]
+fn an_agent_under_nohup_outlives_the_hangup() {
+    use crate::harness::{forward_bin, forward_env, Proc, Src, TempDir};
+    let dir = TempDir::new("nohup-agent");
+    let token = dir.join("token");
+    std::fs::write(&token, "00112233445566778899aabbccddeeff0011223344556677").unwrap();
+    let mut cmd = std::process::Command::new("nohup");
+    cmd.arg(forward_bin())
+        .args(["agent", "--listen", "[::1]:0", "--token-file"])
+        .arg(&token);
+    forward_env(&mut cmd, "info");
+    let mut agent = Proc::spawn("agent", cmd);
+    let line = agent.wait_line(Src::Stdout, "the agent's listening line", |l| {
+        l.contains("listening on")
+    });
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no address in agent line {line:?}"));
+    agent.signal("HUP");
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        agent.try_status(),
+        None,
+        "SIGHUP ended the agent under nohup"
+    );
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: vm1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "GET /health answered {answer:?}"
+    );
+    agent.signal("TERM");
+    assert_clean_exit(agent.wait_exit());
 }
