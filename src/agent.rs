@@ -140,21 +140,27 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
     if let Some(w) = open_to_others(&dir) {
         tracing::warn!("{w}");
     }
-    match (cert_path.exists(), key_path.exists()) {
-        (true, true) => {
-            if let Some(w) = forward_tunnel::auth::loose_permissions(&key_path, "QUIC key") {
-                tracing::warn!("{w}");
-            }
-            // Files this agent wrote itself: a damaged one is no --tls-cert mistake.
-            return QuicCert::load(&cert_path, &key_path).map_err(|e| {
-                anyhow::anyhow!(
-                    "{e}: the certificate kept in {} is damaged; remove {} and {} to generate a new one (clients then need the new --agent-pin)",
-                    dir.display(),
-                    cert_path.display(),
-                    key_path.display()
-                )
-            });
+    let load = || {
+        if let Some(w) = forward_tunnel::auth::loose_permissions(&key_path, "QUIC key") {
+            tracing::warn!("{w}");
         }
+        // Files this agent wrote itself: a damaged one is no --tls-cert mistake.
+        QuicCert::load(&cert_path, &key_path).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}: the certificate kept in {} is damaged; remove {} and {} to generate a new one (clients then need the new --agent-pin)",
+                dir.display(),
+                cert_path.display(),
+                key_path.display()
+            )
+        })
+    };
+    // An agent writes the key first and the certificate last (see `publish`): a key alone may
+    // be another agent starting at this moment, so give it time to finish.
+    if key_path.exists() && !cert_path.exists() {
+        wait_for(&cert_path);
+    }
+    match (cert_path.exists(), key_path.exists()) {
+        (true, true) => return load(),
         (false, false) => {}
         // A new certificate would change the pin every client was given: never silently.
         (has_cert, _) => {
@@ -178,7 +184,6 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
         .filter(|n| !n.is_empty())
         .collect();
     let cert = QuicCert::generate(&names)?;
-    let (cert_pem, key_pem) = cert.to_pem();
     if dir.exists() && !dir.is_dir() {
         anyhow::bail!(
             "the state directory {} exists and is not a directory; choose another with --state-dir",
@@ -197,12 +202,54 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
             dir.display()
         )
     };
-    write_private(&key_path, key_pem.as_bytes()).with_context(in_state_dir)?;
-    std::fs::write(&cert_path, cert_pem)
-        .with_context(|| format!("writing {}", cert_path.display()))
-        .with_context(in_state_dir)?;
-    tracing::info!(dir = %dir.display(), "generated a QUIC certificate");
-    Ok(cert)
+    if publish(&cert, &cert_path, &key_path).with_context(in_state_dir)? {
+        tracing::info!(dir = %dir.display(), "generated a QUIC certificate");
+        return Ok(cert);
+    }
+    // Another agent sharing the state directory got there first: its pair is the one kept,
+    // so it is the one to serve (and its pin the one to print).
+    wait_for(&cert_path);
+    load()
+}
+
+/// How long an agent waits for another one's certificate to appear beside its key.
+const PAIR_WAIT: Duration = Duration::from_secs(5);
+
+fn wait_for(path: &Path) {
+    let deadline = std::time::Instant::now() + PAIR_WAIT;
+    while !path.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes a new pair unless one is there: `false` when another agent's key already was.
+/// Agents started together with one state directory (two systemd units) each generated a
+/// certificate and overwrote each other's files, so one printed a pin that was not the one
+/// kept, and one that read the key before the certificate was written refused to start (a
+/// tester's finding). Now the key is created exclusively, so one agent wins; and the
+/// certificate is renamed into place once complete, so a certificate beside a key means the
+/// pair is whole.
+fn publish(cert: &QuicCert, cert_path: &Path, key_path: &Path) -> Result<bool> {
+    let (cert_pem, key_pem) = cert.to_pem();
+    match create_private(key_path, key_pem.as_bytes()) {
+        Ok(()) => {}
+        // `exists` follows links: a link to nowhere is in the way, not another agent's key.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && key_path.exists() => {
+            return Ok(false)
+        }
+        Err(_) if key_path.is_symlink() => {
+            anyhow::bail!(
+                "{} is a link to a file that does not exist",
+                key_path.display()
+            )
+        }
+        Err(e) => return Err(e).with_context(|| format!("writing {}", key_path.display())),
+    }
+    let tmp = cert_path.with_extension(format!("pem.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, cert_pem)
+        .and_then(|()| std::fs::rename(&tmp, cert_path))
+        .with_context(|| format!("writing {}", cert_path.display()))?;
+    Ok(true)
 }
 
 /// A warning when other users may write to the state directory: they could put their own key
@@ -226,19 +273,16 @@ fn default_state_dir() -> Option<PathBuf> {
         .map(|h| PathBuf::from(h).join(".forward"))
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+/// Creates a file only its owner can read; fails with `AlreadyExists` if it is there.
+fn create_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(data)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+        .open(path)?
+        .write_all(data)
 }
 
 /// Builds agent connectors, sharing one link (one carrier, or one QUIC connection) per VM.

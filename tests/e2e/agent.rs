@@ -877,6 +877,48 @@ fn quic_state_dir_with_a_lost_key_is_refused() {
     assert!(!state.join("quic-key.pem").exists(), "a new key was made");
 }
 
+/// Agents started together with one fresh state directory (two systemd units on two ports)
+/// all serve the one certificate that is kept, and print its pin. Each used to write its own
+/// pair over the others': one printed a pin that was not the one kept (its clients broke at
+/// its next restart), or one read the other's key before its certificate was written and
+/// refused to start, calling the state damaged (a tester's finding: 4 of 12 trials).
+#[test]
+fn agents_starting_together_share_one_generated_certificate() {
+    use crate::harness::{Proc, Src};
+    let dir = TempDir::new("agent-state-race");
+    let token = dir.join("token");
+    std::fs::write(&token, "9c41e07a2bd35f86c1e94a7d0b3f52e8a6d17c04f9b25e3a").unwrap();
+    let start = |state: &std::path::Path| {
+        let mut cmd = Command::new(forward_bin());
+        cmd.args(["agent", "--listen", "[::1]:0", "--quic", "--token-file"])
+            .arg(&token)
+            .arg("--state-dir")
+            .arg(state);
+        Proc::spawn("agent", cmd)
+    };
+    let pin_of = |p: &mut Proc| {
+        let line = p.wait_line(Src::Stdout, "the pin", |l| l.contains("sha256:"));
+        let pin = line.split_whitespace().find(|w| w.starts_with("sha256:"));
+        pin.unwrap_or_else(|| panic!("no pin in {line:?}"))
+            .to_owned()
+    };
+    for round in 0..10 {
+        let state = dir.join(&format!("state{round}"));
+        let mut agents: Vec<Proc> = (0..3).map(|_| start(&state)).collect();
+        let pins: Vec<String> = agents.iter_mut().map(pin_of).collect();
+        let mut later = start(&state);
+        let kept = pin_of(&mut later);
+        assert!(
+            pins.iter().all(|p| *p == kept),
+            "round {round}: agents printed {pins:?}, the state directory keeps {kept}"
+        );
+        for mut a in agents.into_iter().chain([later]) {
+            a.signal("TERM");
+            assert!(a.wait_exit().success(), "round {round}: {}", a.transcript());
+        }
+    }
+}
+
 /// The state directory's other troubles name it and what to do: damaged files (remove them;
 /// not "--tls-cert", which was not used), a place the certificate cannot be written (another
 /// --state-dir), and a directory other users may write to (a warning: one could swap the key).
