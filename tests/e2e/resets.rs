@@ -11,6 +11,7 @@ use crate::stack::{Stack, Transport, VM_FQDN};
 
 per_transport!(carrier_killed_mid_transfer);
 per_transport!(edge_aborts_mid_transfer: direct, agent_tls);
+per_transport!(a_cut_unix_socket_is_logged_as_closed_not_reset: direct, agent_tls);
 per_transport!(service_resets_mid_transfer);
 per_transport!(failing_forward_does_not_disturb_others);
 per_transport!(a_long_upload_cut_is_not_blamed_on_the_service_bind: direct);
@@ -78,6 +79,23 @@ fn edge_aborts_mid_transfer(t: Transport) {
         Stack::start_with_edge_args(t, &[backend.port], &["--abort-after-bytes", "4194304"]);
     let fwd = stack.forward_to(backend.port);
     expect_reset(fwd.local().connect(), 0);
+}
+
+/// A Unix socket has no reset, so its client sees a cut as an end of stream (README says so);
+/// the log says that, where it used to claim both sides were reset.
+fn a_cut_unix_socket_is_logged_as_closed_not_reset(t: Transport) {
+    let backend = endless_source();
+    let stack =
+        Stack::start_with_edge_args(t, &[backend.port], &["--abort-after-bytes", "4194304"]);
+    let sock = stack.dir.join("cut.sock");
+    let spec = format!("{}:{}", sock.display(), stack.target(backend.port));
+    let mut fwd = stack.forward(&[], &[spec], 1);
+    let mut conn = fwd.local().connect();
+    let mut got = Vec::new();
+    let _ = conn.read_to_end(&mut got);
+    fwd.proc.wait_line(Src::Stderr, "the cut's log line", |l| {
+        l.contains("the local Unix socket closed (it has no reset")
+    });
 }
 
 /// The service aborts its connection (close with unread input, which makes the kernel send RST);

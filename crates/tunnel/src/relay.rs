@@ -483,7 +483,8 @@ impl RelayError {
         }
     }
 
-    /// The error with the two sides named, for a log line a user can act on, e.g.
+    /// The error with the two sides named, for a log line a user can act on (ending in
+    /// [`BOTH_RESET`]), e.g.
     /// `describe("local", "edge")` → `edge -> local: reading from edge failed: Connection reset
     /// by peer (os error 104); both sides reset`.
     pub fn describe(&self, a: &str, b: &str) -> String {
@@ -494,13 +495,13 @@ impl RelayError {
         match self {
             RelayError::Read { .. } if self.is_truncation() => format!(
                 "{src} -> {dst}: {src} ended the stream without a clean close (TLS close_notify \
-                 missing): truncated; both sides reset"
+                 missing): truncated{BOTH_RESET}"
             ),
             RelayError::Read { error, .. } => {
-                format!("{src} -> {dst}: reading from {src} failed: {error}; both sides reset")
+                format!("{src} -> {dst}: reading from {src} failed: {error}{BOTH_RESET}")
             }
             RelayError::Write { op, error, .. } => format!(
-                "{src} -> {dst}: {} {dst} failed: {error}; both sides reset",
+                "{src} -> {dst}: {} {dst} failed: {error}{BOTH_RESET}",
                 op_verb(*op)
             ),
         }
@@ -512,6 +513,9 @@ impl RelayError {
         matches!(self, RelayError::Read { error, .. } if error.kind() == io::ErrorKind::UnexpectedEof)
     }
 }
+
+/// How [`RelayError::describe`] ends: what the relay did to both peers.
+pub const BOTH_RESET: &str = "; both sides reset";
 
 /// Relay bytes between `a` and `b` in both directions until both directions have ended.
 ///

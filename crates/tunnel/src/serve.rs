@@ -218,9 +218,20 @@ async fn handle<C: Connector>(
         };
         tracing::debug!(after = ?started.elapsed(), "connected");
         let relay_started = std::time::Instant::now();
-        relay(local, remote)
-            .await
-            .map_err(|e| explain(&e, "local", &*connector, relay_started.elapsed()))
+        let unix = matches!(local.inner, LocalStream::Unix(_));
+        relay(local, remote).await.map_err(|e| {
+            let text = explain(&e, "local", &*connector, relay_started.elapsed());
+            if unix {
+                // The log said "reset" while the client saw a clean EOF (a tester's finding).
+                text.replace(
+                    crate::relay::BOTH_RESET,
+                    "; the remote side reset, the local Unix socket closed (it has no reset: \
+                     its client sees an end of stream)",
+                )
+            } else {
+                text
+            }
+        })
     };
     tokio::pin!(work);
     tokio::select! {
