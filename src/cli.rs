@@ -47,7 +47,8 @@ pub struct Cli {
     #[command(flatten)]
     pub client: ClientOpts,
 
-    /// Before listening, check every target and exit 1 if one fails: direct mode does the TLS
+    /// Before serving, check every target and exit 1 if one fails (the local ports are bound
+    /// first; a client connecting meanwhile waits): direct mode does the TLS
     /// handshake with the edge and fails if the edge then hangs up (nothing on that VM port);
     /// agent mode also authenticates and has the agent reach the target (nothing listening, or
     /// outside --allow, fails). The service sees one connection that closes.

@@ -157,52 +157,34 @@ pub(crate) fn announce(json: bool, listen: &str, to: &str) {
 
 /// Checks (if asked), prints the start-up lines, serves until SIGINT/SIGTERM, then stops
 /// gracefully. Returns the process exit code.
+///
+/// The listeners are bound before the check, so that a port in use fails at once rather than
+/// after the network checks; a client that connects meanwhile waits in the kernel's queue and
+/// is served once the check passed. The signal handlers come first, so that a signal during
+/// the check ends forward as it does later: listeners closed, Unix socket files removed (the
+/// default action left them behind, a tester's finding).
 pub async fn serve_all<C: Connector>(
     forwards: Vec<Bound<C>>,
     check: bool,
     grace: Duration,
     json: bool,
 ) -> Result<i32> {
-    if check {
-        // At once, not one after another: a direct check listens a moment after its handshake.
-        let checks: Vec<_> = forwards
-            .iter()
-            .map(|f| {
-                let c = f.connector.clone();
-                tokio::spawn(async move { c.check().await })
-            })
-            .collect();
-        // Every failure is reported, not only the first: fixing one target at a time and
-        // running again to learn of the next would waste the user's time.
-        let mut failed = Vec::new();
-        for (f, check) in forwards.iter().zip(checks) {
-            match check.await.context("check task")? {
-                Ok(()) => tracing::info!("check ok: {}", f.connector.describe()),
-                Err(e) => failed.push(
-                    anyhow::Error::new(e)
-                        .context(format!("check of {} failed", f.connector.describe())),
-                ),
-            }
-        }
-        match failed.len() {
-            0 => {}
-            1 => return Err(failed.remove(0)),
-            n => {
-                let all: Vec<String> = failed.iter().map(|e| format!("{e:#}")).collect();
-                anyhow::bail!(
-                    "{n} of {} checks failed: {}",
-                    forwards.len(),
-                    all.join("; ")
-                );
-            }
-        }
-    }
     let mut signals = Signals::install()?;
     // ssh -L dies on SIGHUP (its terminal closed), and so do we, at once; but handled, so the
     // listeners close on the way out and a Unix socket's file is removed (the default action
     // left it behind). Installed before the start-up lines, as the others: a script that
     // signals once it read them must not meet the default action.
     let mut hangup = Hangup::install()?;
+    if check {
+        tokio::select! {
+            r = check_all(&forwards) => r?,
+            _ = signals.recv() => {
+                tracing::info!("stopped during --check: nothing was served");
+                return Ok(0);
+            }
+            _ = hangup.recv() => return Ok(128 + 1),
+        }
+    }
     let mut life = Lifecycle::default();
     // On the default one thread, a connection accepted while a transfer keeps that thread busy
     // goes to a spare one (forward_tunnel::spare); a multi-thread runtime spreads them itself.
@@ -282,6 +264,43 @@ impl Signals {
             _ = self.term.recv() => {}
         }
     }
+}
+
+/// `--check`: every target at once, every failure reported.
+async fn check_all<C: Connector>(forwards: &[Bound<C>]) -> Result<()> {
+    // At once, not one after another: a direct check listens a moment after its handshake.
+    let checks: Vec<_> = forwards
+        .iter()
+        .map(|f| {
+            let c = f.connector.clone();
+            tokio::spawn(async move { c.check().await })
+        })
+        .collect();
+    // Every failure is reported, not only the first: fixing one target at a time and
+    // running again to learn of the next would waste the user's time.
+    let mut failed = Vec::new();
+    for (f, check) in forwards.iter().zip(checks) {
+        match check.await.context("check task")? {
+            Ok(()) => tracing::info!("check ok: {}", f.connector.describe()),
+            Err(e) => failed.push(
+                anyhow::Error::new(e)
+                    .context(format!("check of {} failed", f.connector.describe())),
+            ),
+        }
+    }
+    match failed.len() {
+        0 => {}
+        1 => return Err(failed.remove(0)),
+        n => {
+            let all: Vec<String> = failed.iter().map(|e| format!("{e:#}")).collect();
+            anyhow::bail!(
+                "{n} of {} checks failed: {}",
+                forwards.len(),
+                all.join("; ")
+            );
+        }
+    }
+    Ok(())
 }
 
 /// SIGHUP, unless the process started with it ignored. `nohup` (and some supervisors) start a

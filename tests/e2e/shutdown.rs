@@ -304,3 +304,49 @@ fn an_agent_under_nohup_outlives_the_hangup() {
     agent.signal("TERM");
     assert_clean_exit(agent.wait_exit());
 }
+
+/// SIGTERM while `--check` waits for a target ends forward as it does later: exit 0, and the
+/// Unix socket it had bound (and its lock file) removed. The handlers used to be installed
+/// only after the check, so the default action killed it (143) and left both files behind.
+#[test]
+fn a_signal_during_the_check_exits_cleanly_and_removes_the_socket() {
+    use crate::harness::{Proc, TempDir};
+    // An edge that takes the connection and never answers the TLS handshake.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = mute.local_addr().unwrap().port();
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in mute.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let dir = TempDir::new("check-signal");
+    let sock = dir.join("check.sock");
+    let lock = dir.join("check.sock.lock");
+    let mut fwd = Proc::forward(
+        "forward",
+        [
+            "--edge".into(),
+            "127.0.0.1".into(),
+            "--connect-timeout".into(),
+            "60".into(),
+            "--check".into(),
+            format!("{}:vm1:{port}", sock.display()),
+        ],
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "forward never bound {}",
+            sock.display()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Past the bind, inside the check's wait for the handshake.
+    thread::sleep(Duration::from_millis(300));
+    fwd.signal("TERM");
+    assert_clean_exit(fwd.wait_exit());
+    assert!(!sock.exists(), "{} is left behind", sock.display());
+    assert!(!lock.exists(), "{} is left behind", lock.display());
+}
