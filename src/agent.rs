@@ -24,13 +24,16 @@ use crate::spec::Spec;
 
 /// Runs the agent until SIGINT/SIGTERM/SIGHUP, then drains.
 pub async fn serve(args: AgentArgs) -> Result<i32> {
+    // Before the handlers: a token file that blocks (a named pipe nobody writes to yet) can
+    // then be interrupted with Ctrl-C; with the handlers installed, nothing could stop it but
+    // SIGKILL (a tester's finding).
+    let token = Token::load(args.token_file.as_deref())?;
     let mut signals = run::Signals::install()?;
     // An agent started from an ssh session gets SIGHUP when the session closes; the default
     // action killed it on the spot (exit 129, no drain, not a word in the log). It drains as
     // for SIGTERM: the operator left, the clients did not. Installed with the others, before
     // the first line is printed, for the same reason (see `run::Signals`).
     let mut hangup = run::Hangup::install()?;
-    let token = Token::load(args.token_file.as_deref())?;
     let policy = TargetPolicy::new(&args.allow)?;
     let drain = Duration::from_secs(args.drain);
     let names = AgentNames::new(&args.names);

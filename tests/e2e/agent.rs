@@ -66,6 +66,47 @@ fn agent_refuses_missing_or_short_token() {
     );
 }
 
+/// A token file is read whole, but only so far: `/dev/zero` (or a large file given by mistake)
+/// is refused at 4 KiB instead of filling memory. A pipe works (`--token-file <(pass show t)`),
+/// and one nobody writes to yet can be interrupted: the token is read before the signal
+/// handlers take over SIGINT.
+#[test]
+fn token_files_that_are_not_plain_files() {
+    use crate::harness::{Proc, Src};
+    let (st, out, err) = run("agent with /dev/zero as token file", {
+        let mut cmd = Command::new(forward_bin());
+        cmd.args(["agent", "--listen", "[::1]:0", "--token-file", "/dev/zero"]);
+        cmd
+    });
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(err.contains("more than 4096 bytes"), "{err}");
+
+    let dir = TempDir::new("agent-token-fifo");
+    let fifo = dir.join("token");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let agent = |name: &str| {
+        let mut cmd = Command::new(forward_bin());
+        cmd.args(["agent", "--listen", "[::1]:0", "--token-file"])
+            .arg(&fifo);
+        Proc::spawn(name, cmd)
+    };
+    // Nobody writes: Ctrl-C ends the wait.
+    let mut waiting = agent("agent waiting on a pipe");
+    std::thread::sleep(Duration::from_millis(300));
+    waiting.signal("INT");
+    let status = waiting.wait_exit();
+    assert!(!status.success(), "{status}");
+    // Someone writes: the agent starts with that token.
+    let mut reading = agent("agent reading a pipe");
+    std::fs::write(&fifo, "9c41e07a2bd35f86c1e94a7d0b3f52e8a6d17c04f9b25e3a\n").unwrap();
+    reading.wait_line(Src::Stdout, "the agent's listening line", |l| {
+        l.contains("listening on")
+    });
+    reading.signal("TERM");
+    assert!(reading.wait_exit().success());
+}
+
 /// Start-up mistakes on the VM side say what is wrong in one line.
 #[test]
 fn agent_start_up_errors_name_the_cause() {

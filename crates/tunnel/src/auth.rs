@@ -50,6 +50,13 @@ pub enum TokenError {
         /// What the OS said.
         cause: std::io::Error,
     },
+    /// Far more than any token: another file given by mistake (or `/dev/zero`, which would
+    /// have been read until memory ran out).
+    #[error("token file {path} holds more than {MAX_TOKEN_FILE} bytes: is it the right file? It must hold only the token (generate one with: openssl rand -hex 32)")]
+    TooLarge {
+        /// The file.
+        path: String,
+    },
     /// Nothing in it.
     #[error("token from {source_name} is empty; put the token in it (generate one with: openssl rand -hex 32)")]
     Empty {
@@ -206,6 +213,31 @@ fn shell_assignment(t: &str) -> Option<&str> {
     (exported || head == TOKEN_ENV).then(|| &t[..=head.len()])
 }
 
+/// Largest token file read: a token is a line of some dozens of characters.
+pub const MAX_TOKEN_FILE: u64 = 4096;
+
+/// Reads a token file, at most [`MAX_TOKEN_FILE`] bytes of it. Not only regular files: a pipe
+/// from the shell (`--token-file <(pass show vm-token)`) is a fine way to keep a token off disk.
+fn read_capped(path: &Path) -> Result<String, TokenError> {
+    use std::io::Read;
+    let unreadable = |cause| TokenError::Unreadable {
+        path: path.display().to_string(),
+        cause,
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(unreadable)?
+        .take(MAX_TOKEN_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(unreadable)?;
+    if text.len() as u64 > MAX_TOKEN_FILE {
+        return Err(TokenError::TooLarge {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(text)
+}
+
 impl Token {
     /// Builds a token from its text, refusing anything under 128 bits.
     pub fn new(text: &str, source_name: &str) -> Result<Self, TokenError> {
@@ -248,10 +280,7 @@ impl Token {
     /// The token from `--token-file`, else from `VERS_AUTH_TOKEN`.
     pub fn load(file: Option<&Path>) -> Result<Self, TokenError> {
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|cause| TokenError::Unreadable {
-                path: path.display().to_string(),
-                cause,
-            })?;
+            let text = read_capped(path)?;
             if let Some(warning) = loose_permissions(path, "token file") {
                 tracing::warn!("{warning}");
             }
