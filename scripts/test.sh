@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/test-env.sh
-exec cargo test --workspace --locked --no-fail-fast "$@"
+# SIGHUP back to its default for the tests' processes: forward keeps a SIGHUP it started with
+# ignored (nohup), so run under nohup or `setsid nohup` the tests that send SIGHUP would find
+# every forward they start ignoring it. (A shell cannot undo an ignore it inherited; env can.)
+exec env --default-signal=HUP cargo test --workspace --locked --no-fail-fast "$@"

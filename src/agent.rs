@@ -23,7 +23,7 @@ use crate::run::{self, Bound};
 use crate::spec::Spec;
 
 /// Runs the agent until SIGINT/SIGTERM/SIGHUP, then drains.
-pub async fn serve(args: AgentArgs) -> Result<i32> {
+pub async fn serve(args: AgentArgs, json: bool) -> Result<i32> {
     // Before the handlers: a token file that blocks (a named pipe nobody writes to yet) can
     // then be interrupted with Ctrl-C; with the handlers installed, nothing could stop it but
     // SIGKILL (a tester's finding).
@@ -56,25 +56,41 @@ pub async fn serve(args: AgentArgs) -> Result<i32> {
         qc.names = names;
         qc.grace = drain;
         let q = QuicAgent::bind(qc)?;
-        crate::say::say!(
-            "quic agent listening on udp {} pin {} (clients: --transport quic --agent-pin {})",
-            q.local_addr(),
-            q.pin(),
-            q.pin()
-        );
+        if json {
+            let line = serde_json::json!({
+                "quic_agent": { "listen": q.local_addr().to_string(), "pin": q.pin().to_string() }
+            });
+            crate::say::say!("{line}");
+        } else {
+            crate::say::say!(
+                "quic agent listening on udp {} pin {} (clients: --transport quic --agent-pin {})",
+                q.local_addr(),
+                q.pin(),
+                q.pin()
+            );
+        }
         let closer = q.closer();
         Some((tokio::spawn(q.run(stop.child_token())), closer))
     } else {
         None
     };
-    crate::say::say!(
-        "agent listening on {addr} ({}; GET /health open, tunnel needs the token)",
-        if tls {
-            "TLS"
-        } else {
-            "plain TCP, TLS ends at the edge"
-        }
-    );
+    if json {
+        // As the client's `forwarding` lines: a script or a log shipper gets the address (the
+        // port picked for 0) and the pin without parsing prose.
+        let line = serde_json::json!({
+            "agent": { "listen": addr.to_string(), "tls": tls }
+        });
+        crate::say::say!("{line}");
+    } else {
+        crate::say::say!(
+            "agent listening on {addr} ({}; GET /health open, tunnel needs the token)",
+            if tls {
+                "TLS"
+            } else {
+                "plain TCP, TLS ends at the edge"
+            }
+        );
+    }
     let task = tokio::spawn(agent.run(stop.clone(), drain));
     tokio::select! {
         _ = signals.recv() => {}

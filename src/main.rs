@@ -220,7 +220,9 @@ async fn run(cli: Cli) -> Result<i32> {
         Some(Command::Demo(args)) => {
             demo::run(args, matches!(cli.log.log_format, LogFormat::Json)).await
         }
-        Some(Command::Agent(args)) => agent::serve(args).await,
+        Some(Command::Agent(args)) => {
+            agent::serve(args, matches!(cli.log.log_format, LogFormat::Json)).await
+        }
         None => forward(cli).await,
     }
 }

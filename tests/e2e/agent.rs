@@ -107,6 +107,49 @@ fn token_files_that_are_not_plain_files() {
     assert!(reading.wait_exit().success());
 }
 
+/// With `--log-format json` the agent's start-up lines are JSON too, as the client's
+/// `forwarding` lines are: the address (with the port picked for 0) and the QUIC pin.
+#[test]
+fn agent_start_up_lines_in_json() {
+    use crate::harness::{Proc, Src};
+    let dir = TempDir::new("agent-json");
+    let token = dir.join("token");
+    std::fs::write(&token, "9c41e07a2bd35f86c1e94a7d0b3f52e8a6d17c04f9b25e3a").unwrap();
+    let mut cmd = Command::new(forward_bin());
+    cmd.args([
+        "agent",
+        "--log-format",
+        "json",
+        "--listen",
+        "[::1]:0",
+        "--quic",
+    ])
+    .args(["--token-file".as_ref(), token.as_os_str()])
+    .args(["--state-dir".as_ref(), dir.join("state").as_os_str()]);
+    let mut agent = Proc::spawn("agent", cmd);
+    let parse = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok();
+    let quic = agent.wait_line(Src::Stdout, "the QUIC line", |l| {
+        parse(l).is_some_and(|v| v.get("quic_agent").is_some())
+    });
+    let tcp = agent.wait_line(Src::Stdout, "the agent line", |l| {
+        parse(l).is_some_and(|v| v.get("agent").is_some())
+    });
+    let (quic, tcp) = (parse(&quic).unwrap(), parse(&tcp).unwrap());
+    let listen: SocketAddr = tcp["agent"]["listen"].as_str().unwrap().parse().unwrap();
+    assert_ne!(listen.port(), 0, "{tcp}");
+    assert_eq!(tcp["agent"]["tls"], false, "{tcp}");
+    let udp: SocketAddr = quic["quic_agent"]["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(udp.port(), listen.port(), "{quic}");
+    let pin = quic["quic_agent"]["pin"].as_str().unwrap();
+    assert!(pin.starts_with("sha256:") && pin.len() == 51, "{quic}");
+    agent.signal("TERM");
+    assert!(agent.wait_exit().success());
+}
+
 /// Start-up mistakes on the VM side say what is wrong in one line.
 #[test]
 fn agent_start_up_errors_name_the_cause() {

@@ -168,7 +168,11 @@ impl FromStr for SpkiPin {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || QuicError::BadPin(s.to_owned());
-        let b64 = s.trim().strip_prefix("sha256:").ok_or_else(bad)?;
+        // Any case of the prefix: ssh-keygen prints fingerprints as `SHA256:...`.
+        let (scheme, b64) = s.trim().split_once(':').ok_or_else(bad)?;
+        if !scheme.eq_ignore_ascii_case("sha256") {
+            return Err(bad());
+        }
         let bytes = base64_decode(b64).ok_or_else(bad)?;
         let arr: [u8; 32] = bytes.try_into().map_err(|_| bad())?;
         Ok(Self(arr))
@@ -450,6 +454,8 @@ mod tests {
             text.trim_end_matches('=').parse::<SpkiPin>().unwrap(),
             from_cert
         );
+        let shouted = text.replacen("sha256:", "SHA256:", 1);
+        assert_eq!(shouted.parse::<SpkiPin>().unwrap(), from_cert);
     }
 
     #[test]
