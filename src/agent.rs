@@ -34,6 +34,9 @@ pub async fn serve(args: AgentArgs, json: bool) -> Result<i32> {
     // for SIGTERM: the operator left, the clients did not. Installed with the others, before
     // the first line is printed, for the same reason (see `run::Signals`).
     let mut hangup = run::Hangup::install()?;
+    if let Some(w) = ipv4_only_behind_the_edge(&args) {
+        tracing::warn!("{w}");
+    }
     let policy = TargetPolicy::new(&args.allow)?;
     let drain = Duration::from_secs(args.drain);
     let names = AgentNames::new(&args.names);
@@ -271,6 +274,24 @@ fn publish(cert: &QuicCert, cert_path: &Path, key_path: &Path) -> Result<bool> {
     Ok(true)
 }
 
+/// A warning for an agent the Vers edge cannot reach: the edge forwards to VMs over IPv6, so
+/// an agent on an IPv4 address only (`--listen 0.0.0.0:9999`) behind it never sees a client,
+/// and the client only says the agent did not answer (a tester's finding). With its own TLS it
+/// is meant to be reached directly, where IPv4 may be what the network has.
+fn ipv4_only_behind_the_edge(args: &AgentArgs) -> Option<String> {
+    (args.listen.is_ipv4() && !args.listen.ip().is_loopback() && args.tls_cert.is_none()).then(
+        || {
+            format!(
+                "listening on IPv4 only ({}): the Vers edge reaches VMs over IPv6, so clients \
+                 through the edge cannot reach this agent; listen on [::]:{} (the default \
+                 address takes IPv4 too)",
+                args.listen,
+                args.listen.port()
+            )
+        },
+    )
+}
+
 /// A warning when other users may write to the state directory: they could put their own key
 /// there, and clients would keep trusting its pin.
 fn open_to_others(dir: &Path) -> Option<String> {
@@ -434,4 +455,41 @@ pub fn bind_all<C>(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ipv4_only_behind_the_edge;
+    use crate::cli::{Cli, Command};
+
+    fn warning(args: &[&str]) -> Option<String> {
+        let cli = Cli::try_parse_from(["forward", "agent"].iter().chain(args)).unwrap();
+        let Some(Command::Agent(agent)) = cli.command else {
+            panic!("not the agent: {args:?}")
+        };
+        ipv4_only_behind_the_edge(&agent)
+    }
+
+    #[test]
+    fn an_ipv4_only_agent_behind_the_edge_is_warned_about() {
+        let w = warning(&["--listen", "0.0.0.0:9999"]).expect("a warning");
+        assert!(w.contains("IPv6") && w.contains("[::]:9999"), "{w}");
+        assert!(warning(&["--listen", "192.0.2.7:9999"]).is_some());
+        // The default dual-stack address, loopback (tests, a local client), and an agent with
+        // its own TLS (reached directly, not through the edge) are fine.
+        assert_eq!(warning(&[]), None);
+        assert_eq!(warning(&["--listen", "127.0.0.1:9999"]), None);
+        assert_eq!(warning(&["--listen", "[::]:9999"]), None);
+        let tls = [
+            "--listen",
+            "0.0.0.0:9999",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ];
+        assert_eq!(warning(&tls), None);
+    }
 }
