@@ -68,8 +68,8 @@ fn agent_refuses_missing_or_short_token() {
 
 /// A token file is read whole, but only so far: `/dev/zero` (or a large file given by mistake)
 /// is refused at 4 KiB instead of filling memory. A pipe works (`--token-file <(pass show t)`),
-/// and one nobody writes to yet can be interrupted: the token is read before the signal
-/// handlers take over SIGINT.
+/// and one nobody writes to yet can be stopped: the token is read before the signal handlers
+/// take over SIGINT and SIGTERM.
 #[test]
 fn token_files_that_are_not_plain_files() {
     use crate::harness::{Proc, Src};
@@ -91,10 +91,11 @@ fn token_files_that_are_not_plain_files() {
             .arg(&fifo);
         Proc::spawn(name, cmd)
     };
-    // Nobody writes: Ctrl-C ends the wait.
+    // Nobody writes: a signal ends the wait. SIGTERM, not SIGINT: a shell without job control
+    // starts background commands with SIGINT ignored (CI run in the background did).
     let mut waiting = agent("agent waiting on a pipe");
     std::thread::sleep(Duration::from_millis(300));
-    waiting.signal("INT");
+    waiting.signal("TERM");
     let status = waiting.wait_exit();
     assert!(!status.success(), "{status}");
     // Someone writes: the agent starts with that token.
