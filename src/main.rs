@@ -377,7 +377,13 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
         anyhow::anyhow!(
             "{}: {}",
             connector.describe(),
-            forward_tunnel::serve::explain(&e, "stdin/stdout", &connector, relay_started.elapsed())
+            forward_tunnel::serve::explain(
+                &e,
+                "stdin/stdout",
+                false,
+                &connector,
+                relay_started.elapsed(),
+            )
         )
     })?;
     tracing::debug!(up = stats.a_to_b, down = stats.b_to_a, "stdio relay done");

@@ -483,11 +483,16 @@ impl RelayError {
         }
     }
 
-    /// The error with the two sides named, for a log line a user can act on (ending in
-    /// [`BOTH_RESET`]), e.g.
+    /// The error with the two sides named, for a log line a user can act on, e.g.
     /// `describe("local", "edge")` → `edge -> local: reading from edge failed: Connection reset
     /// by peer (os error 104); both sides reset`.
     pub fn describe(&self, a: &str, b: &str) -> String {
+        self.describe_ending(a, b, "; both sides reset")
+    }
+
+    /// [`RelayError::describe`] with another `ending` for what the abort did to the peers: a
+    /// Unix socket has no reset, and its client sees an end of stream.
+    pub fn describe_ending(&self, a: &str, b: &str, ending: &str) -> String {
         let (src, dst) = match self.direction() {
             Direction::AToB => (a, b),
             Direction::BToA => (b, a),
@@ -495,13 +500,13 @@ impl RelayError {
         match self {
             RelayError::Read { .. } if self.is_truncation() => format!(
                 "{src} -> {dst}: {src} ended the stream without a clean close (TLS close_notify \
-                 missing): truncated{BOTH_RESET}"
+                 missing): truncated{ending}"
             ),
             RelayError::Read { error, .. } => {
-                format!("{src} -> {dst}: reading from {src} failed: {error}{BOTH_RESET}")
+                format!("{src} -> {dst}: reading from {src} failed: {error}{ending}")
             }
             RelayError::Write { op, error, .. } => format!(
-                "{src} -> {dst}: {} {dst} failed: {error}{BOTH_RESET}",
+                "{src} -> {dst}: {} {dst} failed: {error}{ending}",
                 op_verb(*op)
             ),
         }
@@ -513,9 +518,6 @@ impl RelayError {
         matches!(self, RelayError::Read { error, .. } if error.kind() == io::ErrorKind::UnexpectedEof)
     }
 }
-
-/// How [`RelayError::describe`] ends: what the relay did to both peers.
-pub const BOTH_RESET: &str = "; both sides reset";
 
 /// Relay bytes between `a` and `b` in both directions until both directions have ended.
 ///

@@ -151,13 +151,27 @@ pub async fn serve<C: Connector>(
 /// says what is likely missing (nothing listening on the VM's port). A connection that ran for
 /// longer was reached: an upload to a service that answers only at the end, cut by an edge
 /// or service dying, had been pointed at a bind problem.
+///
+/// `local_unix`: the local side is a Unix socket, which has no reset; the line says it was
+/// closed (its client sees an end of stream), where it used to say both sides were reset (a
+/// tester's finding).
 pub fn explain<C: Connector>(
     e: &RelayError,
     local: &str,
+    local_unix: bool,
     connector: &C,
     lasted: Duration,
 ) -> String {
-    let text = e.describe(local, "remote");
+    let text = if local_unix {
+        e.describe_ending(
+            local,
+            "remote",
+            "; the remote side reset, the local Unix socket closed (it has no reset: its client \
+             sees an end of stream)",
+        )
+    } else {
+        e.describe(local, "remote")
+    };
     // Reading from it or writing to it: both are how an edge's hang-up shows.
     let remote_failed = matches!(
         (e, e.direction()),
@@ -219,19 +233,9 @@ async fn handle<C: Connector>(
         tracing::debug!(after = ?started.elapsed(), "connected");
         let relay_started = std::time::Instant::now();
         let unix = matches!(local.inner, LocalStream::Unix(_));
-        relay(local, remote).await.map_err(|e| {
-            let text = explain(&e, "local", &*connector, relay_started.elapsed());
-            if unix {
-                // The log said "reset" while the client saw a clean EOF (a tester's finding).
-                text.replace(
-                    crate::relay::BOTH_RESET,
-                    "; the remote side reset, the local Unix socket closed (it has no reset: \
-                     its client sees an end of stream)",
-                )
-            } else {
-                text
-            }
-        })
+        relay(local, remote)
+            .await
+            .map_err(|e| explain(&e, "local", unix, &*connector, relay_started.elapsed()))
     };
     tokio::pin!(work);
     tokio::select! {
