@@ -179,16 +179,7 @@ fn agent_start_up_errors_name_the_cause() {
 #[test]
 fn health_answers_without_auth() {
     let stack = Stack::start(Transport::AgentTcp, &[]);
-    let mut s = TcpStream::connect(agent_addr(&stack)).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: vm1\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    assert!(
-        answer.starts_with("HTTP/1.1 200"),
-        "GET /health answered {answer:?}"
-    );
+    crate::net::assert_health_ok(agent_addr(&stack));
 }
 
 /// A stranger's garbage after the upgrade closes its carrier; fifty strangers must not write

@@ -352,3 +352,17 @@ impl Backend {
             .expect("backend did not report within the timeout")
     }
 }
+
+/// Asserts that the agent at `addr` answers `GET /health` with 200, without authentication.
+pub fn assert_health_ok(addr: SocketAddr) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(crate::harness::TIMEOUT)).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: vm1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "GET /health answered {answer:?}"
+    );
+}

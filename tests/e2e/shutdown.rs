@@ -291,16 +291,7 @@ fn an_agent_under_nohup_outlives_the_hangup() {
         None,
         "SIGHUP ended the agent under nohup"
     );
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: vm1\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    assert!(
-        answer.starts_with("HTTP/1.1 200"),
-        "GET /health answered {answer:?}"
-    );
+    crate::net::assert_health_ok(addr);
     agent.signal("TERM");
     assert_clean_exit(agent.wait_exit());
 }
