@@ -169,6 +169,15 @@ impl Stream {
         self.recv_received - self.recv_buffered as u64 - self.recv_consumed
     }
 
+    /// Accepted, still receiving, with nothing held anywhere (every byte received was
+    /// written out) and stream credit left: connection credit is all it lacks to receive.
+    pub fn is_starved(&self) -> bool {
+        self.accepted
+            && self.recv == RecvState::Open
+            && self.recv_received == self.recv_consumed
+            && self.recv_limit > self.recv_received
+    }
+
     /// Bytes `write` may accept now: bounded by peer credit and by our own send buffer.
     pub fn send_capacity(&self, send_buffer: usize) -> usize {
         let credit = self.send_limit.saturating_sub(self.send_accepted);

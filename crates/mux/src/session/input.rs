@@ -248,7 +248,6 @@ impl Session {
     fn on_data(&mut self, id: StreamId, fin: bool, payload: Bytes) {
         let len = payload.len();
         self.conn_received += len as u64;
-        self.grant_connection_credit();
         let Some(s) = self.streams.get_mut(&id) else {
             // A stream we already reset: the bytes were in flight. Nobody reads them, so their
             // connection credit comes back at once.
@@ -285,6 +284,8 @@ impl Session {
             s.readable_signalled = true;
             self.events.push_back(Event::Readable(id));
         }
+        // After the bytes are on their stream, which then no longer counts as starved.
+        self.grant_connection_credit();
     }
 
     fn on_window_update(&mut self, id: StreamId, increment: u32) -> Result<(), SessionError> {

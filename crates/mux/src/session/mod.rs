@@ -650,6 +650,7 @@ impl Session {
         };
         let n = (n as u64).min(s.recv_held());
         self.release_stream_credit(id, n as usize);
+        self.relieve_starved();
     }
 
     fn read_empty(&mut self, id: StreamId, zero_buf: bool) -> ReadOutcome {

@@ -242,12 +242,35 @@ impl Session {
     /// downloads got no byte in 60 s).
     pub(super) fn grant_connection_credit(&mut self) {
         let window = u64::from(self.config.connection_window);
-        let unsent = self.conn_consumed + window - self.conn_recv_limit;
+        // Saturating: a limit raised by `relieve_starved` lies beyond consumed + window.
+        let unsent = (self.conn_consumed + window).saturating_sub(self.conn_recv_limit);
         let room = self.conn_recv_limit - self.conn_received;
         if unsent > 0 && unsent >= room && self.closed.is_none() {
             self.conn_recv_limit += unsent;
             frame::encode_window_update(&mut self.ctrl, 0, unsent as u32);
         }
+        self.relieve_starved();
+    }
+
+    /// Grants connection credit beyond the window while bytes nobody takes hold most of it and
+    /// a stream has nothing held at all (its reader waits, or it is idle). Without this, streams
+    /// read one after another deadlocked: those not read yet filled the window between them
+    /// and the one being read got no byte (1000 downloads over a TCP carrier stopped at
+    /// 4.9 MiB). The stream windows still bound what the session buffers: the extra credit
+    /// goes to streams that have stream credit left, and is used up once they have none.
+    /// Checked only when the room is low and mostly held, so the scan over the streams is rare.
+    pub(super) fn relieve_starved(&mut self) {
+        let window = u64::from(self.config.connection_window);
+        let room = self.conn_recv_limit - self.conn_received;
+        if room >= window / 8 || self.connection_held() < window / 2 || self.closed.is_some() {
+            return;
+        }
+        if !self.streams.values().any(crate::stream::Stream::is_starved) {
+            return;
+        }
+        let inc = (window / 4).max(1) - room;
+        self.conn_recv_limit += inc;
+        frame::encode_window_update(&mut self.ctrl, 0, inc as u32);
     }
 
     pub(super) fn queue_ping(&mut self) {

@@ -408,6 +408,12 @@ impl Pair {
         self.server.stalled.remove(&id);
         self.server.read_stream(id);
     }
+
+    /// The same on the client's side.
+    pub fn unstall_client(&mut self, id: StreamId) {
+        self.client.stalled.remove(&id);
+        self.client.read_stream(id);
+    }
 }
 
 /// Cut `bytes` at pseudo-random points when splitting is on (1 to 3000 bytes per piece).
