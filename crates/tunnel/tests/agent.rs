@@ -156,6 +156,52 @@ async fn a_new_connection_avoids_a_carrier_that_stalled_readers_filled() {
     assert_eq!(sha256(&got), sha256(&pattern(7, 512 * 1024)[..held]));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_opened_together_and_read_one_by_one_all_finish() {
+    // A client that handles its connections in order: 320 downloads open on one carrier, read
+    // one after another. Those not read yet fill their 256 KiB windows, 80 MiB between them,
+    // more than the 64 MiB connection window. Until session 27 they took all of it and the
+    // download being read got no byte more (1000 such downloads stopped after 4.9 MiB).
+    const STREAMS: usize = 320;
+    const EACH: usize = 768 * 1024;
+    let agent = start_agent(|_| {});
+    let (hose, _) = firehose_server(EACH, 13).await;
+    let link = AgentLink::new(link_config(agent.addr, token()));
+    let hose_c = connector(&link, "", hose.port());
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        streams.push(within("a download", hose_c.connect()).await.unwrap());
+    }
+    assert_eq!(
+        link.carrier_count().await,
+        1,
+        "every download on one carrier"
+    );
+    let window = forward_mux::Config::default().connection_window as usize;
+    within(
+        "the downloads not read to fill the connection window",
+        async {
+            while streams
+                .iter()
+                .filter_map(|s| s.receive_backlog())
+                .map(|(buffered, _)| buffered)
+                .sum::<usize>()
+                < window
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
+    let want = sha256(&pattern(13, EACH));
+    for (i, mut s) in streams.into_iter().enumerate() {
+        let (got, end) = within(&format!("download {i}"), drain(&mut s)).await;
+        end.unwrap_or_else(|e| panic!("download {i}: {e}"));
+        assert_eq!(got.len(), EACH, "download {i}");
+        assert_eq!(sha256(&got), want, "download {i}");
+    }
+}
+
 /// The primary carrier is full for the reason `full` names, so a new connection's 1 MiB echo
 /// goes on another carrier and comes back intact.
 async fn echo_on_an_overflow_carrier(link: &Arc<AgentLink>, echo_port: u16, seed: u64, full: &str) {
