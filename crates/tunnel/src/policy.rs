@@ -13,10 +13,26 @@ use tokio::net::TcpStream;
 
 use crate::dial::tune_tcp;
 
-/// A malformed `--allow` pattern.
+/// A malformed `--allow` pattern: the pattern, what is wrong with it, and the expected form.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid --allow pattern '{0}': expected HOST:PORT with one host name or IP (no ranges; IPv6 in brackets), e.g. db.internal:5432, 10.0.0.5:*, [fd00::5]:5432, *.internal:443 or *:*")]
-pub struct PolicyError(String);
+#[error("invalid --allow pattern '{pattern}': {problem}; expected HOST:PORT, e.g. db.internal:5432, 10.0.0.5:*, [fd00::5]:5432, *.internal:443 or *:*")]
+pub struct PolicyError {
+    pattern: String,
+    problem: String,
+}
+
+/// What is wrong with the host part of a pattern that is neither a name nor an address.
+fn host_problem(h: &str) -> String {
+    if h.contains('/') {
+        format!("'{h}' looks like a range; list each host, or allow * (any host)")
+    } else if h.contains('*') {
+        format!("'{h}': '*' stands only alone or as the first label ('*.internal')")
+    } else if h.ends_with('.') {
+        format!("'{h}' ends with a dot; write it without")
+    } else {
+        format!("'{h}' is not a host name or IP address")
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum HostPattern {
@@ -89,20 +105,36 @@ impl TargetPolicy {
         let mut allow = Vec::new();
         for p in patterns {
             let p = p.as_ref();
-            let bad = || PolicyError(p.to_owned());
-            let (host, port) = p.rsplit_once(':').ok_or_else(bad)?;
+            let bad = |problem: String| PolicyError {
+                pattern: p.to_owned(),
+                problem,
+            };
+            let (host, port) = p
+                .rsplit_once(':')
+                .ok_or_else(|| bad("no port (':*' allows every port)".into()))?;
             let port = match port {
                 "*" => None,
-                n => Some(n.parse::<u16>().ok().filter(|n| *n != 0).ok_or_else(bad)?),
+                // Digits only: `u16::from_str` also takes a sign ("+22").
+                n => Some(
+                    n.parse::<u16>()
+                        .ok()
+                        .filter(|v| *v != 0 && n.bytes().all(|b| b.is_ascii_digit()))
+                        .ok_or_else(|| bad(format!("port '{n}' is not 1-65535 or *")))?,
+                ),
             };
+            if host.contains("://") {
+                return Err(bad(format!("'{host}' is a URL; give the host alone")));
+            }
             let bracketed = host.starts_with('[') && host.ends_with(']');
             if host.contains(':') && !bracketed {
                 // `2001:db8::1:22` is also a whole address without a port: say which is meant.
-                return Err(bad());
+                return Err(bad(
+                    "an IPv6 address goes in brackets, e.g. [fd00::5]:5432".into()
+                ));
             }
             let host = unbracketed(host);
             let host = match host {
-                "" => return Err(bad()),
+                "" => return Err(bad("the host is empty ('*' allows every host)".into())),
                 "*" => HostPattern::Any,
                 h if h.starts_with("*.") && is_name(&h[2..]) => {
                     HostPattern::Suffix(h[1..].to_ascii_lowercase())
@@ -112,7 +144,7 @@ impl TargetPolicy {
                 h => match h.parse::<IpAddr>() {
                     Ok(ip) => HostPattern::Ip(ip.to_canonical()),
                     Err(_) if is_name(h) => HostPattern::Exact(h.to_ascii_lowercase()),
-                    Err(_) => return Err(bad()),
+                    Err(_) => return Err(bad(host_problem(h))),
                 },
             };
             allow.push(Allow { host, port });
@@ -279,6 +311,28 @@ mod tests {
         ] {
             let e = TargetPolicy::new(&[bad]).unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains("HOST:PORT"), "{e}");
+        }
+    }
+
+    /// Each mistake is named, not only the expected form.
+    #[test]
+    fn bad_patterns_say_what_is_wrong() {
+        for (bad, why) in [
+            ("db", "no port (':*' allows every port)"),
+            (":80", "the host is empty"),
+            ("db:0", "port '0' is not 1-65535"),
+            ("db:+22", "port '+22' is not 1-65535"),
+            ("db:x", "port 'x'"),
+            ("a*b:1", "'*' stands only alone or as the first label"),
+            ("10.0.0.0/8:5432", "looks like a range"),
+            ("http://x:5432", "is a URL"),
+            ("db.internal.:5432", "ends with a dot"),
+            ("a b:5432", "'a b' is not a host name or IP address"),
+            ("2001:db8::1:22", "an IPv6 address goes in brackets"),
+        ] {
+            let e = TargetPolicy::new(&[bad]).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(!e.contains('\n'), "{e}");
         }
     }
 
