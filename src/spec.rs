@@ -107,6 +107,10 @@ fn parse_bind(spec: &str, b: &str) -> Result<Vec<IpAddr>, SpecError> {
             spec,
             format!("'{b}' stands where the bind address goes but looks like a port: one field too many? {FORM}"),
         )),
+        _ if b.contains('%') => Err(err(
+            spec,
+            format!("bind address '{b}' has a zone ('%...'), which is not supported; bind a global address, or '*'"),
+        )),
         _ => {
             let inner = b
                 .strip_prefix('[')
@@ -157,6 +161,13 @@ impl Spec {
                 format!("{FORM}, or a command: stdio, agent, demo (see --help)"),
             ));
         }
+        // Only where no path can be: a socket path may hold any bracket.
+        if !t.contains('/') && t.matches('[').count() != t.matches(']').count() {
+            return Err(err(
+                text,
+                format!("a '[' without its ']' or the other way round: an IPv6 address goes whole in brackets; {FORM}"),
+            ));
+        }
         let (rest, rport) = rsplit_colon(t).ok_or_else(|| err(text, FORM))?;
         let (local_text, host_field) = rsplit_colon(rest).ok_or_else(|| err(text, FORM))?;
         if local_text.is_empty() {
@@ -178,9 +189,14 @@ impl Spec {
             return Err(err(text, format!("host is empty; {FORM}")));
         }
         if !valid_host(host) {
+            let hint = if host.ends_with('.') && valid_host(host.trim_end_matches('.')) {
+                " (drop the trailing dot)"
+            } else {
+                ""
+            };
             return Err(err(
                 text,
-                format!("host '{host}' is not a valid VM id or host name"),
+                format!("host '{host}' is not a valid VM id or host name{hint}"),
             ));
         }
         if let Some(target) = via_target {
@@ -218,6 +234,12 @@ impl Spec {
                     addrs: parse_bind(text, bind)?,
                     port: port(text, "local port", lport, true)?,
                 },
+                None if local_text.starts_with('[') => {
+                    return Err(err(
+                        text,
+                        format!("'{local_text}' needs a ':' between the ']' and the local port, e.g. [::1]:8080:myvm:80"),
+                    ));
+                }
                 None => LocalSide::Tcp {
                     addrs: loopbacks(),
                     port: port(text, "local port", local_text, true)?,
@@ -367,7 +389,24 @@ mod tests {
             ("80:a b:22", "host 'a b' is not a valid"),
             ("80:-abc:22", "host '-abc' is not a valid"),
             ("foo:80:abc:22", "bind address 'foo'"),
-            ("[::1:80:abc:22", "bind address"),
+            ("[::1:80:abc:22", "a '[' without its ']'"),
+            ("80:abc:22]", "a '[' without its ']'"),
+            (
+                "[::1]8080:abc:80",
+                "needs a ':' between the ']' and the local port",
+            ),
+            (
+                "[fe80::1%lo]:80:abc:22",
+                "has a zone ('%...'), which is not supported",
+            ),
+            (
+                "80:abc.:22",
+                "host 'abc.' is not a valid VM id or host name (drop the trailing dot)",
+            ),
+            (
+                "80:a..b:22",
+                "host 'a..b' is not a valid VM id or host name",
+            ),
             (":abc:22", "local port is missing"),
             ("1:abc/:22", "target '' after '/'"),
             ("0:abc/::1:1", "IPv6 target after '/' goes in brackets"),
