@@ -101,7 +101,14 @@ fn usage_error(e: clap::Error) -> ! {
     ) {
         e.exit();
     }
-    let line = format!("{}; see --help", one_line(&e.render().to_string()));
+    let mut line = one_line(&e.render().to_string());
+    if let Some(var) = from_environment(&e) {
+        // clap names only the flag, which the user never typed.
+        line.push_str(&format!(
+            " (the value comes from the environment variable {var}: fix or unset it)"
+        ));
+    }
+    line.push_str("; see --help");
     if json_asked() {
         // A script that asked for JSON parses every error line, this one too.
         fatal_json(&line);
@@ -109,6 +116,62 @@ fn usage_error(e: clap::Error) -> ! {
         eprintln!("error: {line}");
     }
     std::process::exit(2);
+}
+
+/// `forward -q demo --once` as `forward demo -q --once`. The log flags are global, but clap
+/// takes any argument before a command as forwarding's own (`args_conflicts_with_subcommands`,
+/// which keeps a SPEC from being read as a command), so `demo` became a SPEC and `--once` an
+/// error whose tip, `-- --once`, led nowhere.
+fn log_flags_after_command(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let commands: Vec<String> = Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    let mut i = 1;
+    while let Some(a) = args.get(i).and_then(|a| a.to_str()) {
+        let short = a.len() > 1
+            && a.starts_with('-')
+            && !a.starts_with("--")
+            && a[1..].bytes().all(|b| b == b'v' || b == b'q');
+        if short || a == "--verbose" || a == "--quiet" || a.starts_with("--log-format=") {
+            i += 1;
+        } else if a == "--log-format" {
+            i += 2;
+        } else {
+            break;
+        }
+    }
+    match args.get(i).and_then(|a| a.to_str()) {
+        Some(c) if i > 1 && commands.iter().any(|n| n == c) => {
+            let mut out = vec![args[0].clone(), args[i].clone()];
+            out.extend_from_slice(&args[1..i]);
+            out.extend_from_slice(&args[i + 1..]);
+            out
+        }
+        _ => args,
+    }
+}
+
+/// The environment variable an invalid value came from, if the flag clap blames was not on
+/// the command line but its variable is set.
+fn from_environment(e: &clap::Error) -> Option<&'static str> {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    // "--threads <N>" → "--threads" → FORWARD_THREADS.
+    let long = arg.split_whitespace().next()?;
+    let var = ENV_FLAGS.into_iter().find(|v| {
+        v.strip_prefix("FORWARD_").is_some_and(|n| {
+            n.replace('_', "-")
+                .eq_ignore_ascii_case(long.trim_start_matches("--"))
+        })
+    })?;
+    let typed = std::env::args_os().any(|a| {
+        a.to_str()
+            .is_some_and(|a| a == long || a.starts_with(&format!("{long}=")))
+    });
+    (!typed && std::env::var_os(var).is_some()).then_some(var)
 }
 
 /// The reason we exit, as a JSON log line on stderr, past any filter: `RUST_LOG=off` (or one
@@ -170,7 +233,8 @@ fn main() {
             std::env::remove_var(var);
         }
     }
-    let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
+    let args = log_flags_after_command(std::env::args_os().collect());
+    let cli = Cli::try_parse_from(args).unwrap_or_else(|e| usage_error(e));
     init_logging(&cli.log, matches!(cli.command, Some(Command::Stdio(_))));
     forward_tunnel::limits::raise_open_files();
     let threads = cli.threads.map(usize::from).unwrap_or(match cli.command {
@@ -430,5 +494,39 @@ mod tests {
         let mut listed: Vec<String> = ENV_FLAGS.iter().map(|v| v.to_string()).collect();
         listed.sort();
         assert_eq!(found, listed);
+    }
+
+    #[test]
+    fn log_flags_before_a_command_move_after_it() {
+        let moved = |line: &str| -> String {
+            let args = line.split(' ').map(std::ffi::OsString::from).collect();
+            let out = log_flags_after_command(args);
+            let out: Vec<String> = out.into_iter().map(|a| a.into_string().unwrap()).collect();
+            out.join(" ")
+        };
+        assert_eq!(moved("forward -q demo --once"), "forward demo -q --once");
+        assert_eq!(
+            moved("forward -vv --log-format json agent --listen [::1]:0"),
+            "forward agent -vv --log-format json --listen [::1]:0"
+        );
+        assert_eq!(
+            moved("forward --quiet --log-format=json stdio h:443"),
+            "forward stdio --quiet --log-format=json h:443"
+        );
+        // SPECs, and a command after a SPEC (refused by clap as before), stay as they are.
+        for same in [
+            "forward -q 5432:vm:5432",
+            "forward demo -q",
+            "forward -q 5432:vm:5432 demo",
+            "forward --check demo",
+            "forward -x demo",
+        ] {
+            assert_eq!(moved(same), same);
+        }
+        // And clap takes the result.
+        let args = ["forward", "-q", "demo", "--once"].map(std::ffi::OsString::from);
+        let cli = Cli::try_parse_from(log_flags_after_command(args.to_vec())).unwrap();
+        assert!(matches!(cli.command, Some(Command::Demo(_))));
+        assert_eq!(cli.log.quiet, 1);
     }
 }

@@ -451,6 +451,35 @@ fn empty_environment_variables_count_as_unset() {
     );
 }
 
+/// A bad value from the environment names the variable, not only the flag clap reads it
+/// for; the same value typed as the flag names the flag alone.
+#[test]
+fn a_bad_value_from_the_environment_names_the_variable() {
+    let mut cmd = Command::new(forward_bin());
+    cmd.arg("0:vm:80").env("FORWARD_THREADS", "abc");
+    let (st, out, err) = run("forward with FORWARD_THREADS=abc", cmd);
+    assert_eq!(st.code(), Some(2), "{out}{err}");
+    assert!(
+        err.contains("invalid value 'abc' for '--threads <N>'")
+            && err.contains("environment variable FORWARD_THREADS"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["--threads", "abc", "0:vm:80"])
+        .env("FORWARD_THREADS", "2");
+    let (st, out, err) = run("forward --threads abc", cmd);
+    assert_eq!(st.code(), Some(2), "{out}{err}");
+    assert!(!err.contains("FORWARD_THREADS"), "{err}");
+
+    let mut cmd = Command::new(forward_bin());
+    cmd.arg("0:vm:80").env("FORWARD_DOMAIN", "bad domain");
+    let (st, out, err) = run("forward with FORWARD_DOMAIN='bad domain'", cmd);
+    assert_eq!(st.code(), Some(2), "{out}{err}");
+    assert!(err.contains("environment variable FORWARD_DOMAIN"), "{err}");
+}
+
 /// Out of file descriptors, accept fails again and again: one warning per interval, with a
 /// count, not one per attempt (585 lines in 30 s before).
 #[test]
