@@ -348,7 +348,12 @@ impl Session {
             && self.auth != Auth::Done
             && now >= self.created + self.config.auth_timeout
         {
-            let detail = format!("no authentication within {:?}", self.config.auth_timeout);
+            // Rounded: the driver passes what is left of its budget after the upgrade, which
+            // printed as "9.999917848s".
+            let detail = format!(
+                "no authentication within {:.1?} of the upgrade",
+                self.config.auth_timeout
+            );
             self.close(
                 CloseReason::AuthTimeout,
                 Some((ErrorCode::AuthTimeout, detail)),
