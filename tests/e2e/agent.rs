@@ -15,6 +15,7 @@ use crate::stack::{Forward, Stack, Transport};
 per_transport!(wrong_token_is_rejected: agent_tls, agent_tcp, quic);
 per_transport!(agent_killed_then_back: agent_tls, agent_tcp, quic);
 per_transport!(agent_down_resets_a_new_connection_at_once: agent_tls, agent_tcp);
+per_transport!(reconnect_warnings_thin_out_while_the_agent_stays_down: agent_tls, agent_tcp);
 per_transport!(ipv4_only_service_is_reachable: agent_tls, agent_tcp, quic);
 per_transport!(thousand_streams_one_stalled: agent_tls, agent_tcp, quic);
 per_transport!(stalled_readers_hold_at_most_their_windows: agent_tls, agent_tcp);
@@ -372,6 +373,46 @@ fn agent_down_resets_a_new_connection_at_once(t: Transport) {
     };
     fwd.proc
         .wait_line(Src::Stderr, why, |l| l.contains("WARN") && l.contains(why));
+}
+
+/// While the agent stays down, the reconnect attempts go on with backoff but only attempts
+/// 1, 2, 4, 8, … (or a new reason) warn: an outage of hours wrote a warning every 30 s.
+fn reconnect_warnings_thin_out_while_the_agent_stays_down(t: Transport) {
+    let echo = Backend::echo();
+    let mut stack = Stack::start(t, &[]);
+    let mut fwd = stack.forward_logging(
+        "info,forward_tunnel::agent_client=debug",
+        &[],
+        &[format!("127.0.0.1:0:{}", stack.target(echo.port))],
+        1,
+    );
+    echo_exchange(fwd.local().connect(), 7, 1024);
+    stack.kill_agent();
+    fwd.proc
+        .wait_line(Src::Stderr, "the fifth reconnect attempt", |l| {
+            l.contains("reconnect failed (attempt 5")
+        });
+    let log = fwd.proc.stderr_text();
+    let attempts: Vec<(u32, bool)> = log
+        .lines()
+        .filter_map(|l| {
+            let n = l.split("reconnect failed (attempt ").nth(1)?;
+            let n: u32 = n
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()?;
+            Some((n, l.contains("WARN")))
+        })
+        .collect();
+    let warned: Vec<u32> = attempts.iter().filter(|a| a.1).map(|a| a.0).collect();
+    let quiet: Vec<u32> = attempts.iter().filter(|a| !a.1).map(|a| a.0).collect();
+    assert_eq!(&warned[..3], &[1, 2, 4], "{log}");
+    assert!(quiet.contains(&3), "attempt 3 not logged at debug: {log}");
+    assert!(
+        !warned.contains(&3) && !warned.contains(&5),
+        "same reason warned again: {log}"
+    );
 }
 
 /// The agent dials VM-local services itself, so a service bound to 127.0.0.1 only (unreachable

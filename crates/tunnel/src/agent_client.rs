@@ -572,6 +572,7 @@ async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
     }
     drop(carrier);
     drop(l);
+    let mut last_warned = String::new();
     loop {
         tokio::time::sleep(jittered(failures)).await;
         let Some(l) = link.upgrade() else { return };
@@ -587,8 +588,20 @@ async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
         match l.carrier_or_attempt(true).await {
             Ok(_) => return,
             Err(e) => {
-                failures += 1;
-                tracing::warn!(link = %l.describe(), "reconnect failed: {e}");
+                failures = failures.saturating_add(1);
+                // An outage of hours would otherwise write a warning every 30 s; a new reason
+                // (the agent is back, with another token) is worth one at once.
+                let text = e.to_string();
+                if failures.is_power_of_two() || text != last_warned {
+                    last_warned = text;
+                    tracing::warn!(
+                        link = %l.describe(),
+                        "reconnect failed (attempt {failures}; retrying with backoff, logged again at attempt {} or when the reason changes): {e}",
+                        failures.saturating_add(1).next_power_of_two()
+                    );
+                } else {
+                    tracing::debug!(link = %l.describe(), "reconnect failed (attempt {failures}): {e}");
+                }
             }
         }
     }
