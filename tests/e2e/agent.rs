@@ -16,6 +16,7 @@ per_transport!(wrong_token_is_rejected: agent_tls, agent_tcp, quic);
 per_transport!(agent_killed_then_back: agent_tls, agent_tcp, quic);
 per_transport!(agent_down_resets_a_new_connection_at_once: agent_tls, agent_tcp);
 per_transport!(reconnect_warnings_thin_out_while_the_agent_stays_down: agent_tls, agent_tcp);
+per_transport!(a_drained_carrier_cut_alone_claims_no_other_carrier: agent_tls, agent_tcp);
 per_transport!(ipv4_only_service_is_reachable: agent_tls, agent_tcp, quic);
 per_transport!(thousand_streams_one_stalled: agent_tls, agent_tcp, quic);
 per_transport!(stalled_readers_hold_at_most_their_windows: agent_tls, agent_tcp);
@@ -906,6 +907,42 @@ fn agent_second_signal_cuts_the_drain(t: Transport) {
         "the client learned of the agent's exit only after {:?}",
         second.elapsed()
     );
+}
+
+/// A connection opened while the agent drains finds no agent to dial (it stopped listening);
+/// when the drain is then cut, the client's log must not claim that another carrier is in use.
+fn a_drained_carrier_cut_alone_claims_no_other_carrier(t: Transport) {
+    use crate::harness::Src;
+    let backend = Backend::echo();
+    let mut stack = Stack::start(t, &[backend.port]);
+    let mut fwd = stack.forward_to(backend.port);
+    let mut open = fwd.local().connect();
+    open.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).unwrap();
+
+    let agent = stack.agent_proc_mut();
+    agent.signal("TERM");
+    agent.wait_line(Src::Stderr, "the drain line", |l| l.contains("draining"));
+    // Refused: the draining agent takes no new carrier.
+    let outcome = fwd.local().try_connect().and_then(|mut conn| {
+        let mut buf = [0u8; 16];
+        loop {
+            match conn.read(&mut buf) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        }
+    });
+    assert!(
+        outcome.is_err() || outcome.as_ref().is_ok_and(|n| *n == 0),
+        "{outcome:?}"
+    );
+    sigterm_cuts_the_drain(agent, &mut open);
+    let line = fwd.proc.wait_line(Src::Stderr, "the lost carrier", |l| {
+        l.contains("carrier lost; its open connections were reset")
+    });
+    assert!(!line.contains("another carrier is in use"), "{line}");
 }
 
 /// 100 `forward stdio` processes at once, each with its own carrier: more than the agent's 64

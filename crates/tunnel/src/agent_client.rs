@@ -538,10 +538,12 @@ async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
     }
     let reason = carrier.closed().await;
     let Some(l) = link.upgrade() else { return };
-    let (mut failures, current, closing) = {
+    let (mut failures, current, other_in_use, closing) = {
         let mut st = l.state.lock().await;
         let current = st.retire(&carrier);
-        (st.failures, current, l.closing.is_cancelled())
+        // Only one that works: after a drain the current one may be a failed attempt.
+        let other_in_use = st.current.as_ref().is_some_and(|c| c.is_usable());
+        (st.failures, current, other_in_use, l.closing.is_cancelled())
     };
     if l.one_connection.load(std::sync::atomic::Ordering::Relaxed) {
         tracing::debug!(link = %l.describe(), %reason, "carrier ended");
@@ -553,8 +555,11 @@ async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
         ""
     } else if current {
         ", reconnecting"
-    } else {
+    } else if other_in_use {
         " (another carrier is in use)"
+    } else {
+        // Not the current one, so nothing reconnects now: the next connection dials.
+        ""
     };
     match carrier.streams_cut() {
         // A drained or idle carrier going away loses nothing: not worth a warning.
