@@ -291,7 +291,12 @@ impl Agent {
         // that never comes.
         drop(self.listener);
         let carriers = self.carriers.stop();
-        tracing::info!(carriers, ?drain, "stopping: GOAWAY sent, draining");
+        // "TCP/TLS": a QUIC agent beside this one drains its streams and says so itself.
+        tracing::info!(
+            carriers,
+            ?drain,
+            "stopping: GOAWAY sent on the TCP/TLS carriers, draining"
+        );
         let deadline = tokio::time::Instant::now() + drain;
         // Listed anew each time: a carrier may still authenticate (see `Registry`).
         while self
@@ -321,10 +326,10 @@ impl Agent {
             tracing::warn!(
                 streams = cut,
                 ?drain,
-                "drain time ran out: open streams were reset"
+                "drain time ran out: open streams of the TCP/TLS carriers were reset"
             );
         } else {
-            tracing::info!("drained: every stream had finished");
+            tracing::info!("drained: every stream of the TCP/TLS carriers had finished");
         }
         // Give the writers a moment to put GOAWAY and close_notify on the wire.
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -264,7 +264,12 @@ impl QuicAgent {
             let span = tracing::info_span!("quic_conn", %remote);
             conns.spawn(handle_incoming(incoming, shared, stop).instrument(span));
         }
-        tracing::info!("QUIC agent stopping: no new connections");
+        // The TCP side logs its own carriers' drain; these streams are not among them.
+        tracing::info!(
+            streams = self.shared.streams.len(),
+            grace = ?self.grace,
+            "QUIC agent stopping: no new connections, draining the open streams"
+        );
         self.endpoint.set_server_config(None);
         self.shared.streams.close();
         if tokio::time::timeout(self.grace, self.shared.streams.wait())
@@ -278,6 +283,8 @@ impl QuicAgent {
             self.shared.cut.cancel();
             let _ = tokio::time::timeout(CLOSE_LINGER, self.shared.streams.wait()).await;
             tokio::time::sleep(RESET_LINGER).await;
+        } else {
+            tracing::info!("QUIC agent drained: every stream had finished");
         }
         self.endpoint
             .close(VarInt::from_u32(close::SHUTDOWN), b"agent shutting down");
