@@ -335,11 +335,12 @@ impl Link {
         let opened = d.opened.elapsed();
         *due = None;
         drop(due);
-        // Name the new stream: the connections opened before the agent fell silent were
-        // answered, and a reader of the log would take "a stream" for one of them.
+        // Not "did not answer the stream": an answer that arrived before the first look is
+        // not counted (see above), so the stream may well have been answered before the agent
+        // went silent. What is certain is the silence since.
         tracing::info!(
-            silent = ?heard.elapsed(),
-            "the agent has not answered a new stream opened {:.1}s ago, nor sent anything else: closing the QUIC connection",
+            "nothing heard from the agent for {:.1}s, with a stream opened {:.1}s ago: closing the QUIC connection (the agent or the path is gone)",
+            heard.elapsed().as_secs_f64(),
             opened.as_secs_f64()
         );
         self.conn.close(
