@@ -1106,6 +1106,31 @@ fn quic_state_dir_problems_say_what_to_do() {
         "--tls-cert was not used:\n{err}"
     );
 
+    // Two agents' state directories, the key of one beside the certificate of the other: named
+    // as such, not as rustls's bare "KeyMismatch" from QUIC's TLS set-up.
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    for d in [&one, &two] {
+        let mut a = crate::harness::Proc::spawn("agent making its state", agent(d));
+        a.wait_line(Src::Stdout, "the QUIC listening line", |l| {
+            l.contains("quic agent listening")
+        });
+        a.signal("TERM");
+        assert!(a.wait_exit().success(), "{}", a.transcript());
+    }
+    std::fs::copy(two.join("quic-key.pem"), one.join("quic-key.pem")).unwrap();
+    let (st, out, err) = run("agent with a mismatched pair", agent(&one));
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("does not belong to the certificate") && err.contains("remove"),
+        "{err}"
+    );
+    assert!(!err.contains("KeyMismatch"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
+
     // The key's path leads nowhere (root may write anywhere, so no read-only directory).
     let unwritable = dir.join("unwritable");
     std::fs::create_dir_all(&unwritable).unwrap();

@@ -59,6 +59,38 @@ impl QuicCert {
         })?;
         let cert = Self { chain, key };
         cert.pin()?;
+        // Checked here, where the files are known: QUIC's TLS set-up later saw only rustls's
+        // `KeyMismatch` (a state directory holding one agent's certificate beside another's key).
+        let provider = crate::tls::provider();
+        let signing = provider
+            .key_provider
+            .load_private_key(cert.key.clone_key())
+            .map_err(|e| {
+                QuicError::CertFile(format!(
+                    "{} holds a private key that cannot sign ({e})",
+                    key_file.display()
+                ))
+            })?;
+        // `Unknown` (a key that does not tell its public half) passes, as in rustls's own
+        // `with_single_cert`.
+        let checked = rustls::sign::CertifiedKey::new(cert.chain.clone(), signing).keys_match();
+        if let Err(e) = checked {
+            if e == rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown) {
+                return Ok(cert);
+            }
+            return Err(QuicError::CertFile(match e {
+                rustls::Error::InconsistentKeys(_) => format!(
+                    "the private key in {} does not belong to the certificate in {}",
+                    key_file.display(),
+                    cert_file.display()
+                ),
+                other => format!(
+                    "{} and {} do not go together: {other}",
+                    cert_file.display(),
+                    key_file.display()
+                ),
+            }));
+        }
         Ok(cert)
     }
 
@@ -510,6 +542,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no PEM certificate"), "{e}");
+        // Another certificate's key.
+        let (_, other_key) = QuicCert::generate(&[]).unwrap().to_pem();
+        std::fs::write(dir.join("other.pem"), other_key).unwrap();
+        let e = QuicCert::load(&dir.join("c.pem"), &dir.join("other.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("does not belong to the certificate") && e.contains("other.pem"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }
