@@ -25,10 +25,13 @@ const VM: &str = "demo";
 const CHECK_BYTES: usize = 1 << 20;
 
 /// Runs the demo; returns the exit code.
-/// `json`: `--log-format json`, which puts the forwarding lines on stdout as JSON, as for
-/// `forward` itself; the rest of the report stays prose for a person.
+/// `json`: `--log-format json`: every line on stdout is a JSON object (the forwarding lines as
+/// for `forward` itself, then `demo`, `try` and `self_check`), so a script parses all of it.
 pub async fn run(args: DemoArgs, json: bool) -> Result<i32> {
     let mut signals = crate::run::Signals::install()?;
+    // Handled, as by `forward` itself: the default action left the CA file in the temporary
+    // directory (a tester's finding). Ignored under nohup, as there.
+    let mut hangup = crate::run::Hangup::install()?;
     let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0);
     let echo = TcpListener::bind(v6)
         .await
@@ -98,40 +101,105 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<i32> {
         }
     }
     let (echo_local, http_local) = (local_ports[0], local_ports[1]);
-    let edge_routes: Vec<String> = edge
-        .listeners()
-        .iter()
-        .map(|l| format!("{} -> {}", l.addr, l.vm))
-        .collect();
-    crate::say::say!(
-        "\nlocal edge {} (TLS for *.{}, CA {}); the services listen on [::1] only",
-        edge_routes.join(", "),
-        edge.domain(),
-        ca_path.display()
-    );
-    crate::say::say!("try:\n  curl http://localhost:{http_local}/\n  nc localhost {echo_local}      (type a line, it comes back)\n");
+    let routes = edge.listeners();
+    let tries = [
+        format!("curl http://localhost:{http_local}/"),
+        format!("nc localhost {echo_local}"),
+    ];
+    if json {
+        let edge_json: Vec<_> = routes
+            .iter()
+            .map(|l| serde_json::json!({ "listen": l.addr.to_string(), "to": l.vm.to_string() }))
+            .collect();
+        let line = serde_json::json!({ "demo": {
+            "edge": edge_json,
+            "domain": edge.domain(),
+            "ca_file": ca_path.display().to_string(),
+            "services_on": "[::1]",
+        }});
+        crate::say::say!("{line}");
+        if !args.once {
+            crate::say::say!("{}", serde_json::json!({ "try": tries }));
+        }
+    } else {
+        let edge_routes: Vec<String> = routes
+            .iter()
+            .map(|l| format!("{} -> {}", l.addr, l.vm))
+            .collect();
+        crate::say::say!(
+            "\nlocal edge {} (TLS for *.{}, CA {}); the services listen on [::1] only",
+            edge_routes.join(", "),
+            edge.domain(),
+            ca_path.display()
+        );
+        // Not with --once: it exits right after the check, so there is nothing to try.
+        if !args.once {
+            crate::say::say!(
+                "try:\n  {}\n  {}      (type a line, it comes back)\n",
+                tries[0],
+                tries[1]
+            );
+        }
+    }
 
     let report = self_check(echo_local, http_local).await;
-    let code = match report {
-        Ok(line) => {
-            crate::say::say!("self-check ok: {line}");
-            0
-        }
-        Err(e) => {
-            crate::say::say!("self-check FAILED: {e:#}");
-            1
-        }
-    };
-    if !args.once && code == 0 {
-        crate::say::say!("serving until Ctrl-C");
-        signals.recv().await;
+    let code = i32::from(report.is_err());
+    match (&report, json) {
+        (Ok(r), false) => crate::say::say!("self-check ok: {r}"),
+        (Err(e), false) => crate::say::say!("self-check FAILED: {e:#}"),
+        (Ok(r), true) => crate::say::say!(
+            "{}",
+            serde_json::json!({ "self_check": {
+                "ok": true,
+                "echoed_bytes": CHECK_BYTES,
+                "connect_first_byte_ms": (r.connect.as_secs_f64() * 1e4).round() / 10.0,
+                "rtt_p50_us": r.rtt_p50.as_micros(),
+                "http_status": 200,
+            }})
+        ),
+        (Err(e), true) => crate::say::say!(
+            "{}",
+            serde_json::json!({ "self_check": { "ok": false, "error": format!("{e:#}") } })
+        ),
     }
-    life.shutdown(Duration::from_secs(2)).await;
+    let mut hung_up = false;
+    if !args.once && code == 0 {
+        if !json {
+            crate::say::say!("serving until Ctrl-C");
+        }
+        hung_up = tokio::select! {
+            _ = signals.recv() => false,
+            _ = hangup.recv() => true,
+        };
+    }
+    life.shutdown(if hung_up {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(2)
+    })
+    .await;
     let _ = std::fs::remove_file(&ca_path);
-    Ok(code)
+    Ok(if hung_up { 128 + 1 } else { code })
 }
 
-async fn self_check(echo_port: u16, http_port: u16) -> Result<String> {
+/// What the self-check measured.
+struct CheckReport {
+    connect: Duration,
+    rtt_p50: Duration,
+}
+
+impl std::fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "1 MiB echoed through TLS and verified, half-close honoured, connect + first byte {:.1} ms, 1-byte round trip p50 {} µs, HTTP 200",
+            self.connect.as_secs_f64() * 1e3,
+            self.rtt_p50.as_micros()
+        )
+    }
+}
+
+async fn self_check(echo_port: u16, http_port: u16) -> Result<CheckReport> {
     // Bulk: 1 MiB of pseudo-random bytes must come back identical.
     let payload: Vec<u8> = {
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id());
@@ -195,11 +263,10 @@ async fn self_check(echo_port: u16, http_port: u16) -> Result<String> {
         "HTTP answer was not 200: {:?}",
         resp.lines().next()
     );
-    Ok(format!(
-        "1 MiB echoed through TLS and verified, half-close honoured, connect + first byte {:.1} ms, 1-byte round trip p50 {} µs, HTTP 200",
-        connect.as_secs_f64() * 1e3,
-        p50.as_micros()
-    ))
+    Ok(CheckReport {
+        connect,
+        rtt_p50: p50,
+    })
 }
 
 async fn echo_service(listener: TcpListener) {

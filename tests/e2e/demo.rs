@@ -16,6 +16,32 @@ fn demo_once_passes_its_self_check() {
         out.contains("self-check ok"),
         "stdout:\n{out}\nstderr:\n{err}"
     );
+    // It exits right after the check: nothing to try.
+    assert!(!out.contains("try:"), "{out}");
+}
+
+/// SIGHUP (the terminal closed) ends the demo as it ends `forward`: exit 129, and the CA file
+/// it wrote to the temporary directory is removed (the default action left it there).
+#[test]
+fn demo_hangup_removes_its_ca_file() {
+    let mut demo = Proc::forward("forward demo", ["demo"]);
+    demo.wait_line(Src::Stdout, "`serving until Ctrl-C`", |l| {
+        l.contains("serving until Ctrl-C")
+    });
+    let edge = demo.wait_line(Src::Stdout, "the local edge line", |l| {
+        l.contains("local edge")
+    });
+    let ca = edge
+        .split(", CA ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| panic!("no CA file in {edge:?}"));
+    assert!(ca.exists(), "{}", ca.display());
+    demo.signal("HUP");
+    let st = demo.wait_exit();
+    assert_eq!(st.code(), Some(129), "{}", demo.transcript());
+    assert!(!ca.exists(), "{} left behind", ca.display());
 }
 
 /// Serves what it tells the user to try (`curl http://localhost:PORT/`) until Ctrl-C, then exits 0.
@@ -90,10 +116,15 @@ fn demo_forwarding_lines_follow_the_log_format() {
     cmd.args(["demo", "--once", "--log-format", "json"]);
     let (st, out, err) = run("forward demo --once --log-format json", cmd);
     assert!(st.success(), "{st}\n{out}\n{err}");
-    let forwarding: Vec<serde_json::Value> = out
+    // Every line, not only the forwarding ones: a script parses all of stdout.
+    let lines: Vec<serde_json::Value> = out
         .lines()
-        .filter(|l| l.starts_with('{'))
+        .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let forwarding: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.get("forwarding").is_some())
         .collect();
     assert_eq!(forwarding.len(), 4, "two forwards on two loopbacks:\n{out}");
     for f in &forwarding {
@@ -102,5 +133,21 @@ fn demo_forwarding_lines_follow_the_log_format() {
             "{f}"
         );
     }
-    assert!(out.contains("self-check ok"), "{out}");
+    let demo = lines
+        .iter()
+        .find_map(|l| l.get("demo"))
+        .unwrap_or_else(|| panic!("no demo line:\n{out}"));
+    assert_eq!(demo["edge"].as_array().map(Vec::len), Some(2), "{demo}");
+    assert!(demo["ca_file"].is_string(), "{demo}");
+    let check = lines
+        .iter()
+        .find_map(|l| l.get("self_check"))
+        .unwrap_or_else(|| panic!("no self_check line:\n{out}"));
+    assert_eq!(check["ok"], true, "{check}");
+    assert_eq!(check["echoed_bytes"], 1 << 20, "{check}");
+    assert!(check["rtt_p50_us"].as_u64().is_some(), "{check}");
+    assert!(
+        lines.iter().all(|l| l.get("try").is_none()),
+        "--once: {out}"
+    );
 }
