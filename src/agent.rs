@@ -44,6 +44,7 @@ pub async fn serve(args: AgentArgs, json: bool) -> Result<i32> {
     config.policy = policy.clone();
     config.names = names.clone();
     config.mux.idle_timeout = Duration::from_secs(args.idle_timeout);
+    config.dial_timeout = Duration::from_secs(args.dial_timeout);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(forward_tunnel::tls::server_config_from_files(cert, key)?);
     }
@@ -58,6 +59,7 @@ pub async fn serve(args: AgentArgs, json: bool) -> Result<i32> {
         qc.policy = policy;
         qc.names = names;
         qc.grace = drain;
+        qc.dial_timeout = Duration::from_secs(args.dial_timeout);
         let q = QuicAgent::bind(qc)?;
         if json {
             let line = serde_json::json!({

@@ -249,6 +249,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = secs)]
     pub drain: u64,
 
+    /// Give up dialling a target after this long; the client's connection is then reset with
+    /// "timed out". The client's --connect-timeout covers only its way to the agent: a stream
+    /// opens with zero round trips, so the agent's dial is what a user waits for.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = positive_secs)]
+    pub dial_timeout: u64,
+
     /// Also listen on UDP (same port) for QUIC clients (`--transport quic`).
     #[arg(long)]
     pub quic: bool,

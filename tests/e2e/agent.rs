@@ -807,6 +807,81 @@ fn wrong_pin_is_rejected(t: Transport) {
     }
 }
 
+/// `forward agent --dial-timeout` bounds the agent's dial of a target that never answers (a
+/// listener whose queue is full drops the SYNs): the client hears "timed out" after it, not
+/// after the 10 s default, and its own --connect-timeout (30 s here) does not matter.
+#[test]
+fn agent_dial_timeout_bounds_a_silent_target() {
+    let dir = TempDir::new("agent-dial-timeout");
+    let token = dir.join("token");
+    std::fs::write(&token, "5d2c9a17e4b08f63a1c7d95e2b40f8a6c3e19d74").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // A listener that never accepts, its queue filled: further SYNs go unanswered.
+    let silent = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    silent
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    silent.listen(0).unwrap();
+    let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    loop {
+        match TcpStream::connect_timeout(&silent_addr, Duration::from_millis(300)) {
+            Ok(s) => queued.push(s),
+            Err(e) if e.kind() == ErrorKind::TimedOut => break,
+            Err(e) => panic!("filling the silent listener's queue: {e}"),
+        }
+        assert!(queued.len() < 64, "the queue never filled");
+    }
+
+    let mut agent = crate::harness::Proc::forward(
+        "agent",
+        [
+            "agent".as_ref(),
+            "--listen".as_ref(),
+            "[::1]:0".as_ref(),
+            "--dial-timeout".as_ref(),
+            "1".as_ref(),
+            "--token-file".as_ref(),
+            token.as_os_str(),
+        ],
+    );
+    let line = agent.wait_line(Src::Stdout, "the agent's listening line", |l| {
+        l.contains("listening on")
+    });
+    let port = line
+        .split_whitespace()
+        .find_map(|w| w.parse::<SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .port();
+
+    let mut cmd = Command::new(forward_bin());
+    cmd.args([
+        "--agent",
+        &port.to_string(),
+        "--transport",
+        "tcp",
+        "--edge",
+        "::1",
+    ])
+    .args(["--connect-timeout", "30", "--check", "--token-file"])
+    .arg(&token)
+    .arg(format!("127.0.0.1:0:vm:{}", silent_addr.port()));
+    let started = Instant::now();
+    let (st, out, err) = run("forward --check (a silent target)", cmd);
+    let took = started.elapsed();
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("did not answer within the agent's dial timeout (its --dial-timeout)"),
+        "{err}"
+    );
+    // Generous against a loaded host; the default would be 10 s.
+    assert!(took < Duration::from_secs(7), "the check took {took:?}");
+    drop(queued);
+}
+
 /// `--check` in agent mode goes as far as the target: a port with nothing behind it and a host
 /// outside `--allow` fail with the agent's reason; a live service passes and is then served.
 fn check_reaches_the_target(t: Transport) {

@@ -84,9 +84,9 @@ impl fmt::Display for ResetCode {
             ResetCode::NotAllowed => f.write_str(
                 "target not allowed by the agent (widen it with `forward agent --allow`)",
             ),
-            ResetCode::DialTimeout => {
-                f.write_str("target did not answer within the agent's dial timeout")
-            }
+            ResetCode::DialTimeout => f.write_str(
+                "target did not answer within the agent's dial timeout (its --dial-timeout)",
+            ),
             ResetCode::Unreachable => {
                 f.write_str("target host unreachable or not resolvable from the agent")
             }

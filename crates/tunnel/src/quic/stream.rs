@@ -307,7 +307,7 @@ impl QuicStream {
                 "agent refused {t}: not allowed by its policy (only the VM's loopback unless the agent runs with --allow)"
             ),
             code::REFUSED => format!("agent could not connect to {t}: connection refused (is the service running on the VM?)"),
-            code::TIMEOUT => format!("agent timed out connecting to {t}"),
+            code::TIMEOUT => format!("agent timed out connecting to {t} (its --dial-timeout)"),
             code::UNREACHABLE => format!("agent cannot reach {t}"),
             code::BAD_HEADER => format!("agent rejected the target header for {t}"),
             code::AUTH_REQUIRED => "agent rejected a stream opened before authentication".to_owned(),
