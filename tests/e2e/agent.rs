@@ -882,6 +882,50 @@ fn agent_dial_timeout_bounds_a_silent_target() {
     drop(queued);
 }
 
+/// A QUIC client pointed at a UDP port nothing listens on (an agent started without --quic)
+/// fails at once with that reason, instead of waiting its whole connect timeout (30 s here)
+/// for a handshake answer that cannot come.
+#[test]
+fn quic_to_a_closed_udp_port_says_so_at_once() {
+    let dir = TempDir::new("quic-closed-port");
+    let token = dir.join("token");
+    std::fs::write(&token, "5d2c9a17e4b08f63a1c7d95e2b40f8a6c3e19d74").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let closed = std::net::UdpSocket::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(forward_bin());
+    cmd.args([
+        "--agent",
+        &closed.to_string(),
+        "--transport",
+        "quic",
+        "--edge",
+        "::1",
+    ])
+    .args([
+        "--agent-pin",
+        "sha256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    ])
+    .args(["--connect-timeout", "30", "--check", "--token-file"])
+    .arg(&token)
+    .arg("127.0.0.1:0:vm:22");
+    let started = Instant::now();
+    let (st, out, err) = run("forward --check (QUIC to a closed UDP port)", cmd);
+    let took = started.elapsed();
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains(&format!("nothing listens on UDP port {closed}")) && err.contains("--quic"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(10), "the check took {took:?}");
+}
+
 /// `--check` in agent mode goes as far as the target: a port with nothing behind it and a host
 /// outside `--allow` fail with the agent's reason; a live service passes and is then served.
 fn check_reaches_the_target(t: Transport) {

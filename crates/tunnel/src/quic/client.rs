@@ -938,7 +938,16 @@ impl QuicCarrier {
                 &self.host,
             )
             .map_err(|e| self.conn_error(format!("cannot start a connection to {addr}: {e}")))?;
-        let conn = match tokio::time::timeout(self.connect_timeout, connecting).await {
+        let answered = tokio::select! {
+            r = tokio::time::timeout(self.connect_timeout, connecting) => r,
+            () = udp_port_closed(addr) => {
+                return Err(self.conn_error(format!(
+                    "nothing listens on UDP port {} at {addr} (it answered 'port unreachable'); is the agent running with --quic?",
+                    addr.port()
+                )));
+            }
+        };
+        let conn = match answered {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(self.handshake_error(e, addr)),
             Err(_) => {
@@ -1262,6 +1271,44 @@ fn race_lost(
             host: dial.to_owned(),
         })
     })
+}
+
+/// How long a handshake runs before [`udp_port_closed`] asks the kernel: a live agent
+/// answers well before, even across the world.
+const CLOSED_PORT_PROBE_AFTER: Duration = Duration::from_millis(300);
+
+/// Resolves only if `addr`'s UDP port is known to be closed: quinn's socket is not connected,
+/// so it never hears the ICMP "port unreachable" that comes back at once, and a client
+/// pointed at an agent started without `--quic` waited the whole connect timeout for an
+/// answer that could not come. A connected socket of our own sends an empty datagram (QUIC
+/// drops it) and hears the refusal. Without one (a firewall that drops ICMP, a live agent)
+/// this never resolves and the handshake's own timeout decides.
+async fn udp_port_closed(addr: SocketAddr) {
+    tokio::time::sleep(CLOSED_PORT_PROBE_AFTER).await;
+    let local: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let refused = |r: std::io::Result<usize>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+    if let Ok(sock) = tokio::net::UdpSocket::bind(local).await {
+        if sock.connect(addr).await.is_ok() {
+            let mut buf = [0u8; 64];
+            for _ in 0..3 {
+                if refused(sock.send(&[]).await) {
+                    return;
+                }
+                if let Ok(r) =
+                    tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await
+                {
+                    if refused(r) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    std::future::pending().await
 }
 
 #[cfg(test)]
