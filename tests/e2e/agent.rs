@@ -926,6 +926,37 @@ fn quic_to_a_closed_udp_port_says_so_at_once() {
     assert!(took < Duration::from_secs(10), "the check took {took:?}");
 }
 
+/// Over QUIC, `--check` of a service that stays silent after the client's end of stream
+/// cannot tell it from a dial still running: it passes after --connect-timeout, and says
+/// meanwhile why it waits.
+#[test]
+fn quic_check_of_a_silent_service_says_why_it_waits() {
+    let silent = Backend::start(|mut sock, _tx| {
+        let mut buf = [0u8; 64];
+        while matches!(sock.read(&mut buf), Ok(n) if n > 0) {}
+        // Neither a byte nor the end: as a service waiting for a request.
+        thread::sleep(Duration::from_secs(8));
+    });
+    let stack = Stack::start(Transport::Quic, &[]);
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(stack.client_args())
+        .args(["--connect-timeout", "3", "--check"])
+        .arg(format!("127.0.0.1:0:{}", stack.target(silent.port)))
+        .env("RUST_LOG", "info");
+    // Served after the check: stop it once it listens.
+    let mut fwd = crate::stack::Forward::start_with(
+        crate::harness::Proc::spawn("forward --check (silent service)", cmd),
+        1,
+        Transport::Quic,
+    );
+    let waits = fwd.proc.wait_line(Src::Stderr, "the line saying why", |l| {
+        l.contains("a silent service and a dial still running look alike")
+    });
+    assert!(waits.contains("3s"), "{waits}");
+    fwd.proc
+        .wait_line(Src::Stderr, "check ok", |l| l.contains("check ok"));
+}
+
 /// `--check` in agent mode goes as far as the target: a port with nothing behind it and a host
 /// outside `--allow` fail with the agent's reason; a live service passes and is then served.
 fn check_reaches_the_target(t: Transport) {

@@ -1137,7 +1137,23 @@ impl Connector for QuicConnector {
         stream.shutdown().await.map_err(fail)?;
         let mut buf = [0u8; 512];
         let wait = self.carrier.connect_timeout();
-        match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+        let read = stream.read(&mut buf);
+        tokio::pin!(read);
+        // QUIC's agent sends no word when its dial succeeds (the TCP carrier's does), so a
+        // service that stays silent after our end of stream looks like a dial still running,
+        // and only the agent's refusal tells them apart. Say why the check waits.
+        let early = wait.min(Duration::from_secs(1));
+        let outcome = match tokio::time::timeout(early, &mut read).await {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                tracing::info!(
+                    target = %self.describe,
+                    "check: no answer from the service yet; over QUIC a silent service and a dial still running look alike, so the check waits up to {wait:?} for a refusal (--connect-timeout)"
+                );
+                tokio::time::timeout(wait - early, read).await
+            }
+        };
+        match outcome {
             Ok(Err(e)) => Err(fail(e)),
             Ok(Ok(_)) | Err(_) => Ok(()),
         }
