@@ -14,7 +14,7 @@ use forward_tunnel::auth::{AgentNames, Token};
 use forward_tunnel::policy::TargetPolicy;
 use forward_tunnel::quic::{
     AgentVerify, QuicAgent, QuicAgentConfig, QuicCarrier, QuicCarrierConfig, QuicCert,
-    QuicConnector,
+    QuicConnector, QuicError,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +45,7 @@ pub async fn serve(args: AgentArgs, json: bool) -> Result<i32> {
     config.names = names.clone();
     config.mux.idle_timeout = Duration::from_secs(args.idle_timeout);
     config.dial_timeout = Duration::from_secs(args.dial_timeout);
+    config.handover = args.handover;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(forward_tunnel::tls::server_config_from_files(cert, key)?);
     }
@@ -60,22 +61,26 @@ pub async fn serve(args: AgentArgs, json: bool) -> Result<i32> {
         qc.names = names;
         qc.grace = drain;
         qc.dial_timeout = Duration::from_secs(args.dial_timeout);
-        let q = QuicAgent::bind(qc)?;
-        if json {
-            let line = serde_json::json!({
-                "quic_agent": { "listen": q.local_addr().to_string(), "pin": q.pin().to_string() }
-            });
-            crate::say::say!("{line}");
-        } else {
-            crate::say::say!(
-                "quic agent listening on udp {} pin {} (clients: --transport quic --agent-pin {})",
-                q.local_addr(),
-                q.pin(),
-                q.pin()
-            );
+        match QuicAgent::bind(qc.clone()) {
+            Ok(q) => {
+                announce_quic(&q, json);
+                let closer = q.closer();
+                Some((tokio::spawn(q.run(stop.child_token())), Some(closer)))
+            }
+            // The UDP port is not shared (see `quic_when_free`): the old agent keeps it until
+            // it exits, and meanwhile the TCP side serves.
+            Err(QuicError::Bind { cause, .. })
+                if args.handover && cause.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                tracing::warn!(
+                    port = addr.port(),
+                    "--handover: the UDP port is still held (the old agent, draining?); QUIC starts once it is free"
+                );
+                let task = tokio::spawn(quic_when_free(qc, json, stop.child_token()));
+                Some((task, None))
+            }
+            Err(e) => return Err(e.into()),
         }
-        let closer = q.closer();
-        Some((tokio::spawn(q.run(stop.child_token())), closer))
     } else {
         None
     };
@@ -135,7 +140,7 @@ pub async fn serve(args: AgentArgs, json: bool) -> Result<i32> {
             }
             _ = signals.recv() => {
                 tracing::warn!("second signal: exiting now, open streams are cut");
-                if let Some(closer) = &closer {
+                if let Some(closer) = closer.as_ref().and_then(Option::as_ref) {
                     closer.close_now().await;
                 }
                 return Ok(0);
@@ -146,6 +151,49 @@ pub async fn serve(args: AgentArgs, json: bool) -> Result<i32> {
 
 /// The QUIC certificate: given files, or one generated once and kept in the state directory
 /// so the pin clients were told stays valid across restarts.
+fn announce_quic(q: &QuicAgent, json: bool) {
+    if json {
+        let line = serde_json::json!({
+            "quic_agent": { "listen": q.local_addr().to_string(), "pin": q.pin().to_string() }
+        });
+        crate::say::say!("{line}");
+    } else {
+        crate::say::say!(
+            "quic agent listening on udp {} pin {} (clients: --transport quic --agent-pin {})",
+            q.local_addr(),
+            q.pin(),
+            q.pin()
+        );
+    }
+}
+
+/// `--handover --quic` beside an agent that still holds the UDP port: binds once it is free,
+/// then serves until `stop`. The UDP port is never shared: with `SO_REUSEPORT` the kernel
+/// spreads datagrams over the sockets by address, so the old agent's connections would reach
+/// the new one, which answers them with stateless resets.
+async fn quic_when_free(
+    qc: QuicAgentConfig,
+    json: bool,
+    stop: CancellationToken,
+) -> std::result::Result<(), QuicError> {
+    loop {
+        match QuicAgent::bind(qc.clone()) {
+            Ok(q) => {
+                tracing::info!("--handover: the UDP port is free, QUIC is served");
+                announce_quic(&q, json);
+                return q.run(stop).await;
+            }
+            Err(QuicError::Bind { cause, .. }) if cause.kind() == std::io::ErrorKind::AddrInUse => {
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
 fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         return QuicCert::load(cert, key).map_err(|e| {

@@ -255,6 +255,13 @@ pub struct AgentArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = positive_secs)]
     pub dial_timeout: u64,
 
+    /// Start beside an agent that already listens on this port, to replace it without
+    /// refusing a connection: start the new one with --handover, then stop the old one (it
+    /// drains; new carriers reach the new one). With --quic, the new agent takes the UDP port
+    /// once the old one has exited.
+    #[arg(long)]
+    pub handover: bool,
+
     /// Also listen on UDP (same port) for QUIC clients (`--transport quic`).
     #[arg(long)]
     pub quic: bool,

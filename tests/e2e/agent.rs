@@ -957,6 +957,134 @@ fn quic_check_of_a_silent_service_says_why_it_waits() {
         .wait_line(Src::Stderr, "check ok", |l| l.contains("check ok"));
 }
 
+/// `forward agent --handover` starts beside a running agent on the same port; the old one,
+/// stopped, drains its streams while new connections reach the new one: a restart refuses no
+/// connection (before, they were refused until the old agent exited, up to its 30 s drain).
+/// Without --handover a port in use still fails, and says how to hand over.
+#[test]
+fn a_new_agent_takes_over_while_the_old_one_drains() {
+    use std::ffi::OsString;
+
+    use crate::harness::{free_v6_port, Proc};
+    let echo = Backend::echo();
+    let dir = TempDir::new("agent-handover");
+    let token = dir.join("token");
+    std::fs::write(&token, "5d2c9a17e4b08f63a1c7d95e2b40f8a6c3e19d74").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let port = free_v6_port();
+    let agent_args = |handover: bool| -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec![
+            "agent".into(),
+            "--listen".into(),
+            format!("[::1]:{port}").into(),
+            "--token-file".into(),
+            token.clone().into(),
+            // One state directory: the new agent serves the old one's QUIC certificate, so
+            // the clients' pin still holds.
+            "--quic".into(),
+            "--state-dir".into(),
+            dir.join("state").into(),
+        ];
+        if handover {
+            a.push("--handover".into());
+        }
+        a
+    };
+    let start = |name: &str, handover: bool| {
+        let mut p = Proc::forward(name, agent_args(handover));
+        p.wait_line(Src::Stdout, "the agent's listening line", |l| {
+            l.contains("listening on")
+        });
+        p
+    };
+    let mut old = start("old agent", false);
+    let pin = old.wait_line(Src::Stdout, "the QUIC pin", |l| l.contains("sha256:"));
+    let pin = pin
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .unwrap()
+        .to_owned();
+
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(agent_args(false));
+    let (st, out, err) = run("a second agent without --handover", cmd);
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("another process listens there") && err.contains("--handover"),
+        "{err}"
+    );
+
+    let fwd = crate::stack::Forward::start(
+        vec![
+            "--agent".into(),
+            port.to_string().into(),
+            "--transport".into(),
+            "tcp".into(),
+            "--edge".into(),
+            "::1".into(),
+            "--token-file".into(),
+            token.clone().into(),
+            format!("127.0.0.1:0:vm:{}", echo.port).into(),
+        ],
+        1,
+        Transport::AgentTcp,
+    );
+    let mut open = fwd.local().connect();
+    open.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).unwrap();
+
+    let mut new = start("new agent", true);
+    // Its TCP side serves; UDP is not shared, so QUIC waits for the old agent to exit.
+    new.wait_line(Src::Stderr, "the UDP wait", |l| {
+        l.contains("the UDP port is still held")
+    });
+    old.signal("TERM");
+    old.wait_line(Src::Stderr, "the drain line", |l| l.contains("draining"));
+    for i in 0..5 {
+        echo_exchange(fwd.local().connect(), i, 64 * 1024);
+    }
+    assert_eq!(
+        old.try_status(),
+        None,
+        "the old agent stopped draining early: {}",
+        old.transcript()
+    );
+    // The stream on the old agent still works, and ends its drain.
+    open.write_all(b"y").unwrap();
+    open.read_exact(&mut one).unwrap();
+    assert_eq!(&one, b"y");
+    drop(open);
+    assert!(old.wait_exit().success(), "{}", old.transcript());
+    echo_exchange(fwd.local().connect(), 9, 64 * 1024);
+    new.wait_line(Src::Stdout, "the new agent's QUIC line", |l| {
+        l.contains("quic agent listening") && l.contains(&pin)
+    });
+    let quic = crate::stack::Forward::start(
+        vec![
+            "--agent".into(),
+            port.to_string().into(),
+            "--transport".into(),
+            "quic".into(),
+            "--agent-pin".into(),
+            pin.clone().into(),
+            "--edge".into(),
+            "::1".into(),
+            "--token-file".into(),
+            token.clone().into(),
+            format!("127.0.0.1:0:vm:{}", echo.port).into(),
+        ],
+        1,
+        Transport::Quic,
+    );
+    echo_exchange(quic.local().connect(), 10, 64 * 1024);
+    new.signal("TERM");
+    assert!(new.wait_exit().success(), "{}", new.transcript());
+}
+
 /// `--check` in agent mode goes as far as the target: a port with nothing behind it and a host
 /// outside `--allow` fail with the agent's reason; a live service passes and is then served.
 fn check_reaches_the_target(t: Transport) {

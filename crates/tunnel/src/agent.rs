@@ -54,6 +54,9 @@ pub struct AgentConfig {
     pub max_unauthenticated: usize,
     /// The names proofs must be made for (empty: any).
     pub names: AgentNames,
+    /// Share the port with an agent already listening there (both have `SO_REUSEPORT`), to
+    /// take over from it while it drains; without it, a port in use is an error.
+    pub handover: bool,
 }
 
 impl AgentConfig {
@@ -69,6 +72,7 @@ impl AgentConfig {
             auth_timeout: Duration::from_secs(10),
             max_unauthenticated: 64,
             names: AgentNames::default(),
+            handover: false,
         }
     }
 }
@@ -173,13 +177,29 @@ impl Registry {
     }
 }
 
-fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn dual_stack_socket(addr: SocketAddr) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         // At Vers the edge arrives over IPv6; IPv4 clients (tests, other setups) work too.
         socket.set_only_v6(false)?;
     }
     socket.set_reuse_address(true)?;
+    Ok(socket)
+}
+
+/// Every agent listens with `SO_REUSEPORT`, so that a new one started with `handover` can
+/// listen beside it while it drains: a restart then refuses no connection (the old agent
+/// stopped listening at its SIGTERM and the new one could bind only once it had exited, up to
+/// its 30 s drain later). Without `handover` a port in use must still fail, as it did: the
+/// kernel would otherwise share it between two agents started by mistake, perhaps with
+/// different tokens. A probe socket without the option finds out (Linux refuses it beside a
+/// listener, whatever that one set); a port of 0 is never in use.
+fn bind_dual_stack(addr: SocketAddr, handover: bool) -> std::io::Result<TcpListener> {
+    if !handover && addr.port() != 0 {
+        dual_stack_socket(addr)?.bind(&addr.into())?;
+    }
+    let socket = dual_stack_socket(addr)?;
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
@@ -189,11 +209,14 @@ fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<TcpListener> {
 impl Agent {
     /// Binds the listener (inside a tokio runtime).
     pub fn bind(config: AgentConfig) -> Result<Self, AgentError> {
-        let listener = bind_dual_stack(config.listen).map_err(|cause| AgentError::Bind {
+        let listener = bind_dual_stack(config.listen, config.handover).map_err(|cause| AgentError::Bind {
             addr: config.listen,
             hint: match cause.kind() {
+                std::io::ErrorKind::AddrInUse if config.handover => {
+                    " (the process listening there does not share the port: an agent older than --handover, or another program)"
+                }
                 std::io::ErrorKind::AddrInUse => {
-                    " (another process listens there: pick another --listen port)"
+                    " (another process listens there: pick another --listen port; to replace a running agent without refusing connections, start the new one with --handover, then stop the old one)"
                 }
                 std::io::ErrorKind::PermissionDenied => " (ports below 1024 need root)",
                 std::io::ErrorKind::AddrNotAvailable => {
