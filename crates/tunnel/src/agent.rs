@@ -193,13 +193,17 @@ fn dual_stack_socket(addr: SocketAddr) -> std::io::Result<Socket> {
 /// its 30 s drain later). Without `handover` a port in use must still fail, as it did: the
 /// kernel would otherwise share it between two agents started by mistake, perhaps with
 /// different tokens. A probe socket without the option finds out (Linux refuses it beside a
-/// listener, whatever that one set); a port of 0 is never in use.
+/// listener, whatever that one set). A port of 0 gets neither: nobody can take over a port
+/// the kernel picks, and with the option set the kernel may pick one that another agent's
+/// socket with the option holds (two test agents shared a port, and their QUIC sockets then
+/// clashed on it).
 fn bind_dual_stack(addr: SocketAddr, handover: bool) -> std::io::Result<TcpListener> {
-    if !handover && addr.port() != 0 {
+    let fixed = addr.port() != 0;
+    if !handover && fixed {
         dual_stack_socket(addr)?.bind(&addr.into())?;
     }
     let socket = dual_stack_socket(addr)?;
-    socket.set_reuse_port(true)?;
+    socket.set_reuse_port(fixed)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
