@@ -228,10 +228,17 @@ fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
     };
     // An agent writes the key first and the certificate last (see `publish`): a key alone may
     // be another agent starting at this moment, so give it time to finish.
-    if key_path.exists() && !cert_path.exists() {
+    // The certificate looked at first, then the key, each once: the key is written first,
+    // so a certificate seen implies its key, and a key alone is waited for. Checked again
+    // after, a key that another agent created in between was taken for a certificate lost
+    // (the test of agents starting together failed on it).
+    let mut has_cert = cert_path.exists();
+    let has_key = key_path.exists();
+    if has_key && !has_cert {
         wait_for(&cert_path);
+        has_cert = cert_path.exists();
     }
-    match (cert_path.exists(), key_path.exists()) {
+    match (has_cert, has_key) {
         (true, true) => return load(),
         (false, false) => {}
         // A new certificate would change the pin every client was given: never silently.
