@@ -76,7 +76,14 @@ fn malformed_specs_name_the_bad_part() {
         ("5432::80", &["host"]),
         ("5432:a b:80", &["host", "'a b'"]),
         ("nope:5432:vm1:80", &["bind address", "'nope'"]),
-        ("[::1:5432:vm1:80", &["bind address"]),
+        (
+            "[::1:5432:vm1:80",
+            &["a '[' without its ']'", "in brackets"],
+        ),
+        (
+            "[::1]5432:vm1:80",
+            &["needs a ':' between the ']' and the local port"],
+        ),
     ];
     for (spec, needles) in table {
         assert_rejected(&[spec], &[1, 2], needles);
