@@ -807,18 +807,22 @@ fn wrong_pin_is_rejected(t: Transport) {
     }
 }
 
+/// A token file in `dir`, readable by its owner only (the agent warns otherwise).
+fn token_file(dir: &TempDir) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let token = dir.join("token");
+    std::fs::write(&token, "5d2c9a17e4b08f63a1c7d95e2b40f8a6c3e19d74").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    token
+}
+
 /// `forward agent --dial-timeout` bounds the agent's dial of a target that never answers (a
 /// listener whose queue is full drops the SYNs): the client hears "timed out" after it, not
 /// after the 10 s default, and its own --connect-timeout (30 s here) does not matter.
 #[test]
 fn agent_dial_timeout_bounds_a_silent_target() {
     let dir = TempDir::new("agent-dial-timeout");
-    let token = dir.join("token");
-    std::fs::write(&token, "5d2c9a17e4b08f63a1c7d95e2b40f8a6c3e19d74").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    let token = token_file(&dir);
     // A listener that never accepts, its queue filled: further SYNs go unanswered.
     let silent = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     silent
@@ -888,12 +892,7 @@ fn agent_dial_timeout_bounds_a_silent_target() {
 #[test]
 fn quic_to_a_closed_udp_port_says_so_at_once() {
     let dir = TempDir::new("quic-closed-port");
-    let token = dir.join("token");
-    std::fs::write(&token, "5d2c9a17e4b08f63a1c7d95e2b40f8a6c3e19d74").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    let token = token_file(&dir);
     let closed = std::net::UdpSocket::bind("[::1]:0")
         .unwrap()
         .local_addr()
@@ -968,12 +967,7 @@ fn a_new_agent_takes_over_while_the_old_one_drains() {
     use crate::harness::{free_v6_port, Proc};
     let echo = Backend::echo();
     let dir = TempDir::new("agent-handover");
-    let token = dir.join("token");
-    std::fs::write(&token, "5d2c9a17e4b08f63a1c7d95e2b40f8a6c3e19d74").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    let token = token_file(&dir);
     let port = free_v6_port();
     let agent_args = |handover: bool| -> Vec<OsString> {
         let mut a: Vec<OsString> = vec![

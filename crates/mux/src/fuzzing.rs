@@ -452,21 +452,62 @@ fn handle_events(client: &mut Side, server: &mut Side, st: &mut Streams) {
 /// or an event it failed to raise would stop a stream here for good: in production, a connection
 /// that hangs.
 fn settle(client: &mut Side, server: &mut Side, st: &mut Streams, now: Instant) {
-    if !settle_in_order(client, server, st, now) {
+    if !settle_in_order(client, server, st, now)
+        || !carry_until_quiet(client, server, st, now, None)
+    {
         return;
     }
+    for &id in st.ids.iter().filter(|id| !st.reset.contains(id)) {
+        check_settled(client, server, id, "client");
+        check_settled(server, client, id, "server");
+    }
+}
+
+/// First as a driver whose application handles its connections one after another: both sides
+/// read only the streams up to the oldest one not checked yet, until nothing moves, and every
+/// byte written to that one must have arrived. Streams not read yet hold what they received;
+/// they must not take the credit the one being read needs (1000 downloads read in order over
+/// a TCP carrier stopped for good until session 27). False if a session closed.
+fn settle_in_order(client: &mut Side, server: &mut Side, st: &mut Streams, now: Instant) -> bool {
+    for k in 0..st.ids.len() {
+        if !carry_until_quiet(client, server, st, now, Some(k)) {
+            return false;
+        }
+        let id = st.ids[k];
+        if !st.reset.contains(&id) {
+            check_arrived(client, server, id, "client");
+            check_arrived(server, client, id, "server");
+        }
+    }
+    true
+}
+
+/// Both sides read the streams up to index `upto` (every stream: `None`), the server releases
+/// what it holds, as the carrier does once bytes are written out, and the carrier carries
+/// everything, until nothing moves. False if a session closed (only a simulated timeout ends
+/// one here, checked by `handle_events`).
+fn carry_until_quiet(
+    client: &mut Side,
+    server: &mut Side,
+    st: &mut Streams,
+    now: Instant,
+    upto: Option<usize>,
+) -> bool {
     // Each round trip of credit moves at least a quarter window, so this is far more rounds than
     // the largest run of operations can need; running out of them is frames that never end.
     let mut quiet = false;
     for _ in 0..100_000 {
         if client.session.is_closed() || server.session.is_closed() {
-            // Only a simulated timeout ends a session here (checked by handle_events).
-            return;
+            return false;
         }
         for id in std::mem::take(&mut st.pending) {
             let _ = server.session.accept(id);
         }
-        for &id in &st.ids {
+        let reading = match upto {
+            Some(k) => &st.ids[..=k],
+            None => &st.ids[..],
+        };
+        for &id in reading {
             client.read(id, 64 * 1024, 1);
             server.read(id, 64 * 1024, 0);
         }
@@ -486,59 +527,9 @@ fn settle(client: &mut Side, server: &mut Side, st: &mut Streams, now: Instant) 
     }
     handle_events(client, server, st);
     if client.session.is_closed() || server.session.is_closed() {
-        return;
+        return false;
     }
     assert!(quiet, "the sessions never stop sending each other frames");
-    for &id in st.ids.iter().filter(|id| !st.reset.contains(id)) {
-        check_settled(client, server, id, "client");
-        check_settled(server, client, id, "server");
-    }
-}
-
-/// First as a driver whose application handles its connections one after another: both sides
-/// read only the streams up to the oldest one not checked yet, until nothing moves, and every
-/// byte written to that one must have arrived. Streams not read yet hold what they received;
-/// they must not take the credit the one being read needs (1000 downloads read in order over
-/// a TCP carrier stopped for good until session 27). False if a session closed.
-fn settle_in_order(client: &mut Side, server: &mut Side, st: &mut Streams, now: Instant) -> bool {
-    for k in 0..st.ids.len() {
-        let mut quiet = false;
-        for _ in 0..100_000 {
-            if client.session.is_closed() || server.session.is_closed() {
-                return false;
-            }
-            for id in std::mem::take(&mut st.pending) {
-                let _ = server.session.accept(id);
-            }
-            for &id in &st.ids[..=k] {
-                client.read(id, 64 * 1024, 1);
-                server.read(id, 64 * 1024, 0);
-            }
-            for (id, n) in std::mem::take(&mut server.held) {
-                server.session.release(id, n);
-            }
-            handle_events(client, server, st);
-            client.transmit(now);
-            server.transmit(now);
-            if client.in_flight.is_empty() && server.in_flight.is_empty() {
-                quiet = true;
-                break;
-            }
-            deliver(client, server, now, usize::MAX);
-            deliver(server, client, now, usize::MAX);
-            handle_events(client, server, st);
-        }
-        handle_events(client, server, st);
-        if client.session.is_closed() || server.session.is_closed() {
-            return false;
-        }
-        assert!(quiet, "the sessions never stop sending each other frames");
-        let id = st.ids[k];
-        if !st.reset.contains(&id) {
-            check_arrived(client, server, id, "client");
-            check_arrived(server, client, id, "server");
-        }
-    }
     true
 }
 
