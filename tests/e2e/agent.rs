@@ -1011,21 +1011,20 @@ fn a_new_agent_takes_over_while_the_old_one_drains() {
         "{err}"
     );
 
-    let fwd = crate::stack::Forward::start(
-        vec![
-            "--agent".into(),
-            port.to_string().into(),
-            "--transport".into(),
-            "tcp".into(),
+    // A client of the port, whichever agent answers there.
+    let client = |transport: Transport, extra: &[&str]| {
+        let mut args: Vec<OsString> = vec!["--agent".into(), port.to_string().into()];
+        args.extend(extra.iter().map(OsString::from));
+        args.extend([
             "--edge".into(),
             "::1".into(),
             "--token-file".into(),
             token.clone().into(),
             format!("127.0.0.1:0:vm:{}", echo.port).into(),
-        ],
-        1,
-        Transport::AgentTcp,
-    );
+        ]);
+        crate::stack::Forward::start(args, 1, transport)
+    };
+    let fwd = client(Transport::AgentTcp, &["--transport", "tcp"]);
     let mut open = fwd.local().connect();
     open.write_all(b"x").unwrap();
     let mut one = [0u8; 1];
@@ -1057,22 +1056,9 @@ fn a_new_agent_takes_over_while_the_old_one_drains() {
     new.wait_line(Src::Stdout, "the new agent's QUIC line", |l| {
         l.contains("quic agent listening") && l.contains(&pin)
     });
-    let quic = crate::stack::Forward::start(
-        vec![
-            "--agent".into(),
-            port.to_string().into(),
-            "--transport".into(),
-            "quic".into(),
-            "--agent-pin".into(),
-            pin.clone().into(),
-            "--edge".into(),
-            "::1".into(),
-            "--token-file".into(),
-            token.clone().into(),
-            format!("127.0.0.1:0:vm:{}", echo.port).into(),
-        ],
-        1,
+    let quic = client(
         Transport::Quic,
+        &["--transport", "quic", "--agent-pin", pin.as_str()],
     );
     echo_exchange(quic.local().connect(), 10, 64 * 1024);
     new.signal("TERM");
