@@ -346,15 +346,7 @@ fn agent_down_resets_a_new_connection_at_once(t: Transport) {
     for _ in 0..2 {
         let started = Instant::now();
         // The reset can come before the connect call has returned.
-        let outcome = fwd.local().try_connect().and_then(|mut conn| {
-            let mut buf = [0u8; 16];
-            loop {
-                match conn.read(&mut buf) {
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    other => break other,
-                }
-            }
-        });
+        let outcome = first_read(fwd.local());
         let took = started.elapsed();
         match outcome {
             Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
@@ -1174,24 +1166,13 @@ fn a_drained_carrier_cut_alone_claims_no_other_carrier(t: Transport) {
     let backend = Backend::echo();
     let mut stack = Stack::start(t, &[backend.port]);
     let mut fwd = stack.forward_to(backend.port);
-    let mut open = fwd.local().connect();
-    open.write_all(b"x").unwrap();
-    let mut one = [0u8; 1];
-    open.read_exact(&mut one).unwrap();
+    let mut open = open_echoed(&fwd);
 
     let agent = stack.agent_proc_mut();
     agent.signal("TERM");
     agent.wait_line(Src::Stderr, "the drain line", |l| l.contains("draining"));
     // Refused: the draining agent takes no new carrier.
-    let outcome = fwd.local().try_connect().and_then(|mut conn| {
-        let mut buf = [0u8; 16];
-        loop {
-            match conn.read(&mut buf) {
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                other => break other,
-            }
-        }
-    });
+    let outcome = first_read(fwd.local());
     assert!(
         outcome.is_err() || outcome.as_ref().is_ok_and(|n| *n == 0),
         "{outcome:?}"
@@ -1433,6 +1414,20 @@ per_transport!(agent_sighup_drains_like_sigterm: agent_tls, agent_tcp, quic);
 per_transport!(client_resets_are_quiet_and_refusals_name_the_client: agent_tls, agent_tcp, quic);
 
 /// A connection through `fwd` with one byte echoed: its stream is open at the agent.
+/// Connects to `local` and reads once: the connect's or the read's outcome (a reset can come
+/// before the connect call has returned).
+fn first_read(local: &Local) -> std::io::Result<usize> {
+    local.try_connect().and_then(|mut conn| {
+        let mut buf = [0u8; 16];
+        loop {
+            match conn.read(&mut buf) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        }
+    })
+}
+
 fn open_echoed(fwd: &Forward) -> Conn {
     let mut conn = fwd.local().connect();
     conn.write_all(b"x").unwrap();

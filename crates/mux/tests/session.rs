@@ -159,19 +159,23 @@ fn a_stalled_reader_does_not_block_the_other_streams() {
     assert_eq!(p.server.received[&stalled], pattern(99, 4 << 20));
 }
 
+/// 256 KiB stream windows that do not grow, in a 1 MiB connection window: four streams fill it.
+fn small_fixed_windows() -> Config {
+    Config {
+        stream_window: 256 * 1024,
+        auto_tune: false,
+        connection_window: 1024 * 1024,
+        ..Config::default()
+    }
+}
+
 /// Streams whose readers stopped hold most of the connection window, and the bytes that fill
 /// its last room arrive on them: nothing is read after that, so a credit rule checked only when
 /// bytes are read never returns what was read before. The carrier then stopped for every stream
 /// (e2e: a 4 MiB echo beside 200 stalled downloads got no byte in 60 s, 1 run in 4).
 #[test]
 fn credit_read_before_stalled_streams_fill_the_window_comes_back() {
-    let config = Config {
-        stream_window: 256 * 1024,
-        auto_tune: false,
-        connection_window: 1024 * 1024,
-        ..Config::default()
-    };
-    let mut p = Pair::new(config);
+    let mut p = Pair::new(small_fixed_windows());
     p.auth(GOOD_TOKEN);
     // Read at once, but short of the half window that returns credit by itself.
     let early = p.open(9000);
@@ -202,13 +206,7 @@ fn credit_read_before_stalled_streams_fill_the_window_comes_back() {
 /// connection credit a stream with nothing held needs, the stream windows bounding the rest.
 #[test]
 fn downloads_read_one_after_another_all_finish() {
-    let config = Config {
-        stream_window: 256 * 1024,
-        auto_tune: false,
-        connection_window: 1024 * 1024,
-        ..Config::default()
-    };
-    let mut p = Pair::new(config);
+    let mut p = Pair::new(small_fixed_windows());
     p.server.echo = false;
     p.auth(GOOD_TOKEN);
     let size = 1 << 20;
