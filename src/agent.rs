@@ -149,8 +149,7 @@ pub async fn serve(args: AgentArgs, json: bool) -> Result<i32> {
     }
 }
 
-/// The QUIC certificate: given files, or one generated once and kept in the state directory
-/// so the pin clients were told stays valid across restarts.
+/// The QUIC agent's start-up line: where it listens and the pin clients need.
 fn announce_quic(q: &QuicAgent, json: bool) {
     if json {
         let line = serde_json::json!({
@@ -183,6 +182,7 @@ async fn quic_when_free(
                 announce_quic(&q, json);
                 return q.run(stop).await;
             }
+            // Still held: the old agent has not exited yet.
             Err(QuicError::Bind { cause, .. }) if cause.kind() == std::io::ErrorKind::AddrInUse => {
             }
             Err(e) => return Err(e),
@@ -194,6 +194,8 @@ async fn quic_when_free(
     }
 }
 
+/// The QUIC certificate: given files, or one generated once and kept in the state directory
+/// so the pin clients were told stays valid across restarts.
 fn quic_cert(args: &AgentArgs) -> Result<QuicCert> {
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         return QuicCert::load(cert, key).map_err(|e| {
