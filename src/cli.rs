@@ -176,7 +176,7 @@ pub enum Command {
     Edge(forward_edge::EdgeArgs),
     /// Run the agent on the VM: one authenticated carrier per client, streams dialled VM-side.
     #[command(
-        after_help = "Examples:\n  VERS_AUTH_TOKEN=$(openssl rand -hex 32) forward agent            # [::]:9999, loopback targets\n  forward agent --token-file /etc/forward.token --allow db.internal:5432\n  forward agent --name abc123.vm.vers.sh   # refuse proofs made for other names\n  then on the laptop: VERS_AUTH_TOKEN=... forward --agent 9999 5432:<vm>:5432"
+        after_help = "Examples:\n  VERS_AUTH_TOKEN=$(openssl rand -hex 32) forward agent            # [::]:9999, loopback targets\n  forward agent --token-file /etc/forward.token --allow db.internal:5432\n  forward agent --name abc123.vm.vers.sh   # refuse proofs made for other names\n  forward agent --handover --token-file /etc/forward.token   # beside the running agent; then stop\n                                           # the old one: it drains, no connection is refused\n  then on the laptop: VERS_AUTH_TOKEN=... forward --agent 9999 5432:<vm>:5432"
     )]
     Agent(AgentArgs),
     /// Start a local edge and services and forward to them end to end: no Vers account needed.
