@@ -167,10 +167,7 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<i32> {
         if !json {
             crate::say::say!("serving until Ctrl-C");
         }
-        hung_up = tokio::select! {
-            _ = signals.recv() => false,
-            _ = hangup.recv() => true,
-        };
+        hung_up = signals.recv_or_hangup(&mut hangup).await;
     }
     life.shutdown(if hung_up {
         Duration::ZERO

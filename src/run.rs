@@ -206,11 +206,7 @@ pub async fn serve_all<C: Connector>(
             )));
         }
     }
-    let hung_up = tokio::select! {
-        _ = signals.recv() => false,
-        _ = hangup.recv() => true,
-    };
-    if hung_up {
+    if signals.recv_or_hangup(&mut hangup).await {
         tracing::info!("SIGHUP: resetting open connections and exiting");
         life.shutdown(Duration::ZERO).await;
         for t in tasks {
@@ -262,6 +258,15 @@ impl Signals {
         tokio::select! {
             _ = self.int.recv() => {}
             _ = self.term.recv() => {}
+        }
+    }
+
+    /// Resolves on the first SIGINT or SIGTERM (`false`: stop gracefully) or SIGHUP (`true`:
+    /// the terminal is gone, stop at once), as `forward` and the demo both stop.
+    pub async fn recv_or_hangup(&mut self, hangup: &mut Hangup) -> bool {
+        tokio::select! {
+            () = self.recv() => false,
+            () = hangup.recv() => true,
         }
     }
 }
