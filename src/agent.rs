@@ -69,9 +69,7 @@ pub async fn serve(args: AgentArgs, json: bool) -> Result<i32> {
             }
             // The UDP port is not shared (see `quic_when_free`): the old agent keeps it until
             // it exits, and meanwhile the TCP side serves.
-            Err(QuicError::Bind { cause, .. })
-                if args.handover && cause.kind() == std::io::ErrorKind::AddrInUse =>
-            {
+            Err(e) if args.handover && udp_port_held(&e) => {
                 tracing::warn!(
                     port = addr.port(),
                     "--handover: the UDP port is still held (the old agent, draining?); QUIC starts once it is free"
@@ -166,6 +164,11 @@ fn announce_quic(q: &QuicAgent, json: bool) {
     }
 }
 
+/// Whether binding the QUIC agent failed because another socket holds its UDP port.
+fn udp_port_held(e: &QuicError) -> bool {
+    matches!(e, QuicError::Bind { cause, .. } if cause.kind() == std::io::ErrorKind::AddrInUse)
+}
+
 /// `--handover --quic` beside an agent that still holds the UDP port: binds once it is free,
 /// then serves until `stop`. The UDP port is never shared: with `SO_REUSEPORT` the kernel
 /// spreads datagrams over the sockets by address, so the old agent's connections would reach
@@ -183,8 +186,7 @@ async fn quic_when_free(
                 return q.run(stop).await;
             }
             // Still held: the old agent has not exited yet.
-            Err(QuicError::Bind { cause, .. }) if cause.kind() == std::io::ErrorKind::AddrInUse => {
-            }
+            Err(e) if udp_port_held(&e) => {}
             Err(e) => return Err(e),
         }
         tokio::select! {
