@@ -844,14 +844,7 @@ fn agent_dial_timeout_bounds_a_silent_target() {
             token.as_os_str(),
         ],
     );
-    let line = agent.wait_line(Src::Stdout, "the agent's listening line", |l| {
-        l.contains("listening on")
-    });
-    let port = line
-        .split_whitespace()
-        .find_map(|w| w.parse::<SocketAddr>().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .port();
+    let port = crate::stack::listening_port(&mut agent);
 
     let mut cmd = Command::new(forward_bin());
     cmd.args([

@@ -169,14 +169,7 @@ impl Stack {
             ]);
         }
         let mut agent = Proc::forward("agent", args);
-        let line = agent.wait_line(Src::Stdout, "the agent's listening line", |l| {
-            l.contains("listening on")
-        });
-        let port = line
-            .split_whitespace()
-            .find_map(|w| w.parse::<std::net::SocketAddr>().ok())
-            .unwrap_or_else(|| panic!("no address in agent line {line:?}"))
-            .port();
+        let port = listening_port(&mut agent);
         if quic {
             let pin = agent.wait_line(Src::Stdout, "the agent's SPKI pin", |l| {
                 l.contains("sha256:")
@@ -371,4 +364,16 @@ impl Forward {
     pub fn local(&self) -> &Local {
         &self.locals[0]
     }
+}
+
+/// Waits for a `forward agent`'s listening line and returns the port it names (the one picked
+/// for 0).
+pub fn listening_port(agent: &mut Proc) -> u16 {
+    let line = agent.wait_line(Src::Stdout, "the agent's listening line", |l| {
+        l.contains("listening on")
+    });
+    line.split_whitespace()
+        .find_map(|w| w.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no address in agent line {line:?}"))
+        .port()
 }
