@@ -4,6 +4,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -1020,11 +1021,23 @@ fn a_new_agent_takes_over_while_the_old_one_drains() {
     new.wait_line(Src::Stderr, "the UDP wait", |l| {
         l.contains("the UDP port is still held")
     });
+    // Connections keep coming while the old agent stops. One opened in the instant before
+    // the client hears the GOAWAY goes out on the old carrier and is refused there unprocessed;
+    // the client opens it again through the new agent, so none of them fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (local, stop) = (fwd.local().clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                echo_exchange(local.connect(), 100 + n, 4096);
+                n += 1;
+            }
+            n
+        })
+    };
     old.signal("TERM");
     old.wait_line(Src::Stderr, "the drain line", |l| l.contains("draining"));
-    // A connection opened in the instant before the client hears the GOAWAY goes on the old
-    // carrier and is refused there ("did not process this stream (retryable)"): the client
-    // does not retry such streams yet. From the GOAWAY on, new carriers reach the new agent.
     fwd.proc
         .wait_line(Src::Stderr, "the client hearing the GOAWAY", |l| {
             l.contains("peer is going away")
@@ -1032,6 +1045,11 @@ fn a_new_agent_takes_over_while_the_old_one_drains() {
     for i in 0..5 {
         echo_exchange(fwd.local().connect(), i, 64 * 1024);
     }
+    stop.store(true, Ordering::SeqCst);
+    let during = busy
+        .join()
+        .expect("every connection during the stop echoes");
+    assert!(during > 0);
     assert_eq!(
         old.try_status(),
         None,

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::auth::{self, Token};
-use crate::carrier::{Carrier, MuxStream};
+use crate::carrier::{Carrier, MuxStream, Reopen, Reopening};
 use crate::dial::{connect_tcp, tls_handshake, Connector, DialError};
 use crate::policy::Shown;
 use crate::upgrade::{self, Head};
@@ -617,6 +617,8 @@ pub struct AgentConnector {
     link: Arc<AgentLink>,
     target: Target,
     shown: String,
+    /// How a stream the agent refused unprocessed is opened again (see `carrier::retry`).
+    reopen: Reopen,
 }
 
 impl AgentConnector {
@@ -628,10 +630,58 @@ impl AgentConnector {
             Shown(&target.host, target.port),
             link.config.transport.name()
         );
+        let reopen: Reopen = {
+            let (link, target) = (link.clone(), target.clone());
+            Arc::new(move || -> Reopening {
+                let (link, target) = (link.clone(), target.clone());
+                Box::pin(async move {
+                    open_stream(&link, &target)
+                        .await
+                        .map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e.to_string()))
+                })
+            })
+        };
         Self {
             link,
             target,
             shown,
+            reopen,
+        }
+    }
+}
+
+/// A new stream to `target` on a carrier of `link` with room for it.
+async fn open_stream(link: &Arc<AgentLink>, target: &Target) -> Result<MuxStream, DialError> {
+    // A carrier may be found dead, draining or full between the check and the open: retry
+    // on another one, a bounded number of times.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let carrier = link.carrier_with_room().await?;
+        // A carrier silent for longer than a keepalive round is pinged first: if the path
+        // died, this connection moves to a new carrier after `--connect-timeout` instead
+        // of waiting out the idle timeout on the dead one.
+        let silence = link.config.mux.keepalive_interval + SILENCE_MARGIN;
+        if let Err(reason) = carrier.confirm_alive(silence, link.config.timeout).await {
+            if attempt < 3 {
+                continue;
+            }
+            return Err(DialError::Agent(format!("{}: {reason}", link.describe())));
+        }
+        match carrier.open(target.clone()) {
+            Ok(s) => {
+                carrier.expect_answer(link.config.timeout);
+                return Ok(s);
+            }
+            Err(
+                StreamError::GoingAway | StreamError::SessionClosed | StreamError::StreamLimit(_),
+            ) if attempt < 3 => continue,
+            Err(e) => {
+                return Err(DialError::Agent(format!(
+                    "{}: cannot open a stream: {e}",
+                    link.describe()
+                )))
+            }
         }
     }
 }
@@ -640,46 +690,8 @@ impl Connector for AgentConnector {
     type Stream = MuxStream;
 
     async fn connect(&self) -> Result<MuxStream, DialError> {
-        // A carrier may be found dead, draining or full between the check and the open: retry
-        // on another one, a bounded number of times.
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let carrier = self.link.carrier_with_room().await?;
-            // A carrier silent for longer than a keepalive round is pinged first: if the path
-            // died, this connection moves to a new carrier after `--connect-timeout` instead
-            // of waiting out the idle timeout on the dead one.
-            let silence = self.link.config.mux.keepalive_interval + SILENCE_MARGIN;
-            if let Err(reason) = carrier
-                .confirm_alive(silence, self.link.config.timeout)
-                .await
-            {
-                if attempt < 3 {
-                    continue;
-                }
-                return Err(DialError::Agent(format!(
-                    "{}: {reason}",
-                    self.link.describe()
-                )));
-            }
-            match carrier.open(self.target.clone()) {
-                Ok(s) => {
-                    carrier.expect_answer(self.link.config.timeout);
-                    return Ok(s);
-                }
-                Err(
-                    StreamError::GoingAway
-                    | StreamError::SessionClosed
-                    | StreamError::StreamLimit(_),
-                ) if attempt < 3 => continue,
-                Err(e) => {
-                    return Err(DialError::Agent(format!(
-                        "{}: cannot open a stream: {e}",
-                        self.link.describe()
-                    )))
-                }
-            }
-        }
+        let s = open_stream(&self.link, &self.target).await?;
+        Ok(s.with_retry(self.reopen.clone()))
     }
 
     /// The carrier, the token, and then the target: a stream is opened and the agent must

@@ -31,6 +31,9 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::relay::{Endpoint, MAX_IOV};
 
+mod retry;
+pub use retry::{Reopen, Reopening, RETRY_CAP};
+
 /// Largest batch the writer hands to the carrier in one write.
 const TX_BATCH: usize = 256 * 1024;
 /// Most bytes drained from the carrier before one `handle_input`.
@@ -343,6 +346,7 @@ impl Carrier {
         Ok(MuxStream {
             id,
             carrier: self.clone(),
+            retry: None,
         })
     }
 
@@ -375,6 +379,7 @@ impl Carrier {
         Ok(MuxStream {
             id,
             carrier: self.clone(),
+            retry: None,
         })
     }
 
@@ -844,6 +849,9 @@ async fn give_up_writing(carrier: &Carrier) -> String {
 pub struct MuxStream {
     id: StreamId,
     carrier: Arc<Carrier>,
+    /// Client: what it takes to open the stream again if the agent refuses it unprocessed,
+    /// until the agent answers (see [`retry`]).
+    retry: Option<Box<retry::Retry>>,
 }
 
 impl std::fmt::Debug for MuxStream {
@@ -873,26 +881,28 @@ impl MuxStream {
 impl MuxStream {
     /// Client: waits until the agent reached the target (`OPEN_OK`), or says why it could not
     /// (the stream's reset), or the carrier dies. Data needs no such wait; `--check` does.
-    pub async fn opened(&self) -> io::Result<()> {
-        std::future::poll_fn(|cx| {
-            let mut g = self.carrier.lock();
-            let dead = g.dead.clone();
-            let Some(slot) = g.slots.get_mut(&self.id) else {
-                return Poll::Ready(Err(dead_error(dead.as_deref().unwrap_or("stream gone"))));
-            };
-            if slot.open_ok {
-                return Poll::Ready(Ok(()));
-            }
-            if let Some(code) = slot.reset {
-                return Poll::Ready(Err(reset_error(code)));
-            }
-            if let Some(d) = dead {
-                return Poll::Ready(Err(dead_error(&d)));
-            }
-            slot.open = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
+    pub async fn opened(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_retrying(cx, Self::poll_opened)).await
+    }
+
+    fn poll_opened(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut g = self.carrier.lock();
+        let dead = g.dead.clone();
+        let Some(slot) = g.slots.get_mut(&self.id) else {
+            return Poll::Ready(Err(dead_error(dead.as_deref().unwrap_or("stream gone"))));
+        };
+        if slot.open_ok {
+            self.retry = None;
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(code) = slot.reset {
+            return Poll::Ready(Err(reset_error(code)));
+        }
+        if let Some(d) = dead {
+            return Poll::Ready(Err(dead_error(&d)));
+        }
+        slot.open = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 
@@ -906,31 +916,31 @@ fn stream_error(g: &Inner, id: StreamId, e: StreamError) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, e.to_string())
 }
 
+/// The stream's end if it has one (reset, carrier dead), else `Pending` with the waker kept
+/// in `waiter` of its slot.
+fn blocked(
+    g: &mut Inner,
+    id: StreamId,
+    cx: &mut Context<'_>,
+    waiter: fn(&mut StreamSlot) -> &mut Option<Waker>,
+) -> Poll<io::Error> {
+    if let Some(code) = g.slots.get(&id).and_then(|s| s.reset) {
+        return Poll::Ready(reset_error(code));
+    }
+    if let Some(d) = &g.dead {
+        return Poll::Ready(dead_error(d));
+    }
+    if let Some(s) = g.slots.get_mut(&id) {
+        *waiter(s) = Some(cx.waker().clone());
+    }
+    Poll::Pending
+}
+
 impl MuxStream {
     /// What a read that found no bytes says: an error if the stream was reset or the carrier
     /// died, else `Pending` with the waker kept for the next `Readable`.
     fn read_blocked(&self, g: &mut Inner, cx: &mut Context<'_>) -> Poll<io::Error> {
-        self.blocked(g, cx, |s| &mut s.read)
-    }
-
-    /// The stream's end if it has one (reset, carrier dead), else `Pending` with the waker kept
-    /// in `waiter` of its slot.
-    fn blocked(
-        &self,
-        g: &mut Inner,
-        cx: &mut Context<'_>,
-        waiter: fn(&mut StreamSlot) -> &mut Option<Waker>,
-    ) -> Poll<io::Error> {
-        if let Some(code) = g.slots.get(&self.id).and_then(|s| s.reset) {
-            return Poll::Ready(reset_error(code));
-        }
-        if let Some(d) = &g.dead {
-            return Poll::Ready(dead_error(d));
-        }
-        if let Some(s) = g.slots.get_mut(&self.id) {
-            *waiter(s) = Some(cx.waker().clone());
-        }
-        Poll::Pending
+        blocked(g, self.id, cx, |s| &mut s.read)
     }
 
     /// A read on a stream the session no longer knows: EOF again after a clean end both ways,
@@ -944,7 +954,7 @@ impl MuxStream {
 
     /// A write found no room: the stream's end if it has one, else wait for `Writable`.
     fn write_blocked(&self, g: &mut Inner, cx: &mut Context<'_>) -> Poll<io::Error> {
-        self.blocked(g, cx, |s| &mut s.write)
+        blocked(g, self.id, cx, |s| &mut s.write)
     }
 
     /// Bytes were taken or written out: what that frees (credit, a finished stream's slot)
@@ -956,6 +966,121 @@ impl MuxStream {
             self.carrier.tx.notify_one();
         }
     }
+
+    fn poll_read_once(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut g = self.carrier.lock();
+        let dst = buf.initialize_unfilled();
+        match g.session.read(self.id, dst) {
+            Ok(ReadOutcome::Data(n)) => {
+                buf.advance(n);
+                // The agent answered: it will not refuse the stream any more.
+                self.retry = None;
+                self.after_take(g);
+                Poll::Ready(Ok(()))
+            }
+            Ok(ReadOutcome::Fin) => {
+                if let Some(s) = g.slots.get_mut(&self.id) {
+                    s.got_fin = true;
+                }
+                self.retry = None;
+                Poll::Ready(Ok(()))
+            }
+            Ok(ReadOutcome::Blocked) => self.read_blocked(&mut g, cx).map(Err),
+            Err(e) => Poll::Ready(self.read_gone(&g, e).map_or(Ok(()), Err)),
+        }
+    }
+
+    fn poll_write_once(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let mut g = self.carrier.lock();
+        match g.session.write(self.id, data) {
+            Ok(0) if !data.is_empty() => self.write_blocked(&mut g, cx).map(Err),
+            Ok(n) => {
+                if let Some(r) = self.retry.as_mut() {
+                    let answered = g.slots.get(&self.id).is_some_and(|s| s.open_ok);
+                    if answered || !r.keep(&data[..n]) {
+                        self.retry = None;
+                    }
+                }
+                drop(g);
+                self.carrier.tx.notify_one();
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => Poll::Ready(Err(stream_error(&g, self.id, e))),
+        }
+    }
+
+    fn poll_shutdown_once(&mut self) -> Poll<io::Result<()>> {
+        let mut g = self.carrier.lock();
+        if g.slots.get(&self.id).is_some_and(|s| s.sent_fin) {
+            return Poll::Ready(Ok(()));
+        }
+        match g.session.finish(self.id) {
+            Ok(()) => {
+                if let Some(s) = g.slots.get_mut(&self.id) {
+                    s.sent_fin = true;
+                }
+                if let Some(r) = self.retry.as_mut() {
+                    r.keep_fin();
+                }
+                drop(g);
+                self.carrier.tx.notify_one();
+                Poll::Ready(Ok(()))
+            }
+            Err(e) => Poll::Ready(Err(stream_error(&g, self.id, e))),
+        }
+    }
+
+    fn poll_read_chunks_once(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        let mut g = self.carrier.lock();
+        let mut taken = 0;
+        let end = loop {
+            if taken == max {
+                break Poll::Ready(Ok(()));
+            }
+            match g.session.take_chunk(self.id, max - taken) {
+                Ok(ReadChunk::Data(chunk)) => {
+                    taken += chunk.len();
+                    out.push_back(chunk);
+                }
+                Ok(ReadChunk::Fin) => {
+                    if let Some(s) = g.slots.get_mut(&self.id) {
+                        s.got_fin = true;
+                    }
+                    self.retry = None;
+                    break Poll::Ready(Ok(()));
+                }
+                Ok(ReadChunk::Blocked) => break self.read_blocked(&mut g, cx).map(Err),
+                Err(e) => break Poll::Ready(self.read_gone(&g, e).map_or(Ok(()), Err)),
+            }
+        };
+        // Bytes taken are the caller's even if the stream then failed or ended: report them
+        // first, the end comes again on the next call.
+        if taken > 0 {
+            self.retry = None;
+            self.after_take(g);
+            Poll::Ready(Ok(taken))
+        } else {
+            end.map_ok(|()| 0)
+        }
+    }
+
+    fn poll_write_room_once(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut g = self.carrier.lock();
+        match g.session.send_room(self.id) {
+            Ok(0) => self.write_blocked(&mut g, cx).map(Err),
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(e) => Poll::Ready(Err(stream_error(&g, self.id, e))),
+        }
+    }
 }
 
 impl AsyncRead for MuxStream {
@@ -964,24 +1089,8 @@ impl AsyncRead for MuxStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let mut g = this.carrier.lock();
-        let dst = buf.initialize_unfilled();
-        match g.session.read(this.id, dst) {
-            Ok(ReadOutcome::Data(n)) => {
-                buf.advance(n);
-                this.after_take(g);
-                Poll::Ready(Ok(()))
-            }
-            Ok(ReadOutcome::Fin) => {
-                if let Some(s) = g.slots.get_mut(&this.id) {
-                    s.got_fin = true;
-                }
-                Poll::Ready(Ok(()))
-            }
-            Ok(ReadOutcome::Blocked) => this.read_blocked(&mut g, cx).map(Err),
-            Err(e) => Poll::Ready(this.read_gone(&g, e).map_or(Ok(()), Err)),
-        }
+        self.get_mut()
+            .poll_retrying(cx, |s, cx| s.poll_read_once(cx, buf))
     }
 }
 
@@ -991,18 +1100,8 @@ impl AsyncWrite for MuxStream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let carrier = &this.carrier;
-        let mut g = carrier.lock();
-        match g.session.write(this.id, data) {
-            Ok(0) if !data.is_empty() => this.write_blocked(&mut g, cx).map(Err),
-            Ok(n) => {
-                drop(g);
-                carrier.tx.notify_one();
-                Poll::Ready(Ok(n))
-            }
-            Err(e) => Poll::Ready(Err(stream_error(&g, this.id, e))),
-        }
+        self.get_mut()
+            .poll_retrying(cx, |s, cx| s.poll_write_once(cx, data))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -1010,24 +1109,9 @@ impl AsyncWrite for MuxStream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let carrier = &this.carrier;
-        let mut g = carrier.lock();
-        if g.slots.get(&this.id).is_some_and(|s| s.sent_fin) {
-            return Poll::Ready(Ok(()));
-        }
-        match g.session.finish(this.id) {
-            Ok(()) => {
-                if let Some(s) = g.slots.get_mut(&this.id) {
-                    s.sent_fin = true;
-                }
-                drop(g);
-                carrier.tx.notify_one();
-                Poll::Ready(Ok(()))
-            }
-            Err(e) => Poll::Ready(Err(stream_error(&g, this.id, e))),
-        }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut()
+            .poll_retrying(cx, |s, _| s.poll_shutdown_once())
     }
 }
 
@@ -1044,35 +1128,7 @@ impl Endpoint for MuxStream {
         max: usize,
         out: &mut VecDeque<Bytes>,
     ) -> Option<Poll<io::Result<usize>>> {
-        let mut g = self.carrier.lock();
-        let mut taken = 0;
-        let end = loop {
-            if taken == max {
-                break Poll::Ready(Ok(()));
-            }
-            match g.session.take_chunk(self.id, max - taken) {
-                Ok(ReadChunk::Data(chunk)) => {
-                    taken += chunk.len();
-                    out.push_back(chunk);
-                }
-                Ok(ReadChunk::Fin) => {
-                    if let Some(s) = g.slots.get_mut(&self.id) {
-                        s.got_fin = true;
-                    }
-                    break Poll::Ready(Ok(()));
-                }
-                Ok(ReadChunk::Blocked) => break self.read_blocked(&mut g, cx).map(Err),
-                Err(e) => break Poll::Ready(self.read_gone(&g, e).map_or(Ok(()), Err)),
-            }
-        };
-        // Bytes taken are the caller's even if the stream then failed or ended: report them
-        // first, the end comes again on the next call.
-        Some(if taken > 0 {
-            self.after_take(g);
-            Poll::Ready(Ok(taken))
-        } else {
-            end.map_ok(|()| 0)
-        })
+        Some(self.poll_retrying(cx, |s, cx| s.poll_read_chunks_once(cx, max, out)))
     }
 
     /// Their credit goes back now, not when they were taken: a local reader that stalls holds
@@ -1084,12 +1140,7 @@ impl Endpoint for MuxStream {
     }
 
     fn poll_write_room(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
-        let mut g = self.carrier.lock();
-        Some(match g.session.send_room(self.id) {
-            Ok(0) => self.write_blocked(&mut g, cx).map(Err),
-            Ok(n) => Poll::Ready(Ok(n)),
-            Err(e) => Poll::Ready(Err(stream_error(&g, self.id, e))),
-        })
+        Some(self.poll_retrying(cx, Self::poll_write_room_once))
     }
 
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {

@@ -22,7 +22,7 @@ use std::time::Duration;
 use forward_mux::frame::{FrameType, Header};
 use forward_mux::{ErrorCode, Frame};
 use forward_tunnel::agent::{Agent, AgentConfig};
-use forward_tunnel::agent_client::{AgentLink, CarrierTransport};
+use forward_tunnel::agent_client::{AgentConnector, AgentLink, CarrierTransport};
 use forward_tunnel::auth::{AgentNames, Token};
 use forward_tunnel::{relay, Connector};
 use support::*;
@@ -1276,6 +1276,70 @@ async fn a_carrier_that_authenticates_during_the_drain_is_told_to_go_away() {
             panic!("expected a GOAWAY after authenticating to a stopping agent, got {other:?}")
         }
     }
+}
+
+/// A link through a [`Gate`] to a running agent, its carrier up, and the gate holding what
+/// that agent sends from now on; the agent is then stopped (its GOAWAY waits in the gate) and
+/// a second agent takes new connections. A stream opened now goes out on the old carrier.
+async fn agent_stopped_unheard() -> (Gate, Arc<AgentLink>, AgentConnector, TestAgent) {
+    let old = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let gate = Gate::start(old.addr).await;
+    let link = AgentLink::new(link_config(gate.addr, token()));
+    let c = connector(&link, "", echo.port());
+    echo_round_trip(&c, 71, 1000)
+        .await
+        .expect("a round trip through the first agent");
+    gate.hold();
+    old.stop.cancel();
+    within("the first agent to finish its drain", old.done)
+        .await
+        .unwrap();
+    let new = start_agent(|_| {});
+    gate.retarget(new.addr);
+    (gate, link, c, new)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_stopping_agent_did_not_process_opens_again_on_the_next_one() {
+    // The instant of a restart: the client opened a stream before it heard the old agent's
+    // GOAWAY, which says the stream was never processed. The user's connection carries on
+    // through the new agent, with what it had sent and its FIN, instead of being reset.
+    let (gate, link, c, _new) = agent_stopped_unheard().await;
+    let s = c.connect().await.expect("opened on the old carrier");
+    let data = pattern(72, 40_000);
+    let echoed = tokio::spawn(exchange(s, data.clone()));
+    // The OPEN, the bytes and the FIN go out on the old carrier, unanswered.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(link.carrier_count().await, 1);
+    gate.release();
+    let got = within("the stream to come back through the new agent", echoed)
+        .await
+        .unwrap()
+        .expect("the refused stream is opened again, not reset");
+    assert_eq!(sha256(&got), sha256(&data));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_that_sent_more_than_the_retry_cap_is_reset_with_the_reason() {
+    // Past RETRY_CAP unanswered bytes the stream keeps no copy (an upload, not a request):
+    // the refusal then reaches the user as a reset that says why.
+    let (gate, _link, c, _new) = agent_stopped_unheard().await;
+    let s = c.connect().await.expect("opened on the old carrier");
+    let data = pattern(73, forward_tunnel::carrier::RETRY_CAP + 1);
+    let echoed = tokio::spawn(exchange(s, data));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.release();
+    let e = within("the refusal", echoed)
+        .await
+        .unwrap()
+        .expect_err("a stream past the cap is not sent again");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    assert!(
+        e.to_string()
+            .contains("agent is shutting down and did not process this stream"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

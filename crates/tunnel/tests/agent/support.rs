@@ -1,5 +1,6 @@
 //! Helpers for the agent tests: an agent on a loopback port, client links, backends (echo,
-//! firehose), a TCP proxy that records and can freeze, a raw frame-level client, and a test CA.
+//! firehose), a TCP proxy that records and can freeze, one that holds what the agent sends, a
+//! raw frame-level client, and a test CA.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -303,6 +304,66 @@ async fn pump<R, W>(
         if w.write_all(&buf[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+/// A TCP proxy whose agent-to-client direction can be held: what the agent sends (its GOAWAY,
+/// its refusals, its close) waits in the gate until `release`, so the client acts as if it had
+/// not heard it yet. New connections go to whichever agent `retarget` named last.
+pub struct Gate {
+    pub addr: SocketAddr,
+    target: Arc<Mutex<SocketAddr>>,
+    held: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    pub async fn start(target: SocketAddr) -> Gate {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let target = Arc::new(Mutex::new(target));
+        let (held, _) = tokio::sync::watch::channel(false);
+        let (to, gate) = (target.clone(), held.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = l.accept().await {
+                let upstream = *to.lock().unwrap();
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (cr, mut cw) = client.into_split();
+                let (mut sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, Arc::new(AtomicBool::new(false)), None));
+                let mut open = gate.subscribe();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = sr.read(&mut buf).await.unwrap_or(0);
+                        if open.wait_for(|held| !*held).await.is_err() {
+                            return;
+                        }
+                        if n == 0 {
+                            let _ = cw.shutdown().await;
+                            return;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Gate { addr, target, held }
+    }
+
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    pub fn release(&self) {
+        self.held.send_replace(false);
+    }
+
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.target.lock().unwrap() = target;
     }
 }
 
