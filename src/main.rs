@@ -23,6 +23,7 @@ use clap::{CommandFactory, Parser};
 use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command, LogFormat, LogOpts};
+use say::say_err;
 
 // The mux and TLS paths allocate and free a chunk per frame or record across threads; glibc's
 // allocator returned those pages to the OS and faulted them back in on every burst (10% of the
@@ -67,7 +68,10 @@ fn init_logging(opts: &LogOpts, quiet: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // On a failed write tracing-subscriber says so with `eprintln!`, which panics when the
+        // failure is a closed stderr: the forwards would die at their next log line.
+        .log_internal_errors(false);
     match opts.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -113,7 +117,7 @@ fn usage_error(e: clap::Error) -> ! {
         // A script that asked for JSON parses every error line, this one too.
         fatal_json(&line);
     } else {
-        eprintln!("error: {line}");
+        say_err!("error: {line}");
     }
     std::process::exit(2);
 }
@@ -181,6 +185,7 @@ fn fatal_json(message: &str) {
         .json()
         .with_max_level(tracing::Level::ERROR)
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .finish();
     tracing::subscriber::with_default(unfiltered, || tracing::error!("{message}"));
 }
@@ -253,7 +258,7 @@ fn main() {
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            say_err!("error: cannot start the async runtime: {e}");
             std::process::exit(1);
         }
     };
@@ -264,7 +269,7 @@ fn main() {
             if json_logs {
                 fatal_json(&format!("{e:#}"));
             } else {
-                eprintln!("error: {e:#}");
+                say_err!("error: {e:#}");
             }
             1
         }

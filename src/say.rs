@@ -18,6 +18,23 @@ pub fn line(args: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Writes one line to stderr, for the last word before exit. A closed stderr
+/// (`forward ... 2>&1 | head`, a log reader that died) must not turn an exit status of 1 or 2
+/// into a panic's 101, as `eprintln!` does: a failed write is dropped (there is nowhere left
+/// to say it).
+pub fn err_line(args: std::fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.write_all(b"\n"));
+}
+
+/// `eprintln!` that never panics: see [`err_line`].
+macro_rules! say_err {
+    ($($arg:tt)*) => {
+        $crate::say::err_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use say_err;
+
 /// `println!` for start-up lines: see [`line`].
 macro_rules! say {
     ($($arg:tt)*) => {

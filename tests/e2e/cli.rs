@@ -430,6 +430,65 @@ fn a_closed_stdout_does_not_stop_the_forwards() {
     fwd.interrupt_cleanly();
 }
 
+/// A closed stderr (`forward ... 2>&1 | head`, a log reader that died) changes no exit status:
+/// every write to it, the last error line and the logs, used to panic (101).
+#[test]
+fn a_closed_stderr_changes_no_exit_status() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let closed_stderr = || {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        Stdio::from(writer)
+    };
+    let status = |args: &[&str]| {
+        Command::new(forward_bin())
+            .args(args)
+            .stderr(closed_stderr())
+            .status()
+            .expect("run forward")
+            .code()
+    };
+    assert_eq!(status(&["5432:vm1"]), Some(1), "a bad SPEC");
+    assert_eq!(status(&["--no-such-flag"]), Some(2), "a usage error");
+    assert_eq!(
+        status(&["--log-format", "json", "5432:vm1"]),
+        Some(1),
+        "a bad SPEC, JSON logs"
+    );
+
+    // Serving, logging at every level, then a graceful stop that logs too.
+    let mut child = Command::new(forward_bin())
+        .args(["-vv", "--edge", "127.0.0.1", "127.0.0.1:0:vm1:5432"])
+        .stdout(Stdio::piped())
+        .stderr(closed_stderr())
+        .spawn()
+        .expect("start forward");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("forwarding "), "{first:?}");
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = std::time::Instant::now() + crate::harness::TIMEOUT;
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("forward did not stop after SIGINT");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(st.code(), Some(0), "{st}");
+}
+
 /// `FORWARD_CA_FILE=` and friends set but empty are unset, not an empty flag nobody typed.
 #[test]
 fn empty_environment_variables_count_as_unset() {

@@ -34,11 +34,13 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Its own report of a failed write is an `eprintln!`, which panics on a closed stderr.
+        .log_internal_errors(false)
         .init();
     match forward_edge::run(cli.args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            last_word(format_args!("error: {e}"));
             ExitCode::FAILURE
         }
     }
@@ -61,6 +63,14 @@ fn usage_error(e: clap::Error) -> ! {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("error: invalid arguments");
-    eprintln!("{first}; see --help");
+    last_word(format_args!("{first}; see --help"));
     std::process::exit(2);
+}
+
+/// The line before a failing exit; dropped if stderr is closed (`eprintln!` would panic and
+/// turn the exit status into 101).
+fn last_word(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.write_all(b"\n"));
 }
