@@ -169,12 +169,19 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<i32> {
         }
         hung_up = signals.recv_or_hangup(&mut hangup).await;
     }
-    life.shutdown(if hung_up {
-        Duration::ZERO
+    if hung_up {
+        life.shutdown(Duration::ZERO).await;
     } else {
-        Duration::from_secs(2)
-    })
-    .await;
+        // As `forward` does: SIGHUP in the grace period ends it at once, and says so in the
+        // exit status.
+        tokio::select! {
+            _ = life.shutdown(Duration::from_secs(2)) => {}
+            () = hangup.recv() => {
+                hung_up = true;
+                life.shutdown(Duration::ZERO).await;
+            }
+        }
+    }
     let _ = std::fs::remove_file(&ca_path);
     Ok(if hung_up { 128 + 1 } else { code })
 }

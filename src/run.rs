@@ -178,9 +178,10 @@ pub async fn serve_all<C: Connector>(
     if check {
         tokio::select! {
             r = check_all(&forwards) => r?,
-            _ = signals.recv() => {
+            signal = signals.recv() => {
+                // Not 0: the check did not pass, and a script must not read it as passed.
                 tracing::info!("stopped during --check: nothing was served");
-                return Ok(0);
+                return Ok(128 + signal);
             }
             _ = hangup.recv() => return Ok(128 + 1),
         }
@@ -219,11 +220,17 @@ pub async fn serve_all<C: Connector>(
         "stopping: no new connections (a second signal, Ctrl-C or SIGTERM, resets open ones at once)"
     );
     // As with most servers, an impatient second signal means "now", not "after the grace".
-    let (reset, when) = tokio::select! {
-        reset = life.shutdown(grace) => (reset, "after the grace period"),
+    // So does SIGHUP (Ctrl-C, then the terminal closed): nobody is left to wait for the grace
+    // period, and a forward lingering unseen for up to --grace is what a tester found.
+    let (reset, when, code) = tokio::select! {
+        reset = life.shutdown(grace) => (reset, "after the grace period", 0),
         _ = signals.recv() => {
             tracing::info!("second signal: resetting open connections now");
-            (life.shutdown(Duration::ZERO).await, "at the second signal")
+            (life.shutdown(Duration::ZERO).await, "at the second signal", 0)
+        }
+        () = hangup.recv() => {
+            tracing::info!("SIGHUP: resetting open connections and exiting");
+            (life.shutdown(Duration::ZERO).await, "at SIGHUP", 128 + 1)
         }
     };
     for t in tasks {
@@ -232,7 +239,7 @@ pub async fn serve_all<C: Connector>(
     if reset > 0 {
         tracing::warn!(reset, "connections were reset {when}");
     }
-    Ok(0)
+    Ok(code)
 }
 
 /// SIGINT and SIGTERM handlers. Install them before announcing anything: a supervisor that
@@ -253,11 +260,11 @@ impl Signals {
         })
     }
 
-    /// Resolves on the first SIGINT or SIGTERM.
-    pub async fn recv(&mut self) {
+    /// Resolves on the first SIGINT or SIGTERM, with its number.
+    pub async fn recv(&mut self) -> i32 {
         tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
+            _ = self.int.recv() => 2,
+            _ = self.term.recv() => 15,
         }
     }
 
@@ -265,7 +272,7 @@ impl Signals {
     /// the terminal is gone, stop at once), as `forward` and the demo both stop.
     pub async fn recv_or_hangup(&mut self, hangup: &mut Hangup) -> bool {
         tokio::select! {
-            () = self.recv() => false,
+            _ = self.recv() => false,
             () = hangup.recv() => true,
         }
     }

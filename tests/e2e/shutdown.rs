@@ -11,6 +11,7 @@ use crate::stack::{Forward, Stack, Transport};
 per_transport!(sigterm_drains_open_connection);
 per_transport!(sigterm_exits_after_grace);
 per_transport!(second_signal_skips_the_grace: direct, agent_tls);
+per_transport!(a_hangup_in_the_grace_period_ends_it_at_once: direct, agent_tcp);
 per_transport!(sighup_ends_at_once_and_removes_the_socket_file: direct, agent_tcp);
 per_transport!(under_nohup_a_hangup_changes_nothing: direct, agent_tcp);
 
@@ -139,6 +140,31 @@ fn second_signal_skips_the_grace(t: Transport) {
     assert_reset(
         open,
         "a connection cut by the second signal must be reset, not cleanly closed",
+    );
+}
+
+/// SIGHUP in the grace period (Ctrl-C, then the terminal closed) ends it at once, as SIGHUP
+/// does before: open connections reset, exit status 129. It went unheard, and forward lingered
+/// unseen for up to `--grace` (a tester's finding).
+fn a_hangup_in_the_grace_period_ends_it_at_once(t: Transport) {
+    let (_backend, _stack, mut fwd, open) = one_idle_connection(t, "120");
+    fwd.proc.signal("INT");
+    fwd.proc
+        .wait_line(crate::harness::Src::Stderr, "the stopping line", |l| {
+            l.contains("stopping")
+        });
+    let hangup = Instant::now();
+    fwd.proc.signal("HUP");
+    let st = fwd.proc.wait_exit();
+    assert_eq!(st.code(), Some(128 + 1), "{st}: {}", fwd.proc.transcript());
+    assert!(
+        hangup.elapsed() < Duration::from_secs(60),
+        "forward waited {:?} after SIGHUP (grace 120 s)",
+        hangup.elapsed()
+    );
+    assert_reset(
+        open,
+        "a connection cut by SIGHUP must be reset, not cleanly closed",
     );
 }
 
@@ -296,11 +322,13 @@ fn an_agent_under_nohup_outlives_the_hangup() {
     assert_clean_exit(agent.wait_exit());
 }
 
-/// SIGTERM while `--check` waits for a target ends forward as it does later: exit 0, and the
-/// Unix socket it had bound (and its lock file) removed. The handlers used to be installed
-/// only after the check, so the default action killed it (143) and left both files behind.
+/// SIGTERM while `--check` waits for a target removes the Unix socket forward had bound (and
+/// its lock file), as a stop does later; the handlers used to be installed only after the
+/// check, so the default action left both files behind. The exit status is the signal's
+/// (143), not 0: the check did not pass, and a script must not read it as passed (a tester's
+/// finding).
 #[test]
-fn a_signal_during_the_check_exits_cleanly_and_removes_the_socket() {
+fn a_signal_during_the_check_removes_the_socket_and_does_not_pass() {
     use crate::harness::{Proc, TempDir};
     // An edge that takes the connection and never answers the TLS handshake.
     let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -337,7 +365,8 @@ fn a_signal_during_the_check_exits_cleanly_and_removes_the_socket() {
     // Past the bind, inside the check's wait for the handshake.
     thread::sleep(Duration::from_millis(300));
     fwd.signal("TERM");
-    assert_clean_exit(fwd.wait_exit());
+    let st = fwd.wait_exit();
+    assert_eq!(st.code(), Some(128 + 15), "{st}: {}", fwd.transcript());
     assert!(!sock.exists(), "{} is left behind", sock.display());
     assert!(!lock.exists(), "{} is left behind", lock.display());
 }
