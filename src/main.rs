@@ -419,7 +419,7 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
         }
     };
     // Shutting stdout down only flushes it; the process exit closes fd 1.
-    let stdio = forward_tunnel::relay::Joined::new(tokio::io::stdin(), tokio::io::stdout());
+    let stdio = forward_tunnel::stdio::stdio();
     let relay_started = std::time::Instant::now();
     let relay = forward_tunnel::relay(stdio, remote);
     tokio::pin!(relay);

@@ -107,6 +107,12 @@ impl Proc {
         (proc, stdout)
     }
 
+    /// Like `spawn`, with stdin and stdout as the caller set them (its own pipes); only
+    /// stderr is collected.
+    pub fn spawn_own_stdio(name: &str, cmd: Command) -> Proc {
+        Proc::spawn_inner(name, cmd)
+    }
+
     fn spawn_inner(name: &str, mut cmd: Command) -> Proc {
         cmd.stderr(Stdio::piped());
         let mut child = cmd

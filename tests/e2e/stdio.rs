@@ -58,6 +58,57 @@ fn stdio_via_target_needs_the_agent() {
     );
 }
 
+/// A non-blocking stdin and stdout (an inherited terminal, another program's socketpair) are
+/// waited on, as ssh and socat do: reads and writes that said EAGAIN ended the relay (a
+/// tester's finding). Here both stay empty or full long enough to say it.
+#[test]
+fn non_blocking_stdin_and_stdout_carry_every_byte() {
+    use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
+    use std::os::fd::AsFd;
+
+    let backend = Backend::echo();
+    let stack = Stack::start(Transport::Direct, &[backend.port]);
+    let (stdin_r, mut stdin_w) = std::io::pipe().expect("pipe");
+    let (mut stdout_r, stdout_w) = std::io::pipe().expect("pipe");
+    // Only forward's ends: each end of a pipe is an open file of its own.
+    for fd in [stdin_r.as_fd(), stdout_w.as_fd()] {
+        let flags = fcntl_getfl(fd).expect("F_GETFL");
+        fcntl_setfl(fd, flags | OFlags::NONBLOCK).expect("F_SETFL");
+    }
+    let mut cmd = Command::new(forward_bin());
+    cmd.arg("stdio")
+        .args(stack.client_args())
+        .arg(stack.target(backend.port))
+        .env_remove("RUST_LOG")
+        .stdin(stdin_r)
+        .stdout(stdout_w);
+    let mut proc = Proc::spawn_own_stdio("forward stdio, non-blocking", cmd);
+
+    let seed = rand::random();
+    let len = 4 * 1024 * 1024 + 5;
+    let up = thread::spawn(move || {
+        // stdin empty for a while: forward's first reads find nothing.
+        thread::sleep(std::time::Duration::from_millis(300));
+        let h = Payload::new(seed, len)
+            .send(&mut stdin_w)
+            .expect("write to forward's stdin");
+        drop(stdin_w);
+        h
+    });
+    // stdout unread for a while: the echo fills the pipe and forward's writes find no room.
+    thread::sleep(std::time::Duration::from_millis(1500));
+    let down = drain(&mut stdout_r);
+    let sent = up.join().unwrap();
+    let (n, h) = down.unwrap_or_else(|(e, n)| panic!("reading stdout failed after {n} bytes: {e}"));
+    let status = proc.wait_exit();
+    assert!(status.success(), "{status}: {}", proc.transcript());
+    assert_eq!(n, len, "stdout length");
+    assert_eq!(hex(&h), hex(&sent), "stdout bytes differ from stdin");
+    let r = backend.next_report();
+    assert_eq!(r.note, "eof");
+    assert_eq!(hex(&r.hash), hex(&sent));
+}
+
 /// `forward stdio TARGET` with piped stdin and stdout, as ssh runs a ProxyCommand.
 fn spawn_stdio(stack: &Stack, target: &str) -> (Proc, ChildStdout, ChildStdin) {
     let mut cmd = Command::new(forward_bin());

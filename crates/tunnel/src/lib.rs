@@ -24,6 +24,7 @@ pub mod readahead;
 pub mod relay;
 pub mod serve;
 pub mod spare;
+pub mod stdio;
 mod throttle;
 pub mod tls;
 pub mod upgrade;
