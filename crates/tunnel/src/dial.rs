@@ -303,6 +303,33 @@ pub async fn connect_tcp(
     Ok(stream)
 }
 
+/// A listener at `addr` that never answers a connect, as a firewall that drops would: its accept
+/// queue is full, and Linux leaves the SYNs of a full queue unanswered. The connections that
+/// filled it come back too: the queue stays full only while they live.
+#[cfg(test)]
+pub(crate) async fn silent_listener(
+    addr: SocketAddr,
+) -> io::Result<(tokio::net::TcpListener, Vec<TcpStream>)> {
+    let socket = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    socket.bind(addr)?;
+    let listener = socket.listen(1)?;
+    let addr = listener.local_addr()?;
+    let mut fillers = Vec::new();
+    // A refusal or endless room would make a test about silence pass for the wrong reason.
+    while fillers.len() < 64 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => fillers.push(s),
+            Ok(Err(e)) => panic!("filling the accept queue of {addr}: {e}"),
+            Err(_) => return Ok((listener, fillers)),
+        }
+    }
+    panic!("the accept queue of {addr} never filled")
+}
+
 /// [`connect_tcp`] after the lookup; `host` names the remote end in errors.
 pub(crate) async fn connect_addrs(
     host: &str,
@@ -570,17 +597,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_address_first_does_not_hold_up_a_live_one_over_real_sockets() {
-        // Dead: a listener whose accept queue is full drops SYNs, so a connect to it waits.
-        let dead = tokio::net::TcpSocket::new_v4().unwrap();
-        dead.bind(a("127.0.0.1:0")).unwrap();
-        let dead = dead.listen(1).unwrap();
+        let (dead, _fillers) = silent_listener(a("127.0.0.1:0")).await.unwrap();
         let dead_addr = dead.local_addr().unwrap();
-        let mut fillers = Vec::new();
-        while let Ok(Ok(s)) =
-            tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(dead_addr)).await
-        {
-            fillers.push(s);
-        }
         let live = tokio::net::TcpListener::bind(a("[::1]:0")).await.unwrap();
         let live_addr = live.local_addr().unwrap();
         // With the dead address tried alone first, this took the whole 60 s timeout.

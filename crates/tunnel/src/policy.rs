@@ -1,8 +1,9 @@
 //! Which targets the agent may dial for a client, and the dialling itself.
 //!
-//! Default: the VM's loopback only (`localhost`, `::1`, `127.0.0.1`, or the empty host), tried
-//! as `::1` then `127.0.0.1` so IPv4-only services are reachable too. `--allow HOST:PORT`
-//! patterns (`*` for any host or port, `*.suffix` for a domain) widen it deliberately.
+//! Default: the VM's loopback only (`localhost`, `::1`, `127.0.0.1`, or the empty host), raced
+//! `::1` first, `127.0.0.1` beside it (Happy Eyeballs, [`race`]), so IPv4-only services are
+//! reachable too, however `::1` fails. `--allow HOST:PORT` patterns (`*` for any host or port,
+//! `*.suffix` for a domain) widen it deliberately.
 
 use std::fmt;
 use std::io;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::dial::tune_tcp;
+use crate::dial::{race, tune_tcp};
 
 /// A malformed `--allow` pattern: the pattern, what is wrong with it, and the expected form.
 #[derive(Debug, thiserror::Error)]
@@ -201,33 +202,43 @@ impl TargetPolicy {
                 .map_err(|e| DialRefusal::Unreachable(shown.clone(), e))?
                 .collect()
         };
-        let mut last = DialRefusal::Unreachable(
-            shown.clone(),
-            io::Error::new(io::ErrorKind::NotFound, "no address"),
-        );
-        for (i, addr) in addrs.iter().enumerate() {
-            match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => {
-                    if let Err(e) = tune_tcp(&s) {
-                        tracing::debug!(error = %e, "could not tune target socket");
-                    }
-                    // A killed agent resets the service's connection instead of ending it.
-                    crate::relay::arm_reset_on_exit(&s);
-                    // After a refusal on ::1, 127.0.0.1 may be another program on the same
-                    // port: name what answered, for whoever wonders why the service is odd.
-                    if i > 0 {
-                        tracing::debug!(target = %shown, %addr, "dialled after earlier addresses failed");
-                    }
-                    return Ok(s);
+        // Raced, not tried in turn: a ::1 that never answers (a full accept queue, a firewall
+        // that drops) would hold 127.0.0.1 back for the whole dial timeout.
+        let attempt =
+            |addr: SocketAddr| async move { TcpStream::connect(addr).await.map(|s| (s, addr)) };
+        let failed = match tokio::time::timeout_at(deadline, race(&addrs, attempt, |_| false)).await
+        {
+            Err(_) => return Err(DialRefusal::Timeout(shown)),
+            Ok(Ok((s, addr))) => {
+                if let Err(e) = tune_tcp(&s) {
+                    tracing::debug!(error = %e, "could not tune target socket");
                 }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    last = DialRefusal::Refused(shown.clone())
+                // A killed agent resets the service's connection instead of ending it.
+                crate::relay::arm_reset_on_exit(&s);
+                // When ::1 refused or was slow, 127.0.0.1 may be another program on the same
+                // port: name what answered, for whoever wonders why the service is odd.
+                if addrs.first() != Some(&addr) {
+                    tracing::debug!(target = %shown, %addr, "dialled another address than the first");
                 }
-                Ok(Err(e)) => last = DialRefusal::Unreachable(shown.clone(), e),
-                Err(_) => return Err(DialRefusal::Timeout(shown)),
+                return Ok(s);
             }
+            Ok(Err(failed)) => failed,
+        };
+        // A refusal is a definite "nothing listens on that port", where another address's
+        // failure (::1 in a VM without IPv6) says less; and in a race, which failed last is
+        // down to timing.
+        if failed
+            .iter()
+            .any(|(_, e)| e.kind() == io::ErrorKind::ConnectionRefused)
+        {
+            return Err(DialRefusal::Refused(shown));
         }
-        Err(last)
+        let cause = failed
+            .into_iter()
+            .last()
+            .map(|(_, e)| e)
+            .unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"));
+        Err(DialRefusal::Unreachable(shown, cause))
     }
 }
 
@@ -346,5 +357,42 @@ mod tests {
         assert!(matches!(e, Err(DialRefusal::Refused(_))), "{e:?}");
         let e = p.dial("10.1.2.3", 80, Duration::from_secs(5)).await;
         assert!(matches!(e, Err(DialRefusal::NotAllowed(_))), "{e:?}");
+    }
+
+    /// The tester's case: `::1` silent, `127.0.0.1` answering at once. Tried one after the other,
+    /// the client's stream was reset at the end of the dial timeout, 127.0.0.1 never tried.
+    #[tokio::test]
+    async fn a_silent_ipv6_loopback_does_not_hold_up_the_ipv4_one() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // One port free on both loopbacks: ::1 silent there, 127.0.0.1 listening.
+        let (live, _silent) = loop {
+            let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = live.local_addr().unwrap().port();
+            let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port);
+            match crate::dial::silent_listener(v6).await {
+                Ok(silent) => break (live, silent),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+                Err(e) => panic!("binding {v6}: {e}"),
+            }
+        };
+        let port = live.local_addr().unwrap().port();
+        for host in ["localhost", ""] {
+            let started = std::time::Instant::now();
+            let mut s = TargetPolicy::default()
+                .dial(host, port, Duration::from_secs(30))
+                .await
+                .unwrap();
+            // Generous for a loaded box; the point is not waiting out the 30 s.
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(10), "{host:?}: took {took:?}");
+            let (mut accepted, _) = live.accept().await.unwrap();
+            s.write_all(b"ping").await.unwrap();
+            let mut buf = [0u8; 4];
+            accepted.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"ping");
+            accepted.write_all(b"pong").await.unwrap();
+            s.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"pong");
+        }
     }
 }
