@@ -189,8 +189,14 @@ pub fn describe_handshake_error(host: &str, err: &io::Error) -> String {
         ),
         Some(E::InvalidCertificate(CertificateError::Expired))
         | Some(E::InvalidCertificate(CertificateError::ExpiredContext { .. })) => {
-            format!("certificate of {host} has expired")
+            format!("certificate of {host} has expired (or this machine's clock is ahead)")
         }
+        // Not the --ca-file hint of the other rejections: the CA is fine, a date is not.
+        Some(E::InvalidCertificate(
+            e @ (CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }),
+        )) => format!(
+            "certificate of {host} is not valid yet ({e}); check this machine's clock, or the certificate's start date"
+        ),
         Some(E::InvalidCertificate(other)) => {
             // rustls prints `Other` as Rust debug output; its inner error reads as words.
             let why = match other {
@@ -284,6 +290,31 @@ mod tests {
         );
         assert!(text.contains("not the certificate itself"), "{text}");
         assert!(!text.contains("OtherError("), "{text}");
+    }
+
+    /// A certificate whose dates exclude now points at the clock, not at --ca-file (a tester
+    /// got the --ca-file hint for a certificate valid from tomorrow).
+    #[test]
+    fn a_certificate_not_valid_yet_points_at_the_clock() {
+        let now = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            1_796_196_448,
+        ));
+        let err = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYetContext {
+                time: now,
+                not_before: rustls::pki_types::UnixTime::since_unix_epoch(
+                    std::time::Duration::from_secs(1_796_282_848),
+                ),
+            }),
+        );
+        let text = describe_handshake_error("vm1.vm.vers.sh", &err);
+        assert!(
+            text.starts_with("certificate of vm1.vm.vers.sh is not valid yet ("),
+            "{text}"
+        );
+        assert!(text.contains("check this machine's clock"), "{text}");
+        assert!(!text.contains("--ca-file"), "{text}");
     }
 
     #[test]
