@@ -67,6 +67,18 @@ fn agent_refuses_missing_or_short_token() {
         err.contains("128"),
         "stderr should say a token needs 128 bits:\n{err}"
     );
+
+    // The path of the token file in the variable (meant for --token-file): a long path would
+    // pass the strength estimate and fail every authentication.
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["agent", "--listen", "[::1]:0"])
+        .env("VERS_AUTH_TOKEN", &short);
+    let (st, out, err) = run("agent with a path as its token", cmd);
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("holds the path of a file") && err.contains("--token-file"),
+        "{err}"
+    );
 }
 
 /// A token file is read whole, but only so far: `/dev/zero` (or a large file given by mistake)

@@ -81,6 +81,13 @@ pub enum TokenError {
         /// The line up to its `=` (the part after it is the secret).
         assignment: String,
     },
+    /// `VERS_AUTH_TOKEN=/path/to/token`: the variable holds the token itself, so the path
+    /// became the token, and a long path passes the strength estimate (a tester's finding).
+    #[error("{TOKEN_ENV} holds the path of a file ({path}), not a token; pass the file with --token-file {path}, or put the token itself in {TOKEN_ENV}")]
+    PathInEnv {
+        /// The path.
+        path: String,
+    },
     /// Too short to resist guessing.
     #[error("token from {source_name} is too weak ({bits} bits); use at least 128 bits, e.g. openssl rand -hex 32")]
     TooWeak {
@@ -287,6 +294,9 @@ impl Token {
             return Self::new(&text, &path.display().to_string());
         }
         match std::env::var(TOKEN_ENV) {
+            Ok(v) if names_a_file(v.trim()) => Err(TokenError::PathInEnv {
+                path: v.trim().to_owned(),
+            }),
             Ok(v) if !v.trim().is_empty() => Self::new(&v, TOKEN_ENV),
             _ => Err(TokenError::Missing),
         }
@@ -312,6 +322,12 @@ impl Token {
     pub fn verify(&self, challenge: &[u8], host: &str, port: u16, proof: &[u8]) -> bool {
         hmac::verify(&self.0, &Self::message(challenge, host, port), proof).is_ok()
     }
+}
+
+/// Whether a token's text is the path of an existing file: a random token has no '/' (hex has
+/// none; base64 may, but then names no file).
+fn names_a_file(text: &str) -> bool {
+    text.contains('/') && Path::new(text).exists()
 }
 
 /// Whether other users of this machine can read a secret file (`what`: "token file"), worded
