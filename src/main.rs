@@ -171,11 +171,23 @@ fn from_environment(e: &clap::Error) -> Option<&'static str> {
                 .eq_ignore_ascii_case(long.trim_start_matches("--"))
         })
     })?;
-    let typed = std::env::args_os().any(|a| {
+    (!typed(long) && std::env::var_os(var).is_some()).then_some(var)
+}
+
+/// Whether the flag `long` (`--ca-file`) is on the command line, as `--ca-file X` or
+/// `--ca-file=X`.
+fn typed(long: &str) -> bool {
+    std::env::args_os().any(|a| {
         a.to_str()
             .is_some_and(|a| a == long || a.starts_with(&format!("{long}=")))
-    });
-    (!typed && std::env::var_os(var).is_some()).then_some(var)
+    })
+}
+
+/// What to add to an error about the value of `long` when it came from the environment
+/// variable `var`: the user typed no such flag.
+pub(crate) fn env_origin(long: &str, var: &str) -> Option<String> {
+    (!typed(long) && std::env::var_os(var).is_some_and(|v| !v.is_empty()))
+        .then(|| format!(" (the value comes from the environment variable {var}: fix or unset it)"))
 }
 
 /// The reason we exit, as a JSON log line on stderr, past any filter: `RUST_LOG=off` (or one

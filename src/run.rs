@@ -55,10 +55,11 @@ pub fn direct_connector(
 
 /// The shared TLS client config, with the CA file named in errors.
 pub fn tls_config(opts: &ClientOpts) -> Result<Arc<rustls::ClientConfig>> {
-    Ok(forward_tunnel::tls::client_config(
-        opts.ca_file.as_deref(),
-        &[],
-    )?)
+    forward_tunnel::tls::client_config(opts.ca_file.as_deref(), &[]).map_err(|e| {
+        // Named as the other variables are: the message blames --ca-file, which nobody typed.
+        let origin = crate::env_origin("--ca-file", "FORWARD_CA_FILE").unwrap_or_default();
+        anyhow::anyhow!("{e}{origin}")
+    })
 }
 
 /// Binds every listener of a spec. With port 0 on several addresses, all get the same port,

@@ -544,6 +544,22 @@ fn a_bad_value_from_the_environment_names_the_variable() {
     let (st, out, err) = run("forward with FORWARD_DOMAIN='bad domain'", cmd);
     assert_eq!(st.code(), Some(2), "{out}{err}");
     assert!(err.contains("environment variable FORWARD_DOMAIN"), "{err}");
+
+    // A file that cannot be read is found after parsing, and named the same way.
+    let mut cmd = Command::new(forward_bin());
+    cmd.arg("0:vm:80")
+        .env("FORWARD_CA_FILE", "/nonexistent/ca.pem");
+    let (st, out, err) = run("forward with FORWARD_CA_FILE=/nonexistent/ca.pem", cmd);
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("/nonexistent/ca.pem") && err.contains("environment variable FORWARD_CA_FILE"),
+        "{err}"
+    );
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["--ca-file", "/nonexistent/ca.pem", "0:vm:80"]);
+    let (st, out, err) = run("forward --ca-file /nonexistent/ca.pem", cmd);
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(!err.contains("FORWARD_CA_FILE"), "{err}");
 }
 
 /// Out of file descriptors, accept fails again and again: one warning per interval, with a
