@@ -116,6 +116,15 @@ fn parse_bind(spec: &str, b: &str) -> Result<Vec<IpAddr>, SpecError> {
                 .strip_prefix('[')
                 .and_then(|r| r.strip_suffix(']'))
                 .unwrap_or(b);
+            if let Ok(v6) = inner.parse::<Ipv6Addr>() {
+                // The kernel refuses these on the v6-only sockets we listen on (EINVAL).
+                if let Some(v4) = v6.to_ipv4_mapped() {
+                    return Err(err(
+                        spec,
+                        format!("bind address '{b}' is an IPv4 address in IPv6 form, which cannot be bound; write {v4}"),
+                    ));
+                }
+            }
             inner.parse::<IpAddr>().map(|a| vec![a]).map_err(|_| {
                 err(
                     spec,
@@ -168,6 +177,15 @@ impl Spec {
                 format!("a '[' without its ']' or the other way round: an IPv6 address goes whole in brackets; {FORM}"),
             ));
         }
+        // More colons than the four fields have: an unbracketed IPv6 address.
+        if t.contains("::") && t.matches(':').count() > 3 && !t.contains('[') && !t.contains('/') {
+            // `22010:::1:20001` splits into a bind address `22010:` and host `1`, which named
+            // the wrong part.
+            return Err(err(
+                text,
+                format!("an IPv6 address goes whole in brackets, e.g. [::1]:8080:myvm:80; {FORM}"),
+            ));
+        }
         let (rest, rport) = rsplit_colon(t).ok_or_else(|| err(text, FORM))?;
         let (local_text, host_field) = rsplit_colon(rest).ok_or_else(|| err(text, FORM))?;
         if local_text.is_empty() {
@@ -187,6 +205,14 @@ impl Spec {
         };
         if host.is_empty() {
             return Err(err(text, format!("host is empty; {FORM}")));
+        }
+        if host.eq_ignore_ascii_case("localhost") {
+            // `ssh -L 8080:localhost:80` habit: here the field names the VM, and became
+            // `localhost.vm.vers.sh`.
+            return Err(err(
+                text,
+                "host 'localhost' stands where the VM goes: name the VM (8080:<vm>:80 reaches port 80 on the VM itself)",
+            ));
         }
         if !valid_host(host) {
             let hint = if host.ends_with('.') && valid_host(host.trim_end_matches('.')) {
@@ -238,6 +264,15 @@ impl Spec {
                     return Err(err(
                         text,
                         format!("'{local_text}' needs a ':' between the ']' and the local port, e.g. [::1]:8080:myvm:80"),
+                    ));
+                }
+                None if local_text
+                    .bytes()
+                    .any(|b| b.is_ascii_alphabetic() || b == b'.') =>
+                {
+                    return Err(err(
+                        text,
+                        format!("local port '{local_text}' is not a port number (0-65535); a Unix socket path needs a '/', e.g. ./{local_text}"),
                     ));
                 }
                 None => LocalSide::Tcp {
@@ -382,6 +417,20 @@ mod tests {
             ("5432:abc", "expected [bind:]lport:host:rport"),
             ("99999:abc:80", "local port '99999' is not a port number"),
             ("x:abc:80", "local port 'x'"),
+            (
+                "my.sock:abc:80",
+                "a Unix socket path needs a '/', e.g. ./my.sock",
+            ),
+            ("22010:::1:20001", "an IPv6 address goes whole in brackets"),
+            ("::1:80:abc:22", "an IPv6 address goes whole in brackets"),
+            (
+                "8080:localhost:80",
+                "host 'localhost' stands where the VM goes",
+            ),
+            (
+                "[::ffff:127.0.0.1]:80:abc:22",
+                "is an IPv4 address in IPv6 form, which cannot be bound; write 127.0.0.1",
+            ),
             ("80:abc:0", "remote port must be 1-65535"),
             ("80:abc:65536", "remote port '65536'"),
             ("80:abc:", "remote port ''"),
