@@ -368,33 +368,71 @@ fn ignored_mask_has_hangup(status: &str) -> bool {
 
 /// Parses `HOST:PORT` for `forward stdio`.
 pub fn parse_host_port(s: &str) -> Result<(String, u16)> {
-    let bad = || {
-        anyhow::anyhow!(
-            "invalid target '{s}': expected HOST:PORT, e.g. abc123:443 or abc123.vm.vers.sh:443"
-        )
-    };
-    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    // As a SPEC is read (a tester found the two readers disagreeing): surrounding blanks
+    // trimmed, IPv6 in brackets, digits only in the port, the trailing dot named.
+    let s = s.trim();
+    const FORM: &str = "expected HOST:PORT, e.g. abc123:443 or abc123.vm.vers.sh:443";
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("invalid target '{s}': {FORM}"))?;
     if host.is_empty() {
-        return Err(bad());
+        anyhow::bail!("invalid target '{s}': the host is empty; {FORM}");
     }
-    if !forward_tunnel::policy::is_name(host) && host.parse::<std::net::IpAddr>().is_err() {
-        return Err(anyhow::anyhow!(
-            "invalid target '{s}': '{host}' is not a VM id, host name or IP address; expected \
-             HOST:PORT, e.g. abc123:443 or abc123.vm.vers.sh:443"
-        ));
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        if host.parse::<std::net::Ipv6Addr>().is_ok() {
+            anyhow::bail!(
+                "invalid target '{s}': an IPv6 address goes in brackets, e.g. [fd00::5]:22"
+            );
+        }
+        anyhow::bail!("invalid target '{s}': one ':' too many; {FORM}");
     }
+    let ok = crate::spec::valid_host(host) || host.parse::<std::net::Ipv4Addr>().is_ok();
+    if !ok {
+        let hint = if host.ends_with('.') && crate::spec::valid_host(host.trim_end_matches('.')) {
+            " (drop the trailing dot)"
+        } else {
+            ""
+        };
+        anyhow::bail!(
+            "invalid target '{s}': '{host}' is not a VM id, host name or IP address{hint}; {FORM}"
+        );
+    }
+    let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
     let port: u16 = port
         .parse()
         .ok()
-        .filter(|p| *p != 0)
+        .filter(|p| digits && *p != 0)
         .ok_or_else(|| anyhow::anyhow!("invalid target '{s}': port '{port}' is not 1-65535"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
     Ok((host.to_owned(), port))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::ignored_mask_has_hangup;
+    use super::{ignored_mask_has_hangup, parse_host_port};
+
+    /// `forward stdio`'s target is read as a SPEC's host and port are.
+    #[test]
+    fn stdio_targets_are_read_as_spec_hosts_are() {
+        let ok = |t: &str| parse_host_port(t).unwrap_or_else(|e| panic!("{t}: {e}"));
+        assert_eq!(ok("vm1:22"), ("vm1".to_owned(), 22));
+        assert_eq!(ok(" vm1:22 "), ("vm1".to_owned(), 22));
+        assert_eq!(ok("[::1]:22"), ("::1".to_owned(), 22));
+        assert_eq!(ok("10.0.0.5:22"), ("10.0.0.5".to_owned(), 22));
+        assert_eq!(ok("abc.vm.vers.sh:443"), ("abc.vm.vers.sh".to_owned(), 443));
+        let bad = |t: &str, needle: &str| {
+            let e = parse_host_port(t).expect_err(t).to_string();
+            assert!(e.contains(needle), "{t}: {e:?} should contain {needle:?}");
+        };
+        bad("vm1:+22", "port '+22' is not 1-65535");
+        bad("vm1:0", "port '0' is not 1-65535");
+        bad("::1:22", "an IPv6 address goes in brackets");
+        bad("vm1.:22", "(drop the trailing dot)");
+        bad("vm1", "expected HOST:PORT");
+        bad("vm1:80:90", "one ':' too many");
+        bad(":22", "the host is empty");
+        bad("a b:22", "'a b' is not a VM id");
+    }
 
     #[test]
     fn sighup_is_bit_zero_of_the_ignored_mask() {
