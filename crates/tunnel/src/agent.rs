@@ -616,7 +616,7 @@ async fn open_stream(
                 DialRefusal::Timeout(_) => ResetCode::DialTimeout,
                 DialRefusal::Unreachable(..) => ResetCode::Unreachable,
             };
-            tracing::info!("refusing stream: {refusal}");
+            crate::policy::log_refusal(&refusal);
             carrier.reset(id, code);
             return;
         }

@@ -242,6 +242,18 @@ impl TargetPolicy {
     }
 }
 
+/// Logs a refused stream on the agent: one line per [`crate::throttle::LOG_EVERY`] at info,
+/// with how many were left out, the rest at debug. A client's pool retrying a port with
+/// nothing behind it wrote one line per attempt (100 for 100, a tester's finding); the client
+/// itself already logs such failures throttled.
+pub(crate) fn log_refusal(refusal: &DialRefusal) {
+    static REFUSALS: crate::throttle::Throttle = crate::throttle::Throttle::new();
+    match REFUSALS.pass() {
+        Some(more) => tracing::info!(not_logged = more, "refusing stream: {refusal}"),
+        None => tracing::debug!("refusing stream: {refusal}"),
+    }
+}
+
 /// A target as the logs and the `forwarding` lines show it: `localhost:PORT` for the VM's own
 /// loopback (an empty host), IPv6 literals in brackets.
 pub(crate) struct Shown<'a>(pub(crate) &'a str, pub(crate) u16);

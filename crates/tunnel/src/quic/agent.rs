@@ -560,7 +560,7 @@ async fn handle_stream(
                 DialRefusal::Timeout(_) => code::TIMEOUT,
                 DialRefusal::Unreachable(..) => code::UNREACHABLE,
             };
-            tracing::info!("stream refused: {refusal}");
+            crate::policy::log_refusal(&refusal);
             reject(&mut send, &mut recv, c);
             return;
         }
