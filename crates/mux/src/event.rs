@@ -120,6 +120,10 @@ impl fmt::Display for CloseReason {
             CloseReason::AuthRejected => {
                 f.write_str("authentication rejected (check that both sides use the same token, and that the agent answers to the name dialled: its --name)")
             }
+            // "closed locally: no error" read as a contradiction beside a drain's reset streams.
+            CloseReason::Local {
+                code: ErrorCode::NoError,
+            } => f.write_str("closed locally"),
             CloseReason::Local { code } => write!(f, "closed locally: {code}"),
         }
     }

@@ -691,6 +691,10 @@ fn read_outcome(read: io::Result<usize>) -> Result<usize, String> {
     match read {
         Ok(0) => Err("the peer closed the carrier".into()),
         Ok(n) => Ok(n),
+        // rustls words this one with a link to its manual, which a user's log has no use for.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(
+            "carrier cut: the peer closed the connection without TLS close_notify (an edge or agent restart, or a broken path)".into(),
+        ),
         Err(e) => Err(format!("carrier read failed: {e}")),
     }
 }

@@ -813,7 +813,10 @@ impl Session {
         if self.closed.is_some() {
             return;
         }
-        tracing::debug!(role = ?self.role, %reason, streams = self.streams.len(), "mux session closed");
+        // The driver's own words too: a client leaving reached the agent as "closed locally:
+        // internal error" (the code a dead carrier's close uses), which read as a fault.
+        let why = goaway.as_ref().map_or("", |(_, detail)| detail.as_str());
+        tracing::debug!(role = ?self.role, %reason, why, streams = self.streams.len(), "mux session closed");
         if let Some((code, detail)) = goaway {
             if !self.transmit_enabled {
                 // Nothing has left yet (server before auth, client before send_auth): say only this.
