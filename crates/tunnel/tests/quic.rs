@@ -1332,6 +1332,72 @@ async fn graceful_stop_lets_open_streams_finish_and_refuses_new_ones() {
     timed(a.task).await.unwrap();
 }
 
+/// A stream opened as the agent stops reaches the agent that takes over (`--handover`: the
+/// old one drains while the new one waits for the UDP port). The old agent refuses it
+/// unprocessed (`GOING_AWAY`); the client opens it again on a new connection, tried again and
+/// again while the port changes hands, and sends what it had sent. A tester lost a few
+/// connections at every QUIC restart, which TCP and TLS carriers already carried through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_by_a_stopping_agent_reaches_the_one_that_takes_over() {
+    let cert = QuicCert::generate(&[NAME.into()]).unwrap();
+    let (cert_pem, key_pem) = cert.to_pem();
+    let old = agent_with(v6(), cert, Duration::from_secs(2));
+    let port = echo(v6()).await;
+    let mut config = carrier_config(&old, AgentVerify::Pin(old.pin), TOKEN);
+    config.connect_timeout = Duration::from_secs(30);
+    let c = QuicCarrier::new(config).unwrap();
+    // An open stream keeps the old agent draining (its 2 s grace): the port stays taken.
+    let mut held = timed(c.open("localhost", port)).await.unwrap();
+    held.write_all(b"held").await.unwrap();
+    let mut b = [0u8; 4];
+    timed(held.read_exact(&mut b)).await.unwrap();
+    old.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The client has heard nothing yet: this goes out on the stopping agent's connection.
+    let msg = b"opened as the agent stopped".to_vec();
+    let stream = timed(c.open("localhost", port)).await.unwrap();
+    let trip = tokio::spawn(round_trip(stream, msg.clone()));
+
+    // The new agent, once the old one has exited and its socket is gone.
+    timed(old.task).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("fwd-quic-takeover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert_pem).unwrap();
+    std::fs::write(&key_file, key_pem).unwrap();
+    let mut config = QuicAgentConfig::new(
+        0,
+        QuicCert::load(&cert_file, &key_file).unwrap(),
+        token(TOKEN),
+    );
+    config.listen = old.addr;
+    let new = timed(async {
+        loop {
+            match QuicAgent::bind(config.clone()) {
+                Ok(a) => break a,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { new.run(stop).await.unwrap() }
+    });
+
+    let got = timed(trip).await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(got, msg);
+    // The held stream was cut at the end of the old agent's drain, and says so.
+    let mut rest = Vec::new();
+    assert_cut_by_the_agent_stopping(&timed(held.read_to_end(&mut rest)).await.unwrap_err());
+    echo_via(&c, port, b"and after").await;
+    stop.cancel();
+    timed(task).await.unwrap();
+}
+
 /// Rough loopback numbers for one stream (not an assertion; the bench harness owns speed):
 /// `cargo test -p forward-tunnel --test quic -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

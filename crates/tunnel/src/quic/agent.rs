@@ -488,7 +488,7 @@ async fn serve_streams(
         match accepted {
             Ok((mut send, mut recv)) => {
                 if stopping {
-                    reject(&mut send, &mut recv, code::SHUTTING_DOWN);
+                    reject(&mut send, &mut recv, code::GOING_AWAY);
                     continue;
                 }
                 let span = tracing::debug_span!("stream", id = %send.id());

@@ -501,6 +501,9 @@ struct State {
     retry_at: Option<Instant>,
     /// When the last attempt failed (its end) and why: see [`QuicCarrier::live`].
     last_failure: Option<(Instant, String)>,
+    /// Until when a new connection is tried again and again: the agent said it is stopping,
+    /// and one that takes over (`--handover`, a restart) may need a moment to take the port.
+    restart_until: Option<Instant>,
 }
 
 /// The QUIC connections to one agent, shared by every connector to it: a primary connection,
@@ -697,8 +700,9 @@ impl QuicCarrier {
     async fn live(&self, user: bool) -> Result<Arc<Link>, QuicError> {
         let mut st = self.state.lock().await;
         if let Some(link) = &st.primary {
+            let stopping = link.away.load(Ordering::Relaxed) || closed_by_stop(&link.conn);
             match link.conn.close_reason() {
-                None if !link.away.load(Ordering::Relaxed) => return Ok(link.clone()),
+                None if !stopping => return Ok(link.clone()),
                 // Left to its open streams; it closes when the last handle goes.
                 None => {
                     tracing::info!(agent = %self.describe(), "agent is shutting down; new streams go to a new connection");
@@ -710,13 +714,37 @@ impl QuicCarrier {
                     st.primary = None;
                 }
             }
+            if stopping {
+                st.restart_until = Some(Instant::now() + self.connect_timeout);
+            }
         }
         if let (true, Some((at, err))) = (user, &st.last_failure) {
             if at.elapsed() < USER_RETRY {
                 return Err(self.conn_error(format!("the last attempt failed moments ago: {err}")));
             }
         }
-        match self.establish().await {
+        // After a graceful stop, the agent that takes over gets the connect timeout to take
+        // the UDP port: the old one refuses connections while it drains, and the port is free
+        // only once it has exited (a --handover agent polls for it). A local connection waits
+        // that long instead of failing at once, as a TCP or TLS carrier's does not need to.
+        let established = loop {
+            let r = self.establish().await;
+            let retry = match (&r, st.restart_until) {
+                (Err(e), Some(until)) => {
+                    user && restartable(e) && Instant::now() + RESTART_POLL < until
+                }
+                _ => false,
+            };
+            if !retry {
+                st.restart_until = None;
+                break r;
+            }
+            if let Err(e) = &r {
+                tracing::debug!(error = %e, "the agent is restarting: trying again");
+            }
+            tokio::time::sleep(RESTART_POLL).await;
+        };
+        match established {
             Ok(c) if self.closing.load(Ordering::Relaxed) => {
                 c.close(quinn::VarInt::from_u32(close::NORMAL), b"client closing");
                 Err(self.conn_error("the client is closing".into()))
@@ -1183,6 +1211,26 @@ const ANSWER_FLOOR: Duration = Duration::from_secs(super::KEEPALIVE.as_secs() + 
 
 /// A user's connection may trigger an attempt this soon after the last failed one.
 const USER_RETRY: Duration = Duration::from_secs(1);
+
+/// How often a new connection is tried while the agent restarts (see [`QuicCarrier::live`]).
+const RESTART_POLL: Duration = Duration::from_millis(200);
+
+/// Whether the agent closed `conn` because it was stopping (its drain ended).
+fn closed_by_stop(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == quinn::VarInt::from_u32(close::SHUTDOWN)
+    )
+}
+
+/// Whether a failed connect may succeed a moment later, once a restarting agent is back:
+/// refused or unanswered, not a certificate, pin or token that will not change.
+fn restartable(e: &QuicError) -> bool {
+    matches!(
+        e,
+        QuicError::Connection { .. } | QuicError::AllAddresses { .. }
+    )
+}
 
 /// A connection silent this long is suspect: the agent's keepalive, or its answer to ours,
 /// comes every 3 s.

@@ -75,8 +75,11 @@ pub mod code {
     pub const BAD_HEADER: u32 = 6;
     /// The stream was opened before the connection authenticated.
     pub const AUTH_REQUIRED: u32 = 7;
-    /// The agent is shutting down and takes no new streams.
+    /// The agent is shutting down: a stream it had taken is cut at the end of its drain.
     pub const SHUTTING_DOWN: u32 = 8;
+    /// The agent is shutting down and did not take this stream: its target was never dialled,
+    /// so the client may open it again on a new connection (the agent that takes over).
+    pub const GOING_AWAY: u32 = 9;
 }
 
 /// Application error codes of CONNECTION_CLOSE.

@@ -35,6 +35,8 @@ pub struct QuicStream {
     peer_stop: Option<Acked>,
     read_eof: bool,
     aborted: AtomicBool,
+    /// The agent refused the stream unprocessed (`GOING_AWAY`): it may be opened again.
+    unprocessed: AtomicBool,
     /// The client's hold on its connection: tells the carrier when the agent says it is
     /// shutting down (new streams go to a new connection while this one drains), and when the
     /// connection has no streams left.
@@ -76,8 +78,9 @@ pub(super) type Reopening =
 enum ReplayState {
     /// Keeping what is sent.
     Armed,
-    /// The connection was reset: opening the new stream.
-    Reopening(Reopening),
+    /// The connection was reset or the stream refused (why: the error, for the message if
+    /// the new stream fails too): opening the new stream.
+    Reopening(Reopening, String),
     /// On the new stream: re-sending `sent[pos..]`.
     Resending { pos: usize },
 }
@@ -125,6 +128,7 @@ impl QuicStream {
             peer_stop: None,
             read_eof: false,
             aborted: AtomicBool::new(false),
+            unprocessed: AtomicBool::new(false),
             lease: None,
             replay: None,
             fit: None,
@@ -177,27 +181,37 @@ impl QuicStream {
             return Poll::Ready(Err(e));
         };
         if matches!(r.state, ReplayState::Armed) {
+            // Refused unprocessed: the refusal itself says the agent never dialled.
+            let unprocessed = self.unprocessed.load(Ordering::Relaxed);
             let only_the_reset =
                 matches!(r.conn.close_reason(), Some(quinn::ConnectionError::Reset))
                     && r.conn.stats().udp_rx.datagrams == r.rx_at_open + 1;
-            if !only_the_reset || self.aborted.load(Ordering::Relaxed) {
+            if !(unprocessed || only_the_reset) || self.aborted.load(Ordering::Relaxed) {
                 if let Some(r) = self.replay.take() {
                     waiting.extend(r.waiting);
                 }
                 return Poll::Ready(Err(e));
             }
-            tracing::info!(
-                target = %self.target,
-                bytes = r.sent.len(),
-                "the agent restarted before it saw this stream: opening it again on a new connection"
-            );
-            r.state = ReplayState::Reopening((r.reopen)());
+            if unprocessed {
+                tracing::info!(
+                    target = %self.target,
+                    bytes = r.sent.len(),
+                    "the agent shut down before it took this stream: opening it again on a new connection"
+                );
+            } else {
+                tracing::info!(
+                    target = %self.target,
+                    bytes = r.sent.len(),
+                    "the agent restarted before it saw this stream: opening it again on a new connection"
+                );
+            }
+            r.state = ReplayState::Reopening((r.reopen)(), e.to_string());
         }
         loop {
             let r = self.replay.as_mut().expect("checked above");
             match &mut r.state {
                 ReplayState::Armed => unreachable!("left above"),
-                ReplayState::Reopening(fut) => match ready!(fut.as_mut().poll(cx)) {
+                ReplayState::Reopening(fut, cause) => match ready!(fut.as_mut().poll(cx)) {
                     Ok(mut fresh) => {
                         r.state = ReplayState::Resending { pos: 0 };
                         std::mem::swap(&mut self.send, &mut fresh.send);
@@ -206,17 +220,18 @@ impl QuicStream {
                         std::mem::swap(&mut self.fit, &mut fresh.fit);
                         self.acked = None;
                         self.peer_stop = None;
+                        self.unprocessed.store(false, Ordering::Relaxed);
                         // `fresh` now holds the dead connection's halves; dropping it resets
                         // them, which reaches nobody.
                     }
                     Err(reopen) => {
+                        // The first cause, not `e`: a poll of the other half of a split stream
+                        // comes here with a placeholder.
+                        let msg = format!("{cause}; opening it again failed: {reopen}");
                         if let Some(r) = self.replay.take() {
                             waiting.extend(r.waiting);
                         }
-                        return Poll::Ready(Err(io::Error::new(
-                            e.kind(),
-                            format!("{e}; opening it again failed: {reopen}"),
-                        )));
+                        return Poll::Ready(Err(io::Error::new(e.kind(), msg)));
                     }
                 },
                 ReplayState::Resending { pos } => {
@@ -273,8 +288,10 @@ impl QuicStream {
     /// After `e` on the streams: `Ready(Ok)` when a replay mended it (retry the operation),
     /// else `e`, and the stream will never be replayed.
     fn poll_recover(&mut self, cx: &mut Context<'_>, e: io::Error) -> Poll<io::Result<()>> {
-        // Only a lost connection may be mended; `poll_replay` decides whether this one is.
-        if self.replay.is_none() || e.kind() != io::ErrorKind::ConnectionAborted {
+        // Only a lost connection or a stream the agent did not take may be mended;
+        // `poll_replay` decides whether this one is.
+        let unprocessed = self.unprocessed.load(Ordering::Relaxed);
+        if self.replay.is_none() || !(unprocessed || e.kind() == io::ErrorKind::ConnectionAborted) {
             self.replay = None;
             return Poll::Ready(Err(e));
         }
@@ -297,10 +314,13 @@ impl QuicStream {
         let t = &self.target;
         let p = self.peer;
         let code = u32::try_from(code.into_inner()).unwrap_or(u32::MAX);
-        if code == code::SHUTTING_DOWN {
+        if code == code::SHUTTING_DOWN || code == code::GOING_AWAY {
             if let Some(lease) = &self.lease {
                 lease.going_away();
             }
+        }
+        if code == code::GOING_AWAY {
+            self.unprocessed.store(true, Ordering::Relaxed);
         }
         let msg = match code {
             code::NOT_ALLOWED => format!(
@@ -312,6 +332,9 @@ impl QuicStream {
             code::BAD_HEADER => format!("agent rejected the target header for {t}"),
             code::AUTH_REQUIRED => "agent rejected a stream opened before authentication".to_owned(),
             code::SHUTTING_DOWN => format!("agent is shutting down: stream to {t} reset"),
+            code::GOING_AWAY => {
+                format!("agent is shutting down: it did not take the stream to {t}")
+            }
             code::ABORTED => format!("stream to {t} reset by the {p} side"),
             other => format!("stream to {t} reset by the {p} (code {other})"),
         };
