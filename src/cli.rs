@@ -252,7 +252,7 @@ pub struct AgentArgs {
     /// Give up dialling a target after this long; the client's connection is then reset with
     /// "timed out". The client's --connect-timeout covers only its way to the agent: a stream
     /// opens with zero round trips, so the agent's dial is what a user waits for.
-    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = positive_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = forward_tunnel::policy::DEFAULT_DIAL_TIMEOUT.as_secs(), value_parser = positive_secs)]
     pub dial_timeout: u64,
 
     /// Start beside an agent that already listens on this port, to replace it without

@@ -828,22 +828,7 @@ fn token_file(dir: &TempDir) -> std::path::PathBuf {
 fn agent_dial_timeout_bounds_a_silent_target() {
     let dir = TempDir::new("agent-dial-timeout");
     let token = token_file(&dir);
-    // A listener that never accepts, its queue filled: further SYNs go unanswered.
-    let silent = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    silent
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    silent.listen(0).unwrap();
-    let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
-    let mut queued = Vec::new();
-    loop {
-        match TcpStream::connect_timeout(&silent_addr, Duration::from_millis(300)) {
-            Ok(s) => queued.push(s),
-            Err(e) if e.kind() == ErrorKind::TimedOut => break,
-            Err(e) => panic!("filling the silent listener's queue: {e}"),
-        }
-        assert!(queued.len() < 64, "the queue never filled");
-    }
+    let (silent_addr, queued) = unanswering_target();
 
     let mut agent = crate::harness::Proc::forward(
         "agent",
@@ -881,6 +866,44 @@ fn agent_dial_timeout_bounds_a_silent_target() {
     );
     // Generous against a loaded host; the default would be 10 s.
     assert!(took < Duration::from_secs(7), "the check took {took:?}");
+    drop(queued);
+}
+
+/// A listener on 127.0.0.1 that never accepts, its queue filled: further SYNs go unanswered.
+/// Keep both until the test ends.
+fn unanswering_target() -> (SocketAddr, (socket2::Socket, Vec<TcpStream>)) {
+    let silent = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    silent
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    silent.listen(0).unwrap();
+    let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    loop {
+        match TcpStream::connect_timeout(&silent_addr, Duration::from_millis(300)) {
+            Ok(s) => queued.push(s),
+            Err(e) if e.kind() == ErrorKind::TimedOut => break,
+            Err(e) => panic!("filling the silent listener's queue: {e}"),
+        }
+        assert!(queued.len() < 64, "the queue never filled");
+    }
+    (silent_addr, (silent, queued))
+}
+
+/// Over QUIC the check waits longer than an agent's default dial: a target that never
+/// answers is reported by the agent ("timed out") before the check would take it for a
+/// silent service. With `--connect-timeout 3` such a target passed (a tester's finding).
+#[test]
+fn quic_check_of_a_target_that_never_answers_fails() {
+    let (silent_addr, queued) = unanswering_target();
+    let stack = Stack::start(Transport::Quic, &[]);
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(stack.client_args())
+        .args(["--connect-timeout", "3", "--check"])
+        .arg(format!("127.0.0.1:0:{}", stack.target(silent_addr.port())));
+    let (st, out, err) = run("forward --check (QUIC, a target that never answers)", cmd);
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(err.contains("agent timed out connecting to"), "{err}");
     drop(queued);
 }
 
@@ -924,8 +947,9 @@ fn quic_to_a_closed_udp_port_says_so_at_once() {
 }
 
 /// Over QUIC, `--check` of a service that stays silent after the client's end of stream
-/// cannot tell it from a dial still running: it passes after --connect-timeout, and says
-/// meanwhile why it waits.
+/// cannot tell it from a dial still running: it passes after --connect-timeout (at least 12 s,
+/// past an agent's default dial; this service closes after 8), and says meanwhile why it
+/// waits.
 #[test]
 fn quic_check_of_a_silent_service_says_why_it_waits() {
     let silent = Backend::start(|mut sock, _tx| {
@@ -949,7 +973,7 @@ fn quic_check_of_a_silent_service_says_why_it_waits() {
     let waits = fwd.proc.wait_line(Src::Stderr, "the line saying why", |l| {
         l.contains("a silent service and a dial still running look alike")
     });
-    assert!(waits.contains("3s"), "{waits}");
+    assert!(waits.contains("12s"), "{waits}");
     fwd.proc
         .wait_line(Src::Stderr, "check ok", |l| l.contains("check ok"));
 }

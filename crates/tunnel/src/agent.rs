@@ -68,7 +68,7 @@ impl AgentConfig {
             policy: TargetPolicy::default(),
             tls: None,
             mux: forward_mux::Config::default(),
-            dial_timeout: Duration::from_secs(10),
+            dial_timeout: crate::policy::DEFAULT_DIAL_TIMEOUT,
             auth_timeout: Duration::from_secs(10),
             max_unauthenticated: 64,
             names: AgentNames::default(),

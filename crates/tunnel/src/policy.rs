@@ -242,6 +242,9 @@ impl TargetPolicy {
     }
 }
 
+/// How long an agent tries to reach a target unless told otherwise (`--dial-timeout`).
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Logs a refused stream on the agent: one line per [`crate::throttle::LOG_EVERY`] at info,
 /// with how many were left out, the rest at debug. A client's pool retrying a port with
 /// nothing behind it wrote one line per attempt (100 for 100, a tester's finding); the client

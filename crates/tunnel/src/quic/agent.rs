@@ -68,7 +68,7 @@ impl QuicAgentConfig {
             cert,
             token,
             policy: TargetPolicy::default(),
-            dial_timeout: Duration::from_secs(10),
+            dial_timeout: crate::policy::DEFAULT_DIAL_TIMEOUT,
             grace: Duration::from_secs(10),
             max_streams: MAX_STREAMS,
             names: AgentNames::default(),

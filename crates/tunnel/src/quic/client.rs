@@ -1164,7 +1164,13 @@ impl Connector for QuicConnector {
         let fail = |e: std::io::Error| DialError::Agent(e.to_string());
         stream.shutdown().await.map_err(fail)?;
         let mut buf = [0u8; 512];
-        let wait = self.carrier.connect_timeout();
+        // At least as long as an agent's default dial: a target that never answers is then
+        // refused (TIMEOUT) before the check would take it for a silent service. The
+        // connect timeout alone, 10 s like that dial, made it a race a tester saw lost.
+        let wait = self
+            .carrier
+            .connect_timeout()
+            .max(crate::policy::DEFAULT_DIAL_TIMEOUT + Duration::from_secs(2));
         let read = stream.read(&mut buf);
         tokio::pin!(read);
         // QUIC's agent sends no word when its dial succeeds (the TCP carrier's does), so a
@@ -1176,7 +1182,7 @@ impl Connector for QuicConnector {
             Err(_) => {
                 tracing::info!(
                     target = %self.describe,
-                    "check: no answer from the service yet; over QUIC a silent service and a dial still running look alike, so the check waits up to {wait:?} for a refusal (--connect-timeout)"
+                    "check: no answer from the service yet; over QUIC a silent service and a dial still running look alike, so the check waits up to {wait:?} for a refusal (--connect-timeout, at least the agent's default --dial-timeout and 2 s)"
                 );
                 tokio::time::timeout(wait - early, read).await
             }
