@@ -443,7 +443,12 @@ async fn serve_conn<S>(
         respond(&mut s, "400 Bad Request", "bad request\n").await;
         return;
     };
-    match (head.first.as_str(), head.second.as_str()) {
+    // A probe's cache-buster or tag (`/health?from=lb`) asks the same question.
+    let path = match head.second.split_once('?') {
+        Some(("/health", _)) => "/health",
+        _ => head.second.as_str(),
+    };
+    match (head.first.as_str(), path) {
         ("GET", "/health") => {
             respond(&mut s, "200 OK", "ok\n").await;
             return;

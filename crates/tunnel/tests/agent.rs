@@ -403,6 +403,13 @@ async fn health_answers_without_auth_and_other_paths_are_404() {
     let answer = http(agent.addr, b"GET /health HTTP/1.1\r\nHost: vm\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("ok\n"), "{answer}");
+    // A probe's query string asks the same question.
+    let tagged = http(
+        agent.addr,
+        b"GET /health?from=lb HTTP/1.1\r\nHost: vm\r\n\r\n",
+    )
+    .await;
+    assert!(tagged.starts_with("HTTP/1.1 200"), "{tagged}");
     let head = http(agent.addr, b"HEAD /health HTTP/1.1\r\nHost: vm\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("Content-Length: 3\r\n"), "{head}");
@@ -413,6 +420,7 @@ async fn health_answers_without_auth_and_other_paths_are_404() {
     for req in [
         &b"GET / HTTP/1.1\r\nHost: vm\r\n\r\n"[..],
         b"GET /metrics HTTP/1.1\r\n\r\n",
+        b"GET /healthz?x=1 HTTP/1.1\r\n\r\n",
         b"GET /v1/tunnel HTTP/1.1\r\nHost: vm\r\n\r\n", // no Upgrade header
         b"GET /v1/tunnel HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
     ] {
