@@ -191,7 +191,11 @@ impl Spec {
         if local_text.is_empty() {
             return Err(err(text, format!("local port is missing; {FORM}")));
         }
-        if rport.contains('/') {
+        // `5433:abc/[::1]` names a VM and a target but no port; `1:abc/[::1]:22/x` has a port
+        // with something after it.
+        if rport.split_once('/').is_some_and(|(vm, target)| {
+            !vm.bytes().all(|b| b.is_ascii_digit()) && valid_host(target)
+        }) {
             // `5433:abc/[::1]`: the last field is the target itself.
             return Err(err(
                 text,
@@ -480,6 +484,10 @@ mod tests {
                 "IPv6 target after '/' goes in brackets",
             ),
             ("+42001:abc:22", "local port '+42001' is not a port number"),
+            (
+                "1:abc/[::1]:22/x",
+                "remote port '22/x' is not a port number",
+            ),
             ("42001:abc:+22", "remote port '+22'"),
             (
                 "42001:abc:22:33",
