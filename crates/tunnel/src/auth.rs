@@ -231,18 +231,23 @@ fn read_capped(path: &Path) -> Result<String, TokenError> {
         path: path.display().to_string(),
         cause,
     };
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     std::fs::File::open(path)
         .map_err(unreadable)?
         .take(MAX_TOKEN_FILE + 1)
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(unreadable)?;
-    if text.len() as u64 > MAX_TOKEN_FILE {
+    if bytes.len() as u64 > MAX_TOKEN_FILE {
         return Err(TokenError::TooLarge {
             path: path.display().to_string(),
         });
     }
-    Ok(text)
+    // Raw random bytes (`openssl rand 32 > file`) read as "stream did not contain valid
+    // UTF-8", which did not say what to do.
+    String::from_utf8(bytes).map_err(|_| TokenError::Malformed {
+        source_name: path.display().to_string(),
+        what: "binary data, not text",
+    })
 }
 
 impl Token {
@@ -627,6 +632,19 @@ mod tests {
         assert_eq!(loose_permissions(&path, "token file"), None);
         assert!(Token::load(Some(&path)).is_ok());
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// `openssl rand 32 > file` (raw bytes) is named as binary, with what to write instead.
+    #[test]
+    fn a_binary_token_file_says_so() {
+        let path = std::env::temp_dir().join(format!("forward-token-bin-{}", std::process::id()));
+        std::fs::write(&path, [0x9c, 0xff, 0x00, 0x41, 0xfe, 0x80]).unwrap();
+        let e = Token::load(Some(&path)).map(drop).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            e.contains("binary data, not text") && e.contains("openssl rand -hex 32"),
+            "{e}"
+        );
     }
 
     #[test]
