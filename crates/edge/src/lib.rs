@@ -248,6 +248,15 @@ impl Edge {
                     .to_string(),
             ));
         }
+        // Named here: binding the second would fail with "in use", blaming another program.
+        for (i, a) in config.ports.iter().enumerate() {
+            if a.listen != 0 && config.ports[..i].iter().any(|b| b.listen == a.listen) {
+                return Err(EdgeError::Config(format!(
+                    "port {} is given twice: give each listening port once",
+                    a.listen
+                )));
+            }
+        }
         let (ca, ca_path) = match &config.ca {
             CaSource::Ephemeral => (Arc::new(TestCa::generate()?), None),
             CaSource::Dir(dir) => (

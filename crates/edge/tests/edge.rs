@@ -292,6 +292,17 @@ async fn start_reports_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("no port to listen on"), "{err}");
+    // The same port twice is named as such, not as a port some other program took.
+    let free = taken.local_addr().unwrap().port();
+    drop(taken);
+    let err = Edge::start(EdgeConfig::with_ports([free, free]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("port {free} is given twice")),
+        "{err}"
+    );
     let mut bad = EdgeConfig::with_ports([0u16]);
     bad.domain = "not a domain".into();
     let err = Edge::start(bad).await.unwrap_err().to_string();
