@@ -57,7 +57,7 @@ pub struct Cli {
 
     /// On SIGINT/SIGTERM stop accepting and give open connections this long to finish (one
     /// still connecting to the edge or agent gets 2 s of it).
-    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = secs)]
+    #[arg(long, allow_negative_numbers = true, value_name = "SECS", default_value_t = 10, value_parser = secs)]
     pub grace: u64,
 
     /// Agent mode.
@@ -134,7 +134,7 @@ pub struct ClientOpts {
 
     /// Give up on a TCP connect (each address; a name's addresses are raced 250 ms apart), a
     /// TLS handshake, or the agent's answer after this long.
-    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = positive_secs)]
+    #[arg(long, allow_negative_numbers = true, value_name = "SECS", default_value_t = 10, value_parser = positive_secs)]
     pub connect_timeout: u64,
 }
 
@@ -227,7 +227,7 @@ pub struct AgentArgs {
     /// Close a carrier after this long without a byte from its client. Long, so that a
     /// client's open connections survive its laptop's sleep; a client closes a carrier it
     /// hears nothing from after 45 s itself. (QUIC: 30 s, negotiated.)
-    #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = idle_secs)]
+    #[arg(long, allow_negative_numbers = true, value_name = "SECS", default_value_t = 600, value_parser = idle_secs)]
     pub idle_timeout: u64,
 
     /// A host name clients reach this agent by, e.g. abc123.vm.vers.sh (repeatable): proofs
@@ -246,13 +246,13 @@ pub struct AgentArgs {
 
     /// On SIGTERM, SIGINT or SIGHUP, give open streams this long to finish after GOAWAY (a
     /// second SIGTERM or SIGINT ends it at once).
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = secs)]
+    #[arg(long, allow_negative_numbers = true, value_name = "SECS", default_value_t = 30, value_parser = secs)]
     pub drain: u64,
 
     /// Give up dialling a target after this long; the client's connection is then reset with
     /// "timed out". The client's --connect-timeout covers only its way to the agent: a stream
     /// opens with zero round trips, so the agent's dial is what a user waits for.
-    #[arg(long, value_name = "SECS", default_value_t = forward_tunnel::policy::DEFAULT_DIAL_TIMEOUT.as_secs(), value_parser = positive_secs)]
+    #[arg(long, allow_negative_numbers = true, value_name = "SECS", default_value_t = forward_tunnel::policy::DEFAULT_DIAL_TIMEOUT.as_secs(), value_parser = positive_secs)]
     pub dial_timeout: u64,
 
     /// Start beside an agent that already listens on this port, to replace it without

@@ -109,6 +109,12 @@ fn missing_spec_is_a_usage_error() {
 #[test]
 fn bad_flag_values_are_usage_errors() {
     assert_rejected(&["--grace", "soon", "0:vm1:80"], &[2], &["--grace"]);
+    // The range, not clap's "use '-- -1'", which would make it a SPEC.
+    assert_rejected(
+        &["--grace", "-1", "0:vm1:80"],
+        &[2],
+        &["'-1' is not a whole number of seconds"],
+    );
     assert_rejected(&["--no-such-flag", "0:vm1:80"], &[2], &["--no-such-flag"]);
     assert_rejected(
         &["--log-format", "xml", "0:vm1:80"],
