@@ -1361,32 +1361,7 @@ async fn a_stream_refused_by_a_stopping_agent_reaches_the_one_that_takes_over() 
 
     // The new agent, once the old one has exited and its socket is gone.
     timed(old.task).await.unwrap();
-    let dir = std::env::temp_dir().join(format!("fwd-quic-takeover-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_file, cert_pem).unwrap();
-    std::fs::write(&key_file, key_pem).unwrap();
-    let mut config = QuicAgentConfig::new(
-        0,
-        QuicCert::load(&cert_file, &key_file).unwrap(),
-        token(TOKEN),
-    );
-    config.listen = old.addr;
-    let new = timed(async {
-        loop {
-            match QuicAgent::bind(config.clone()) {
-                Ok(a) => break a,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    })
-    .await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { new.run(stop).await.unwrap() }
-    });
+    let (stop, task) = successor(old.addr, &cert_pem, &key_pem).await;
 
     let got = timed(trip).await.unwrap().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(got, msg);
@@ -1396,6 +1371,75 @@ async fn a_stream_refused_by_a_stopping_agent_reaches_the_one_that_takes_over() 
     echo_via(&c, port, b"and after").await;
     stop.cancel();
     timed(task).await.unwrap();
+}
+
+/// After an agent stopped for good (its drain over, its connections closed), a connection made
+/// before the next one is up waits for it, up to the connect timeout, instead of failing at
+/// once; the background redial failing meanwhile does not fail it fast either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_while_the_agent_restarts_waits_for_the_new_one() {
+    let cert = QuicCert::generate(&[NAME.into()]).unwrap();
+    let (cert_pem, key_pem) = cert.to_pem();
+    let old = agent_with(v6(), cert, Duration::ZERO);
+    let port = echo(v6()).await;
+    let mut config = carrier_config(&old, AgentVerify::Pin(old.pin), TOKEN);
+    config.connect_timeout = Duration::from_secs(30);
+    let c = QuicCarrier::new(config).unwrap();
+    echo_via(&c, port, b"before the stop").await;
+    old.stop.cancel();
+    timed(old.task).await.unwrap();
+    // The client hears the close; its redial finds nothing there.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let trip = tokio::spawn({
+        let c = c.clone();
+        async move { echo_via(&c, port, b"during the restart").await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !trip.is_finished(),
+        "the connection did not wait for the new agent"
+    );
+    let (stop, task) = successor(old.addr, &cert_pem, &key_pem).await;
+    timed(trip).await.unwrap();
+    stop.cancel();
+    timed(task).await.unwrap();
+}
+
+/// A new agent on `addr` with the certificate of the one before (so the pin holds), bound
+/// as soon as the port is free.
+async fn successor(
+    addr: SocketAddr,
+    cert_pem: &str,
+    key_pem: &str,
+) -> (CancellationToken, JoinHandle<()>) {
+    let dir = std::env::temp_dir().join(format!(
+        "fwd-quic-successor-{}-{}",
+        std::process::id(),
+        addr.port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert_pem).unwrap();
+    std::fs::write(&key_file, key_pem).unwrap();
+    let cert = QuicCert::load(&cert_file, &key_file).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = QuicAgentConfig::new(0, cert, token(TOKEN));
+    config.listen = addr;
+    let agent = timed(async {
+        loop {
+            match QuicAgent::bind(config.clone()) {
+                Ok(a) => break a,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { agent.run(stop).await.unwrap() }
+    });
+    (stop, task)
 }
 
 /// Rough loopback numbers for one stream (not an assertion; the bench harness owns speed):

@@ -718,31 +718,30 @@ impl QuicCarrier {
                 st.restart_until = Some(Instant::now() + self.connect_timeout);
             }
         }
-        if let (true, Some((at, err))) = (user, &st.last_failure) {
-            if at.elapsed() < USER_RETRY {
-                return Err(self.conn_error(format!("the last attempt failed moments ago: {err}")));
-            }
-        }
         // After a graceful stop, the agent that takes over gets the connect timeout to take
         // the UDP port: the old one refuses connections while it drains, and the port is free
         // only once it has exited (a --handover agent polls for it). A local connection waits
         // that long instead of failing at once, as a TCP or TLS carrier's does not need to.
+        // The window outlives the attempt that opened it: the background redial may be the
+        // first to see the stop, and its failures must not fail the users' connections fast.
+        let restarting = |st: &State, margin: Duration| {
+            st.restart_until
+                .is_some_and(|until| Instant::now() + margin < until)
+        };
+        if let (true, Some((at, err))) = (user, &st.last_failure) {
+            if at.elapsed() < USER_RETRY && !restarting(&st, Duration::ZERO) {
+                return Err(self.conn_error(format!("the last attempt failed moments ago: {err}")));
+            }
+        }
         let established = loop {
             let r = self.establish().await;
-            let retry = match (&r, st.restart_until) {
-                (Err(e), Some(until)) => {
-                    user && restartable(e) && Instant::now() + RESTART_POLL < until
+            match &r {
+                Err(e) if user && restartable(e) && restarting(&st, RESTART_POLL) => {
+                    tracing::debug!(error = %e, "the agent is restarting: trying again");
+                    tokio::time::sleep(RESTART_POLL).await;
                 }
-                _ => false,
-            };
-            if !retry {
-                st.restart_until = None;
-                break r;
+                _ => break r,
             }
-            if let Err(e) = &r {
-                tracing::debug!(error = %e, "the agent is restarting: trying again");
-            }
-            tokio::time::sleep(RESTART_POLL).await;
         };
         match established {
             Ok(c) if self.closing.load(Ordering::Relaxed) => {
@@ -753,6 +752,7 @@ impl QuicCarrier {
                 st.failures = 0;
                 st.retry_at = None;
                 st.last_failure = None;
+                st.restart_until = None;
                 tokio::spawn(report_loss(c.clone(), self.describe(), self.lost.clone()));
                 let link = Link::new(c, false, self.overflow_idle);
                 tokio::spawn(watch_rx(Arc::downgrade(&link)));
@@ -763,7 +763,11 @@ impl QuicCarrier {
                 st.failures = st.failures.saturating_add(1);
                 let wait = jittered(st.failures);
                 st.retry_at = Some(Instant::now() + wait);
-                st.last_failure = Some((Instant::now(), e.to_string()));
+                // Within the window (the background redial's attempt), users still wait.
+                if !(restartable(&e) && restarting(&st, Duration::ZERO)) {
+                    st.last_failure = Some((Instant::now(), e.to_string()));
+                    st.restart_until = None;
+                }
                 tracing::debug!(error = %e, retry_in = ?wait, "QUIC connect failed");
                 Err(e)
             }
