@@ -329,10 +329,10 @@ impl Token {
     }
 }
 
-/// Whether a token's text is the path of an existing file: a random token has no '/' (hex has
-/// none; base64 may, but then names no file).
+/// Whether a token's text is the path of an existing file (a bare name too: `token` in the
+/// directory forward runs in). A random token names no file.
 fn names_a_file(text: &str) -> bool {
-    text.contains('/') && Path::new(text).exists()
+    !text.is_empty() && Path::new(text).exists()
 }
 
 /// Whether other users of this machine can read a secret file (`what`: "token file"), worded
@@ -632,6 +632,18 @@ mod tests {
         assert_eq!(loose_permissions(&path, "token file"), None);
         assert!(Token::load(Some(&path)).is_ok());
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A bare file name in `VERS_AUTH_TOKEN` (a file in the working directory) is the path
+    /// mistake too.
+    #[test]
+    fn a_file_name_is_not_a_token() {
+        assert!(names_a_file("Cargo.toml"));
+        assert!(names_a_file("/"));
+        assert!(!names_a_file(
+            "9c41e07a2bd35f86c1e94a7d0b3f52e8a6d17c04f9b25e3a"
+        ));
+        assert!(!names_a_file(""));
     }
 
     /// `openssl rand 32 > file` (raw bytes) is named as binary, with what to write instead.
