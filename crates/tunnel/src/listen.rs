@@ -116,7 +116,14 @@ fn unix_path_problem(path: &Path, e: &io::Error) -> Option<String> {
         ));
     }
     if e.kind() == io::ErrorKind::NotFound {
+        // A directory that exists but takes no socket files (/proc) says ENOENT too.
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+        if dir.exists() {
+            return Some(format!(
+                "{} takes no socket file (a kernel file system such as /proc?); pick another path",
+                dir.display()
+            ));
+        }
         return Some(format!(
             "its directory {} does not exist; create it or pick another path",
             dir.display()
@@ -527,6 +534,12 @@ mod tests {
             e.contains("its directory /nonexistent-forward-dir does not exist"),
             "{e}"
         );
+        // A directory that exists and takes no files says ENOENT too: not "does not exist".
+        if cfg!(target_os = "linux") {
+            let proc = LocalAddr::Unix(PathBuf::from("/proc/x.sock"));
+            let e = Listener::bind(&proc).unwrap_err().to_string();
+            assert!(e.contains("/proc takes no socket file"), "{e}");
+        }
         let long = LocalAddr::Unix(PathBuf::from(format!("/tmp/{}.sock", "x".repeat(120))));
         let e = Listener::bind(&long).unwrap_err().to_string();
         assert!(
