@@ -123,6 +123,20 @@ fn sigterm_exits_after_grace(t: Transport) {
 
 /// A second Ctrl-C does not wait out the grace period: open connections are reset at once.
 fn second_signal_skips_the_grace(t: Transport) {
+    assert_clean_exit(signal_in_the_grace_period(t, "INT"));
+}
+
+/// SIGHUP in the grace period (Ctrl-C, then the terminal closed) ends it at once, as SIGHUP
+/// does before: open connections reset, exit status 129. It went unheard, and forward lingered
+/// unseen for up to `--grace` (a tester's finding).
+fn a_hangup_in_the_grace_period_ends_it_at_once(t: Transport) {
+    let st = signal_in_the_grace_period(t, "HUP");
+    assert_eq!(st.code(), Some(128 + 1), "{st}");
+}
+
+/// Ctrl-C with a connection open and a 120 s grace, then `signal`: forward must exit well
+/// before the grace ends, its open connection reset, not closed as if it had finished.
+fn signal_in_the_grace_period(t: Transport, signal: &str) -> std::process::ExitStatus {
     let (_backend, _stack, mut fwd, open) = one_idle_connection(t, "120");
     fwd.proc.signal("INT");
     fwd.proc
@@ -130,42 +144,18 @@ fn second_signal_skips_the_grace(t: Transport) {
             l.contains("stopping")
         });
     let second = Instant::now();
-    fwd.proc.signal("INT");
-    assert_clean_exit(fwd.proc.wait_exit());
+    fwd.proc.signal(signal);
+    let st = fwd.proc.wait_exit();
     assert!(
         second.elapsed() < Duration::from_secs(60),
-        "forward waited {:?} after the second signal (grace 120 s)",
+        "forward waited {:?} after SIG{signal} (grace 120 s)",
         second.elapsed()
     );
     assert_reset(
         open,
-        "a connection cut by the second signal must be reset, not cleanly closed",
+        &format!("a connection cut by SIG{signal} must be reset, not cleanly closed"),
     );
-}
-
-/// SIGHUP in the grace period (Ctrl-C, then the terminal closed) ends it at once, as SIGHUP
-/// does before: open connections reset, exit status 129. It went unheard, and forward lingered
-/// unseen for up to `--grace` (a tester's finding).
-fn a_hangup_in_the_grace_period_ends_it_at_once(t: Transport) {
-    let (_backend, _stack, mut fwd, open) = one_idle_connection(t, "120");
-    fwd.proc.signal("INT");
-    fwd.proc
-        .wait_line(crate::harness::Src::Stderr, "the stopping line", |l| {
-            l.contains("stopping")
-        });
-    let hangup = Instant::now();
-    fwd.proc.signal("HUP");
-    let st = fwd.proc.wait_exit();
-    assert_eq!(st.code(), Some(128 + 1), "{st}: {}", fwd.proc.transcript());
-    assert!(
-        hangup.elapsed() < Duration::from_secs(60),
-        "forward waited {:?} after SIGHUP (grace 120 s)",
-        hangup.elapsed()
-    );
-    assert_reset(
-        open,
-        "a connection cut by SIGHUP must be reset, not cleanly closed",
-    );
+    st
 }
 
 /// A connection whose dial is still running when forward is told to stop (here: an edge that
