@@ -192,19 +192,16 @@ impl QuicStream {
                 }
                 return Poll::Ready(Err(e));
             }
-            if unprocessed {
-                tracing::info!(
-                    target = %self.target,
-                    bytes = r.sent.len(),
-                    "the agent shut down before it took this stream: opening it again on a new connection"
-                );
+            let why = if unprocessed {
+                "the agent shut down before it took this stream"
             } else {
-                tracing::info!(
-                    target = %self.target,
-                    bytes = r.sent.len(),
-                    "the agent restarted before it saw this stream: opening it again on a new connection"
-                );
-            }
+                "the agent restarted before it saw this stream"
+            };
+            tracing::info!(
+                target = %self.target,
+                bytes = r.sent.len(),
+                "{why}: opening it again on a new connection"
+            );
             r.state = ReplayState::Reopening((r.reopen)(), e.to_string());
         }
         loop {
