@@ -190,13 +190,19 @@ pub async fn resolve(
             host: dial_host.to_owned(),
         });
     }
+    answered_first(dial_host, port, &mut addrs);
+    Ok(addrs)
+}
+
+/// Moves the address of `name` and `port` that answered last (see [`remember_answer`]) to the
+/// front of `addrs`, the others keeping their order.
+pub fn answered_first(name: &str, port: u16, addrs: &mut [SocketAddr]) {
     if addrs.len() > 1 {
-        let answered = lock_answers().get(&(dial_host.to_owned(), port)).copied();
+        let answered = lock_answers().get(&(name.to_owned(), port)).copied();
         if let Some(i) = answered.and_then(|w| addrs.iter().position(|a| *a == w)) {
             addrs[..=i].rotate_right(1);
         }
     }
-    Ok(addrs)
 }
 
 /// Records that `addr`, one of several [`resolve`] gave for this name and port, answered.

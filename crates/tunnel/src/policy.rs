@@ -202,6 +202,10 @@ impl TargetPolicy {
                 .map_err(|e| DialRefusal::Unreachable(shown.clone(), e))?
                 .collect()
         };
+        // The one that answered last goes first: a ::1 that hangs costs the race's 250 ms
+        // once, not on every connection (a tester's nit).
+        let mut addrs = addrs;
+        crate::dial::answered_first(h, port, &mut addrs);
         // Raced, not tried in turn: a ::1 that never answers (a full accept queue, a firewall
         // that drops) would hold 127.0.0.1 back for the whole dial timeout.
         let attempt =
@@ -219,6 +223,7 @@ impl TargetPolicy {
                 // port: name what answered, for whoever wonders why the service is odd.
                 if addrs.first() != Some(&addr) {
                     tracing::debug!(target = %shown, %addr, "dialled another address than the first");
+                    crate::dial::remember_answer(h, None, port, addr);
                 }
                 return Ok(s);
             }
@@ -409,5 +414,10 @@ mod tests {
             s.read_exact(&mut buf).await.unwrap();
             assert_eq!(&buf, b"pong");
         }
+        // The next dial tries 127.0.0.1 first: the hanging ::1 costs the race's delay once.
+        let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        let mut order = vec![SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port), v4];
+        crate::dial::answered_first("localhost", port, &mut order);
+        assert_eq!(order[0], v4);
     }
 }
