@@ -369,9 +369,14 @@ async fn stdio(args: cli::StdioArgs) -> Result<i32> {
     let (host, via, port) = match args.target.split_once('/') {
         Some((vm, rest)) => {
             let (target, port) = run::parse_host_port(rest).map_err(|_| {
+                // As a plain target is told (a tester's nit): `vm/db.:5432`.
+                let dot = rest.rsplit_once(':').is_some_and(|(h, _)| {
+                    h.ends_with('.') && spec::valid_host(h.trim_end_matches('.'))
+                });
                 anyhow::anyhow!(
-                    "invalid target '{}': expected VM/HOST:PORT, e.g. abc123/10.0.0.5:22",
-                    args.target
+                    "invalid target '{}':{} expected VM/HOST:PORT, e.g. abc123/10.0.0.5:22",
+                    args.target,
+                    if dot { " drop the trailing dot;" } else { "" }
                 )
             })?;
             let ok = spec::valid_host(&target) || target.parse::<std::net::IpAddr>().is_ok();

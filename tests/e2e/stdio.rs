@@ -47,6 +47,12 @@ fn stdio_via_target_needs_the_agent() {
     assert_eq!(st.code(), Some(1), "{err}");
     assert!(err.contains("invalid target 'vm1/:22'"), "{err}");
 
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["stdio", "--edge", "127.0.0.1", "vm1/db.:22"]);
+    let (st, _out, err) = crate::harness::run("forward stdio vm/db.:22", cmd);
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(err.contains("drop the trailing dot"), "{err}");
+
     // One colon too many is named as a bad target, not as a bad TLS name.
     let mut cmd = Command::new(forward_bin());
     cmd.args(["stdio", "--edge", "127.0.0.1", "vm1:80:90"]);
