@@ -388,20 +388,13 @@ pub fn parse_host_port(s: &str) -> Result<(String, u16)> {
     }
     let ok = crate::spec::valid_host(host) || host.parse::<std::net::Ipv4Addr>().is_ok();
     if !ok {
-        let hint = if host.ends_with('.') && crate::spec::valid_host(host.trim_end_matches('.')) {
-            " (drop the trailing dot)"
-        } else {
-            ""
-        };
+        let hint = crate::spec::trailing_dot_hint(host);
         anyhow::bail!(
             "invalid target '{s}': '{host}' is not a VM id, host name or IP address{hint}; {FORM}"
         );
     }
-    let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| digits && *p != 0)
+    let port = crate::spec::port_number(port)
+        .filter(|p| *p != 0)
         .ok_or_else(|| anyhow::anyhow!("invalid target '{s}': port '{port}' is not 1-65535"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     Ok((host.to_owned(), port))

@@ -52,12 +52,25 @@ fn err(spec: &str, problem: impl Into<String>) -> SpecError {
     }
 }
 
+/// A port number written in digits only: `u16::from_str` also takes a sign ("+22").
+pub fn port_number(s: &str) -> Option<u16> {
+    let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    s.parse().ok().filter(|_| digits)
+}
+
+/// " (drop the trailing dot)" for a host that is valid without its trailing dot, else "".
+pub fn trailing_dot_hint(host: &str) -> &'static str {
+    if host.ends_with('.') && valid_host(host.trim_end_matches('.')) {
+        " (drop the trailing dot)"
+    } else {
+        ""
+    }
+}
+
 /// Parses a port field; `allow_zero` for the local side only.
 fn port(spec: &str, what: &str, s: &str, allow_zero: bool) -> Result<u16, SpecError> {
     let range = if allow_zero { "0-65535" } else { "1-65535" };
-    // Digits only: `u16::from_str` also takes a sign ("+22").
-    let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let p: u16 = s.parse().ok().filter(|_| digits).ok_or_else(|| {
+    let p = port_number(s).ok_or_else(|| {
         err(
             spec,
             format!("{what} '{s}' is not a port number ({range}); {FORM}"),
@@ -219,11 +232,7 @@ impl Spec {
             ));
         }
         if !valid_host(host) {
-            let hint = if host.ends_with('.') && valid_host(host.trim_end_matches('.')) {
-                " (drop the trailing dot)"
-            } else {
-                ""
-            };
+            let hint = trailing_dot_hint(host);
             return Err(err(
                 text,
                 format!("host '{host}' is not a valid VM id or host name{hint}"),
