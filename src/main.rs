@@ -295,7 +295,7 @@ async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Some(Command::Stdio(args)) => stdio(args).await,
         Some(Command::Edge(args)) => {
-            forward_edge::run(args).await?;
+            forward_edge::run(args, matches!(cli.log.log_format, LogFormat::Json)).await?;
             Ok(0)
         }
         Some(Command::Demo(args)) => {

@@ -308,6 +308,46 @@ fn json_logs_are_one_object_per_line() {
     }
 }
 
+/// `forward edge --log-format json`: its start-up lines on stdout are JSON objects too (they
+/// were prose while its logs were JSON), with the port picked for 0 and the CA's path.
+#[test]
+fn edge_start_up_lines_in_json() {
+    use crate::harness::{Proc, Src};
+    let dir = TempDir::new("edge-json");
+    let mut cmd = Command::new(forward_bin());
+    cmd.args([
+        "edge",
+        "--log-format",
+        "json",
+        "--port",
+        "0:5432",
+        "--ca-dir",
+    ])
+    .arg(dir.join("ca"));
+    let mut edge = Proc::spawn("edge", cmd);
+    let ca = edge.wait_line(Src::Stdout, "the CA line", |l| l.contains("edge_ca"));
+    let stdout = edge.stdout_text();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    let listen: std::net::SocketAddr = lines[0]["edge"]["listen"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert_ne!(listen.port(), 0, "{stdout}");
+    assert_eq!(lines[0]["edge"]["to"], "[::1]:5432", "{stdout}");
+    assert_eq!(lines[0]["edge"]["domain"], "vm.vers.sh", "{stdout}");
+    let ca: serde_json::Value = serde_json::from_str(&ca).unwrap();
+    let ca = std::path::PathBuf::from(ca["edge_ca"].as_str().unwrap());
+    assert!(std::fs::read_to_string(&ca)
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    edge.signal("TERM");
+    assert!(edge.wait_exit().success(), "{}", edge.transcript());
+}
+
 /// Logs to a pipe (an ssh ProxyCommand's stderr, a supervisor's log file) carry no colour
 /// escape codes; only a terminal gets colour.
 #[test]

@@ -64,8 +64,10 @@ impl EdgeArgs {
 }
 
 /// Start the edge, print one line per listener and where the CA is, serve until Ctrl-C or
-/// SIGTERM.
-pub async fn run(args: EdgeArgs) -> Result<(), EdgeError> {
+/// SIGTERM. `json` (`forward --log-format json edge`): those lines are JSON objects, as the
+/// client's, agent's and demo's are, so a script reads the port picked for 0 and the CA's path
+/// without parsing prose.
+pub async fn run(args: EdgeArgs, json: bool) -> Result<(), EdgeError> {
     // Handlers first: a supervisor may send SIGTERM as soon as it reads our first line.
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt()).map_err(EdgeError::Signal)?;
@@ -80,19 +82,32 @@ pub async fn run(args: EdgeArgs) -> Result<(), EdgeError> {
             (path, true)
         }
     };
-    for l in edge.listeners() {
+    if json {
+        for l in edge.listeners() {
+            let line = serde_json::json!({ "edge": {
+                "listen": l.addr.to_string(),
+                "to": l.vm.to_string(),
+                "domain": edge.domain(),
+            }});
+            say(format_args!("{line}"));
+        }
+        let line = serde_json::json!({ "edge_ca": ca_path.to_string_lossy() });
+        say(format_args!("{line}"));
+    } else {
+        for l in edge.listeners() {
+            say(format_args!(
+                "edge listening on {} -> {} (*.{})",
+                l.addr,
+                l.vm,
+                edge.domain()
+            ));
+        }
         say(format_args!(
-            "edge listening on {} -> {} (*.{})",
-            l.addr,
-            l.vm,
-            edge.domain()
+            "edge CA: {} (trust it with: forward --ca-file {})",
+            ca_path.display(),
+            ca_path.display()
         ));
     }
-    say(format_args!(
-        "edge CA: {} (trust it with: forward --ca-file {})",
-        ca_path.display(),
-        ca_path.display()
-    ));
     tokio::select! {
         _ = int.recv() => {}
         _ = term.recv() => {}

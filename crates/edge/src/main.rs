@@ -37,7 +37,7 @@ async fn main() -> ExitCode {
         // Its own report of a failed write is an `eprintln!`, which panics on a closed stderr.
         .log_internal_errors(false)
         .init();
-    match forward_edge::run(cli.args).await {
+    match forward_edge::run(cli.args, false).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             last_word(format_args!("error: {e}"));
