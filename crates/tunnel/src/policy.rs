@@ -263,11 +263,16 @@ pub(crate) fn log_refusal(refusal: &DialRefusal) {
 }
 
 /// A target as the logs and the `forwarding` lines show it: `localhost:PORT` for the VM's own
-/// loopback (an empty host), IPv6 literals in brackets.
+/// loopback (an empty host), IPv6 literals in brackets. A host with control characters (an
+/// `OPEN` frame's host is any UTF-8 a client sends) is shown escaped: raw, a newline in it
+/// forged whole log lines on the agent (a tester's finding).
 pub(crate) struct Shown<'a>(pub(crate) &'a str, pub(crate) u16);
 
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.chars().any(char::is_control) {
+            return write!(f, "\"{}\":{}", self.0.escape_debug(), self.1);
+        }
         match self.0 {
             "" => write!(f, "localhost:{}", self.1),
             h if h.contains(':') && !h.starts_with('[') => write!(f, "[{h}]:{}", self.1),
@@ -279,6 +284,24 @@ impl fmt::Display for Shown<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client's `OPEN` host reaches the agent's log escaped: one line, whatever it holds.
+    #[tokio::test]
+    async fn a_refused_host_with_control_characters_is_logged_on_one_line() {
+        let host = "x\n2026-12-02T11:59:59Z  INFO forward_tunnel::agent: carrier authenticated\u{0}";
+        let refusal = TargetPolicy::default()
+            .dial(host, 80, Duration::from_secs(1))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(!refusal.chars().any(char::is_control), "{refusal:?}");
+        assert!(
+            refusal.contains("target \"x\\n2026-12-02T11:59:59Z  INFO"),
+            "{refusal:?}"
+        );
+        assert_eq!(Shown("db.internal", 5432).to_string(), "db.internal:5432");
+        assert_eq!(Shown("::1", 22).to_string(), "[::1]:22");
+    }
 
     #[test]
     fn loopback_only_by_default() {
