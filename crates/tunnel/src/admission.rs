@@ -93,6 +93,11 @@ impl Admission {
         self.lock().queue.len()
     }
 
+    /// Whether the next newcomer evicts someone.
+    pub(crate) fn is_full(&self) -> bool {
+        self.lock().queue.len() >= self.cap
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -288,7 +288,8 @@ mod tests {
     /// A client's `OPEN` host reaches the agent's log escaped: one line, whatever it holds.
     #[tokio::test]
     async fn a_refused_host_with_control_characters_is_logged_on_one_line() {
-        let host = "x\n2026-12-02T11:59:59Z  INFO forward_tunnel::agent: carrier authenticated\u{0}";
+        let host =
+            "x\n2026-12-02T11:59:59Z  INFO forward_tunnel::agent: carrier authenticated\u{0}";
         let refusal = TargetPolicy::default()
             .dial(host, 80, Duration::from_secs(1))
             .await

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use forward_tunnel::auth::{AgentNames, Token};
 use forward_tunnel::quic::{
-    client_config, code, encode_target, AgentVerify, QuicAgent, QuicAgentConfig, QuicCarrier,
-    QuicCarrierConfig, QuicCert, QuicConnector, SpkiPin, ALPN, AUTH_HELLO,
+    client_config, close, code, encode_target, AgentVerify, QuicAgent, QuicAgentConfig,
+    QuicCarrier, QuicCarrierConfig, QuicCert, QuicConnector, SpkiPin, ALPN, AUTH_HELLO,
+    MAX_UNAUTHENTICATED,
 };
 use forward_tunnel::Connector;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -428,6 +429,29 @@ async fn raw_auth(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvSt
     let mut ch = [0u8; 32];
     recv.read_exact(&mut ch).await.unwrap();
     (send, recv, ch)
+}
+
+/// A stranger holding as many finished handshakes as the agent lets wait for authentication,
+/// and reopening them as they time out, locked every client out: the agent refused newcomers.
+/// Now a newcomer takes the oldest one's place, and that one is told the agent is busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_authenticate_do_not_lock_a_client_out() {
+    let a = agent();
+    let port = echo(v6()).await;
+    let mut squatters = Vec::new();
+    for _ in 0..MAX_UNAUTHENTICATED {
+        squatters.push(timed(raw_connection(&a, ALPN)).await.unwrap());
+    }
+    let good = carrier(&a);
+    timed(good.check()).await.unwrap();
+    echo_via(&good, port, b"through a full queue").await;
+    let evicted = timed(squatters[0].closed()).await;
+    assert!(
+        matches!(&evicted, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(close::BUSY)),
+        "{evicted:?}"
+    );
+    assert!(squatters.last().unwrap().close_reason().is_none());
 }
 
 #[tokio::test]

@@ -2,7 +2,6 @@
 //! dials a target for every further stream and relays.
 
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +17,14 @@ use super::{
     close, code, is_loopback, proof_host, read_target, transport, HeaderError, QuicCert, QuicError,
     QuicStream, ALPN, AUTH_HELLO, AUTH_TIMEOUT, MAX_STREAMS, MAX_UNAUTHENTICATED,
 };
+use crate::admission::Admission;
 use crate::auth::{challenge, AgentNames, Token, CHALLENGE_LEN};
 use crate::policy::{DialRefusal, Shown, TargetPolicy};
 use crate::relay::{relay, Direction, Endpoint, RelayError};
 use crate::throttle::Throttle;
 
-static REFUSALS: Throttle = Throttle::new();
+static EVICTIONS: Throttle = Throttle::new();
+static EARLY_STREAMS: Throttle = Throttle::new();
 static AUTH_FAILURES: Throttle = Throttle::new();
 static NAME_REFUSALS: Throttle = Throttle::new();
 
@@ -82,7 +83,9 @@ struct Shared {
     policy: TargetPolicy,
     dial_timeout: Duration,
     port: u16,
-    unauthenticated: AtomicUsize,
+    /// Connections in their handshake or auth, at most [`MAX_UNAUTHENTICATED`]: a newcomer
+    /// over it evicts the oldest, as on the TCP side (crate::admission).
+    admission: Arc<Admission>,
     streams: TaskTracker,
     /// Fires when the grace period is over: streams still open are reset.
     cut: CancellationToken,
@@ -210,7 +213,7 @@ impl QuicAgent {
                 policy: config.policy,
                 dial_timeout: config.dial_timeout,
                 port: local.port(),
-                unauthenticated: AtomicUsize::new(0),
+                admission: Admission::new(MAX_UNAUTHENTICATED),
                 streams: TaskTracker::new(),
                 cut: CancellationToken::new(),
                 loopback_server: Arc::new(loopback_server),
@@ -247,16 +250,17 @@ impl QuicAgent {
             };
             let Some(incoming) = incoming else { break };
             let remote = incoming.remote_address();
-            if self.shared.unauthenticated.load(Ordering::Relaxed) >= MAX_UNAUTHENTICATED {
-                if let Some(more) = REFUSALS.pass() {
-                    tracing::warn!(
-                        %remote,
-                        not_logged = more,
-                        "refusing QUIC connections: {MAX_UNAUTHENTICATED} are already \
-                         authenticating (a flood, or a burst of clients)"
-                    );
+            // Under a flood an address must show it receives our packets before it costs a
+            // place (and evicts someone): a Retry is stateless, and a spoofed source never
+            // answers it. Refusing newcomers instead let 64 connections that never
+            // authenticate, reopened every 10 s, lock every client out (a tester's finding).
+            if self.shared.admission.is_full()
+                && !incoming.remote_address_validated()
+                && incoming.may_retry()
+            {
+                if let Err(e) = incoming.retry() {
+                    tracing::debug!(%remote, error = %e, "QUIC retry failed");
                 }
-                incoming.refuse();
                 continue;
             }
             let shared = self.shared.clone();
@@ -303,29 +307,17 @@ pub async fn serve(config: QuicAgentConfig, stop: CancellationToken) -> Result<(
     QuicAgent::bind(config)?.run(stop).await
 }
 
-/// Counts a connection as unauthenticated until dropped or released.
-struct Pending<'a>(&'a AtomicUsize, bool);
-
-impl<'a> Pending<'a> {
-    fn new(n: &'a AtomicUsize) -> Self {
-        n.fetch_add(1, Ordering::Relaxed);
-        Self(n, true)
-    }
-    fn release(&mut self) {
-        if std::mem::take(&mut self.1) {
-            self.0.fetch_sub(1, Ordering::Relaxed);
+async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: CancellationToken) {
+    let (slot, evicted) = shared.admission.admit();
+    if evicted {
+        if let Some(more) = EVICTIONS.pass() {
+            tracing::warn!(
+                not_logged = more,
+                "too many QUIC connections waiting to authenticate: closing the oldest (a \
+                 flood, or a burst of clients)"
+            );
         }
     }
-}
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
-async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: CancellationToken) {
-    let mut pending = Pending::new(&shared.unauthenticated);
     let accepted = if is_loopback(incoming.remote_address().ip()) {
         incoming.accept_with(shared.loopback_server.clone())
     } else {
@@ -338,7 +330,15 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: C
             return;
         }
     };
-    let conn = match tokio::time::timeout(AUTH_TIMEOUT, connecting).await {
+    // Dropping an evicted handshake closes it.
+    let Some(handshake) = slot
+        .unless_evicted(tokio::time::timeout(AUTH_TIMEOUT, connecting))
+        .await
+    else {
+        tracing::debug!("evicted by newer connections during the QUIC handshake");
+        return;
+    };
+    let conn = match handshake {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             // Anyone can cause this at will; a real client says why on its side (pin, ALPN).
@@ -366,10 +366,32 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: C
         );
         return;
     }
+    // A completed handshake goes after those still in theirs: a flood of Initials (cheap, and
+    // from any source address until the Retry above kicks in) cannot evict a client that is
+    // one round trip from its verdict.
+    slot.upgraded();
     let host = proof_host(sni.as_deref().unwrap_or(""));
-    match authenticate(&conn, &shared, &host).await {
+    let busy = |conn: &quinn::Connection| {
+        conn.close(
+            VarInt::from_u32(close::BUSY),
+            b"too many connections waiting to authenticate",
+        )
+    };
+    let Some(verdict) = slot
+        .unless_evicted(authenticate(&conn, &shared, &host))
+        .await
+    else {
+        tracing::debug!("evicted by newer connections while authenticating");
+        busy(&conn);
+        return;
+    };
+    match verdict {
         Ok(()) => {
-            pending.release();
+            if !slot.settle() {
+                tracing::debug!("evicted by newer connections while authenticating");
+                busy(&conn);
+                return;
+            }
             tracing::info!(sni = %host, "QUIC client authenticated");
         }
         Err((c, reason)) => {
@@ -380,7 +402,6 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, stop: C
             return;
         }
     }
-    drop(pending);
     serve_streams(conn, shared, stop, fit).await;
 }
 
@@ -458,7 +479,15 @@ async fn authenticate(
             _ = tokio::time::sleep_until(deadline) => return Err(timeout()),
             s = conn.accept_bi() => match s {
                 Ok((mut s, mut r)) => {
-                    tracing::warn!(stream = %s.id(), "stream opened before authentication: reset");
+                    // Anyone can cause this at will, thousands a second (a tester's finding).
+                    match EARLY_STREAMS.pass() {
+                        Some(more) => tracing::warn!(
+                            stream = %s.id(),
+                            not_logged = more,
+                            "stream opened before authentication: reset"
+                        ),
+                        None => tracing::debug!(stream = %s.id(), "stream opened before authentication: reset"),
+                    }
                     reject(&mut s, &mut r, code::AUTH_REQUIRED);
                 }
                 Err(e) => return Err(lost(&e)),

@@ -547,7 +547,15 @@ impl std::fmt::Debug for QuicCarrier {
 }
 
 fn jittered(failures: u32) -> Duration {
-    let exp = BACKOFF_BASE.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    jittered_from(BACKOFF_BASE, failures)
+}
+
+/// First pause before another try at an agent that was busy (it evicted this connection
+/// while too many waited to authenticate); doubles per try.
+const BUSY_RETRY_BASE: Duration = Duration::from_millis(50);
+
+fn jittered_from(base: Duration, failures: u32) -> Duration {
+    let exp = base.saturating_mul(1 << failures.saturating_sub(1).min(16));
     let cap = exp.min(BACKOFF_MAX);
     let mut r = [0u8; 2];
     let _ = SystemRandom::new().fill(&mut r);
@@ -916,7 +924,29 @@ impl QuicCarrier {
         }
     }
 
+    /// A new authenticated connection. An agent with too many connections waiting to
+    /// authenticate evicts the oldest (a flood, or a burst of clients): that is retried, with
+    /// jittered pauses, until the connect timeout, as a TCP carrier retries a `503`.
     async fn establish(&self) -> Result<quinn::Connection, QuicError> {
+        let deadline = Instant::now() + self.connect_timeout;
+        let mut tries = 0;
+        loop {
+            match self.establish_once().await {
+                Err(e @ QuicError::Busy { .. }) => {
+                    tries += 1;
+                    let pause = jittered_from(BUSY_RETRY_BASE, tries);
+                    if Instant::now() + pause >= deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(?pause, "{e}: trying again");
+                    tokio::time::sleep(pause).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn establish_once(&self) -> Result<quinn::Connection, QuicError> {
         let dial = self.edge.as_deref().unwrap_or(&self.host);
         let addrs = crate::dial::resolve(&self.host, self.edge.as_deref(), self.port).await?;
         let ipv6_socket = self.endpoint.local_addr()?.is_ipv6();
@@ -1022,6 +1052,16 @@ impl QuicCarrier {
         // TLS alert 120: no_application_protocol.
         let no_alpn = quinn::TransportErrorCode::crypto(120);
         match &e {
+            // The agent dropped the handshake: only an eviction does that (an application's
+            // close during the handshake reaches the peer as APPLICATION_ERROR).
+            C::ConnectionClosed(c)
+                if c.error_code == quinn::TransportErrorCode::APPLICATION_ERROR =>
+            {
+                QuicError::Busy {
+                    host: self.host.clone(),
+                    port: self.port,
+                }
+            }
             C::ConnectionClosed(c) if c.error_code == no_alpn => QuicError::WrongAlpn {
                 host: self.host.clone(),
                 port: self.port,
@@ -1075,6 +1115,14 @@ impl QuicCarrier {
         // can meet the agent after it dropped the connection, and the stateless reset that
         // answers it can arrive first: a reset in the middle of the exchange is the same refusal
         // (1 in 2 wrong-token checks on loopback said only "connection lost").
+        if let Some(quinn::ConnectionError::ApplicationClosed(a)) = conn.close_reason() {
+            if a.error_code == quinn::VarInt::from_u32(close::BUSY) {
+                return Err(QuicError::Busy {
+                    host: self.host.clone(),
+                    port: self.port,
+                });
+            }
+        }
         let closed_for_auth = match conn.close_reason() {
             Some(quinn::ConnectionError::ApplicationClosed(a)) => {
                 a.error_code == quinn::VarInt::from_u32(close::AUTH_FAILED)

@@ -94,6 +94,8 @@ pub mod close {
     pub const PROTOCOL: u32 = 3;
     /// The agent is stopping.
     pub const SHUTDOWN: u32 = 4;
+    /// Too many connections were waiting to authenticate and this was the oldest: try again.
+    pub const BUSY: u32 = 5;
 }
 
 /// Why a QUIC agent or client could not do its job. Messages name the fix.
@@ -148,6 +150,15 @@ pub enum QuicError {
         "agent {host}:{port} rejected authentication: check that both sides use the same token, and that the agent answers to {host} (its --name)"
     )]
     AuthRejected {
+        /// The agent host.
+        host: String,
+        /// Its UDP port.
+        port: u16,
+    },
+    /// The agent had too many connections waiting to authenticate and dropped this one, every
+    /// try until the connect timeout.
+    #[error("agent {host}:{port} is busy: too many connections are waiting to authenticate (a flood, or a burst of clients); tried again until --connect-timeout")]
+    Busy {
         /// The agent host.
         host: String,
         /// Its UDP port.
