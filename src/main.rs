@@ -316,15 +316,23 @@ async fn forward(cli: Cli) -> Result<i32> {
         .map(|s| Spec::parse(s))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
-            // `forward --agent 9999 stdio vm:22`: git-style, options before the subcommand.
-            // clap then takes the subcommand's name for a SPEC.
-            match cli
+            // `forward --agent 9999 stdio vm:22`: git-style, options before the subcommand;
+            // or `forward 5432:vm:5432 stdio vm:22`. clap then takes the subcommand's name
+            // for a SPEC.
+            let command = Cli::command();
+            let sub = cli
                 .specs
-                .first()
-                .filter(|s| Cli::command().find_subcommand(s.as_str()).is_some())
-            {
-                Some(sub) => anyhow::anyhow!(
-                    "'{sub}' is a subcommand: give its options after it, e.g. forward {sub} --help"
+                .iter()
+                .position(|s| command.find_subcommand(s.as_str()).is_some());
+            match sub {
+                Some(0) => anyhow::anyhow!(
+                    "'{}' is a subcommand: give its options after it, e.g. forward {} --help",
+                    cli.specs[0],
+                    cli.specs[0]
+                ),
+                Some(i) => anyhow::anyhow!(
+                    "'{sub}' is a subcommand, not a SPEC: run it on its own, first, e.g. forward {sub} --help",
+                    sub = cli.specs[i]
                 ),
                 None => e.into(),
             }

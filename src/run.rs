@@ -152,18 +152,9 @@ pub(crate) fn announce(json: bool, listen: &str, to: &str) {
         let line = serde_json::json!({ "forwarding": { "listen": listen, "to": to } });
         crate::say::say!("{line}");
     } else {
-        crate::say::say!("forwarding {} -> {to}", one_line(listen));
-    }
-}
-
-/// A Unix socket path may hold a newline or another control character, which split the
-/// `forwarding` line in two (a script reading one line per listener then got a wrong path).
-/// Such a path is shown quoted, with Rust's escapes; any other is shown as it is.
-fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        format!("{s:?}").into()
-    } else {
-        s.into()
+        // A socket path may hold a newline, which split the line in two (a script reading
+        // one line per listener then got a wrong path).
+        crate::say::say!("forwarding {} -> {to}", crate::say::escape_controls(listen));
     }
 }
 
@@ -413,15 +404,20 @@ pub fn parse_host_port(s: &str) -> Result<(String, u16)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{ignored_mask_has_hangup, one_line, parse_host_port};
+    use super::{ignored_mask_has_hangup, parse_host_port};
+    use crate::say::escape_controls;
 
-    /// A socket path with a newline no longer splits its `forwarding` line.
+    /// A socket path with a newline no longer splits its `forwarding` line, nor a SPEC with
+    /// one its error.
     #[test]
-    fn a_listener_is_announced_on_one_line() {
-        assert_eq!(one_line("/tmp/a b.sock"), "/tmp/a b.sock");
-        assert_eq!(one_line("127.0.0.1:5432"), "127.0.0.1:5432");
-        assert_eq!(one_line("/tmp/a\nb.sock"), "\"/tmp/a\\nb.sock\"");
-        assert_eq!(one_line("/tmp/tab\there"), "\"/tmp/tab\\there\"");
+    fn control_characters_are_shown_escaped_on_one_line() {
+        assert_eq!(escape_controls("/tmp/a b.sock"), "/tmp/a b.sock");
+        assert_eq!(escape_controls("/tmp/żółw.sock"), "/tmp/żółw.sock");
+        assert_eq!(escape_controls("/tmp/a\nb.sock"), "/tmp/a\\nb.sock");
+        assert_eq!(
+            escape_controls("tab\there\u{1b}[31m"),
+            "tab\\there\\u{1b}[31m"
+        );
     }
 
     /// `forward stdio`'s target is read as a SPEC's host and port are.

@@ -23,8 +23,30 @@ pub fn line(args: std::fmt::Arguments<'_>) {
 /// into a panic's 101, as `eprintln!` does: a failed write is dropped (there is nowhere left
 /// to say it).
 pub fn err_line(args: std::fmt::Arguments<'_>) {
+    let text = args.to_string();
     let mut err = std::io::stderr().lock();
-    let _ = err.write_fmt(args).and_then(|()| err.write_all(b"\n"));
+    let _ = err
+        .write_all(escape_controls(&text).as_bytes())
+        .and_then(|()| err.write_all(b"\n"));
+}
+
+/// `s` with every control character escaped as Rust writes it (`\n`, `\t`, `\u{1b}`): an
+/// error or a `forwarding` line stays one line when it quotes what a user typed (a SPEC, a
+/// `--ca-file` or socket path with a newline split them over several, a tester's finding).
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// `eprintln!` that never panics: see [`err_line`].

@@ -266,6 +266,14 @@ impl Spec {
                     format!("a Unix socket path takes no bind address: drop '{bind}:'"),
                 ));
             }
+            // A directory is not a socket name: `/tmp/pg/:vm:5432` was told its parent "takes
+            // no socket file", or to remove the directory (a tester's finding).
+            if local_text.ends_with('/') {
+                return Err(err(
+                    text,
+                    format!("socket path '{local_text}' ends in '/': name the socket file, e.g. {local_text}forward.sock"),
+                ));
+            }
             LocalSide::Unix(PathBuf::from(local_text))
         } else {
             match rsplit_colon(local_text) {
@@ -510,6 +518,11 @@ mod tests {
                 "[::1]:/tmp/x.sock:abc:22",
                 "a Unix socket path takes no bind address",
             ),
+            (
+                "/tmp/pg/:abc:5432",
+                "socket path '/tmp/pg/' ends in '/': name the socket file, e.g. /tmp/pg/forward.sock",
+            ),
+            ("./dir/:abc:22", "socket path './dir/' ends in '/'"),
         ];
         for (text, want) in cases {
             let e = Spec::parse(text).expect_err(text).to_string();

@@ -308,6 +308,28 @@ fn json_logs_are_one_object_per_line() {
     }
 }
 
+/// A newline in what the user typed (a SPEC, a path) is shown escaped: the error stays one
+/// line (it printed as two or three).
+#[test]
+fn an_error_quoting_a_newline_is_still_one_line() {
+    let dir = TempDir::new("newline-errors");
+    let sock = format!("{}/no\ndir/x.sock:abc:22", dir.join("d").display());
+    for args in [
+        &["31960:abc\n123:31007"][..],
+        &["--ca-file", "/nonexistent\nfoo", "31960:abc:31007"],
+        &[sock.as_str()],
+    ] {
+        let o = forward(args);
+        assert_eq!(o.code, 1, "{args:?}: {}", o.stderr);
+        let lines: Vec<&str> = o.stderr.lines().collect();
+        assert!(
+            lines.len() == 1 && lines[0].starts_with("error: ") && lines[0].contains("\\n"),
+            "{args:?}: want one escaped line:\n{}",
+            o.stderr
+        );
+    }
+}
+
 /// `forward edge --log-format json`: its start-up lines on stdout are JSON objects too (they
 /// were prose while its logs were JSON), with the port picked for 0 and the CA's path.
 #[test]
@@ -664,5 +686,10 @@ fn options_before_a_subcommand_are_explained() {
         &["--agent", "9999", "stdio", "vm1:22"],
         &[1],
         &["'stdio' is a subcommand", "forward stdio --help"],
+    );
+    assert_rejected(
+        &["31973:abc123:31007", "stdio", "abc123:22"],
+        &[1],
+        &["'stdio' is a subcommand, not a SPEC", "first"],
     );
 }

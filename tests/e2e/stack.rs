@@ -126,7 +126,7 @@ impl Stack {
         let ca_line = edge.wait_line(Src::Stdout, "the `edge CA: PATH` line", |l| {
             l.starts_with("edge CA: ")
         });
-        // `edge CA: PATH (trust it with: ...)`: the path is the first word.
+        // `edge CA: PATH (clients: ...)`: the path is the first word.
         let ca = ca_line
             .trim_start_matches("edge CA: ")
             .split_whitespace()

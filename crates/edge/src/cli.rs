@@ -102,8 +102,19 @@ pub async fn run(args: EdgeArgs, json: bool) -> Result<(), EdgeError> {
                 edge.domain()
             ));
         }
+        // The whole client flag set: `--ca-file` alone, copied as printed, sent the client to
+        // the real VM name's address (a tester's finding). Loopback `--bind` ports serve
+        // this host only; the first listener names the address.
+        let edge_ip = edge
+            .listeners()
+            .first()
+            .map_or_else(|| "127.0.0.1".to_owned(), |l| l.addr.ip().to_string());
+        let domain = match edge.domain() {
+            "vm.vers.sh" => String::new(),
+            d => format!(" --domain {d}"),
+        };
         say(format_args!(
-            "edge CA: {} (trust it with: forward --ca-file {})",
+            "edge CA: {} (clients: forward --edge {edge_ip}{domain} --ca-file {} ...)",
             ca_path.display(),
             ca_path.display()
         ));

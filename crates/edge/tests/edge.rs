@@ -335,6 +335,14 @@ async fn the_binary_prints_its_listeners_and_serves() {
         second.starts_with(&format!("edge CA: {}", dir.join("ca.pem").display())),
         "{second}"
     );
+    // What a client needs, copyable: without --edge it would look up the real VM name.
+    assert!(
+        second.contains(&format!(
+            "forward --edge 127.0.0.1 --ca-file {} ",
+            dir.join("ca.pem").display()
+        )),
+        "{second}"
+    );
 
     let pem = std::fs::read(dir.join("ca.pem")).unwrap();
     let mut roots = rustls::RootCertStore::empty();

@@ -41,7 +41,7 @@ pub fn raise_open_files() {
     let now = getrlimit(Resource::Nofile);
     let tries = candidates(now.current, now.maximum);
     if tries.is_empty() {
-        tracing::debug!(limit = ?now.current, "open-file limit");
+        tracing::debug!(limit = %shown(now.current), "open-file limit");
         return;
     }
     for want in tries {
@@ -50,11 +50,16 @@ pub fn raise_open_files() {
             maximum: now.maximum,
         };
         if setrlimit(Resource::Nofile, new).is_ok() {
-            tracing::debug!(from = ?now.current, to = want, "raised the open-file limit");
+            tracing::debug!(from = %shown(now.current), to = want, "raised the open-file limit");
             return;
         }
     }
-    tracing::debug!(limit = ?now.current, "the system refused a higher open-file limit");
+    tracing::debug!(limit = %shown(now.current), "the system refused a higher open-file limit");
+}
+
+/// A limit as a log shows it: `Some(20000)` was Rust's debug form.
+fn shown(limit: Option<u64>) -> String {
+    limit.map_or_else(|| "unlimited".to_owned(), |l| l.to_string())
 }
 
 /// For an error that means "out of descriptors" (EMFILE, ENFILE): what to tell the user, with
