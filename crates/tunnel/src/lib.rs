@@ -28,6 +28,7 @@ pub mod stdio;
 mod throttle;
 pub mod tls;
 pub mod upgrade;
+pub mod zero_window;
 
 pub use dial::{Connector, DialError, DirectConnector, Remote};
 pub use listen::{DetachedStream, ListenError, Listener, LocalAddr, LocalStream};

@@ -11,6 +11,7 @@
 //! allocated, and it is released again after a refill that found less than a record, so
 //! interactive and idle connections hold no buffer.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -33,6 +34,15 @@ pub struct ReadAhead<T> {
     end: usize,
     /// The last refill was small: drop the buffer once it is drained.
     small_refill: bool,
+    /// Since when writes are blocked (the socket takes no more).
+    blocked_since: Option<tokio::time::Instant>,
+    /// Fires [`crate::zero_window::STALL_CHECK`] into a block, when the peer is asked about
+    /// (see [`Endpoint::hold_on`]). Made at the first block and kept: a bulk upload blocks and
+    /// unblocks thousands of times a second, and re-arming a timer each time would cost more
+    /// than the check is worth; it is re-armed at most once per interval.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// `hold_on` took effect: undo it once a write goes through.
+    holding_on: bool,
 }
 
 impl<T> ReadAhead<T> {
@@ -44,6 +54,44 @@ impl<T> ReadAhead<T> {
             pos: 0,
             end: 0,
             small_refill: false,
+            blocked_since: None,
+            stall: None,
+            holding_on: false,
+        }
+    }
+}
+
+impl<T: Endpoint> ReadAhead<T> {
+    /// Watches for a peer that takes no bytes: the edge, when the VM service behind it stops
+    /// reading, shows a zero window; with TCP_USER_TIMEOUT set, Linux ends a connection whose
+    /// window stays shut that long even though the peer answers every probe, so a database
+    /// that paused reading an upload for 45 s lost it in direct mode only (a tester's finding).
+    fn watch(&mut self, cx: &mut Context<'_>, blocked: bool) {
+        use crate::zero_window::STALL_CHECK;
+        if !blocked {
+            self.blocked_since = None;
+            if std::mem::take(&mut self.holding_on) {
+                self.inner.stop_holding_on();
+            }
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let since = *self.blocked_since.get_or_insert(now);
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(since + STALL_CHECK)));
+        // A timer armed for an earlier block fires early for this one: it is then set to this
+        // block's due time.
+        while stall.as_mut().poll(cx).is_ready() {
+            if now >= since + STALL_CHECK {
+                if !self.holding_on {
+                    self.holding_on = self.inner.hold_on();
+                }
+                self.blocked_since = Some(now);
+                stall.as_mut().reset(now + STALL_CHECK);
+            } else {
+                stall.as_mut().reset(since + STALL_CHECK);
+            }
         }
     }
 }
@@ -89,13 +137,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for ReadAhead<T> {
+impl<T: Endpoint> AsyncWrite for ReadAhead<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(cx, r.is_pending());
+        r
     }
 
     fn poll_write_vectored(
@@ -103,7 +154,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadAhead<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch(cx, r.is_pending());
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -130,6 +184,14 @@ impl<T: Endpoint> Endpoint for ReadAhead<T> {
 
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         self.inner.poll_reset(cx)
+    }
+
+    fn hold_on(&self) -> bool {
+        self.inner.hold_on()
+    }
+
+    fn stop_holding_on(&self) {
+        self.inner.stop_holding_on();
     }
 }
 
@@ -222,6 +284,42 @@ mod tests {
             rx.buf.capacity(),
             0,
             "a quiet connection gave the buffer back"
+        );
+    }
+
+    /// A peer that stops reading for longer than the socket's TCP_USER_TIMEOUT but answers
+    /// every window probe is waited for: Linux cut such a connection (a direct upload to a VM
+    /// service that paused reading for 45 s was reset), and every byte must still arrive.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_outlasts_the_dead_path_timeout() {
+        let (tx, mut rx) = pair().await;
+        let limit = Duration::from_secs(8);
+        socket2::SockRef::from(&tx)
+            .set_tcp_user_timeout(Some(limit))
+            .unwrap();
+        let data: Vec<u8> = (0..48 * 1024 * 1024u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            let mut tx = ReadAhead::new(tx);
+            tx.write_all(&sent).await?;
+            tx.shutdown().await
+        });
+        // Nothing read for the timeout and then some: the window stays shut all along.
+        tokio::time::sleep(limit + Duration::from_secs(6)).await;
+        let mut got = Vec::with_capacity(data.len());
+        rx.read_to_end(&mut got).await.unwrap();
+        writer
+            .await
+            .unwrap()
+            .expect("the writer was cut off while the reader paused");
+        assert!(
+            got == data,
+            "{} of {} bytes, or different ones",
+            got.len(),
+            data.len()
         );
     }
 }

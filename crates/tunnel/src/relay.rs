@@ -140,6 +140,17 @@ pub trait Endpoint: AsyncRead + AsyncWrite + Unpin + Send {
         Poll::Pending
     }
 
+    /// The peer has taken no bytes for a while ([`crate::readahead`] asks after
+    /// [`crate::zero_window::STALL_CHECK`] of a blocked write). An endpoint that would give up
+    /// on such a peer (a socket with TCP_USER_TIMEOUT) but can see that it is alive and only
+    /// not reading (a zero window) stops giving up and returns true. The default: false.
+    fn hold_on(&self) -> bool {
+        false
+    }
+
+    /// Bytes move again after [`Endpoint::hold_on`] returned true: give up on a dead peer again.
+    fn stop_holding_on(&self) {}
+
     /// For an endpoint that holds received bytes in memory already (a mux stream): appends up
     /// to `max` of them to `out` as they are, without a copy into the relay's buffer, and
     /// returns how many; 0 is EOF. `None` (the default): the relay reads with `poll_read`.
@@ -199,6 +210,14 @@ impl Endpoint for tokio::net::TcpStream {
 
     fn poll_reset(&mut self, _cx: &mut Context<'_>) -> Poll<io::Error> {
         poll_tcp_reset(self)
+    }
+
+    fn hold_on(&self) -> bool {
+        crate::zero_window::hold_on(self)
+    }
+
+    fn stop_holding_on(&self) {
+        crate::zero_window::stop_holding_on(self);
     }
 }
 
