@@ -1324,7 +1324,8 @@ async fn report_loss(conn: quinn::Connection, agent: String, lost: Arc<tokio::sy
         ),
         E::TimedOut => tracing::warn!(
             %agent,
-            "QUIC connection lost: nothing heard from the agent for 30 s; reconnecting"
+            "QUIC connection lost: nothing heard from the agent for 30 s (the agent or the path \
+             is gone, or this process was stopped that long); reconnecting"
         ),
         why => tracing::warn!(%agent, reason = %why, "QUIC connection lost; reconnecting"),
     }
