@@ -146,13 +146,13 @@ impl From<DialError> for Attempt {
 }
 
 /// First pause before another try at a carrier the agent dropped before authentication.
-const DROPPED_RETRY_BASE: Duration = Duration::from_millis(50);
+pub(crate) const DROPPED_RETRY_BASE: Duration = Duration::from_millis(50);
 
 fn jittered(failures: u32) -> Duration {
     jittered_from(BACKOFF_BASE, failures)
 }
 
-fn jittered_from(base: Duration, failures: u32) -> Duration {
+pub(crate) fn jittered_from(base: Duration, failures: u32) -> Duration {
     let exp = base
         .saturating_mul(1u32 << failures.min(8))
         .min(BACKOFF_MAX);

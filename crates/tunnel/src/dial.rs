@@ -143,12 +143,12 @@ pub const PATH_DEAD_AFTER: Duration = Duration::from_secs(45);
 /// the kernel's own retransmission limit, while agent carriers still end at their 45 s of
 /// silence (the mux's keepalive, in user space).
 #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-fn give_up_on_dead_path(stream: &TcpStream) -> io::Result<()> {
+pub(crate) fn give_up_on_dead_path(stream: &TcpStream) -> io::Result<()> {
     SockRef::from(stream).set_tcp_user_timeout(Some(PATH_DEAD_AFTER))
 }
 
 #[cfg(not(any(target_os = "android", target_os = "fuchsia", target_os = "linux")))]
-fn give_up_on_dead_path(_stream: &TcpStream) -> io::Result<()> {
+pub(crate) fn give_up_on_dead_path(_stream: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 

@@ -22,16 +22,18 @@ use tokio::net::TcpStream;
 pub const STALL_CHECK: Duration = Duration::from_secs(5);
 
 /// The timer code `/proc/net/tcp` shows for zero-window probing (`ICSK_TIME_PROBE0`).
+#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
 const PROBE_TIMER: &str = "04";
 
 /// Lifts the socket's TCP_USER_TIMEOUT if it has one and the kernel is probing a zero window on
 /// it. Returns whether it did.
+#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
 pub(crate) fn hold_on(stream: &TcpStream) -> bool {
     let sock = socket2::SockRef::from(stream);
-    if !matches!(user_timeout(&sock), Some(Some(_))) || !probing_zero_window(stream) {
+    if !matches!(sock.tcp_user_timeout(), Ok(Some(_))) || !probing_zero_window(stream) {
         return false;
     }
-    match set_user_timeout(&sock, None) {
+    match sock.set_tcp_user_timeout(None) {
         Ok(()) => {
             tracing::debug!(
                 "the peer takes no bytes but answers: waiting for it without the dead-path timeout"
@@ -45,51 +47,40 @@ pub(crate) fn hold_on(stream: &TcpStream) -> bool {
     }
 }
 
+/// Where the kernel has no TCP_USER_TIMEOUT there is nothing to lift.
+#[cfg(not(any(target_os = "android", target_os = "fuchsia", target_os = "linux")))]
+pub(crate) fn hold_on(_stream: &TcpStream) -> bool {
+    false
+}
+
 /// Puts the dead-path timeout back after [`hold_on`].
 pub(crate) fn stop_holding_on(stream: &TcpStream) {
-    let sock = socket2::SockRef::from(stream);
-    if let Err(e) = set_user_timeout(&sock, Some(crate::dial::PATH_DEAD_AFTER)) {
+    if let Err(e) = crate::dial::give_up_on_dead_path(stream) {
         tracing::debug!(error = %e, "could not restore TCP_USER_TIMEOUT");
     }
 }
 
-#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-fn user_timeout(sock: &socket2::SockRef<'_>) -> Option<Option<Duration>> {
-    sock.tcp_user_timeout().ok()
-}
-
-#[cfg(not(any(target_os = "android", target_os = "fuchsia", target_os = "linux")))]
-fn user_timeout(_sock: &socket2::SockRef<'_>) -> Option<Option<Duration>> {
-    None
-}
-
-#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-fn set_user_timeout(sock: &socket2::SockRef<'_>, t: Option<Duration>) -> std::io::Result<()> {
-    sock.set_tcp_user_timeout(t)
-}
-
-#[cfg(not(any(target_os = "android", target_os = "fuchsia", target_os = "linux")))]
-fn set_user_timeout(_sock: &socket2::SockRef<'_>, _t: Option<Duration>) -> std::io::Result<()> {
-    Ok(())
-}
-
 /// Whether the kernel runs its zero-window probe timer on this socket, found by the socket's
 /// inode in `/proc/net/tcp6` and `/proc/net/tcp` (this process's network namespace).
+#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
 fn probing_zero_window(stream: &TcpStream) -> bool {
     let Ok(stat) = rustix::fs::fstat(stream) else {
         return false;
     };
     let inode = stat.st_ino.to_string();
-    ["/proc/net/tcp6", "/proc/net/tcp"].iter().any(|table| {
-        std::fs::read_to_string(table)
-            .ok()
-            .and_then(|text| timer_of(&text, &inode).map(|t| t == PROBE_TIMER))
-            .unwrap_or(false)
-    })
+    // The first table that lists the socket answers; the other is not read.
+    ["/proc/net/tcp6", "/proc/net/tcp"]
+        .iter()
+        .find_map(|table| {
+            let text = std::fs::read_to_string(table).ok()?;
+            timer_of(&text, &inode).map(|t| t == PROBE_TIMER)
+        })
+        .unwrap_or(false)
 }
 
 /// The timer code (`tr` of `tr:tm->when`) of the socket with this inode in a `/proc/net/tcp`
 /// table.
+#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
 fn timer_of<'a>(table: &'a str, inode: &str) -> Option<&'a str> {
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -97,7 +88,10 @@ fn timer_of<'a>(table: &'a str, inode: &str) -> Option<&'a str> {
     })
 }
 
-#[cfg(test)]
+#[cfg(all(
+    test,
+    any(target_os = "android", target_os = "fuchsia", target_os = "linux")
+))]
 mod tests {
     use super::*;
 

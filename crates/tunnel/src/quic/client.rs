@@ -547,15 +547,7 @@ impl std::fmt::Debug for QuicCarrier {
 }
 
 fn jittered(failures: u32) -> Duration {
-    jittered_from(BACKOFF_BASE, failures)
-}
-
-/// First pause before another try at an agent that was busy (it evicted this connection
-/// while too many waited to authenticate); doubles per try.
-const BUSY_RETRY_BASE: Duration = Duration::from_millis(50);
-
-fn jittered_from(base: Duration, failures: u32) -> Duration {
-    let exp = base.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    let exp = BACKOFF_BASE.saturating_mul(1 << failures.saturating_sub(1).min(16));
     let cap = exp.min(BACKOFF_MAX);
     let mut r = [0u8; 2];
     let _ = SystemRandom::new().fill(&mut r);
@@ -926,19 +918,21 @@ impl QuicCarrier {
 
     /// A new authenticated connection. An agent with too many connections waiting to
     /// authenticate evicts the oldest (a flood, or a burst of clients): that is retried, with
-    /// jittered pauses, until the connect timeout, as a TCP carrier retries a `503`.
+    /// jittered pauses, until the connect timeout, with the pauses a TCP carrier takes to retry a
+    /// `503`.
     async fn establish(&self) -> Result<quinn::Connection, QuicError> {
+        use crate::agent_client::{jittered_from, DROPPED_RETRY_BASE};
         let deadline = Instant::now() + self.connect_timeout;
-        let mut tries = 0;
+        let mut attempt = 0;
         loop {
             match self.establish_once().await {
                 Err(e @ QuicError::Busy { .. }) => {
-                    tries += 1;
-                    let pause = jittered_from(BUSY_RETRY_BASE, tries);
+                    let pause = jittered_from(DROPPED_RETRY_BASE, attempt);
                     if Instant::now() + pause >= deadline {
                         return Err(e);
                     }
                     tracing::debug!(?pause, "{e}: trying again");
+                    attempt += 1;
                     tokio::time::sleep(pause).await;
                 }
                 r => return r,
@@ -1115,15 +1109,15 @@ impl QuicCarrier {
         // can meet the agent after it dropped the connection, and the stateless reset that
         // answers it can arrive first: a reset in the middle of the exchange is the same refusal
         // (1 in 2 wrong-token checks on loopback said only "connection lost").
-        if let Some(quinn::ConnectionError::ApplicationClosed(a)) = conn.close_reason() {
-            if a.error_code == quinn::VarInt::from_u32(close::BUSY) {
+        let closed_for_auth = match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(a))
+                if a.error_code == quinn::VarInt::from_u32(close::BUSY) =>
+            {
                 return Err(QuicError::Busy {
                     host: self.host.clone(),
                     port: self.port,
                 });
             }
-        }
-        let closed_for_auth = match conn.close_reason() {
             Some(quinn::ConnectionError::ApplicationClosed(a)) => {
                 a.error_code == quinn::VarInt::from_u32(close::AUTH_FAILED)
             }
