@@ -241,6 +241,25 @@ fn listen(addr: &str) -> TcpListener {
     listener
 }
 
+/// A listener on 127.0.0.1 whose port on [::1] is held by a socket that never listens. Tests
+/// run in parallel and bind [::1]:0 all the time; without the hold, another test's service may
+/// be given the same port number on [::1], and a dial that tries `::1` first (the edge's, the
+/// agent's) would reach it instead of finding nothing there.
+fn listen_ipv4_only() -> (TcpListener, socket2::Socket) {
+    for _ in 0..100 {
+        let listener = listen("127.0.0.1:0");
+        let port = listener.local_addr().unwrap().port();
+        let twin =
+            socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        twin.set_only_v6(true).unwrap();
+        let v6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, port).into();
+        if twin.bind(&v6.into()).is_ok() {
+            return (listener, twin);
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and [::1] in 100 tries");
+}
+
 /// What a backend saw on one connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -281,6 +300,10 @@ fn take_all(sock: &mut TcpStream, echo: bool) -> Report {
 pub struct Backend {
     pub port: u16,
     reports: Receiver<Report>,
+    /// For an IPv4-only service: its port on [::1], bound and never listening, so no other
+    /// test's service gets that port there and answers in its place (the edge and the agent
+    /// dial `::1` first). Kept as long as the backend.
+    _v6_twin: Option<socket2::Socket>,
 }
 
 type Handler = dyn Fn(TcpStream, &Sender<Report>) + Send + Sync;
@@ -295,7 +318,12 @@ impl Backend {
         addr: &str,
         handler: impl Fn(TcpStream, &Sender<Report>) + Send + Sync + 'static,
     ) -> Backend {
-        let listener = listen(addr);
+        let (listener, v6_twin) = if addr == "127.0.0.1:0" {
+            let (listener, twin) = listen_ipv4_only();
+            (listener, Some(twin))
+        } else {
+            (listen(addr), None)
+        };
         let port = listener.local_addr().unwrap().port();
         let (tx, rx) = mpsc::channel();
         let tx = Arc::new(Mutex::new(tx));
@@ -312,7 +340,11 @@ impl Backend {
                 thread::spawn(move || handler(sock, &tx));
             }
         });
-        Backend { port, reports: rx }
+        Backend {
+            port,
+            reports: rx,
+            _v6_twin: v6_twin,
+        }
     }
 
     /// Echoes every byte back; at the client's EOF it half-closes and reports what it received.
