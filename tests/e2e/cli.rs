@@ -560,9 +560,8 @@ fn a_closed_stderr_changes_no_exit_status() {
 /// `FORWARD_CA_FILE=` and friends set but empty are unset, not an empty flag nobody typed.
 #[test]
 fn empty_environment_variables_count_as_unset() {
-    let free = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = free.local_addr().unwrap().port();
-    drop(free);
+    let closed = crate::closed_port::closed_port();
+    let port = closed.port;
     let mut cmd = Command::new(forward_bin());
     cmd.args(["--check", "--connect-timeout", "2", "--edge", "127.0.0.1"])
         .arg(format!("127.0.0.1:0:{VM}:{port}"));

@@ -13,6 +13,8 @@
 //! PostgreSQL and OpenSSH tests start their own server in a temp dir; as root (CI) they must run,
 //! as another user they may skip with a printed reason. `scripts/test-env.sh` installs them.
 
+#[path = "../../crates/tunnel/tests/agent/closed_port.rs"]
+mod closed_port;
 mod harness;
 mod net;
 mod stack;

@@ -241,19 +241,14 @@ fn listen(addr: &str) -> TcpListener {
     listener
 }
 
-/// A listener on 127.0.0.1 whose port on [::1] is held by a socket that never listens. Tests
-/// run in parallel and bind [::1]:0 all the time; without the hold, another test's service may
-/// be given the same port number on [::1], and a dial that tries `::1` first (the edge's, the
-/// agent's) would reach it instead of finding nothing there.
+/// A listener on 127.0.0.1 whose port on [::1] is held (`closed_port::hold`), so that no other
+/// test's service is given that port there and answers a dial that tries `::1` first (the
+/// edge's, the agent's) in its place.
 fn listen_ipv4_only() -> (TcpListener, socket2::Socket) {
     for _ in 0..100 {
         let listener = listen("127.0.0.1:0");
         let port = listener.local_addr().unwrap().port();
-        let twin =
-            socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
-        twin.set_only_v6(true).unwrap();
-        let v6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, port).into();
-        if twin.bind(&v6.into()).is_ok() {
+        if let Some(twin) = crate::closed_port::hold((std::net::Ipv6Addr::LOCALHOST, port).into()) {
             return (listener, twin);
         }
     }

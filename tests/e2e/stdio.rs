@@ -241,9 +241,8 @@ fn a_lost_path_ends_stdio_with_one_error_line(t: Transport) {
 /// after the handshake, and the one error line says what is likely missing, as `--check` does.
 #[test]
 fn stdio_to_a_port_with_nothing_behind_it_says_so() {
-    let free = std::net::TcpListener::bind("[::1]:0").unwrap();
-    let port = free.local_addr().unwrap().port();
-    drop(free);
+    let closed = crate::closed_port::closed_port();
+    let port = closed.port;
     let stack = Stack::start(Transport::Direct, &[port]);
     let mut cmd = Command::new(forward_bin());
     cmd.arg("stdio")

@@ -393,9 +393,13 @@ mod tests {
     #[tokio::test]
     async fn refused_and_not_allowed_are_told_apart() {
         let p = TargetPolicy::default();
-        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = free.local_addr().unwrap().port();
-        drop(free);
+        // Bound, never listening: refused, and no other test's listener can take the port.
+        let closed =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        closed
+            .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let port = closed.local_addr().unwrap().as_socket().unwrap().port();
         let e = p.dial("127.0.0.1", port, Duration::from_secs(5)).await;
         assert!(matches!(e, Err(DialRefusal::Refused(_))), "{e:?}");
         let e = p.dial("10.1.2.3", 80, Duration::from_secs(5)).await;

@@ -6,6 +6,8 @@
 //! Bytes are compared by SHA-256; nothing asserts a duration (deadlines are generous and only
 //! bound how long a broken build takes to fail).
 
+#[path = "agent/closed_port.rs"]
+mod closed_port;
 #[path = "agent/full_queue.rs"]
 mod full_queue;
 #[path = "agent/malformed.rs"]
@@ -1106,9 +1108,8 @@ async fn ipv4_only_service_is_reachable_and_other_hosts_are_not_allowed() {
     }
 
     // Nothing listening on the VM: refused, said so.
-    let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = free.local_addr().unwrap().port();
-    drop(free);
+    let closed = closed_port::closed_port();
+    let port = closed.port;
     let mut s = connector(&link, "", port).connect().await.unwrap();
     let (_, end) = within("the dial failure", drain(&mut s)).await;
     let e = end.unwrap_err().to_string();
@@ -1510,9 +1511,8 @@ async fn many_refused_opens_leave_other_streams_alone() {
     let agent = start_agent(|_| {});
     let echo = echo_server("[::1]:0").await;
     let link = AgentLink::new(link_config(agent.addr, token()));
-    let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = free.local_addr().unwrap().port();
-    drop(free);
+    let closed = closed_port::closed_port();
+    let port = closed.port;
     let closed = connector(&link, "", port);
     held_stream_survives(&link, echo.port(), async {
         for i in 0..300 {

@@ -19,6 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+#[path = "agent/closed_port.rs"]
+mod closed_port;
 #[path = "agent/full_queue.rs"]
 mod full_queue;
 mod quic_support;
@@ -252,9 +254,8 @@ async fn chunk_reads_hand_over_every_byte_and_never_mistake_a_cut_for_eof() {
 async fn refused_and_forbidden_targets_read_as_errors_not_eof() {
     let a = agent();
     let c = carrier(&a);
-    let free = std::net::TcpListener::bind(v6()).unwrap();
-    let port = free.local_addr().unwrap().port();
-    drop(free);
+    let closed = closed_port::closed_port();
+    let port = closed.port;
     let mut s = timed(c.open("localhost", port)).await.unwrap();
     let mut buf = Vec::new();
     let e = timed(s.read_to_end(&mut buf)).await.unwrap_err();
