@@ -99,9 +99,34 @@ fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
     }
 }
 
+/// The most of a certificate or key file forward reads. A whole CA bundle (every root a
+/// distribution trusts) is about 250 KiB; `--ca-file /dev/zero` or a disk image named by
+/// mistake must get an error, not every byte of memory.
+pub const MAX_PEM_FILE: u64 = 8 << 20;
+
+/// Reads a PEM file of at most [`MAX_PEM_FILE`] bytes. Not only regular files: a pipe from
+/// the shell (`<(vault read ...)`) works.
+pub fn read_pem_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_PEM_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_PEM_FILE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "it holds more than {} MiB, far more than PEM certificates or keys take: is it the right file?",
+                MAX_PEM_FILE >> 20
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Reads every certificate from a PEM file, with errors a user can act on.
 pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
-    let bytes = std::fs::read(path).map_err(|cause| TlsConfigError::CaFileUnreadable {
+    let bytes = read_pem_file(path).map_err(|cause| TlsConfigError::CaFileUnreadable {
         path: path.to_owned(),
         cause,
     })?;
@@ -232,21 +257,23 @@ pub fn server_config_from_files(
         path: path.to_owned(),
         detail,
     };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| bad("certificate", cert, pem_problem(&e)))?
+    let read = |what, path: &Path| read_pem_file(path).map_err(|e| bad(what, path, e.to_string()));
+    let cert_pem = read("certificate", cert)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| bad("certificate", cert, pem_problem(&e)))?;
     if certs.is_empty() {
         return Err(bad("certificate", cert, "no CERTIFICATE block".into()));
     }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => bad(
-            "private key",
-            key,
-            "no PRIVATE KEY block (is it the certificate?)".into(),
-        ),
-        other => bad("private key", key, pem_problem(&other)),
-    })?;
+    let key_der =
+        PrivateKeyDer::from_pem_slice(&read("private key", key)?).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => bad(
+                "private key",
+                key,
+                "no PRIVATE KEY block (is it the certificate?)".into(),
+            ),
+            other => bad("private key", key, pem_problem(&other)),
+        })?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -342,6 +369,23 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.matches("KeyMismatch").count(), 0, "{e}");
+
+        // An endless key file is cut off with a reason, not read into memory for ever.
+        let zero = Path::new("/dev/zero");
+        let e = server_config_from_files(&cert_path, zero)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cannot load private key from /dev/zero: it holds more than 8 MiB"),
+            "{e}"
+        );
+        let e = crate::quic::QuicCert::load(&cert_path, zero)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/dev/zero") && e.contains("more than 8 MiB"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -38,7 +38,7 @@ impl QuicCert {
     /// Loads a PEM certificate chain (leaf first) and its PEM private key.
     pub fn load(cert_file: &Path, key_file: &Path) -> Result<Self, QuicError> {
         let read = |p: &Path| {
-            std::fs::read(p)
+            crate::tls::read_pem_file(p)
                 .map_err(|e| QuicError::CertFile(format!("cannot read {}: {e}", p.display())))
         };
         let bytes = read(cert_file)?;
