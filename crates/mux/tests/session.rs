@@ -1047,3 +1047,52 @@ fn close_now_ends_the_carrier_for_both_sides() {
         Err(StreamError::SessionClosed)
     );
 }
+
+/// A local client that hangs up before the agent answered (a load balancer's health check, a
+/// load tester's timeout) is ordinary. 500 of them within a second must not cut the carrier's
+/// other streams: the server's rapid-reset budget (200 per 10 s) counts resets of streams it
+/// has not answered, so the client's `RST` waits for the answer (a tester lost a download and
+/// an idle session to 250 such hang-ups).
+#[test]
+fn streams_reset_before_their_answer_do_not_spend_the_servers_reset_budget() {
+    let mut p = Pair::new(Config::default());
+    p.auth(GOOD_TOKEN);
+    let keeper = p.open(22);
+    p.client.send(keeper, b"before", false);
+    assert!(p.run_until(SECOND, |p| p
+        .client
+        .received
+        .get(&keeper)
+        .is_some_and(|r| r == b"before")));
+
+    // Accepted by the server (port 22) and refused by it (port 1, the harness's refusal).
+    for port in [22, 22, 22, 22, 1] {
+        let ids: Vec<_> = (0..100).map(|_| p.open(port)).collect();
+        // The OPENs leave now; their answers are a link latency away.
+        p.run_until(Duration::ZERO, |_| false);
+        for id in ids {
+            p.client.session.reset(id, ResetCode::Cancel).unwrap();
+        }
+        // Answered, and answered back.
+        p.run_until(Duration::from_millis(5), |_| false);
+    }
+    p.client.send(keeper, b" and after", true);
+    assert!(p.run_until(10 * SECOND, |p| p.client.fins.contains(&keeper)));
+    p.run_until(SECOND, |_| false);
+    assert_eq!(p.client.received[&keeper], b"before and after");
+    assert!(
+        p.client.error.is_none() && p.server.error.is_none(),
+        "{:?} / {:?}",
+        p.client.error,
+        p.server.error
+    );
+    assert!(p.client.closed.is_none() && p.server.closed.is_none());
+    // Each accepted one was reset once answered, so the agent closes its target connection.
+    assert_eq!(p.server.resets.len(), 400, "resets the server saw");
+
+    // None of them still holds a place among the 256 unanswered opens.
+    let ids: Vec<_> = (0..256).map(|_| p.open(22)).collect();
+    assert!(p.run_until(SECOND, |p| ids
+        .iter()
+        .all(|id| p.client.events.contains(&Event::OpenOk(*id)))));
+}

@@ -223,6 +223,9 @@ impl Session {
     }
 
     fn on_open_ok(&mut self, id: StreamId) -> Result<(), SessionError> {
+        if self.answer_reset_due(id, true) {
+            return Ok(());
+        }
         let known = self.is_known_id(id);
         match self.streams.get_mut(&id) {
             Some(s) if !s.open_sent => Err(SessionError::protocol(format!(
@@ -335,6 +338,10 @@ impl Session {
         if self.role == Role::Server && self.streams.get(&id).is_some_and(|s| !s.accepted) {
             self.spend_reset_budget()?;
         }
+        // Refused (or reset) by the server after we had reset it: both sides are done with it.
+        if self.answer_reset_due(id, false) {
+            return Ok(());
+        }
         if self.streams.get(&id).is_some_and(|s| !s.open_sent) {
             return Err(SessionError::protocol(format!(
                 "RST for stream {id}, whose OPEN was not sent yet"
@@ -425,6 +432,15 @@ impl Session {
                 .filter(|&id| id > last_id)
                 .collect();
             unprocessed.sort_unstable();
+            let due: Vec<StreamId> = self
+                .resets_due
+                .keys()
+                .copied()
+                .filter(|&id| id > last_id)
+                .collect();
+            for id in due {
+                self.answer_reset_due(id, false);
+            }
             for id in unprocessed {
                 self.remove_stream(id);
                 self.events.push_back(Event::Reset {

@@ -95,6 +95,17 @@ pub struct Session {
     pending_opens: usize,
     /// Client: opens waiting for one of the `max_pending_opens` slots, oldest first.
     deferred_opens: VecDeque<(StreamId, Target)>,
+    /// Client: streams reset locally before the server answered their `OPEN`, beyond
+    /// `early_resets`. Their `RST` waits for the answer: before it, the server counts the reset
+    /// against its rapid-reset budget (`Config::reset_budget`), and a load balancer's health
+    /// checks that hang up at once (200 in 10 s) would have cut every other stream of the
+    /// carrier. They keep their place among the pending opens until then, so the server's cap
+    /// still holds.
+    resets_due: HashMap<StreamId, ResetCode>,
+    /// Client: unanswered streams reset at once, within a quarter of the server's budget: an
+    /// early `RST` lets the agent give up a dial that is still waiting (a target that drops
+    /// SYNs), so only a burst waits for answers.
+    early_resets: Budget,
     /// Client: streams whose `OPEN` waits in `ctrl`, to date when it leaves (`mark_first_grant`;
     /// `now` may be stale when `open` is called).
     opens_unstamped: Vec<StreamId>,
@@ -154,6 +165,11 @@ impl Session {
             next_id: 1,
             max_peer_id: 0,
             pending_opens: 0,
+            resets_due: HashMap::new(),
+            early_resets: Budget {
+                start: now,
+                count: 0,
+            },
             deferred_opens: VecDeque::new(),
             opens_unstamped: Vec::new(),
             ctrl: Vec::new(),
@@ -681,7 +697,22 @@ impl Session {
             // A finished stream kept readable after the close: nothing left to tell the peer.
             return Ok(());
         }
-        self.stream_mut(id)?;
+        let unanswered = {
+            let s = self.stream_mut(id)?;
+            s.open_sent && !s.accepted
+        };
+        let (interval, early) = (self.config.budget_interval, self.config.reset_budget / 4);
+        if self.role == Role::Client
+            && unanswered
+            && self.early_resets.hit(self.now, interval, early)
+        {
+            let s = self.streams.remove(&id).expect("stream exists");
+            if s.recv_buffered > 0 {
+                self.release_connection_credit(s.recv_buffered);
+            }
+            self.resets_due.insert(id, code);
+            return Ok(());
+        }
         let stream = self.remove_stream(id).expect("stream exists");
         if stream.open_sent {
             // A deferred OPEN never left: the peer has nothing to forget.
@@ -802,6 +833,20 @@ impl Session {
         }
     }
 
+    /// Client: the server answered a stream reset before its answer (see `resets_due`); an
+    /// `OPEN_OK` gets the `RST` now. Whether it was one.
+    pub(super) fn answer_reset_due(&mut self, id: StreamId, accepted: bool) -> bool {
+        let Some(code) = self.resets_due.remove(&id) else {
+            return false;
+        };
+        self.pending_opens -= 1;
+        if accepted {
+            frame::encode_rst(&mut self.ctrl, id, code);
+        }
+        self.release_deferred_opens();
+        true
+    }
+
     fn remove_if_done(&mut self, id: StreamId) {
         if self.streams.get(&id).is_some_and(Stream::is_done) {
             self.remove_stream(id);
@@ -839,6 +884,7 @@ impl Session {
         }
         self.ready.clear();
         self.deferred_opens.clear();
+        self.resets_due.clear();
         self.pending_opens = 0;
         // Stream events would point at streams that no longer exist; keep only what explains the end.
         self.events
