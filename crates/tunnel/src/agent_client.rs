@@ -121,6 +121,8 @@ pub struct AgentLink {
 pub const CLOSE_FLUSH: Duration = Duration::from_secs(3);
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A carrier that stayed up this long resets the reconnect backoff when it ends.
+const STABLE_CARRIER: Duration = Duration::from_secs(10);
 /// A user's connection may trigger an attempt this soon after the previous one, backoff or not.
 const USER_RETRY: Duration = Duration::from_secs(1);
 /// A live peer is heard from at least every keepalive interval (its PING, or the answer to
@@ -233,7 +235,7 @@ impl AgentLink {
         let replaces = st.lost_id.clone();
         match self.establish(replaces.as_deref()).await {
             Ok((c, id)) => {
-                // `failures` is reset by the watcher once the agent accepts the proof.
+                // `failures` is reset by the watcher once a carrier has lasted (STABLE_CARRIER).
                 st.last_error = None;
                 st.current = Some(c.clone());
                 st.current_id = id;
@@ -531,16 +533,23 @@ async fn close_when_drained(c: Arc<Carrier>, reason: &'static str) {
 }
 
 async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
-    if carrier.wait_authed().await.is_ok() {
-        let Some(l) = link.upgrade() else { return };
-        // "carrier up" already said it, whether first or after failures.
-        l.state.lock().await.failures = 0;
-    }
+    let authed = carrier.wait_authed().await.is_ok();
+    let up_since = Instant::now();
     let reason = carrier.closed().await;
     let Some(l) = link.upgrade() else { return };
     let (mut failures, current, other_in_use, closing) = {
         let mut st = l.state.lock().await;
         let current = st.retire(&carrier);
+        // The backoff starts over only after a carrier that lasted: an agent that accepts the
+        // proof and then drops every carrier (a crash loop, an incompatible build) was
+        // redialled four times a second for ever, each time with a "carrier up" line.
+        if current && authed {
+            st.failures = if up_since.elapsed() >= STABLE_CARRIER {
+                0
+            } else {
+                st.failures.saturating_add(1)
+            };
+        }
         // Only one that works: after a drain the current one may be a failed attempt.
         let other_in_use = st.current.as_ref().is_some_and(|c| c.is_usable());
         (st.failures, current, other_in_use, l.closing.is_cancelled())

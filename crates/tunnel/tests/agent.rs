@@ -395,6 +395,29 @@ async fn wrong_token_backs_off_instead_of_hammering_the_agent() {
     );
 }
 
+/// An agent that accepts the proof and then drops every carrier (a crash loop, an
+/// incompatible build) is redialled with a growing backoff, as one that refuses the token is:
+/// a tester's client made four carriers a second, for ever, each with a "carrier up" line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carriers_dropped_right_after_auth_are_redialled_with_backoff() {
+    let agent = start_agent(|_| {});
+    let echo = echo_server("[::1]:0").await;
+    let proxy = Proxy::start_cutting(agent.addr, Duration::from_millis(400)).await;
+    let link = AgentLink::new(link_config(proxy.addr, token()));
+    connector(&link, "", echo.port())
+        .check()
+        .await
+        .expect("each carrier authenticates before it is cut");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Redialled 0.1-0.3 s after each loss, as before, that is 11 carriers or more; the doubling
+    // pauses (0.2-0.6 s, then 0.4-1.2 s, ...) allow 5.
+    let carriers = proxy.clients.lock().unwrap().len();
+    assert!(
+        (3..=7).contains(&carriers),
+        "{carriers} carriers in 8 s to an agent that drops each"
+    );
+}
+
 // 3. replayed AUTH and 4. malformed input: agent/malformed.rs
 
 // ----- 5. health ------------------------------------------------------------------------------------

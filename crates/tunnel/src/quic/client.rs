@@ -171,6 +171,8 @@ pub(super) struct Link {
     answer_due: std::sync::Mutex<Option<AnswerDue>>,
     /// The read clocks of this connection's streams (see [`Link::stalled`]).
     clocks: std::sync::Mutex<Vec<Weak<ReadClock>>>,
+    /// When it was established: see [`State::primary_lost`].
+    since: Instant,
 }
 
 /// Since when a reader of a stream's bytes has taken none, in milliseconds since
@@ -247,6 +249,7 @@ impl Link {
             rx: std::sync::Mutex::new((conn_rx(&conn), Instant::now())),
             answer_due: std::sync::Mutex::new(None),
             clocks: std::sync::Mutex::new(Vec::new()),
+            since: Instant::now(),
             fit: Arc::new(WindowFit::new(&conn)),
             recv: ReceiveWindow::new(&conn),
             conn,
@@ -506,6 +509,26 @@ struct State {
     restart_until: Option<Instant>,
 }
 
+impl State {
+    /// The primary connection was found lost after `lasted`. The backoff starts over only
+    /// after one that lasted: one lost sooner counts as a failed attempt, so an agent that
+    /// accepts the proof and then drops every connection (a crash loop, an incompatible build)
+    /// is not redialled at once, for ever.
+    fn primary_lost(&mut self, lasted: Duration) {
+        self.primary = None;
+        if lasted >= STABLE_CONNECTION {
+            self.failures = 0;
+            self.retry_at = None;
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            self.retry_at = Some(Instant::now() + jittered(self.failures));
+        }
+    }
+}
+
+/// A primary connection that stayed up this long resets the reconnect backoff when it ends.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
 /// The QUIC connections to one agent, shared by every connector to it: a primary connection,
 /// plus overflow connections while the primary is at the agent's stream limit.
 pub struct QuicCarrier {
@@ -711,7 +734,8 @@ impl QuicCarrier {
                 // Its loss was logged when it happened (`report_loss`).
                 Some(why) => {
                     tracing::debug!(agent = %self.describe(), reason = %why, "reconnecting after a lost QUIC connection");
-                    st.primary = None;
+                    let lasted = link.since.elapsed();
+                    st.primary_lost(lasted);
                 }
             }
             if stopping {
@@ -749,7 +773,7 @@ impl QuicCarrier {
                 Err(self.conn_error("the client is closing".into()))
             }
             Ok(c) => {
-                st.failures = 0;
+                // `failures` starts over once a connection has lasted (`State::primary_lost`).
                 st.retry_at = None;
                 st.last_failure = None;
                 st.restart_until = None;
@@ -1339,9 +1363,17 @@ async fn redial(carrier: Weak<QuicCarrier>, lost: Arc<tokio::sync::Notify>) {
             }
             // Wait out the backoff without holding the state lock, so `close` is not held up.
             let retry_at = {
-                let st = c.state.lock().await;
+                let mut st = c.state.lock().await;
                 if st.primary.as_ref().is_some_and(|l| l.usable()) {
                     break;
+                }
+                if let Some(lasted) = st
+                    .primary
+                    .as_ref()
+                    .filter(|l| l.conn.close_reason().is_some())
+                    .map(|l| l.since.elapsed())
+                {
+                    st.primary_lost(lasted);
                 }
                 st.retry_at
             };

@@ -238,6 +238,16 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(target: SocketAddr) -> Proxy {
+        Proxy::start_with(target, None).await
+    }
+
+    /// Closes each connection `after` it was accepted, authenticated or not: an agent that
+    /// drops every carrier moments after accepting it.
+    pub async fn start_cutting(target: SocketAddr, after: Duration) -> Proxy {
+        Proxy::start_with(target, Some(after)).await
+    }
+
+    async fn start_with(target: SocketAddr, cut: Option<Duration>) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let frozen = Arc::new(AtomicBool::new(false));
@@ -252,8 +262,17 @@ impl Proxy {
                 };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pump(cr, sw, f.clone(), Some(up.clone())));
-                tokio::spawn(pump(sr, cw, f.clone(), None));
+                let both = futures_util::future::join(
+                    pump(cr, sw, f.clone(), Some(up.clone())),
+                    pump(sr, cw, f.clone(), None),
+                );
+                tokio::spawn(async move {
+                    match cut {
+                        // Dropping both halves of both sockets closes them.
+                        Some(after) => drop(tokio::time::timeout(after, both).await),
+                        None => drop(both.await),
+                    }
+                });
             }
         });
         Proxy {
