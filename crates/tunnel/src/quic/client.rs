@@ -734,8 +734,13 @@ impl QuicCarrier {
                 // Its loss was logged when it happened (`report_loss`).
                 Some(why) => {
                     tracing::debug!(agent = %self.describe(), reason = %why, "reconnecting after a lost QUIC connection");
-                    let lasted = link.since.elapsed();
-                    st.primary_lost(lasted);
+                    // An agent that said it stops is handled below (`restart_until`).
+                    if stopping {
+                        st.primary = None;
+                    } else {
+                        let lasted = link.since.elapsed();
+                        st.primary_lost(lasted);
+                    }
                 }
             }
             if stopping {
@@ -1367,10 +1372,15 @@ async fn redial(carrier: Weak<QuicCarrier>, lost: Arc<tokio::sync::Notify>) {
                 if st.primary.as_ref().is_some_and(|l| l.usable()) {
                     break;
                 }
+                // A loss, not a stop: `live` handles an agent that said it stops.
                 if let Some(lasted) = st
                     .primary
                     .as_ref()
-                    .filter(|l| l.conn.close_reason().is_some())
+                    .filter(|l| {
+                        l.conn.close_reason().is_some()
+                            && !l.away.load(Ordering::Relaxed)
+                            && !closed_by_stop(&l.conn)
+                    })
                     .map(|l| l.since.elapsed())
                 {
                     st.primary_lost(lasted);
