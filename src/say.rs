@@ -34,12 +34,13 @@ pub fn err_line(args: std::fmt::Arguments<'_>) {
 /// error or a `forwarding` line stays one line when it quotes what a user typed (a SPEC, a
 /// `--ca-file` or socket path with a newline split them over several, a tester's finding).
 pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    use forward_tunnel::policy::is_deceptive;
+    if !s.chars().any(is_deceptive) {
         return s.into();
     }
     s.chars()
         .map(|c| {
-            if c.is_control() {
+            if is_deceptive(c) {
                 c.escape_debug().to_string()
             } else {
                 c.to_string()

@@ -26,7 +26,7 @@ use crate::admission::{Admission, Slot};
 use crate::auth::{self, AgentNames, Token};
 use crate::carrier::Carrier;
 use crate::dial::{tune_tcp, TLS_WRITE_AHEAD};
-use crate::policy::{DialRefusal, TargetPolicy};
+use crate::policy::{DialRefusal, Escaped, TargetPolicy};
 use crate::readahead::ReadAhead;
 use crate::relay::relay;
 use crate::throttle::Throttle;
@@ -365,6 +365,7 @@ impl Agent {
 
 static EVICTIONS: Throttle = Throttle::new();
 static AUTH_FAILURES: Throttle = Throttle::new();
+static NAME_REFUSALS: Throttle = Throttle::new();
 static STRANGERS: Throttle = Throttle::new();
 static ACCEPT_FAILURES: Throttle = Throttle::new();
 
@@ -539,7 +540,15 @@ async fn serve_conn<S>(
     carrier.decide_auth(ok);
     if !ok {
         // One uniform reply on the wire; the detail stays in our log.
-        if let Some(more) = AUTH_FAILURES.pass() {
+        // Separate counts: a flood of wrong tokens must not hide the proofs made for another
+        // name, the sign of one relayed from elsewhere.
+        let throttle = if named {
+            &AUTH_FAILURES
+        } else {
+            &NAME_REFUSALS
+        };
+        let host = Escaped(&host);
+        if let Some(more) = throttle.pass() {
             if named {
                 tracing::warn!(
                     %host,
@@ -559,7 +568,7 @@ async fn serve_conn<S>(
         }
         return;
     }
-    tracing::info!(%host, port, "carrier authenticated");
+    tracing::info!(host = %Escaped(&host), port, "carrier authenticated");
     carriers.register(carrier_id, &carrier);
     // Only now, authenticated: a stranger who saw a name (plain TCP) cannot use it.
     if let Some(old) = replaces {

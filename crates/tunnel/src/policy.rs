@@ -267,9 +267,35 @@ pub(crate) fn log_refusal(refusal: &DialRefusal) {
 /// forged whole log lines on the agent (a tester's finding).
 pub(crate) struct Shown<'a>(pub(crate) &'a str, pub(crate) u16);
 
+/// Characters a peer's text must not bring into a log or a terminal as they are: control
+/// characters (a line feed forges a log line, an escape sequence drives the terminal) and the
+/// invisible ones that reorder or hide text (bidirectional overrides and isolates, zero-width
+/// characters: `vm1\u{202e}gol.txt` shows as `vm1txt.log`).
+pub fn is_deceptive(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}'
+        )
+}
+
+/// Text from a peer, for a log line: quoted and escaped when it holds [`is_deceptive`]
+/// characters, as it is otherwise.
+pub(crate) struct Escaped<'a>(pub(crate) &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.chars().any(is_deceptive) {
+            write!(f, "\"{}\"", self.0.escape_debug())
+        } else {
+            f.write_str(self.0)
+        }
+    }
+}
+
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.chars().any(char::is_control) {
+        if self.0.chars().any(is_deceptive) {
             return write!(f, "\"{}\":{}", self.0.escape_debug(), self.1);
         }
         match self.0 {
@@ -283,6 +309,18 @@ impl fmt::Display for Shown<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer's text that would reorder or hide what a log shows (tester I's `Host:` header
+    /// `vm1\u{202e}gol.txt\tX`) is quoted and escaped; a plain name is shown as it is.
+    #[test]
+    fn deceptive_characters_are_escaped_in_logged_text() {
+        let shown = Escaped("vm1\u{202e}gol.txt\tX").to_string();
+        assert_eq!(shown, r#""vm1\u{202e}gol.txt\tX""#);
+        assert_eq!(Escaped("vm1.vm.vers.sh").to_string(), "vm1.vm.vers.sh");
+        assert_eq!(Shown("a\u{200b}b", 80).to_string(), r#""a\u{200b}b":80"#);
+        // Letters of any script are not deceptive.
+        assert!(!"bücher.example".chars().any(is_deceptive));
+    }
 
     /// A client's `OPEN` host reaches the agent's log escaped: one line, whatever it holds.
     #[tokio::test]
