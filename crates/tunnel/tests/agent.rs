@@ -1030,7 +1030,7 @@ async fn silent_connections_are_closed_at_the_auth_deadline() {
         }
     }
     let cap = AgentConfig::new(agent.addr, token()).max_unauthenticated;
-    assert_eq!(busy, SILENT - cap, "evicted connections");
+    assert_eq!(busy, SILENT.saturating_sub(cap), "evicted connections");
 
     echo_round_trip(&c, 32, 500_000)
         .await
@@ -1045,9 +1045,13 @@ async fn silent_connections_are_closed_at_the_auth_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_flood_cannot_lock_out_a_new_client() {
     const SILENT: usize = 100;
+    // Below the default (1024), so that 100 connections fill it.
+    let cap = 64;
     // A deadline far beyond the test: only eviction can let the newcomer in.
-    let agent = start_agent(|c| c.auth_timeout = Duration::from_secs(600));
-    let cap = AgentConfig::new(agent.addr, token()).max_unauthenticated;
+    let agent = start_agent(|c| {
+        c.auth_timeout = Duration::from_secs(600);
+        c.max_unauthenticated = cap;
+    });
     let echo = echo_server("[::1]:0").await;
     let mut silent = Vec::new();
     for _ in 0..SILENT {
