@@ -38,6 +38,10 @@ pub use retry::{Reopen, Reopening, RETRY_CAP};
 const TX_BATCH: usize = 256 * 1024;
 /// Most bytes drained from the carrier before one `handle_input`.
 const RX_BUF: usize = 1024 * 1024;
+/// The read buffer until the carrier is authenticated: an `AUTH` frame is a few dozen bytes,
+/// and an agent may hold 1024 carriers waiting for theirs. At `RX_BUF` from the start, each
+/// cost the agent 1.1 MB (1,000 waiting upgrades of a flood: 1.1 GB).
+const RX_BUF_BEFORE_AUTH: usize = 16 * 1024;
 /// How long the final frames (GOAWAY, close_notify) of a closed carrier may wait for a peer
 /// that does not read before the socket is simply dropped.
 const FLUSH_GRACE: Duration = Duration::from_secs(5);
@@ -606,9 +610,14 @@ fn dispatch(g: &mut Inner, state: &Notify) {
 async fn read_loop<R: AsyncRead + Unpin>(carrier: Arc<Carrier>, mut r: R, leftover: Vec<u8>) {
     let mut buf = leftover;
     let mut n = buf.len();
-    buf.resize(RX_BUF.max(n), 0);
+    buf.resize(RX_BUF_BEFORE_AUTH.max(n), 0);
+    let mut grown = false;
     let mut end: Option<String> = None;
     loop {
+        if !grown && carrier.is_authenticated() {
+            buf.resize(RX_BUF.max(buf.len()), 0);
+            grown = true;
+        }
         // Take everything already waiting before handing it over. The session dates all of it
         // `now`; bytes left in the socket would be dated at the next read, after other tasks
         // ran, as if they had crossed the path in that moment. Window tuning read such a
