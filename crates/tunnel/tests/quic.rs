@@ -1537,3 +1537,75 @@ async fn throughput_probe() {
         );
     }
 }
+
+/// A UDP relay in front of `agent` that drops every datagram both ways while `frozen`: an
+/// agent paused (SIGSTOP) or a path that stops carrying packets for a while.
+async fn freezable_relay(agent: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // The agent's port number, on the other loopback: the client's proof covers the port.
+    let front = tokio::net::UdpSocket::bind(("127.0.0.1", agent.port()))
+        .await
+        .unwrap();
+    let front = Arc::new(front);
+    let back = Arc::new(tokio::net::UdpSocket::bind(v6()).await.unwrap());
+    back.connect(agent).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    tokio::spawn({
+        let (front, back, frozen, client) =
+            (front.clone(), back.clone(), frozen.clone(), client.clone());
+        async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                *client.lock().unwrap() = Some(from);
+                if !frozen.load(Ordering::SeqCst) {
+                    let _ = back.send(&buf[..n]).await;
+                }
+            }
+        }
+    });
+    tokio::spawn({
+        let frozen = frozen.clone();
+        async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = back.recv(&mut buf).await {
+                let to = *client.lock().unwrap();
+                if let (false, Some(to)) = (frozen.load(Ordering::SeqCst), to) {
+                    let _ = front.send_to(&buf[..n], to).await;
+                }
+            }
+        }
+    });
+    (addr, frozen)
+}
+
+/// An agent that answered a stream and then went quiet for a while (paused, a path hiccup)
+/// keeps the connection until the idle timeout: only a stream that heard nothing at all is
+/// proof of a dead path. A tester's download was reset 10 s into a 15 s SIGSTOP because an
+/// echo stream had opened, and been answered, a second before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_answered_before_a_pause_does_not_cost_the_connection() {
+    use std::sync::atomic::Ordering;
+    let a = agent();
+    let port = echo(v6()).await;
+    let (relay, frozen) = freezable_relay(a.addr).await;
+    let mut cfg = QuicCarrierConfig::new(NAME, relay.port(), AgentVerify::Pin(a.pin), token(TOKEN));
+    cfg.edge = Some(relay.ip().to_string());
+    cfg.bind = v4();
+    // The wait for an answer is then its floor, 4 s.
+    cfg.connect_timeout = Duration::from_secs(1);
+    let c = QuicCarrier::new(cfg).unwrap();
+    let mut held = timed(c.open("localhost", port)).await.unwrap();
+    held.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    timed(held.read_exact(&mut got)).await.unwrap();
+    frozen.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    frozen.store(false, Ordering::SeqCst);
+    held.write_all(b"pong").await.unwrap();
+    timed(held.read_exact(&mut got))
+        .await
+        .expect("the stream outlived the pause");
+    assert_eq!(&got, b"pong");
+}

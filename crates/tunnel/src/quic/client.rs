@@ -301,13 +301,13 @@ impl Link {
     /// once a second), so the stream is reset then rather than at the 30 s idle timeout (29 s
     /// for a connection made just after the path died, in a user's test; `confirm_alive` only
     /// catches one already silent for 7 s).
-    fn expect_answer(&self, within: Duration) {
+    fn expect_answer(&self, within: Duration, opened: Instant) {
         let mut due = self.answer_due.lock().unwrap_or_else(|p| p.into_inner());
         // An earlier stream's wait, still running, covers this one too.
         if due.is_none() {
             *due = Some(AnswerDue {
                 count: None,
-                opened: Instant::now(),
+                opened,
                 within: within.max(ANSWER_FLOOR),
             });
         }
@@ -389,6 +389,8 @@ impl Link {
             carrier: carrier.clone(),
             clock,
             _recv: self.recv.hold(),
+            opened: Instant::now(),
+            answered: AtomicBool::new(false),
         }
     }
 
@@ -416,9 +418,37 @@ pub(super) struct Lease {
     carrier: Weak<QuicCarrier>,
     clock: Arc<ReadClock>,
     _recv: ReceiveHold,
+    opened: Instant,
+    /// The agent was heard on this stream (see [`Lease::answered`]).
+    answered: AtomicBool,
 }
 
 impl Lease {
+    /// Bytes or the end came from the agent on this stream. They were sent after the stream
+    /// opened, so a wait for an answer that began no later ([`Link::expect_answer`]) is over:
+    /// without this, an answer that arrived before the wait's first look (within a second)
+    /// did not count, and an agent paused 10 s after answering cost the connection and every
+    /// stream on it (a tester's download beside an echo).
+    pub(super) fn answered(&self) {
+        if self.answered.load(Ordering::Relaxed) {
+            return;
+        }
+        self.answered.store(true, Ordering::Relaxed);
+        let mut due = self
+            .link
+            .answer_due
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if due.as_ref().is_some_and(|d| d.opened <= self.opened) {
+            *due = None;
+        }
+    }
+
+    /// When the stream was opened.
+    pub(super) fn opened(&self) -> Instant {
+        self.opened
+    }
+
     /// The local socket this stream's bytes go to stopped taking them, or takes them again.
     pub(super) fn sink_blocked(&self, blocked: bool) {
         ReadClock::mark(&self.clock.local, blocked);
@@ -850,7 +880,10 @@ impl QuicCarrier {
             };
             match attempt.await {
                 Ok((s, link)) => {
-                    link.expect_answer(self.connect_timeout);
+                    link.expect_answer(
+                        self.connect_timeout,
+                        s.opened().unwrap_or_else(Instant::now),
+                    );
                     return Ok(s);
                 }
                 // The connection died under us (agent restarted, path gone): one fresh try.

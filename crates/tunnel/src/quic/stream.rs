@@ -387,8 +387,7 @@ impl QuicStream {
                 Poll::Pending if taken == 0 => return Poll::Pending,
                 Poll::Pending => return Poll::Ready(Ok(taken)),
                 Poll::Ready(Ok(Some(chunk))) => {
-                    // The agent answered: it saw the stream, nothing may be sent twice.
-                    self.replay = None;
+                    self.heard_from_agent();
                     taken += chunk.bytes.len();
                     out.push_back(chunk.bytes);
                     if taken >= max {
@@ -396,7 +395,7 @@ impl QuicStream {
                     }
                 }
                 Poll::Ready(Ok(None)) => {
-                    self.replay = None;
+                    self.heard_from_agent();
                     // quinn answers `None` again, but the relay is told only once.
                     self.read_eof = true;
                     return Poll::Ready(Ok(taken));
@@ -431,8 +430,7 @@ impl AsyncRead for QuicStream {
                     if buf.filled().len() == before {
                         this.read_eof = true;
                     }
-                    // The agent answered: it saw the stream, nothing may be sent twice.
-                    this.replay = None;
+                    this.heard_from_agent();
                     return Poll::Ready(Ok(()));
                 }
                 Err(e) => {
@@ -453,6 +451,20 @@ impl AsyncRead for QuicStream {
 const WRITE_HEAD: usize = 1024;
 
 impl QuicStream {
+    /// When the client opened it (client streams only).
+    pub(super) fn opened(&self) -> Option<tokio::time::Instant> {
+        self.lease.as_ref().map(Lease::opened)
+    }
+
+    /// Bytes or the end arrived from the agent: it saw the stream, so nothing may be sent
+    /// twice, and the connection is not silent since this stream opened.
+    fn heard_from_agent(&mut self) {
+        self.replay = None;
+        if let Some(lease) = &self.lease {
+            lease.answered();
+        }
+    }
+
     /// One write to quinn, recovering as [`QuicStream::poll_recover`] allows.
     fn poll_write_once(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         loop {
