@@ -384,6 +384,10 @@ async fn stdio(args: cli::StdioArgs) -> Result<i32> {
             };
             // parse_host_port checks the target host; the VM part needs only to be there.
             let (target, port) = run::parse_host_port(rest).map_err(|_| {
+                // An IPv6 address without brackets has more than one ':' (as a SPEC is told).
+                if rest.matches(':').count() > 1 && !rest.starts_with('[') {
+                    return bad(" (an IPv6 target goes in brackets, e.g. abc123/[::1]:22)");
+                }
                 // As a plain target is told (a tester's nit): `vm/db.:5432`.
                 bad(rest
                     .rsplit_once(':')

@@ -79,6 +79,20 @@ fn agent_refuses_missing_or_short_token() {
         err.contains("holds the path of a file") && err.contains("--token-file"),
         "{err}"
     );
+
+    // Set, but not text: said so, not "no token" (a tester's finding).
+    use std::os::unix::ffi::OsStringExt;
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["agent", "--listen", "[::1]:0"]).env(
+        "VERS_AUTH_TOKEN",
+        std::ffi::OsString::from_vec(b"5f0c9a7e2b4d61f3\xff8a9c0e7d2b5a4f6c".to_vec()),
+    );
+    let (st, out, err) = run("agent with a token that is not UTF-8", cmd);
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("token from VERS_AUTH_TOKEN contains bytes that are not UTF-8 text"),
+        "{err}"
+    );
 }
 
 /// A token file is read whole, but only so far: `/dev/zero` (or a large file given by mistake)

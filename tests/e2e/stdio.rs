@@ -47,6 +47,16 @@ fn stdio_via_target_needs_the_agent() {
     assert_eq!(st.code(), Some(1), "{err}");
     assert!(err.contains("invalid target 'vm1/:22'"), "{err}");
 
+    // An IPv6 target without brackets gets the hint a SPEC gets (a tester's nit).
+    let mut cmd = Command::new(forward_bin());
+    cmd.args(["stdio", "--edge", "127.0.0.1", "vm1/::1:22"]);
+    let (st, _out, err) = crate::harness::run("forward stdio vm/::1:22", cmd);
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("invalid target 'vm1/::1:22' (an IPv6 target goes in brackets"),
+        "{err}"
+    );
+
     let mut cmd = Command::new(forward_bin());
     cmd.args(["stdio", "--edge", "127.0.0.1", "vm1/db.:22"]);
     let (st, _out, err) = crate::harness::run("forward stdio vm/db.:22", cmd);

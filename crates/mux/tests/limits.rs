@@ -420,7 +420,7 @@ fn auth_timeout_sends_goaway_and_closes() {
             code: ErrorCode::AuthTimeout,
             reason,
             ..
-        }] => assert_eq!(reason, "no authentication within 10.0s of the upgrade"),
+        }] => assert_eq!(reason, "no authentication within 10.0s of the connection"),
         other => panic!("{other:?}"),
     }
     assert_eq!(s.poll_timeout(), None);

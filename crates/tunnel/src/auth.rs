@@ -303,6 +303,11 @@ impl Token {
                 path: v.trim().to_owned(),
             }),
             Ok(v) if !v.trim().is_empty() => Self::new(&v, TOKEN_ENV),
+            // Set, but not text: "no token" would send the user looking for the wrong mistake.
+            Err(std::env::VarError::NotUnicode(_)) => Err(TokenError::Malformed {
+                source_name: TOKEN_ENV.to_owned(),
+                what: "bytes that are not UTF-8 text",
+            }),
             _ => Err(TokenError::Missing),
         }
     }

@@ -351,7 +351,7 @@ impl Session {
             // Rounded: the driver passes what is left of its budget after the upgrade, which
             // printed as "9.999917848s".
             let detail = format!(
-                "no authentication within {:.1?} of the upgrade",
+                "no authentication within {:.1?} of the connection",
                 self.config.auth_timeout
             );
             self.close(

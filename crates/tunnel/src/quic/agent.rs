@@ -468,7 +468,7 @@ async fn authenticate(
         } else {
             Err((
                 close::AUTH_FAILED,
-                "authentication failed: check that both sides use the same token".to_owned(),
+                "authentication failed: check that both sides use the same token, and that the agent answers to the name dialled (its --name)".to_owned(),
             ))
         }
     };
