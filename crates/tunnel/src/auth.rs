@@ -237,17 +237,11 @@ pub const MAX_TOKEN_FILE: u64 = 4096;
 /// Reads a token file, at most [`MAX_TOKEN_FILE`] bytes of it. Not only regular files: a pipe
 /// from the shell (`--token-file <(pass show vm-token)`) is a fine way to keep a token off disk.
 fn read_capped(path: &Path) -> Result<String, TokenError> {
-    use std::io::Read;
-    let unreadable = |cause| TokenError::Unreadable {
-        path: path.display().to_string(),
-        cause,
-    };
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .map_err(unreadable)?
-        .take(MAX_TOKEN_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(unreadable)?;
+    let bytes =
+        crate::read_at_most(path, MAX_TOKEN_FILE).map_err(|cause| TokenError::Unreadable {
+            path: path.display().to_string(),
+            cause,
+        })?;
     if bytes.len() as u64 > MAX_TOKEN_FILE {
         return Err(TokenError::TooLarge {
             path: path.display().to_string(),

@@ -30,6 +30,18 @@ pub mod tls;
 pub mod upgrade;
 pub mod zero_window;
 
+/// Reads at most `max + 1` bytes of the file at `path`: more than `max` tells the caller it is
+/// not the file it asked for (`/dev/zero`, a disk image) before it fills memory. Any file that
+/// reads, a pipe from the shell (`<(pass show t)`) as well as a regular file.
+pub(crate) fn read_at_most(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 pub use dial::{Connector, DialError, DirectConnector, Remote};
 pub use listen::{DetachedStream, ListenError, Listener, LocalAddr, LocalStream};
 pub use relay::{relay, Endpoint, RelayError, RelayStats};

@@ -296,7 +296,7 @@ impl fmt::Display for Escaped<'_> {
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0.chars().any(is_deceptive) {
-            return write!(f, "\"{}\":{}", self.0.escape_debug(), self.1);
+            return write!(f, "{}:{}", Escaped(self.0), self.1);
         }
         match self.0 {
             "" => write!(f, "localhost:{}", self.1),

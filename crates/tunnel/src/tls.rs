@@ -107,11 +107,7 @@ pub const MAX_PEM_FILE: u64 = 8 << 20;
 /// Reads a PEM file of at most [`MAX_PEM_FILE`] bytes. Not only regular files: a pipe from
 /// the shell (`<(vault read ...)`) works.
 pub fn read_pem_file(path: &Path) -> io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(MAX_PEM_FILE + 1)
-        .read_to_end(&mut bytes)?;
+    let bytes = crate::read_at_most(path, MAX_PEM_FILE)?;
     if bytes.len() as u64 > MAX_PEM_FILE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
