@@ -370,6 +370,13 @@ impl AgentLink {
             Ok(Err(reason)) if reason == CloseReason::AuthRejected.to_string() => {
                 Err(Attempt::Failed(DialError::Agent(format!("{who}: {reason}"))))
             }
+            // One side took what the other sent for a breach of the protocol: trying again
+            // sends the same. Most likely the two ends are different versions.
+            Ok(Err(reason)) if carrier.broke_protocol() => {
+                Err(Attempt::Failed(DialError::Agent(format!(
+                    "{who}: the carrier broke down before authentication ({reason}); are the client and the agent the same version of forward?"
+                ))))
+            }
             Ok(Err(reason)) => Err(Attempt::Dropped(DialError::Agent(format!(
                 "{who}: the agent closed the carrier before authentication ({reason}); it may be overloaded"
             )))),
@@ -465,9 +472,12 @@ impl AgentLink {
         let proof = c.token.prove(&challenge, &c.host, c.port);
         let session = Session::client(c.mux.clone(), std::time::Instant::now());
         let (carrier, _) = Carrier::start(s, session, leftover, label);
-        carrier
-            .send_auth(&proof)
-            .map_err(|e| Attempt::Failed(DialError::Agent(format!("{who}: {e}"))))?;
+        if let Err(e) = carrier.send_auth(&proof) {
+            // Closed by what came with the 101 (a GOAWAY): waiting for AUTH_OK says why.
+            if carrier.dead_reason().is_none() {
+                return Err(Attempt::Failed(DialError::Agent(format!("{who}: {e}"))));
+            }
+        }
         Ok((carrier, id))
     }
 }

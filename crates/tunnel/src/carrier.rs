@@ -76,6 +76,8 @@ struct Inner {
     /// The last reason the peer gave in a GOAWAY: a carrier it then closes died for that reason,
     /// which says more than "closed" (an agent whose drain time ran out says so).
     peer_goaway: Option<String>,
+    /// The carrier died of a breach of the protocol, by either side's account: its code.
+    breach: Option<ErrorCode>,
     authed: bool,
     auth_request: Option<Vec<u8>>,
     opened: Option<mpsc::UnboundedSender<(StreamId, Target)>>,
@@ -141,6 +143,7 @@ impl Carrier {
                 cut: 0,
                 going_away: false,
                 peer_goaway: None,
+                breach: None,
                 authed: false,
                 auth_request: None,
                 opened,
@@ -180,6 +183,12 @@ impl Carrier {
     pub fn is_usable(&self) -> bool {
         let g = self.lock();
         g.dead.is_none() && !g.session.is_going_away() && !g.session.is_closed()
+    }
+
+    /// Whether the carrier died of a breach of the protocol (either side's account): talking
+    /// again would break it again, unlike a drop.
+    pub fn broke_protocol(&self) -> bool {
+        self.lock().breach.is_some()
     }
 
     /// Alive and still carrying its streams, but taking no new ones (a GOAWAY went either way).
@@ -571,6 +580,9 @@ fn dispatch(g: &mut Inner, state: &Notify) {
                 g.die(CloseReason::AuthRejected.to_string());
                 state_changed = true;
             }
+            // With an error code it is the peer closing the carrier, not a drain: the
+            // `Closed` that follows says so, reason included, as the carrier's loss.
+            Event::GoAway { code, .. } if code != ErrorCode::NoError => {}
             Event::GoAway { reason, code, .. } => {
                 // A drain often ends in a second GOAWAY; once is news, twice is noise.
                 if !g.going_away {
@@ -587,6 +599,19 @@ fn dispatch(g: &mut Inner, state: &Notify) {
                 state_changed = true;
             }
             Event::Closed { reason } => {
+                if let CloseReason::PeerError { code, .. }
+                | CloseReason::ProtocolError { code, .. } = &reason
+                {
+                    g.breach = Some(*code).filter(|c| {
+                        matches!(
+                            c,
+                            ErrorCode::ProtocolError
+                                | ErrorCode::FrameSizeError
+                                | ErrorCode::FlowControlError
+                                | ErrorCode::Other(_)
+                        )
+                    });
+                }
                 g.die(reason.to_string());
                 wake_all(g);
                 state_changed = true;

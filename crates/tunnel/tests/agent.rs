@@ -317,6 +317,64 @@ async fn wrong_token_is_rejected_while_a_good_client_keeps_working() {
         .expect("good client after the bad ones");
 }
 
+/// A GOAWAY(PROTOCOL_ERROR) before AUTH_OK (an agent of another version that cannot read what
+/// this client sends) fails the connect at once, saying so, instead of being retried as if the
+/// agent were busy until the connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_error_before_auth_is_not_retried() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if forward_tunnel::upgrade::read_head(&mut s).await.is_err() {
+                    return;
+                }
+                let hello = forward_tunnel::upgrade::switching(&"ab".repeat(32), &"c".repeat(32));
+                if s.write_all(hello.as_bytes()).await.is_err() {
+                    return;
+                }
+                // The AUTH, which this agent cannot read.
+                let mut auth = [0u8; 16];
+                if s.read_exact(&mut auth).await.is_err() {
+                    return;
+                }
+                let mut out = Vec::new();
+                forward_mux::frame::encode_goaway(
+                    &mut out,
+                    0,
+                    ErrorCode::ProtocolError,
+                    "unknown frame type 0x42",
+                );
+                let _ = s.write_all(&out).await;
+                let _ = s.shutdown().await;
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            });
+        }
+    });
+    let link = AgentLink::new(link_config(addr, token()));
+    let e = within("the refused check", connector(&link, "", 5432).check())
+        .await
+        .expect_err("a carrier closed with PROTOCOL_ERROR must fail the check")
+        .to_string();
+    assert!(
+        e.contains("protocol error")
+            && e.contains("unknown frame type 0x42")
+            && e.contains("same version"),
+        "{e}"
+    );
+    assert!(!e.contains("it had said"), "the reason is given twice: {e}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the carrier was retried"
+    );
+}
+
 #[test]
 fn missing_unreadable_and_weak_tokens_are_refused_without_leaking_them() {
     let dir = std::env::temp_dir().join(format!("forward-agent-test-{}", std::process::id()));
@@ -435,6 +493,12 @@ async fn health_answers_without_auth_and_other_paths_are_404() {
     )
     .await;
     assert!(tagged.starts_with("HTTP/1.1 200"), "{tagged}");
+    // Lines ended by LF alone (`printf ... | nc`) are answered, not left to the deadline.
+    let bare = http(agent.addr, b"GET /health HTTP/1.1\nHost: vm\n\n").await;
+    assert!(
+        bare.starts_with("HTTP/1.1 200") && bare.ends_with("ok\n"),
+        "{bare}"
+    );
     let head = http(agent.addr, b"HEAD /health HTTP/1.1\r\nHost: vm\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("Content-Length: 3\r\n"), "{head}");
