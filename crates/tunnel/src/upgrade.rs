@@ -69,11 +69,11 @@ pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(String, V
         if let Some(&b) = buf.first().filter(|b| !b.is_ascii_uppercase()) {
             return Err(io::Error::new(io::ErrorKind::InvalidData, NotHttp(b)));
         }
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            if end + 4 > MAX_HEAD {
+        if let Some(end) = head_end(&buf) {
+            if end > MAX_HEAD {
                 return Err(too_long());
             }
-            let rest = buf.split_off(end + 4);
+            let rest = buf.split_off(end);
             let head = String::from_utf8(buf).map_err(|_| {
                 io::Error::new(io::ErrorKind::InvalidData, "HTTP head is not UTF-8")
             })?;
@@ -91,6 +91,20 @@ pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(String, V
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// The length of the head up to and including its blank line. Lines may end in a bare LF
+/// (RFC 9112 §2.2: `printf 'GET /health HTTP/1.1\n\n' | nc` waited for the auth deadline).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.iter().enumerate().find_map(|(i, &b)| {
+        (b == b'\n')
+            .then(|| match &buf[i + 1..] {
+                [b'\n', ..] => Some(i + 2),
+                [b'\r', b'\n', ..] => Some(i + 3),
+                _ => None,
+            })
+            .flatten()
+    })
 }
 
 fn too_long() -> io::Error {
@@ -111,16 +125,17 @@ pub struct Head {
 impl Head {
     /// Parses a head read by [`read_head`]; `None` if it is not HTTP.
     pub fn parse(text: &str) -> Option<Head> {
-        // No control characters but tab (RFC 9110 field values): a bare LF or an escape sequence
-        // in a header we log would let a stranger forge log lines.
-        if text
-            .chars()
-            .any(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n'))
-            || text.split("\r\n").any(|l| l.contains(['\r', '\n']))
+        // No control characters but tab (RFC 9110 field values) in a line: an escape sequence
+        // or a CR in a header we log would let a stranger forge log lines. A line ends in LF,
+        // with or without CR before it (RFC 9112 §2.2), so no value holds either.
+        let lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+        if lines
+            .clone()
+            .any(|l| l.chars().any(|c| c.is_control() && c != '\t'))
         {
             return None;
         }
-        let mut lines = text.split("\r\n");
+        let mut lines = lines;
         let mut first = lines.next()?.splitn(3, ' ');
         let a = first.next()?.to_owned();
         let b = first.next()?.to_owned();
@@ -299,6 +314,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_head_with_bare_line_feeds_ends_at_its_blank_line() {
+        for (data, head) in [
+            (
+                &b"GET /health HTTP/1.1\n\nrest"[..],
+                "GET /health HTTP/1.1\n\n",
+            ),
+            (
+                b"GET /health HTTP/1.1\nHost: a\n\r\nrest",
+                "GET /health HTTP/1.1\nHost: a\n\r\n",
+            ),
+            (
+                b"GET /health HTTP/1.1\r\nHost: a\r\n\nrest",
+                "GET /health HTTP/1.1\r\nHost: a\r\n\n",
+            ),
+        ] {
+            let (got, rest) = read_head(&mut &data[..]).await.unwrap();
+            assert_eq!((got.as_str(), rest.as_slice()), (head, &b"rest"[..]));
+            let h = Head::parse(&got).unwrap();
+            assert_eq!((h.first.as_str(), h.second.as_str()), ("GET", "/health"));
+        }
+        let h = Head::parse("GET /x HTTP/1.1\nHost: a:1\nUpgrade: forward-mux/1\n\n").unwrap();
+        assert_eq!(h.single_host(), Some(("a".into(), 1)));
+    }
+
+    #[tokio::test]
     async fn non_http_bytes_are_refused_at_once() {
         // The start of a TLS ClientHello: no CRLFCRLF would ever come.
         let hello = [0x16u8, 0x03, 0x01, 0x02, 0x00];
@@ -312,8 +352,10 @@ mod tests {
 
     #[test]
     fn control_characters_in_a_head_are_refused() {
-        let forged = "GET /x HTTP/1.1\r\nHost: evil\n2026-01-01 INFO forged\r\n";
-        assert!(Head::parse(forged).is_none());
+        // A bare LF ends a line: the text after it is no part of the value logged.
+        let split =
+            Head::parse("GET /x HTTP/1.1\r\nHost: evil\nX: 2026-01-01 INFO forged\r\n").unwrap();
+        assert_eq!(split.header("host"), Some("evil"));
         assert!(Head::parse("GET /x HTTP/1.1\r\nHost: a\x1b[31mb\r\n").is_none());
         assert!(Head::parse("GET /x HTTP/1.1\r\nHost: a\rb\r\n").is_none());
         assert!(Head::parse("GET /x HTTP/1.1\r\nX-A:\tb\r\n").is_some());
