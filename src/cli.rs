@@ -275,6 +275,7 @@ pub struct AgentArgs {
 /// `--edge`: an address or name without a port (the port is the SPEC's, as at Vers).
 fn edge(s: &str) -> Result<String, String> {
     let t = s.trim();
+    let shown = crate::say::escape_controls(t);
     if t.is_empty() {
         return Err("empty; give the edge's IP or host name".into());
     }
@@ -283,7 +284,7 @@ fn edge(s: &str) -> Result<String, String> {
     });
     if host_port {
         return Err(format!(
-            "'{t}' has a port; --edge takes only the address (the port is the SPEC's remote port, or --agent PORT in agent mode), e.g. 127.0.0.1"
+            "'{shown}' has a port; --edge takes only the address (the port is the SPEC's remote port, or --agent PORT in agent mode), e.g. 127.0.0.1"
         ));
     }
     // What is left must be an IP (IPv6 with or without brackets) or a host name: anything
@@ -295,7 +296,7 @@ fn edge(s: &str) -> Result<String, String> {
     let ip = inner.parse::<std::net::IpAddr>().is_ok() && (inner == t || inner.contains(':'));
     if !ip && !forward_tunnel::policy::is_name(t) {
         return Err(format!(
-            "'{t}' is not an IP address or host name, e.g. 127.0.0.1, ::1 or edge.example"
+            "'{shown}' is not an IP address or host name, e.g. 127.0.0.1, ::1 or edge.example"
         ));
     }
     Ok(t.to_owned())
@@ -308,6 +309,7 @@ fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
         return Ok((std::net::Ipv6Addr::UNSPECIFIED, port).into());
     }
     t.parse().map_err(|_| {
+        let t = crate::say::escape_controls(t);
         format!("'{t}' is not IP:PORT or a port, e.g. [::]:9999, 127.0.0.1:9999 or 9999")
     })
 }
@@ -331,8 +333,9 @@ fn domain(s: &str) -> Result<String, String> {
         .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
     {
         return Err(format!(
-            "'{t}' is an IP address or ends in a number, not a DNS domain; give the domain VM ids \
-             live under, e.g. vm.vers.sh (to connect to an address, use --edge)"
+            "'{}' is an IP address or ends in a number, not a DNS domain; give the domain VM ids \
+             live under, e.g. vm.vers.sh (to connect to an address, use --edge)",
+            crate::say::escape_controls(t)
         ));
     }
     Ok(t.to_owned())
@@ -363,7 +366,8 @@ fn agent_name(s: &str) -> Result<String, String> {
         Ok(n.to_owned())
     } else {
         Err(format!(
-            "'{s}' is not a host name; give the name clients dial, e.g. abc123.vm.vers.sh"
+            "'{}' is not a host name; give the name clients dial, e.g. abc123.vm.vers.sh",
+            crate::say::escape_controls(s)
         ))
     }
 }
@@ -377,7 +381,8 @@ fn secs_from(s: &str, min: u64, why: &str) -> Result<u64, String> {
     match s.trim().parse::<u64>() {
         Ok(n) if (min..=MAX_SECS).contains(&n) => Ok(n),
         _ => Err(format!(
-            "'{s}' is not a whole number of seconds from {min} to {MAX_SECS} (a year){why}"
+            "'{}' is not a whole number of seconds from {min} to {MAX_SECS} (a year){why}",
+            crate::say::escape_controls(s)
         )),
     }
 }

@@ -47,16 +47,21 @@ fn init_logging(opts: &LogOpts, quiet: bool) {
     let default = format!(
         "warn,forward={level},forward_tunnel={level},forward_edge={level},forward_mux={level}"
     );
-    let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let rust_log = std::env::var_os("RUST_LOG").filter(|v| !v.is_empty());
     let (filter, bad_filter) = match rust_log
         .as_deref()
-        .map(|v| (v, EnvFilter::try_new(user_filter(v))))
+        .map(|v| (v, v.to_str().map(|v| EnvFilter::try_new(user_filter(v)))))
     {
-        Some((_, Ok(f))) => (f, None),
-        Some((v, Err(e))) => (
+        Some((_, Some(Ok(f)))) => (f, None),
+        Some((_, None)) => (
+            EnvFilter::new(&default),
+            Some("RUST_LOG is not valid UTF-8, so it is not a filter; using -v/-q levels".into()),
+        ),
+        Some((v, Some(Err(e)))) => (
             EnvFilter::new(&default),
             Some(format!(
-                "RUST_LOG='{v}' is not a valid filter ({e}); using -v/-q levels"
+                "RUST_LOG='{}' is not a valid filter ({e}); using -v/-q levels",
+                v.to_string_lossy()
             )),
         ),
         None => (EnvFilter::new(&default), None),
@@ -95,8 +100,8 @@ fn user_filter(rust_log: &str) -> String {
 /// Help and version print as clap renders them. A usage error becomes one line, like every
 /// other error of ours: clap's message and its tip or list of possible values, without the
 /// usage block (which also lists options taken from the environment as if they were typed).
-fn usage_error(e: clap::Error) -> ! {
-    use clap::error::ErrorKind;
+fn usage_error(mut e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
     if matches!(
         e.kind(),
         ErrorKind::DisplayHelp
@@ -104,6 +109,14 @@ fn usage_error(e: clap::Error) -> ! {
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     ) {
         e.exit();
+    }
+    // clap's plain rendering strips escape sequences from the value quoted, so a value with
+    // one would look fine in the error that refuses it (`FORWARD_EDGE` set with a stray
+    // escape): quote it escaped instead. The value parsers escape their own quotes.
+    if let Some(ContextValue::String(v)) = e.get(ContextKind::InvalidValue) {
+        if let std::borrow::Cow::Owned(escaped) = say::escape_controls(v) {
+            e.insert(ContextKind::InvalidValue, ContextValue::String(escaped));
+        }
     }
     let mut line = one_line(&e.render().to_string());
     if let Some(var) = from_environment(&e) {

@@ -665,6 +665,55 @@ fn a_bad_value_from_the_environment_names_the_variable() {
     assert!(!err.contains("FORWARD_CA_FILE"), "{err}");
 }
 
+/// A value refused for an escape sequence in it shows the escape, in clap's quote and in ours:
+/// clap's plain rendering strips it, and the value looked fine in the error that refused it.
+#[test]
+fn a_refused_value_shows_its_escape_sequence() {
+    let mut cmd = Command::new(forward_bin());
+    cmd.arg("0:vm:80").env("FORWARD_EDGE", "10.0.0\x1b[31m.1");
+    let (st, out, err) = run("forward with an escape in FORWARD_EDGE", cmd);
+    assert_eq!(st.code(), Some(2), "{out}{err}");
+    assert!(!err.contains('\x1b'), "{err:?}");
+    assert_eq!(
+        err.matches("'10.0.0\\u{1b}[31m.1'").count(),
+        2,
+        "want the value escaped in both quotes: {err}"
+    );
+    assert!(err.contains("environment variable FORWARD_EDGE"), "{err}");
+    assert_rejected(
+        &["--grace", "1\u{202e}0", "0:vm1:80"],
+        &[2],
+        &["'1\\u{202e}0' is not a whole number of seconds"],
+    );
+}
+
+/// A RUST_LOG that cannot be used is said to be ignored, not ignored in silence: the user set
+/// it to see something.
+#[test]
+fn an_unusable_rust_log_is_reported() {
+    use std::os::unix::ffi::OsStrExt;
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"forward=debug\xff");
+    for (value, want) in [
+        (not_utf8, "RUST_LOG is not valid UTF-8"),
+        (
+            std::ffi::OsStr::new("forward=loud"),
+            "RUST_LOG='forward=loud' is not a valid filter",
+        ),
+    ] {
+        let mut cmd = Command::new(forward_bin());
+        cmd.args(["--ca-file", "/nonexistent/ca.pem", "0:vm:80"])
+            .env("RUST_LOG", value);
+        let (st, out, err) = run("forward with a bad RUST_LOG", cmd);
+        assert_eq!(st.code(), Some(1), "{out}{err}");
+        assert!(
+            err.contains(want) && err.contains("using -v/-q levels"),
+            "{err}"
+        );
+        // The run goes on at the default level: its own error is still there.
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+}
+
 /// Out of file descriptors, accept fails again and again: one warning per interval, with a
 /// count, not one per attempt (585 lines in 30 s before).
 #[test]
