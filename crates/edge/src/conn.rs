@@ -160,7 +160,8 @@ async fn handle(
         }
         Err(_) => {
             counters.handshake_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, listen = %info.addr, "edge: TLS handshake timed out");
+            // A port scan or a flood of silent connections would be a line each at INFO.
+            tracing::debug!(%peer, listen = %info.addr, "edge: TLS handshake timed out");
             return;
         }
     };
