@@ -688,19 +688,15 @@ impl QuicCarrier {
     /// to hear of it.
     pub async fn close(&self) {
         self.closing.store(true, Ordering::Relaxed);
-        // Not behind a (re)connect in progress, which can take the whole connect timeout: a
-        // connection it makes now is closed as it arrives (`live`).
-        let primary = match self.state.try_lock() {
-            Ok(mut st) => st.primary.take(),
-            Err(_) => None,
-        };
-        let overflow = std::mem::take(&mut *self.overflow_list());
-        for link in primary.iter().chain(&overflow) {
-            link.conn
-                .close(quinn::VarInt::from_u32(close::NORMAL), b"client closing");
-        }
-        // Nobody to tell (a failed check): a handshake still timing out would hold this 2 s.
-        if primary.is_some() || !overflow.is_empty() {
+        // The endpoint's, not each connection we hold: a (re)connect in progress holds the
+        // state lock (for up to the connect timeout) and the connection it is making, and a
+        // `forward stdio` that closed around one left the agent holding it for its idle
+        // timeout. A connection made after this fails to start.
+        self.endpoint
+            .close(quinn::VarInt::from_u32(close::NORMAL), b"client closing");
+        self.overflow_list().clear();
+        // Nobody to tell (a failed check): nothing to wait for.
+        if self.endpoint.open_connections() > 0 {
             let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         }
     }

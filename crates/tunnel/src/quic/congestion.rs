@@ -193,10 +193,22 @@ impl LossJudge {
     }
 }
 
-/// Builds [`LossTolerant`] controllers: quinn's Cubic with its default settings inside.
+/// Builds [`LossTolerant`] controllers: quinn's Cubic inside, with its default settings but
+/// the initial window.
 #[derive(Debug, Default)]
 pub(crate) struct LossTolerantConfig {
     cubic: Arc<CubicConfig>,
+}
+
+impl LossTolerantConfig {
+    /// Cubic's default settings, starting with a window of `bytes`.
+    pub(crate) fn with_initial_window(bytes: u64) -> Self {
+        let mut cubic = CubicConfig::default();
+        cubic.initial_window(bytes);
+        Self {
+            cubic: Arc::new(cubic),
+        }
+    }
 }
 
 impl ControllerFactory for LossTolerantConfig {
@@ -298,6 +310,23 @@ mod tests {
 
     const MTU: u16 = 1452;
     const MS: Duration = Duration::from_millis(1);
+
+    /// quinn sends an ack-eliciting packet only when a whole packet fits beside what is in
+    /// flight, closes included (quinn issue #2785): on loopback, with a largest-size MTU probe
+    /// out, the window must still hold one more largest-size packet, at the start and after
+    /// the MTU grows to that size.
+    #[test]
+    fn a_loopback_window_holds_a_packet_beside_an_mtu_probe() {
+        use super::super::{LOOPBACK_INITIAL_WINDOW, MAX_UDP_PAYLOAD};
+        let config = Arc::new(LossTolerantConfig::with_initial_window(
+            LOOPBACK_INITIAL_WINDOW,
+        ));
+        let mut c = config.build(start(), 1200);
+        let room = |c: &dyn Controller| c.window() > 2 * u64::from(MAX_UDP_PAYLOAD);
+        assert!(room(&*c), "window {} at the start", c.window());
+        c.on_mtu_update(MAX_UDP_PAYLOAD);
+        assert!(room(&*c), "window {} after the MTU grew", c.window());
+    }
 
     /// A time with room before it for the send times of packets acknowledged at it.
     fn start() -> Instant {
