@@ -694,11 +694,17 @@ impl QuicCarrier {
         // timeout. A connection made after this fails to start.
         self.endpoint
             .close(quinn::VarInt::from_u32(close::NORMAL), b"client closing");
-        self.overflow_list().clear();
-        // Nobody to tell (a failed check): nothing to wait for.
-        if self.endpoint.open_connections() > 0 {
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
-        }
+        let overflow = !std::mem::take(&mut *self.overflow_list()).is_empty();
+        // How long the agent may take to hear of it: up to 2 s for a connection it had
+        // accepted; none for a handshake it never answered (a failed check, a signal while
+        // connecting: waiting out its drain held the exit 2 s); a moment for the frames to
+        // leave when a (re)connect holds the state.
+        let linger = match self.state.try_lock() {
+            Ok(st) if overflow || st.primary.is_some() => Duration::from_secs(2),
+            Ok(_) => Duration::ZERO,
+            Err(_) => Duration::from_millis(100),
+        };
+        let _ = tokio::time::timeout(linger, self.endpoint.wait_idle()).await;
     }
 
     /// The live, authenticated primary connection: the current one, or a new one (within a
