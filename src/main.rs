@@ -386,6 +386,7 @@ async fn forward(cli: Cli) -> Result<i32> {
 }
 
 async fn stdio(args: cli::StdioArgs) -> Result<i32> {
+    let signals = StdioSignals::install()?;
     // `vm/target:port`, as in a SPEC: the agent on the VM dials `target`.
     let (host, via, port) = match args.target.split_once('/') {
         Some((vm, rest)) => {
@@ -420,8 +421,8 @@ async fn stdio(args: cli::StdioArgs) -> Result<i32> {
         let via = agent::via_host(via.as_deref()).to_owned();
         let mut make = agent::Connectors::new(&args.client, &args.agent, agent_port)?;
         let done = match args.agent.transport {
-            cli::Transport::Quic => stdio_via(make.quic(&host, &via, port)?).await,
-            _ => stdio_via(make.mux_for_one_connection(&host, &via, port)?).await,
+            cli::Transport::Quic => stdio_via(make.quic(&host, &via, port)?, signals).await,
+            _ => stdio_via(make.mux_for_one_connection(&host, &via, port)?, signals).await,
         };
         make.close().await;
         return done;
@@ -433,29 +434,67 @@ async fn stdio(args: cli::StdioArgs) -> Result<i32> {
         );
     }
     let tls = run::tls_config(&args.client)?;
-    stdio_via(run::direct_connector(&host, port, &args.client, tls)?).await
+    stdio_via(
+        run::direct_connector(&host, port, &args.client, tls)?,
+        signals,
+    )
+    .await
 }
 
-async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
-    use tokio::signal::unix::{signal, SignalKind};
-    // ssh sends its ProxyCommand SIGHUP as it exits, right after writing its last message
-    // (the disconnect) and closing the pipe. Dying there lost that message and cut the
-    // connection: sshd logged a reset instead of "disconnected by user".
-    let mut hangup = run::Hangup::install()?;
-    let mut terminate = signal(SignalKind::terminate())
-        .map_err(|e| anyhow::anyhow!("installing the SIGTERM handler: {e}"))?;
+/// The signals `forward stdio` handles, installed before anything connects (a QUIC carrier
+/// starts its handshake as it is made, and a signal before the handler was a plain death).
+struct StdioSignals {
+    /// ssh sends its ProxyCommand SIGHUP as it exits, right after writing its last message
+    /// (the disconnect) and closing the pipe. Dying there lost that message and cut the
+    /// connection: sshd logged a reset instead of "disconnected by user".
+    hangup: run::Hangup,
+    terminate: tokio::signal::unix::Signal,
+    /// Ctrl-C at a terminal, as SIGTERM: by the default action a QUIC agent learnt of the
+    /// exit only at its idle timeout, and nothing said why the process ended.
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StdioSignals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            hangup: run::Hangup::install()?,
+            terminate: signal(SignalKind::terminate())
+                .map_err(|e| anyhow::anyhow!("installing the SIGTERM handler: {e}"))?,
+            interrupt: signal(SignalKind::interrupt())
+                .map_err(|e| anyhow::anyhow!("installing the SIGINT handler: {e}"))?,
+        })
+    }
+
+    /// The next signal: `None` for SIGHUP; for SIGTERM or SIGINT its name and the exit
+    /// status a shell shows for death by it.
+    async fn next(&mut self) -> Option<(&'static str, i32)> {
+        tokio::select! {
+            _ = self.hangup.recv() => None,
+            _ = self.terminate.recv() => Some(("SIGTERM", 128 + 15)),
+            _ = self.interrupt.recv() => Some(("SIGINT", 128 + 2)),
+        }
+    }
+}
+
+async fn stdio_via<C: forward_tunnel::Connector>(
+    connector: C,
+    mut signals: StdioSignals,
+) -> Result<i32> {
     // Signals while connecting too: the handlers above replaced the default action, and ssh
     // that gave up (SIGHUP) or a supervisor (SIGTERM) waited up to --connect-timeout for an
     // edge that does not answer (found by review).
     let remote = tokio::select! {
         remote = connector.connect() => remote?,
-        _ = hangup.recv() => {
-            tracing::debug!("SIGHUP while connecting: nobody is left to relay for");
-            return Ok(0);
-        }
-        _ = terminate.recv() => {
-            tracing::info!("SIGTERM while connecting: exiting");
-            return Ok(128 + 15);
+        signal = signals.next() => match signal {
+            None => {
+                tracing::debug!("SIGHUP while connecting: nobody is left to relay for");
+                return Ok(0);
+            }
+            Some((name, code)) => {
+                tracing::info!("{name} while connecting: exiting");
+                return Ok(code);
+            }
         }
     };
     // Shutting stdout down only flushes it; the process exit closes fd 1.
@@ -465,21 +504,24 @@ async fn stdio_via<C: forward_tunnel::Connector>(connector: C) -> Result<i32> {
     tokio::pin!(relay);
     let done = tokio::select! {
         done = &mut relay => done,
-        _ = hangup.recv() => {
-            // What stdin still holds goes up, then the end of the stream; then we leave, with
-            // or without the remote's answer (nobody reads stdout any more).
-            tracing::debug!("SIGHUP: sending what stdin still holds, then exiting");
-            // Errors now (stdout has no reader) concern nobody: the user has left.
-            let end = tokio::time::timeout(HANGUP_GRACE, &mut relay).await;
-            tracing::debug!(?end, "stdio relay after SIGHUP");
-            return Ok(0);
-        }
-        _ = terminate.recv() => {
-            // Killed by a supervisor or `kill`: the connection is cut, so the far side must see
-            // a reset (dropping the relay resets the remote; the caller then closes the carrier,
-            // which a QUIC agent would otherwise notice only at its 30 s idle timeout).
-            tracing::info!("SIGTERM: resetting the connection and exiting");
-            return Ok(128 + 15);
+        signal = signals.next() => match signal {
+            None => {
+                // What stdin still holds goes up, then the end of the stream; then we leave,
+                // with or without the remote's answer (nobody reads stdout any more).
+                tracing::debug!("SIGHUP: sending what stdin still holds, then exiting");
+                // Errors now (stdout has no reader) concern nobody: the user has left.
+                let end = tokio::time::timeout(HANGUP_GRACE, &mut relay).await;
+                tracing::debug!(?end, "stdio relay after SIGHUP");
+                return Ok(0);
+            }
+            Some((name, code)) => {
+                // Killed by a supervisor, `kill` or Ctrl-C: the connection is cut, so the far
+                // side must see a reset (dropping the relay resets the remote; the caller then
+                // closes the carrier, which a QUIC agent would otherwise notice only at its
+                // 30 s idle timeout).
+                tracing::info!("{name}: resetting the connection and exiting");
+                return Ok(code);
+            }
         }
     };
     let stats = done.map_err(|e| {

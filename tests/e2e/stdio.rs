@@ -279,9 +279,10 @@ fn stdio_to_a_port_with_nothing_behind_it_says_so() {
     );
 }
 
-/// ssh sends its ProxyCommand SIGHUP when it gives up, a supervisor SIGTERM: while the edge or
-/// agent has not answered yet, `forward stdio` leaves at once (0 and 143), not after
-/// `--connect-timeout` (it waited the whole timeout, and over QUIC longer).
+/// ssh sends its ProxyCommand SIGHUP when it gives up, a supervisor SIGTERM, a terminal
+/// SIGINT: while the edge or agent has not answered yet, `forward stdio` leaves at once (0,
+/// 143 and 130), not after `--connect-timeout` (it waited the whole timeout, and over QUIC
+/// longer).
 #[test]
 fn signals_end_stdio_while_it_is_still_connecting() {
     // Accepts TCP and never says a word: a TLS handshake that never completes.
@@ -330,7 +331,9 @@ fn signals_end_stdio_while_it_is_still_connecting() {
     ];
     let mut held = Vec::new();
     for (mode, args, target) in &modes {
-        for (sig, code) in [("HUP", 0), ("TERM", 143)] {
+        for (sig, code) in [("HUP", 0), ("TERM", 143), ("INT", 130)] {
+            // The last process's datagrams must not pass for this one's first.
+            while silent_udp.recv_from(&mut [0u8; 2048]).is_ok() {}
             let mut cmd = Command::new(forward_bin());
             cmd.args(["stdio", "--edge", "127.0.0.1", "--connect-timeout", "60"])
                 .args(args)
