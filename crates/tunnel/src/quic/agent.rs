@@ -648,6 +648,9 @@ impl QuicCloser {
     pub async fn close_now(&self) {
         self.0
             .close(VarInt::from_u32(close::SHUTDOWN), b"agent shutting down");
-        let _ = tokio::time::timeout(CLOSE_LINGER, self.0.wait_idle()).await;
+        // Not `CLOSE_LINGER`: the frames leave at the endpoint driver's next turn, and what
+        // `wait_idle` waits for beyond that is each connection's drain (three probe timeouts:
+        // over a 100 ms path, over a second after the log said "exiting now").
+        let _ = tokio::time::timeout(Duration::from_millis(250), self.0.wait_idle()).await;
     }
 }
