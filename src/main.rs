@@ -52,7 +52,16 @@ fn init_logging(opts: &LogOpts, quiet: bool) {
         .as_deref()
         .map(|v| (v, v.to_str().map(|v| EnvFilter::try_new(user_filter(v)))))
     {
-        Some((_, Some(Ok(f)))) => (f, None),
+        // A typo of a level (`degub`) is a valid filter for a target of that name, and it
+        // turned every line off, warnings and errors too, without a word.
+        Some((v, Some(Ok(f)))) => (
+            f,
+            stray_targets(&v.to_string_lossy()).map(|w| {
+                format!(
+                    "RUST_LOG names '{w}', which is no level (error, warn, info, debug, trace, off) and no part of forward: only what a target '{w}' logs is shown"
+                )
+            }),
+        ),
         Some((_, None)) => (
             EnvFilter::new(&default),
             Some("RUST_LOG is not valid UTF-8, so it is not a filter; using -v/-q levels".into()),
@@ -82,8 +91,46 @@ fn init_logging(opts: &LogOpts, quiet: bool) {
         LogFormat::Text => builder.init(),
     }
     if let Some(warning) = bad_filter {
-        tracing::warn!("{warning}");
+        // Past the filter: the user's own may hide it.
+        let unfiltered = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .log_internal_errors(false);
+        match opts.log_format {
+            LogFormat::Json => {
+                tracing::subscriber::with_default(unfiltered.json().finish(), || {
+                    tracing::warn!("{warning}")
+                })
+            }
+            LogFormat::Text => tracing::subscriber::with_default(unfiltered.finish(), || {
+                tracing::warn!("{warning}")
+            }),
+        }
     }
+}
+
+/// The first directive of `rust_log` that is a bare word (no `=`) naming neither a level nor
+/// a crate forward logs through: most likely a misspelt level.
+fn stray_targets(rust_log: &str) -> Option<&str> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    const CRATES: [&str; 9] = [
+        "forward",
+        "forward_tunnel",
+        "forward_edge",
+        "forward_mux",
+        "quinn",
+        "quinn_proto",
+        "quinn_udp",
+        "rustls",
+        "tokio",
+    ];
+    rust_log.split(',').map(str::trim).find(|d| {
+        !d.is_empty()
+            && !d.contains(['=', '['])
+            && !LEVELS.iter().any(|l| d.eq_ignore_ascii_case(l))
+            && !CRATES.contains(&d.split("::").next().unwrap_or(d))
+    })
 }
 
 /// RUST_LOG as given, except that quinn's packet-level trace stays off unless it is named:

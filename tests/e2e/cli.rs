@@ -712,6 +712,32 @@ fn an_unusable_rust_log_is_reported() {
         // The run goes on at the default level: its own error is still there.
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
     }
+    // A misspelt level is a valid filter (for a target of that name) that hides everything:
+    // it is applied, and said so past itself.
+    for (value, named) in [("degub", "degub"), ("info,verbose", "verbose")] {
+        let mut cmd = Command::new(forward_bin());
+        cmd.args(["--edge", "127.0.0.1", "--check", "127.0.0.1:0:vm1:1"])
+            .env("RUST_LOG", value);
+        let (st, out, err) = run("forward with a misspelt RUST_LOG", cmd);
+        assert_eq!(st.code(), Some(1), "{out}{err}");
+        assert!(
+            err.contains(&format!("RUST_LOG names '{named}', which is no level")),
+            "{err}"
+        );
+    }
+    for fine in [
+        "debug",
+        "forward_tunnel=debug",
+        "quinn",
+        "forward_mux::session",
+        "INFO",
+    ] {
+        let mut cmd = Command::new(forward_bin());
+        cmd.args(["--ca-file", "/nonexistent/ca.pem", "0:vm:80"])
+            .env("RUST_LOG", fine);
+        let (_, out, err) = run("forward with a good RUST_LOG", cmd);
+        assert!(!err.contains("RUST_LOG"), "RUST_LOG={fine}: {out}{err}");
+    }
 }
 
 /// Out of file descriptors, accept fails again and again: one warning per interval, with a
