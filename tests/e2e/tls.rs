@@ -171,3 +171,37 @@ fn direct_check_names_a_vm_port_without_a_listener() {
             l.contains("connection failed") && l.contains(&port) && l.contains(":: (IPv6)")
         });
 }
+
+/// Failures beyond the first of a burst are counted in a line of their own, even when nothing
+/// fails after them: here at exit (they were never mentioned before, a tester's finding).
+#[test]
+fn a_burst_of_failed_connections_is_counted_by_exit() {
+    use crate::harness::Src;
+
+    let v4_only = Backend::echo_on("127.0.0.1:0");
+    let stack = Stack::start(Transport::Direct, &[v4_only.port]);
+    let mut fwd = stack.forward(
+        &[],
+        &[format!("127.0.0.1:0:{}", stack.target(v4_only.port))],
+        1,
+    );
+    for _ in 0..6 {
+        let mut conn = fwd.local().connect();
+        let mut buf = [0u8; 64];
+        match conn.read(&mut buf) {
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            other => panic!("want a reset from a VM port without a listener, got {other:?}"),
+        }
+    }
+    fwd.proc.wait_line(Src::Stderr, "the first failure", |l| {
+        l.contains("connection failed")
+    });
+    fwd.proc.signal("TERM");
+    assert!(fwd.proc.wait_exit().success(), "{}", fwd.proc.transcript());
+    let log = fwd.proc.stderr_text();
+    assert_eq!(log.matches("connection failed").count(), 1, "{log}");
+    assert!(
+        log.contains("5 more connection(s) failed the same way in the last 10s"),
+        "{log}"
+    );
+}

@@ -84,7 +84,10 @@ pub async fn serve<C: Connector>(
     label: Arc<str>,
     life: Lifecycle,
 ) {
-    let failures = Arc::new(Repeats::new());
+    let failures = Arc::new(Failures {
+        repeats: Repeats::new(),
+        label: label.clone(),
+    });
     loop {
         let accepted = tokio::select! {
             _ = life.stop.cancelled() => break,
@@ -199,6 +202,52 @@ pub const HANG_UP_HINT_WITHIN: Duration = Duration::from_secs(1);
 
 static ACCEPT_FAILURES: crate::throttle::Throttle = crate::throttle::Throttle::new();
 
+/// One forward's failed connections, logged through [`Repeats`]. What it leaves out is
+/// counted in a line of its own at the end of the interval, or when the forward's last
+/// connection has ended (exit), if no line of the same cause has counted it by then: a burst
+/// of failures followed by silence was one line, its repeats never mentioned.
+struct Failures {
+    repeats: Repeats,
+    label: Arc<str>,
+}
+
+impl Failures {
+    /// After a line was left out: count it at the end of the interval, unless a line of the
+    /// same cause does so first. One timer per interval and cause, started by the first
+    /// repeat left out.
+    fn count_later(self: &Arc<Self>, cause: &str) {
+        if self.repeats.left_out(cause) != 1 {
+            return;
+        }
+        let (me, cause) = (Arc::downgrade(self), cause.to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(crate::throttle::LOG_EVERY).await;
+            if let Some(me) = me.upgrade() {
+                me.report(&cause, me.repeats.take_left_out(&cause));
+            }
+        });
+    }
+
+    fn report(&self, cause: &str, more: u64) {
+        if more > 0 {
+            tracing::warn!(
+                forward = %self.label,
+                not_logged = more,
+                "{more} more connection(s) failed the same way in the last {}s: {cause}",
+                crate::throttle::LOG_EVERY.as_secs()
+            );
+        }
+    }
+}
+
+impl Drop for Failures {
+    fn drop(&mut self) {
+        for (cause, more) in self.repeats.take_all_left_out() {
+            self.report(&cause, more);
+        }
+    }
+}
+
 /// How long a connection still dialling when forward is told to stop may go on dialling. The
 /// grace period is for connections that carry bytes: one whose dial hangs (an edge that does
 /// not answer, an agent being reconnected) held Ctrl-C for the whole grace, 10 s by default,
@@ -211,7 +260,7 @@ async fn handle<C: Connector>(
     connector: Arc<C>,
     label: Arc<str>,
     life: Lifecycle,
-    failures: Arc<Repeats>,
+    failures: Arc<Failures>,
 ) {
     let abort = life.abort;
     let killed = Arc::new(AtomicBool::new(false));
@@ -258,15 +307,21 @@ async fn handle<C: Connector>(
             // Keyed by the cause, not the whole line: one refused target fails either way
             // round ("writing to remote failed: …" or "reading from remote failed: …"),
             // whichever direction noticed first, and logged a line for each (a tester's nit).
-            Err(e) => match failures.pass(e.rsplit_once("failed: ").map_or(&e, |(_, cause)| cause)) {
-                Some(0) => tracing::warn!(forward = %label, "connection failed: {e}"),
-                Some(more) => tracing::warn!(
-                    forward = %label,
-                    not_logged = more,
-                    "connection failed: {e} (and {more} more the same way)"
-                ),
-                None => tracing::debug!(forward = %label, "connection failed: {e}"),
-            },
+            Err(e) => {
+                let cause = e.rsplit_once("failed: ").map_or(e.as_str(), |(_, cause)| cause);
+                match failures.repeats.pass(cause) {
+                    Some(0) => tracing::warn!(forward = %label, "connection failed: {e}"),
+                    Some(more) => tracing::warn!(
+                        forward = %label,
+                        not_logged = more,
+                        "connection failed: {e} (and {more} more the same way)"
+                    ),
+                    None => {
+                        tracing::debug!(forward = %label, "connection failed: {e}");
+                        failures.count_later(cause);
+                    }
+                }
+            }
         },
         _ = abort.cancelled() => {
             // The relay's next look at the local side fails, and it resets both sides as for
@@ -371,5 +426,30 @@ impl AsyncWrite for Killable {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Repeats left out are counted when their interval ends, by one timer however many there
+    /// were, and not again.
+    #[tokio::test(start_paused = true)]
+    async fn repeats_left_out_are_counted_at_the_end_of_the_interval() {
+        let f = Arc::new(Failures {
+            repeats: Repeats::new(),
+            label: "test".into(),
+        });
+        assert_eq!(f.repeats.pass("down"), Some(0));
+        for _ in 0..3 {
+            assert_eq!(f.repeats.pass("down"), None);
+            f.count_later("down");
+        }
+        assert_eq!(f.repeats.left_out("down"), 3);
+        tokio::time::sleep(crate::throttle::LOG_EVERY / 2).await;
+        assert_eq!(f.repeats.left_out("down"), 3, "counted before the interval ended");
+        tokio::time::sleep(crate::throttle::LOG_EVERY).await;
+        assert_eq!(f.repeats.left_out("down"), 0, "not counted at the interval's end");
     }
 }

@@ -97,6 +97,35 @@ impl Repeats {
         lines.push_front((line.to_owned(), Budget::new()));
         lines[0].1.pass_at(now)
     }
+
+    /// How many repeats of `line` are left out so far, uncounted.
+    pub(crate) fn left_out(&self, line: &str) -> u64 {
+        let lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        lines
+            .iter()
+            .find(|(l, _)| l == line)
+            .map_or(0, |(_, budget)| budget.left_out)
+    }
+
+    /// How many repeats of `line` were left out since it was last logged or counted here; the
+    /// count starts over, the interval does not.
+    pub(crate) fn take_left_out(&self, line: &str) -> u64 {
+        let mut lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        lines
+            .iter_mut()
+            .find(|(l, _)| l == line)
+            .map_or(0, |(_, budget)| std::mem::take(&mut budget.left_out))
+    }
+
+    /// Every line with repeats left out, and how many; the counts start over.
+    pub(crate) fn take_all_left_out(&self) -> Vec<(String, u64)> {
+        let mut lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        lines
+            .iter_mut()
+            .filter(|(_, b)| b.left_out > 0)
+            .map(|(l, b)| (l.clone(), std::mem::take(&mut b.left_out)))
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -134,6 +163,29 @@ mod tests {
             assert_eq!(r.pass_at(other, t0 + LOG_EVERY), Some(0));
         }
         assert_eq!(r.pass_at(b, t0 + LOG_EVERY), Some(0));
+    }
+
+    /// What was left out can be counted before the next line passes (at the end of the
+    /// interval, at exit): counted once, and the interval holds.
+    #[test]
+    fn left_out_repeats_are_counted_once() {
+        let r = Repeats::new();
+        let t0 = Instant::now();
+        assert_eq!(r.pass_at("down", t0), Some(0));
+        assert_eq!(r.pass_at("other", t0), Some(0));
+        for i in 1..=7 {
+            assert_eq!(r.pass_at("down", t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(r.pass_at("other", t0 + Duration::from_millis(9)), None);
+        assert_eq!(r.take_left_out("down"), 7);
+        assert_eq!(r.take_left_out("down"), 0);
+        assert_eq!(r.take_left_out("never seen"), 0);
+        assert_eq!(r.pass_at("down", t0 + Duration::from_secs(1)), None);
+        let mut all = r.take_all_left_out();
+        all.sort();
+        assert_eq!(all, vec![("down".to_owned(), 1), ("other".to_owned(), 1)]);
+        assert!(r.take_all_left_out().is_empty());
+        assert_eq!(r.pass_at("down", t0 + LOG_EVERY), Some(0));
     }
 
     #[test]
