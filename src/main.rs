@@ -461,6 +461,12 @@ async fn stdio(args: cli::StdioArgs) -> Result<i32> {
         }
         None => {
             let (host, port) = run::parse_host_port(&args.target)?;
+            if spec::is_loopback_host(&host) {
+                anyhow::bail!(
+                    "invalid target '{}': host '{host}' stands where the VM goes: name the VM (<vm>:22 reaches port 22 on the VM itself)",
+                    args.target
+                );
+            }
             (host, None, port)
         }
     };

@@ -58,6 +58,20 @@ pub fn port_number(s: &str) -> Option<u16> {
     s.parse().ok().filter(|_| digits)
 }
 
+/// The `ssh -L 8080:localhost:80` habit, as `localhost` or a loopback address, where the VM
+/// goes: `localhost` became `localhost.vm.vers.sh`, and `127.0.0.1` dialled this machine over
+/// TLS.
+pub fn is_loopback_host(host: &str) -> bool {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    bare.trim_end_matches('.').eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// " (drop the trailing dot)" for a host that is valid without its trailing dot, else "".
 pub fn trailing_dot_hint(host: &str) -> &'static str {
     if host.ends_with('.') && valid_host(host.trim_end_matches('.')) {
@@ -111,7 +125,7 @@ fn parse_bind(spec: &str, b: &str) -> Result<Vec<IpAddr>, SpecError> {
             spec,
             "bind address before the local port is empty: write localhost (loopback), '*' (all interfaces) or an IP, or leave out the colon",
         )),
-        "localhost" => Ok(loopbacks()),
+        _ if b.eq_ignore_ascii_case("localhost") => Ok(loopbacks()),
         "*" => Ok(vec![
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(Ipv6Addr::UNSPECIFIED),
@@ -223,12 +237,10 @@ impl Spec {
         if host.is_empty() {
             return Err(err(text, format!("host is empty; {FORM}")));
         }
-        if host.eq_ignore_ascii_case("localhost") {
-            // `ssh -L 8080:localhost:80` habit: here the field names the VM, and became
-            // `localhost.vm.vers.sh`.
+        if is_loopback_host(host) {
             return Err(err(
                 text,
-                "host 'localhost' stands where the VM goes: name the VM (8080:<vm>:80 reaches port 80 on the VM itself)",
+                format!("host '{host}' stands where the VM goes: name the VM (8080:<vm>:80 reaches port 80 on the VM itself)"),
             ));
         }
         if !valid_host(host) {
@@ -388,6 +400,7 @@ mod tests {
                 80,
             ),
             ("localhost:1:abc:2", tcp(loopbacks(), 1), "abc", None, 2),
+            ("LocalHost:1:abc:2", tcp(loopbacks(), 1), "abc", None, 2),
             (
                 "*:9000:db.example.com:5432",
                 tcp(
@@ -448,6 +461,12 @@ mod tests {
                 "8080:localhost:80",
                 "host 'localhost' stands where the VM goes",
             ),
+            (
+                "5432:127.0.0.1:5432",
+                "host '127.0.0.1' stands where the VM goes",
+            ),
+            ("5432:[::1]:5432", "host '[::1]' stands where the VM goes"),
+            ("5432:LOCALHOST.:5432", "host 'LOCALHOST.' stands where"),
             (
                 "[::ffff:127.0.0.1]:80:abc:22",
                 "is an IPv4 address in IPv6 form, which cannot be bound; write 127.0.0.1",

@@ -72,6 +72,15 @@ fn stdio_via_target_needs_the_agent() {
         err.contains("invalid target 'vm1:80:90'") && err.contains("expected HOST:PORT"),
         "{err}"
     );
+
+    // The `ssh -W localhost:22` habit: the host names the VM.
+    for target in ["localhost:22", "127.0.0.1:22", "[::1]:22"] {
+        let mut cmd = Command::new(forward_bin());
+        cmd.args(["stdio", "--edge", "127.0.0.1", target]);
+        let (st, _out, err) = crate::harness::run("forward stdio to a loopback host", cmd);
+        assert_eq!(st.code(), Some(1), "{err}");
+        assert!(err.contains("stands where the VM goes"), "{target}: {err}");
+    }
 }
 
 /// A non-blocking stdin and stdout (an inherited terminal, another program's socketpair) are

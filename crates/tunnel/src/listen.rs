@@ -124,8 +124,14 @@ fn unix_path_problem(path: &Path, e: &io::Error) -> Option<String> {
                 dir.display()
             ));
         }
+        // `'~/x.sock:vm:22'` in quotes: the shell expands `~` only unquoted.
+        let tilde = if path.starts_with("~") {
+            " (the shell did not expand '~': it was quoted; write $HOME or the full path)"
+        } else {
+            ""
+        };
         return Some(format!(
-            "its directory {} does not exist; create it or pick another path",
+            "its directory {} does not exist{tilde}; create it or pick another path",
             dir.display()
         ));
     }
@@ -534,6 +540,9 @@ mod tests {
             e.contains("its directory /nonexistent-forward-dir does not exist"),
             "{e}"
         );
+        let quoted = LocalAddr::Unix(PathBuf::from("~/forward-test-x.sock"));
+        let e = Listener::bind(&quoted).unwrap_err().to_string();
+        assert!(e.contains("the shell did not expand '~'"), "{e}");
         // A directory that exists and takes no files says ENOENT too: not "does not exist".
         if cfg!(target_os = "linux") {
             let proc = LocalAddr::Unix(PathBuf::from("/proc/x.sock"));

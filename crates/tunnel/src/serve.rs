@@ -448,8 +448,16 @@ mod tests {
         }
         assert_eq!(f.repeats.left_out("down"), 3);
         tokio::time::sleep(crate::throttle::LOG_EVERY / 2).await;
-        assert_eq!(f.repeats.left_out("down"), 3, "counted before the interval ended");
+        assert_eq!(
+            f.repeats.left_out("down"),
+            3,
+            "counted before the interval ended"
+        );
         tokio::time::sleep(crate::throttle::LOG_EVERY).await;
-        assert_eq!(f.repeats.left_out("down"), 0, "not counted at the interval's end");
+        assert_eq!(
+            f.repeats.left_out("down"),
+            0,
+            "not counted at the interval's end"
+        );
     }
 }
