@@ -596,10 +596,9 @@ async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
     }
     drop(carrier);
     drop(l);
-    let mut last_warned = String::new();
     // Counted apart from `failures`, which may already hold a carrier lost right after it came
     // up: the log numbers this outage's attempts.
-    let mut attempt = 0u32;
+    let mut attempts = crate::throttle::Attempts::default();
     loop {
         tokio::time::sleep(jittered(failures)).await;
         let Some(l) = link.upgrade() else { return };
@@ -616,19 +615,16 @@ async fn watch_inner(link: Weak<AgentLink>, carrier: Arc<Carrier>) {
             Ok(_) => return,
             Err(e) => {
                 failures = failures.saturating_add(1);
-                attempt = attempt.saturating_add(1);
-                // An outage of hours would otherwise write a warning every 30 s; a new reason
-                // (the agent is back, with another token) is worth one at once.
-                let text = e.to_string();
-                if attempt.is_power_of_two() || text != last_warned {
-                    last_warned = text;
-                    tracing::warn!(
+                let next = attempts.failed(&e.to_string());
+                let attempt = attempts.count();
+                match next {
+                    Some(next) => tracing::warn!(
                         link = %l.describe(),
-                        "reconnect failed (attempt {attempt}; retrying with backoff, logged again at attempt {} or when the reason changes): {e}",
-                        attempt.saturating_add(1).next_power_of_two()
-                    );
-                } else {
-                    tracing::debug!(link = %l.describe(), "reconnect failed (attempt {attempt}): {e}");
+                        "reconnect failed (attempt {attempt}; retrying with backoff, logged again at attempt {next} or when the reason changes): {e}"
+                    ),
+                    None => {
+                        tracing::debug!(link = %l.describe(), "reconnect failed (attempt {attempt}): {e}")
+                    }
                 }
             }
         }

@@ -128,6 +128,35 @@ impl Repeats {
     }
 }
 
+/// The failed reconnect attempts of one outage, for its log: attempts 1, 2, 4, 8, ... and any
+/// whose reason differs from the last one warned of are warnings, the rest debug lines. An
+/// outage of hours would otherwise write a warning every backoff; a new reason (the agent is
+/// back, with another token) is worth one at once.
+#[derive(Default)]
+pub(crate) struct Attempts {
+    attempt: u32,
+    last_warned: String,
+}
+
+impl Attempts {
+    /// Counts a failed attempt. `Some(next)`: warn of it, saying the next warning comes at
+    /// attempt `next` (or with a new reason); `None`: a debug line.
+    pub(crate) fn failed(&mut self, reason: &str) -> Option<u32> {
+        self.attempt = self.attempt.saturating_add(1);
+        if self.attempt.is_power_of_two() || reason != self.last_warned {
+            self.last_warned = reason.to_owned();
+            Some(self.attempt.saturating_add(1).next_power_of_two())
+        } else {
+            None
+        }
+    }
+
+    /// The attempts counted so far.
+    pub(crate) fn count(&self) -> u32 {
+        self.attempt
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +215,24 @@ mod tests {
         assert_eq!(all, vec![("down".to_owned(), 1), ("other".to_owned(), 1)]);
         assert!(r.take_all_left_out().is_empty());
         assert_eq!(r.pass_at("down", t0 + LOG_EVERY), Some(0));
+    }
+
+    #[test]
+    fn reconnect_attempts_are_warned_at_powers_of_two_and_new_reasons() {
+        let mut a = Attempts::default();
+        let warned: Vec<(u32, Option<u32>)> = (1..=9)
+            .map(|_| {
+                let w = a.failed("refused");
+                (a.count(), w)
+            })
+            .filter(|(_, w)| w.is_some())
+            .collect();
+        assert_eq!(
+            warned,
+            vec![(1, Some(2)), (2, Some(4)), (4, Some(8)), (8, Some(16))]
+        );
+        assert_eq!(a.failed("auth rejected"), Some(16), "a new reason");
+        assert_eq!(a.failed("auth rejected"), None);
     }
 
     #[test]

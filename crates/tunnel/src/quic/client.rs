@@ -1396,6 +1396,9 @@ async fn report_loss(conn: quinn::Connection, agent: String, lost: Arc<tokio::sy
 async fn redial(carrier: Weak<QuicCarrier>, lost: Arc<tokio::sync::Notify>) {
     loop {
         lost.notified().await;
+        // Thinned out as over TLS and TCP: every attempt was a warning (17 lines in 2 minutes
+        // of a killed agent, where TLS and TCP wrote 5).
+        let mut attempts = crate::throttle::Attempts::default();
         loop {
             let Some(c) = carrier.upgrade() else { return };
             if c.closing.load(Ordering::Relaxed) {
@@ -1432,7 +1435,19 @@ async fn redial(carrier: Weak<QuicCarrier>, lost: Arc<tokio::sync::Notify>) {
                     tracing::info!(agent = %c.describe(), "QUIC connection to the agent is back");
                     break;
                 }
-                Err(e) => tracing::warn!(agent = %c.describe(), "reconnect failed: {e}"),
+                Err(e) => {
+                    let next = attempts.failed(&e.to_string());
+                    let attempt = attempts.count();
+                    match next {
+                        Some(next) => tracing::warn!(
+                            agent = %c.describe(),
+                            "reconnect failed (attempt {attempt}; retrying with backoff, logged again at attempt {next} or when the reason changes): {e}"
+                        ),
+                        None => {
+                            tracing::debug!(agent = %c.describe(), "reconnect failed (attempt {attempt}): {e}")
+                        }
+                    }
+                }
             }
         }
     }
