@@ -1613,4 +1613,15 @@ fn client_resets_are_quiet_and_refusals_name_the_client(t: Transport) {
         loud.len(),
         loud.join("\n")
     );
+    // Nor in the client's: a local client's reset is passed on, not a failed connection.
+    let log = fwd.proc.stderr_text();
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection failed"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "client resets logged as failures:\n{}",
+        failed.join("\n")
+    );
 }

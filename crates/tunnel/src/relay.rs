@@ -488,6 +488,18 @@ impl RelayError {
         }
     }
 
+    /// Whether side `a` ended the relay by resetting (or, over QUIC, stopping to read): a
+    /// local client that cancelled, not a failure of the tunnel or of `b`. A lost QUIC
+    /// connection is not that, nor is anything `b` did.
+    pub fn reset_by_a(&self) -> bool {
+        let a_side = matches!(
+            (self, self.direction()),
+            (RelayError::Read { .. }, Direction::AToB)
+                | (RelayError::Write { .. }, Direction::BToA)
+        );
+        a_side && self.io_error().kind() == io::ErrorKind::ConnectionReset
+    }
+
     /// The I/O error behind the failure.
     pub fn io_error(&self) -> &io::Error {
         match self {

@@ -20,7 +20,7 @@ use super::{
 use crate::admission::Admission;
 use crate::auth::{challenge, AgentNames, Token, CHALLENGE_LEN};
 use crate::policy::{DialRefusal, Shown, TargetPolicy};
-use crate::relay::{relay, Direction, Endpoint, RelayError};
+use crate::relay::{relay, Endpoint};
 use crate::throttle::Throttle;
 
 static EVICTIONS: Throttle = Throttle::new();
@@ -627,7 +627,7 @@ async fn handle_stream(
         ),
         // A client that resets its stream is its user cancelling (a browser dropping a
         // request), everyday work that the TCP agent does not log either.
-        Err(e) if reset_by_client(&e) => tracing::debug!(
+        Err(e) if e.reset_by_a() => tracing::debug!(
             "stream to {shown} ended: {}",
             e.describe("client", "target")
         ),
@@ -636,17 +636,6 @@ async fn handle_stream(
             e.describe("client", "target")
         ),
     }
-}
-
-/// Whether the relay of `handle_stream` (client first, target second) ended because the
-/// client reset the stream or stopped reading it. A lost connection is not that, nor is
-/// anything the target did.
-fn reset_by_client(e: &RelayError) -> bool {
-    let client_side = matches!(
-        (e, e.direction()),
-        (RelayError::Read { .. }, Direction::AToB) | (RelayError::Write { .. }, Direction::BToA)
-    );
-    client_side && e.io_error().kind() == std::io::ErrorKind::ConnectionReset
 }
 
 /// See [`QuicAgent::closer`].
