@@ -61,6 +61,8 @@ struct StreamSlot {
     reset: Option<ResetCode>,
     got_fin: bool,
     sent_fin: bool,
+    /// Client: the target as shown in errors (`host:port`).
+    target: Option<Arc<str>>,
 }
 
 struct Inner {
@@ -99,11 +101,22 @@ impl std::fmt::Debug for Carrier {
     }
 }
 
-fn reset_error(code: ResetCode) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionReset,
-        format!("stream reset by the agent side: {code}"),
-    )
+/// The error of a stream reset with `code`; `target` (the client's streams) words a refusal
+/// as a QUIC stream's is.
+fn reset_error(code: ResetCode, target: Option<&str>) -> io::Error {
+    use crate::policy::Refusal;
+    let refusal = match code {
+        ResetCode::NotAllowed => Some(Refusal::NotAllowed),
+        ResetCode::Refused => Some(Refusal::Refused),
+        ResetCode::DialTimeout => Some(Refusal::Timeout),
+        ResetCode::Unreachable => Some(Refusal::Unreachable),
+        _ => None,
+    };
+    let text = match (refusal, target) {
+        (Some(r), Some(t)) => r.message(t),
+        _ => format!("stream reset by the agent side: {code}"),
+    };
+    io::Error::new(io::ErrorKind::ConnectionReset, text)
 }
 
 fn dead_error(reason: &str) -> io::Error {
@@ -352,8 +365,15 @@ impl Carrier {
         if g.dead.is_some() {
             return Err(StreamError::SessionClosed);
         }
+        let shown = crate::policy::Shown(&target.host, target.port).to_string();
         let id = g.session.open(target)?;
-        g.slots.insert(id, StreamSlot::default());
+        g.slots.insert(
+            id,
+            StreamSlot {
+                target: Some(shown.into()),
+                ..StreamSlot::default()
+            },
+        );
         drop(g);
         self.tx.notify_one();
         Ok(MuxStream {
@@ -934,7 +954,7 @@ impl MuxStream {
             return Poll::Ready(Ok(()));
         }
         if let Some(code) = slot.reset {
-            return Poll::Ready(Err(reset_error(code)));
+            return Poll::Ready(Err(reset_error(code, slot.target.as_deref())));
         }
         if let Some(d) = dead {
             return Poll::Ready(Err(dead_error(&d)));
@@ -945,8 +965,10 @@ impl MuxStream {
 }
 
 fn stream_error(g: &Inner, id: StreamId, e: StreamError) -> io::Error {
-    if let Some(code) = g.slots.get(&id).and_then(|s| s.reset) {
-        return reset_error(code);
+    if let Some(s) = g.slots.get(&id) {
+        if let Some(code) = s.reset {
+            return reset_error(code, s.target.as_deref());
+        }
     }
     if let Some(d) = &g.dead {
         return dead_error(d);
@@ -962,8 +984,10 @@ fn blocked(
     cx: &mut Context<'_>,
     waiter: fn(&mut StreamSlot) -> &mut Option<Waker>,
 ) -> Poll<io::Error> {
-    if let Some(code) = g.slots.get(&id).and_then(|s| s.reset) {
-        return Poll::Ready(reset_error(code));
+    if let Some(s) = g.slots.get(&id) {
+        if let Some(code) = s.reset {
+            return Poll::Ready(reset_error(code, s.target.as_deref()));
+        }
     }
     if let Some(d) = &g.dead {
         return Poll::Ready(dead_error(d));

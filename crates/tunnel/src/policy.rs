@@ -306,6 +306,35 @@ impl fmt::Display for Shown<'_> {
     }
 }
 
+/// Why the agent did not connect a stream to its target, whichever the carrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    NotAllowed,
+    Refused,
+    Timeout,
+    Unreachable,
+}
+
+impl Refusal {
+    /// The client's words for it, the same over every transport; `target` as [`Shown`].
+    pub(crate) fn message(self, target: &str) -> String {
+        match self {
+            Refusal::NotAllowed => format!(
+                "agent refused {target}: not allowed by its policy (only the VM's loopback unless the agent runs with --allow)"
+            ),
+            Refusal::Refused => format!(
+                "agent could not connect to {target}: connection refused (is the service running on the VM?)"
+            ),
+            Refusal::Timeout => format!(
+                "agent timed out connecting to {target}: it did not answer within the agent's dial timeout (its --dial-timeout)"
+            ),
+            Refusal::Unreachable => format!(
+                "agent cannot reach {target}: unreachable or not resolvable from the VM"
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -319,15 +319,16 @@ impl QuicStream {
         if code == code::GOING_AWAY {
             self.unprocessed.store(true, Ordering::Relaxed);
         }
+        use crate::policy::Refusal;
         let msg = match code {
-            code::NOT_ALLOWED => format!(
-                "agent refused {t}: not allowed by its policy (only the VM's loopback unless the agent runs with --allow)"
-            ),
-            code::REFUSED => format!("agent could not connect to {t}: connection refused (is the service running on the VM?)"),
-            code::TIMEOUT => format!("agent timed out connecting to {t} (its --dial-timeout)"),
-            code::UNREACHABLE => format!("agent cannot reach {t}"),
+            code::NOT_ALLOWED => Refusal::NotAllowed.message(t),
+            code::REFUSED => Refusal::Refused.message(t),
+            code::TIMEOUT => Refusal::Timeout.message(t),
+            code::UNREACHABLE => Refusal::Unreachable.message(t),
             code::BAD_HEADER => format!("agent rejected the target header for {t}"),
-            code::AUTH_REQUIRED => "agent rejected a stream opened before authentication".to_owned(),
+            code::AUTH_REQUIRED => {
+                "agent rejected a stream opened before authentication".to_owned()
+            }
             code::SHUTTING_DOWN => format!("agent is shutting down: stream to {t} reset"),
             code::GOING_AWAY => {
                 format!("agent is shutting down: it did not take the stream to {t}")
