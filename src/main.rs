@@ -44,8 +44,10 @@ fn init_logging(opts: &LogOpts, quiet: bool) {
         _ => "error",
     };
     // Our crates at the chosen level, dependencies one notch quieter unless RUST_LOG says.
+    // rustls at error: its warnings (a peer that answered a ClientHello with one, a plain
+    // service reached over TLS) came as a second line before our own error that says it.
     let default = format!(
-        "warn,forward={level},forward_tunnel={level},forward_edge={level},forward_mux={level}"
+        "warn,rustls=error,forward={level},forward_tunnel={level},forward_edge={level},forward_mux={level}"
     );
     let rust_log = std::env::var_os("RUST_LOG").filter(|v| !v.is_empty());
     let (filter, bad_filter) = match rust_log

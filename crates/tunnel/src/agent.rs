@@ -584,7 +584,12 @@ async fn serve_conn<S>(
     loop {
         let (id, target) = tokio::select! {
             reason = carrier.closed() => {
-                tracing::info!(%reason, "carrier ended");
+                // The streams it cut are VM-side connections reset: worth saying (an idle
+                // timeout read as if nothing was lost).
+                match carrier.streams_cut() {
+                    0 => tracing::info!(%reason, "carrier ended"),
+                    cut => tracing::info!(%reason, cut, "carrier ended; its {cut} open stream(s) were reset"),
+                }
                 return;
             }
             next = opened.recv() => match next {
