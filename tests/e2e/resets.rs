@@ -194,12 +194,20 @@ fn a_long_upload_cut_is_not_blamed_on_the_service_bind(t: Transport) {
 /// as whole (`nc > file`, an HTTP/1.0 body).
 fn forward_killed_mid_download(t: Transport) {
     let backend = endless_source();
-    let stack = Stack::start(t, &[backend.port]);
+    let mut stack = Stack::start(t, &[backend.port]);
     let mut fwd = stack.forward_to(backend.port);
     let mut conn = fwd.local().connect();
     let got = read_at_least(&mut conn, 1024 * 1024);
     fwd.proc.kill();
     expect_reset(conn, got);
+    // The agent's log says the carrier's end cost a VM-side connection.
+    if matches!(t, Transport::AgentTls | Transport::AgentTcp) {
+        stack
+            .agent_proc_mut()
+            .wait_line(Src::Stderr, "the carrier's end", |l| {
+                l.contains("carrier ended; its 1 open stream(s) were reset")
+            });
+    }
 }
 
 /// The agent dies mid-upload: the VM service must see its connection reset, not an orderly
